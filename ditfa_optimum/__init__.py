@@ -1,0 +1,16 @@
+"""ditfa-optimum: head-wise attention compression for multimodal diffusion transformers (SD3, SD3.5, FLUX.1)."""
+
+__version__ = "0.1.0.dev0"
+
+from .adapters import get_adapter, register_adapter
+from .apply import apply, get_runtime, remove, reset_state, uniform_plan
+from .masks import TokenLayout, arrow_mask, window_blocks
+from .methods import AttentionMethod, make_method, register_method
+from .plan import CompressionPlan, FlopReport, ModuleSpec
+from .runtime import backend_names, register_backend
+
+__all__ = [
+    "__version__", "get_adapter", "register_adapter", "apply", "get_runtime", "remove", "reset_state", "uniform_plan",
+    "TokenLayout", "arrow_mask", "window_blocks", "AttentionMethod", "make_method", "register_method",
+    "CompressionPlan", "FlopReport", "ModuleSpec", "backend_names", "register_backend",
+]

@@ -1,0 +1,93 @@
+"""FLUX.1 (`FluxTransformer2DModel`): text tokens first, image second, rotary embeddings.
+
+Double-stream blocks (``transformer_blocks.i.attn``) project image and text separately and concatenate text first;
+single-stream blocks (``single_transformer_blocks.i.attn``) receive the concatenated sequence, so their text length is
+the one the transformer call reported (its ``encoder_hidden_states``), never a constant.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..plan import ModuleSpec
+from .base import Adapter, register_adapter
+
+
+def _flux_helpers():
+    try:
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+    except ImportError as e:  # pragma: no cover - depends on the installed diffusers
+        raise ImportError(f"this diffusers lacks the FLUX attention helpers ditfa_optimum uses ({e}); "
+                          "install diffusers>=0.35") from None
+    return apply_rotary_emb, _get_qkv_projections
+
+
+class FluxPlannedAttnProcessor:
+    """Drop-in for diffusers' `FluxAttnProcessor` that runs the plan."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, module_runtime):
+        self.runtime = module_runtime
+        self._rotary, self._projections = _flux_helpers()
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError("ditfa_optimum's FLUX runtime does not take an attention_mask (text padding masks); "
+                             "run without one or remove the plan")
+        q, k, v, eq, ek, ev = self._projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if attn.added_kv_proj_dim is not None:
+            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
+        if image_rotary_emb is not None:
+            q = self._rotary(q, image_rotary_emb, sequence_dim=1)
+            k = self._rotary(k, image_rotary_emb, sequence_dim=1)
+
+        if encoder_hidden_states is not None:
+            n_txt = encoder_hidden_states.shape[1]
+        else:
+            n_txt = self.runtime.runtime.state.text_tokens
+            if n_txt is None:
+                raise RuntimeError("a FLUX single-stream block ran before the transformer reported its text length; "
+                                   "call the transformer, not its blocks")
+        # [B, S, H, D] -> [B, H, S, D] (views) for the runtime, and back
+        out = self.runtime(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), num_text_tokens=n_txt)
+        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+
+        if encoder_hidden_states is not None:
+            text_out, out = out.split_with_sizes([n_txt, out.shape[1] - n_txt], dim=1)
+            out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+            return out, attn.to_add_out(text_out.contiguous())
+        return out
+
+
+@register_adapter
+class FluxAdapter(Adapter):
+    model_class = "FluxTransformer2DModel"
+    stock_processors = ("FluxAttnProcessor", "FluxAttnProcessor2_0", "FluxPlannedAttnProcessor")
+
+    def attention_modules(self, transformer):
+        found = []
+        for prefix in ("transformer_blocks", "single_transformer_blocks"):
+            for i, block in enumerate(getattr(transformer, prefix)):
+                spec = ModuleSpec(f"{prefix}.{i}.attn", num_heads=block.attn.heads, head_dim=block.attn.head_dim,
+                                  image_first=False, joint=True)
+                found.append((spec, block.attn))
+        return found
+
+    def image_tokens(self, transformer, height, width, vae_scale_factor=8):
+        # FLUX packs 2x2 latent patches into one token
+        return (height // vae_scale_factor // 2) * (width // vae_scale_factor // 2)
+
+    def batched_cfg(self, pipeline) -> bool | None:
+        # FLUX.1 is guidance-distilled; its true-CFG mode runs the negative prompt as a separate call
+        return False
+
+    def make_processor(self, spec, module_runtime):
+        return FluxPlannedAttnProcessor(module_runtime)

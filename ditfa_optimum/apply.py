@@ -1,0 +1,131 @@
+"""Install a `CompressionPlan` on a transformer (or a pipeline's transformer), and take it off again.
+
+The plan runs through attention processors set on the planned modules and one forward pre-hook on the transformer that
+advances the step state from the timestep of each call. Nothing is monkeypatched; `remove` restores the original
+processor objects and removes the hook, giving the stock model back exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import Adapter, get_adapter
+from .masks import DEFAULT_BLOCK_SIZE
+from .methods import AttentionMethod
+from .plan import CompressionPlan
+from .runtime.headwise import PlanRuntime
+
+_ATTR = "_ditfa_installed"
+
+
+@dataclass
+class _Installed:
+    runtime: PlanRuntime
+    adapter: Adapter
+    originals: dict[str, object]
+    modules: dict[str, torch.nn.Module]
+    hook: torch.utils.hooks.RemovableHandle
+
+
+def _split(model) -> tuple[torch.nn.Module, object | None]:
+    """(transformer, pipeline or None) from a transformer or a diffusers pipeline."""
+    if isinstance(model, torch.nn.Module):
+        return model, None
+    transformer = getattr(model, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        raise ValueError(f"expected a transformer (torch.nn.Module) or a pipeline with a .transformer, "
+                         f"got {type(model).__name__}")
+    return transformer, model
+
+
+def apply(model, plan: CompressionPlan, *, backend: str | None = None, cfg: bool | None = None) -> PlanRuntime:
+    """Run ``plan`` in ``model``'s attention from now on.
+
+    Args:
+        model: an MMDiT transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``) or a diffusers pipeline
+            holding one as ``.transformer``.
+        plan: the plan; it must match the transformer's attention modules.
+        backend: "auto" (default; also ``$DITFA_BACKEND``), "reference", "flex", or "triton" once installed.
+        cfg: whether transformer calls batch CFG as [uncond, cond]. Default: asked from the pipeline at each call
+            when a pipeline is given, else unknown (then `cfg_share` heads are computed in full, with a warning).
+
+    Returns:
+        The `PlanRuntime` (its ``.state`` tells the current step and cache memory).
+
+    Example:
+        >>> runtime = apply(pipe, plan)          # doctest: +SKIP
+        >>> image = pipe("a red cube", num_inference_steps=plan.num_steps).images[0]   # doctest: +SKIP
+        >>> remove(pipe)                          # doctest: +SKIP
+    """
+    transformer, pipeline = _split(model)
+    if getattr(transformer, _ATTR, None) is not None:
+        raise ValueError("this transformer already runs a ditfa plan; call ditfa_optimum.remove(...) first")
+    adapter = get_adapter(transformer)
+    modules = adapter.attention_modules(transformer)
+    plan.validate([spec for spec, _ in modules], model_class=adapter.model_class)
+    for spec, module in modules:
+        adapter.check_processor(spec.name, module)
+    if cfg is None and pipeline is not None:
+        cfg = lambda: adapter.batched_cfg(pipeline)  # noqa: E731 - read at call time: guidance is a call argument
+
+    runtime = PlanRuntime(plan, backend=backend, cfg=cfg)
+    originals = {spec.name: module.processor for spec, module in modules}
+    for spec, module in modules:
+        module.set_processor(adapter.make_processor(spec, runtime.module(spec)))
+
+    signature = inspect.signature(transformer.forward)
+
+    def advance_step(_module, args, kwargs):
+        runtime.state.on_transformer_call(*adapter.read_call(signature, args, kwargs))
+
+    hook = transformer.register_forward_pre_hook(advance_step, with_kwargs=True)
+    setattr(transformer, _ATTR, _Installed(runtime, adapter, originals, {s.name: m for s, m in modules}, hook))
+    return runtime
+
+
+def _installed(model) -> _Installed:
+    transformer, _ = _split(model)
+    installed = getattr(transformer, _ATTR, None)
+    if installed is None:
+        raise ValueError("this transformer runs no ditfa plan (apply one with ditfa_optimum.apply)")
+    return installed
+
+
+def remove(model) -> CompressionPlan:
+    """Take the plan off: original processors back, hook removed, caches freed. Returns the removed plan."""
+    transformer, _ = _split(model)
+    installed = _installed(transformer)
+    for name, module in installed.modules.items():
+        module.set_processor(installed.originals[name])
+    installed.hook.remove()
+    installed.runtime.state.reset()
+    delattr(transformer, _ATTR)
+    return installed.runtime.plan
+
+
+def get_runtime(model) -> PlanRuntime | None:
+    """The installed `PlanRuntime`, or None when no plan runs."""
+    transformer, _ = _split(model)
+    installed = getattr(transformer, _ATTR, None)
+    return None if installed is None else installed.runtime
+
+
+def reset_state(model) -> None:
+    """Start the next transformer call at step 0 with empty caches (normally automatic, see runtime/state.py)."""
+    _installed(model).runtime.state.reset()
+
+
+def uniform_plan(model, num_steps: int, method: AttentionMethod | str = "full", *, full_steps: int = 1,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> CompressionPlan:
+    """A plan that runs ``method`` on every head of ``model``'s attention after ``full_steps`` full steps.
+
+    Example:
+        >>> plan = uniform_plan(pipe.transformer, num_steps=28, method="arrow:1/8")   # doctest: +SKIP
+    """
+    transformer, _ = _split(model)
+    adapter = get_adapter(transformer)
+    return CompressionPlan.uniform(adapter.module_specs(transformer), num_steps, method, full_steps=full_steps,
+                                   block_size=block_size, model_class=adapter.model_class)

@@ -1,0 +1,8 @@
+"""The runtime: backends (reference, flex; triton plugs in here), dispatch, step state, the head-wise call."""
+
+from . import flex, reference  # noqa: F401 - registers the backends
+from .backends import backend_names, get_backend, register_backend
+from .headwise import ModuleRuntime, PlanRuntime
+from .state import StepState
+
+__all__ = ["backend_names", "get_backend", "register_backend", "ModuleRuntime", "PlanRuntime", "StepState"]

@@ -1,0 +1,81 @@
+"""Attention backends and the dispatch point that picks one per call.
+
+A backend computes one layer's mixed plan in one call::
+
+    attend(q, k, v, layout, widths) -> out
+    q, k, v, out: [B, H, S, D]   (the joint sequence laid out as `layout` says)
+    widths:       [B, H] int64   0 = skip this (sample, head); W >= 1 = arrow band of W image blocks;
+                                 W == layout.num_image_blocks = full attention
+
+Skipped entries of ``out`` are left unspecified; the runtime fills them (cache, CFG sharing).
+
+Selection: an explicit name (``apply(..., backend="flex")``), else the ``DITFA_BACKEND`` environment variable, else
+"auto": the first available backend in `AUTO_ORDER` for the tensors' device. The Triton kernel registers itself as
+"triton" and is preferred on CUDA once present.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Protocol
+
+import torch
+
+from ..masks import TokenLayout
+
+AUTO_ORDER = ("triton", "flex", "reference")
+ENV_VAR = "DITFA_BACKEND"
+
+
+class Backend(Protocol):
+    name: str
+
+    def available(self, device: torch.device) -> bool: ...
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+               widths: torch.Tensor) -> torch.Tensor: ...
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(factory: Callable[[], Backend]) -> Callable[[], Backend]:
+    """Class decorator: register an attention backend under its ``name``."""
+    backend = factory()
+    _BACKENDS[backend.name] = backend
+    return factory
+
+
+def backend_names() -> list[str]:
+    return list(_BACKENDS)
+
+
+def check_backend_name(name: str | None) -> str:
+    name = name or os.environ.get(ENV_VAR) or "auto"
+    if name != "auto" and name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose 'auto' or one of {backend_names()}"
+                         f"{f' (set by ${ENV_VAR})' if os.environ.get(ENV_VAR) == name else ''}")
+    return name
+
+
+def get_backend(name: str | None, device: torch.device) -> Backend:
+    """Resolve a backend name ('auto', None or a registered name) for tensors on ``device``."""
+    name = check_backend_name(name)
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            backend = _BACKENDS.get(candidate)
+            if backend is not None and auto_eligible(backend, device):
+                return backend
+        raise RuntimeError(f"no attention backend can run on {device}; registered: {backend_names()}")
+    backend = _BACKENDS[name]
+    if not backend.available(device):
+        raise ValueError(f"attention backend {name!r} cannot run on device {device}; use backend='auto' or one of "
+                         f"{[n for n, b in _BACKENDS.items() if b.available(device)]}")
+    return backend
+
+
+def auto_eligible(backend: Backend, device: torch.device) -> bool:
+    # FlexAttention runs on CPU only through its slow eager path: "auto" keeps it for accelerators
+    if backend.name == "flex" and device.type == "cpu":
+        return False
+    return backend.available(device)

@@ -1,0 +1,119 @@
+"""The head-wise attention runtime: one planned attention call of one module at the current step.
+
+`PlanRuntime` is shared by all modules of a transformer (plan, step state, backend choice); `ModuleRuntime` is the
+callable each attention processor invokes with the joint ``q, k, v`` (``[B, H, S, D]``). Per call it
+
+1. looks up the methods of this module's heads at the current step (precomputed once per plan);
+2. builds the ``[B, H]`` band-width table and makes ONE backend call for every computed (sample, head);
+3. lets each method finish its head (fill from cache, copy the conditional CFG half, add the residual);
+4. records what later steps need, and only that: outputs read by a `cache` head at the next step, and
+   ``full - arrow`` residuals at the full steps that `arrow_residual` heads follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..masks import TokenLayout
+from ..methods import AttentionMethod, CfgShare, HeadMemory, make_method
+from ..plan import CompressionPlan, ModuleSpec
+from .backends import check_backend_name, get_backend
+from .state import StepState
+
+
+@dataclass(frozen=True)
+class _StepProgram:
+    methods: tuple[AttentionMethod, ...]
+    finishing: tuple[int, ...]  # heads whose method has a finalize step
+    keeps: tuple[int, ...]  # heads whose output the next step reads
+    records: tuple[tuple[int, AttentionMethod], ...]  # (head, arrow) residual records at this step
+    uses_cfg: bool
+
+
+class PlanRuntime:
+    """Everything the processors of one transformer share."""
+
+    def __init__(self, plan: CompressionPlan, backend: str | None = None, cfg=None):
+        self.plan = plan
+        self.backend_name = check_backend_name(backend)
+        self.state = StepState(plan.num_steps, cfg=cfg)
+        self.programs = {spec.name: self._compile(spec) for spec in plan.modules}
+
+    def _compile(self, spec: ModuleSpec) -> list[_StepProgram]:
+        keeps = self.plan.output_keeps(spec.name)
+        records: dict[int, list] = {}
+        for step, head, fraction in self.plan.residual_records(spec.name):
+            records.setdefault(step, []).append((head, make_method("arrow", fraction)))
+        programs = []
+        for step in range(self.plan.num_steps):
+            methods = tuple(self.plan.step_methods(spec.name, step))
+            programs.append(_StepProgram(
+                methods=methods,
+                finishing=tuple(h for h, m in enumerate(methods) if type(m).finalize is not AttentionMethod.finalize),
+                keeps=tuple(torch.nonzero(keeps[step]).flatten().tolist()),
+                records=tuple(records.get(step, ())),
+                uses_cfg=any(isinstance(m, CfgShare) for m in methods),
+            ))
+        return programs
+
+    def module(self, spec: ModuleSpec) -> "ModuleRuntime":
+        return ModuleRuntime(self, spec)
+
+
+class ModuleRuntime:
+    """The planned attention of one module; called by its processor."""
+
+    def __init__(self, runtime: PlanRuntime, spec: ModuleSpec):
+        self.runtime = runtime
+        self.spec = spec
+        self._widths: dict[tuple, torch.Tensor] = {}
+
+    def widths(self, step: int, program: _StepProgram, layout: TokenLayout, batch: int, cfg: bool) -> torch.Tensor:
+        """``[B, H]`` band widths of the computed (sample, head) pairs at ``step`` (0 = skipped); memoised."""
+        key = (step, layout, batch, cfg)
+        if key not in self._widths:
+            rows = [m.kernel_widths(layout, batch, cfg) for m in program.methods]
+            self._widths[key] = torch.tensor(rows, dtype=torch.int64).T.contiguous()
+        return self._widths[key]
+
+    def layout(self, num_image_tokens: int, num_text_tokens: int) -> TokenLayout:
+        return self.spec.layout(num_image_tokens, num_text_tokens, self.runtime.plan.block_size)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text_tokens: int) -> torch.Tensor:
+        """Attention of the joint sequence ``q, k, v`` (``[B, H, S, D]``) under the plan's current step."""
+        rt, state = self.runtime, self.runtime.state
+        B, H, S, _ = q.shape
+        if H != self.spec.num_heads:
+            raise ValueError(f"module {self.spec.name!r} was planned with {self.spec.num_heads} heads but attends "
+                             f"with {H}; the plan does not fit this model")
+        text = num_text_tokens if self.spec.joint else 0
+        if not 0 <= text < S:
+            raise ValueError(f"module {self.spec.name!r}: {text} text tokens do not fit a joint sequence of {S}")
+        layout = self.layout(S - text, text)
+        step = state.current_step()
+        program = rt.programs[self.spec.name][step]
+        cfg = state.cfg(needed=program.uses_cfg)
+        backend = get_backend(rt.backend_name, q.device)
+
+        widths = self.widths(step, program, layout, B, cfg)
+        out = backend.attend(q, k, v, layout, widths) if bool(widths.any()) else torch.empty_like(q)
+
+        memory = state.memory(self.spec.name)
+        for h in program.finishing:
+            out[:, h] = program.methods[h].finalize(out[:, h], memory.setdefault(h, HeadMemory()), cfg)
+        if program.records:
+            arrow_widths = torch.zeros_like(widths)
+            for h, arrow in program.records:
+                arrow_widths[:, h] = arrow.width(layout)
+            arrow_out = backend.attend(q, k, v, layout, arrow_widths)
+            for h, _ in program.records:
+                memory.setdefault(h, HeadMemory()).residual = out[:, h] - arrow_out[:, h]
+        for h, mem in memory.items():
+            mem.previous_output = None
+        for h in program.keeps:
+            memory.setdefault(h, HeadMemory()).previous_output = out[:, h].clone()
+        if step == rt.plan.num_steps - 1:
+            memory.clear()  # nothing reads past the last step
+        return out
