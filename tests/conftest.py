@@ -1,0 +1,54 @@
+import logging
+
+import pytest
+import torch
+
+from ditfa_optimum.masks import TokenLayout
+
+
+def pytest_configure(config):
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+@pytest.fixture
+def device():
+    return torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # fresh random inputs every run, but reproducible from the printed seed when a test fails
+    seed = torch.seed() % 2**31
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
+
+
+def naive_keep(layout: TokenLayout, width: int) -> torch.Tensor:
+    """The arrow mask written straight from the definition in masks.py, one (query, key) pair at a time."""
+    S, n_blk, bs = layout.seq_len, layout.num_image_blocks, layout.block_size
+    keep = torch.zeros(S, S, dtype=torch.bool)
+    for qpos in range(S):
+        for kpos in range(S):
+            qi, ki = qpos - layout.image_start, kpos - layout.image_start
+            q_img = 0 <= qi < layout.num_image_tokens
+            k_img = 0 <= ki < layout.num_image_tokens
+            if not q_img or not k_img:
+                keep[qpos, kpos] = True
+                continue
+            start = min(max(qi // bs - width // 2, 0), n_blk - width)
+            keep[qpos, kpos] = start <= ki // bs < start + width
+    return keep
+
+
+def naive_attention(q, k, v, keep=None):
+    """Softmax attention in float64 with an explicit -inf mask; [..., S, D]."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def rand_qkv(B, H, S, D, dtype=torch.float32):
+    return [torch.randn(B, H, S, D, dtype=dtype) for _ in range(3)]
