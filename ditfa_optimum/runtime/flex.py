@@ -59,7 +59,9 @@ class FlexBackend:
         if key not in self._masks:
             B, H = widths.shape
             S = layout.seq_len
-            self._masks[key] = create_block_mask(arrow_mask_mod(layout, widths), B, H, S, S, device=widths.device)
+            # compiled mask evaluation on accelerators: the eager path materialises B x H x S x S booleans
+            self._masks[key] = create_block_mask(arrow_mask_mod(layout, widths), B, H, S, S, device=widths.device,
+                                                 _compile=widths.device.type != "cpu")
             if len(self._masks) > _MAX_CACHED_MASKS:
                 self._masks.popitem(last=False)
         self._masks.move_to_end(key)
