@@ -95,6 +95,23 @@ def window_start(query_block: torch.Tensor, width: int | torch.Tensor, num_image
     return torch.minimum(torch.clamp(start, min=0), num_image_blocks - torch.as_tensor(width))
 
 
+def arrow_keep(q_pos: torch.Tensor, k_pos: torch.Tensor, layout: TokenLayout,
+               width: int | torch.Tensor) -> torch.Tensor:
+    """THE arrow predicate: is (query position, key position) kept by a head whose band is ``width`` image blocks?
+
+    Positions are indices into the joint sequence; all arguments broadcast (tensors of any shape, or the scalars a
+    FlexAttention ``mask_mod`` receives). Every backend evaluates exactly this function.
+    """
+    n_img, bs, n_blk = layout.num_image_tokens, layout.block_size, layout.num_image_blocks
+    qi, ki = q_pos - layout.image_start, k_pos - layout.image_start
+    q_img = (qi >= 0) & (qi < n_img)
+    k_img = (ki >= 0) & (ki < n_img)
+    bq = torch.div(qi, bs, rounding_mode="floor")
+    bk = torch.div(ki, bs, rounding_mode="floor")
+    start = window_start(bq, width, n_blk)
+    return ~q_img | ~k_img | ((bk >= start) & (bk < start + width))
+
+
 def arrow_mask(layout: TokenLayout, width: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The boolean ``[seq_len, seq_len]`` mask (True = kept) of an arrow head that keeps ``width`` image key blocks.
 
@@ -104,12 +121,19 @@ def arrow_mask(layout: TokenLayout, width: int, device: torch.device | str | Non
     if not 1 <= width <= n_blk:
         raise ValueError(f"window width must be in [1, {n_blk}] image blocks, got {width}")
     pos = torch.arange(layout.seq_len, device=device)
-    img = pos - layout.image_start
-    is_image = (img >= 0) & (img < layout.num_image_tokens)
-    blk = torch.div(img, layout.block_size, rounding_mode="floor")
-    start = window_start(blk, width, n_blk)
-    in_band = (blk[None, :] >= start[:, None]) & (blk[None, :] < start[:, None] + width)
-    return ~is_image[:, None] | ~is_image[None, :] | in_band
+    return arrow_keep(pos[:, None], pos[None, :], layout, width)
+
+
+def constant_runs(layout: TokenLayout, tile: int) -> torch.Tensor:
+    """Start positions of the runs of the joint sequence on which `arrow_keep` cannot change, cut at every ``tile``.
+
+    Runs break at image/text boundaries, image block boundaries and multiples of ``tile``; the predicate depends on a
+    position only through (is image, image block), so evaluating it at a run's first position is exact for the run.
+    """
+    cuts = set(range(0, layout.seq_len, tile))
+    cuts.update(range(layout.image_start, layout.image_start + layout.num_image_tokens, layout.block_size))
+    cuts.update({layout.image_start, layout.image_start + layout.num_image_tokens})
+    return torch.tensor(sorted(c for c in cuts if c < layout.seq_len))
 
 
 def arrow_kept_pairs(layout: TokenLayout, width: int) -> int:

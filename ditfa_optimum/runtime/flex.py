@@ -1,40 +1,70 @@
 """The FlexAttention backend: one `flex_attention` call per layer with a per-(sample, head) BlockMask.
 
-The BlockMask's ``mask_mod`` evaluates the same definition as `ditfa_optimum.masks.arrow_mask` (it calls the same
-`window_start`), reading each (sample, head)'s band width from a table, so one call serves a whole mixed plan. Block
-masks are cached per (layout, widths); on CUDA `flex_attention` is compiled once (recompiling per new shape).
-On CPU only the eager path runs (slow, materialises scores): fine for tests, not for speed.
+The BlockMask is built from `ditfa_optimum.masks.arrow_keep`, the same predicate every backend evaluates:
+
+* its ``mask_mod`` calls `arrow_keep` with each (sample, head)'s band width read from a table, for partial tiles;
+* its tile classification (empty / partial / full per (query tile, key tile)) is computed analytically: the predicate
+  is constant on the runs of `masks.constant_runs`, so it is evaluated on run starts ([B, H, A, A], A ~ 2 x tiles)
+  and reduced to tiles with two small matmuls. That takes well under a millisecond and compiles nothing, where
+  `create_block_mask` took ~30 ms per new width table at 2048^2 on an H100 — a plan has one per module and step.
+
+A step where every head is full skips FlexAttention for plain SDPA (cuDNN / flash on CUDA), which is faster.
+On CUDA `flex_attention` is compiled once per shape. On CPU only its eager path runs (slow, materialises scores): fine
+for tests, not for speed.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 
-from ..masks import TokenLayout, window_start
+from ..masks import TokenLayout, arrow_keep, constant_runs
 from .backends import register_backend
 
-_MAX_CACHED_MASKS = 256
+FLEX_TILE = 128
+_MAX_CACHED_MASKS = 64
 
 
 def arrow_mask_mod(layout: TokenLayout, widths: torch.Tensor):
     """A FlexAttention ``mask_mod`` for per-(b, h) band widths (0 = keep nothing)."""
-    n_img, bs, n_blk, img0 = layout.num_image_tokens, layout.block_size, layout.num_image_blocks, layout.image_start
 
     def mask_mod(b, h, q_idx, kv_idx):
         w = widths[b, h]
-        qi, ki = q_idx - img0, kv_idx - img0
-        q_img = (qi >= 0) & (qi < n_img)
-        k_img = (ki >= 0) & (ki < n_img)
-        bq = torch.div(qi, bs, rounding_mode="floor")
-        bk = torch.div(ki, bs, rounding_mode="floor")
-        start = window_start(bq, w, n_blk)
-        band = (bk >= start) & (bk < start + w)
-        return (w > 0) & (~q_img | ~k_img | band)
+        return (w > 0) & arrow_keep(q_idx, kv_idx, layout, w)
 
     return mask_mod
+
+
+def arrow_block_mask(layout: TokenLayout, widths: torch.Tensor, tile: int = FLEX_TILE):
+    """The `BlockMask` of per-(b, h) arrow heads (``widths`` ``[B, H]``, 0 = skipped) over ``tile``-sized tiles."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    device, S = widths.device, layout.seq_len
+    runs = constant_runs(layout, tile).to(device)
+    w = widths[:, :, None, None]
+    keep = ((w > 0) & arrow_keep(runs[:, None], runs[None, :], layout, w)).float()  # [B, H, A, A]
+    n_tiles = -(-S // tile)
+    onehot = F.one_hot(torch.div(runs, tile, rounding_mode="floor"), n_tiles).float()  # [A, T]
+    kept = onehot.T @ keep @ onehot  # [B, H, T, T]: kept run pairs per tile pair
+    runs_per_tile = onehot.sum(0)
+    total = runs_per_tile[:, None] * runs_per_tile[None, :]
+    whole = torch.arange(1, n_tiles + 1, device=device) * tile <= S  # a ragged last tile is never "full",
+    full = (kept == total) & whole[:, None] & whole[None, :]          # as in create_block_mask
+    partial = (kept > 0) & ~full
+
+    def ordered(blocks):
+        num = blocks.sum(-1, dtype=torch.int32)
+        idx = torch.argsort(blocks.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+        return num, idx
+
+    kwargs = dict(BLOCK_SIZE=tile, mask_mod=arrow_mask_mod(layout, widths), seq_lengths=(S, S))
+    if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        kwargs["compute_q_blocks"] = False  # only the backward pass reads them
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), **kwargs)
 
 
 @register_backend
@@ -53,15 +83,9 @@ class FlexBackend:
         return device.type in ("cuda", "cpu", "xpu")
 
     def block_mask(self, layout: TokenLayout, widths: torch.Tensor):
-        from torch.nn.attention.flex_attention import create_block_mask
-
         key = (layout, tuple(widths.shape), widths.cpu().numpy().tobytes(), str(widths.device))
         if key not in self._masks:
-            B, H = widths.shape
-            S = layout.seq_len
-            # compiled mask evaluation on accelerators: the eager path materialises B x H x S x S booleans
-            self._masks[key] = create_block_mask(arrow_mask_mod(layout, widths), B, H, S, S, device=widths.device,
-                                                 _compile=widths.device.type != "cpu")
+            self._masks[key] = arrow_block_mask(layout, widths)
             if len(self._masks) > _MAX_CACHED_MASKS:
                 self._masks.popitem(last=False)
         self._masks.move_to_end(key)
@@ -82,5 +106,7 @@ class FlexBackend:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                widths: torch.Tensor) -> torch.Tensor:
+        if bool((widths == layout.num_image_blocks).all()):
+            return F.scaled_dot_product_attention(q, k, v)
         widths = widths.to(device=q.device, dtype=torch.int64)
         return self._flex(q.device)(q, k, v, block_mask=self.block_mask(layout, widths))

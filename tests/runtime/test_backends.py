@@ -76,3 +76,21 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "nope")
     with pytest.raises(ValueError, match=r"\$DITFA_BACKEND"):
         get_backend(None, CPU)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS + [TokenLayout(100, 21, image_first=False, block_size=8)],
+                         ids=IDS + ["text-first-unaligned"])
+@pytest.mark.parametrize("tile", [4, 8, 16])
+def test_flex_block_mask_matches_create_block_mask(layout, tile):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from ditfa_optimum.runtime.flex import arrow_block_mask, arrow_mask_mod
+
+    widths = mixed_widths(layout, 2, 3)
+    S = layout.seq_len
+    ours = arrow_block_mask(layout, widths, tile=tile)
+    theirs = create_block_mask(arrow_mask_mod(layout, widths), 2, 3, S, S, device="cpu", BLOCK_SIZE=tile)
+    # same tiles visited, and the same split between full tiles (no mask_mod) and partial ones
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    assert torch.equal(ours.kv_num_blocks, theirs.kv_num_blocks)
+    assert torch.equal(ours.full_kv_num_blocks, theirs.full_kv_num_blocks)
