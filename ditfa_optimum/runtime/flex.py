@@ -82,10 +82,12 @@ class FlexBackend:
             return False
         return device.type in ("cuda", "cpu", "xpu")
 
-    def block_mask(self, layout: TokenLayout, widths: torch.Tensor):
-        key = (layout, tuple(widths.shape), widths.cpu().numpy().tobytes(), str(widths.device))
+    def block_mask(self, layout: TokenLayout, widths: torch.Tensor, device: torch.device):
+        """The cached BlockMask of ``widths`` (host tensor, so the cache lookup never waits for the device)."""
+        widths = widths.cpu()
+        key = (layout, tuple(widths.shape), widths.numpy().tobytes(), str(device))
         if key not in self._masks:
-            self._masks[key] = arrow_block_mask(layout, widths)
+            self._masks[key] = arrow_block_mask(layout, widths.to(device=device, dtype=torch.int64))
             if len(self._masks) > _MAX_CACHED_MASKS:
                 self._masks.popitem(last=False)
         self._masks.move_to_end(key)
@@ -108,5 +110,4 @@ class FlexBackend:
                widths: torch.Tensor) -> torch.Tensor:
         if bool((widths == layout.num_image_blocks).all()):
             return F.scaled_dot_product_attention(q, k, v)
-        widths = widths.to(device=q.device, dtype=torch.int64)
-        return self._flex(q.device)(q, k, v, block_mask=self.block_mask(layout, widths))
+        return self._flex(q.device)(q, k, v, block_mask=self.block_mask(layout, widths, q.device))
