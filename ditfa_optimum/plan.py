@@ -10,6 +10,7 @@ never tensor values) and ``plan.safetensors`` (keys ``"<module name>.method"`` a
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -206,8 +207,8 @@ class CompressionPlan:
             steps = m.shape[0] if steps is None else steps
             if m.shape[0] != steps or steps < 1:
                 raise ValueError(f"module {spec.name!r} has {m.shape[0]} steps, other modules have {steps}")
-            for step, head in torch.nonzero(torch.ones_like(m, dtype=torch.bool)).tolist():
-                mid, par = int(m[step, head]), float(p[step, head])
+            for (step, head), mid, par in zip(itertools.product(range(steps), range(spec.num_heads)),
+                                              m.flatten().tolist(), p.flatten().tolist()):
                 where = f"module {spec.name!r} step {step} head {head}"
                 try:
                     method_class(mid).from_param(par or None)

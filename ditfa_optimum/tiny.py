@@ -30,7 +30,7 @@ def tiny_transformer(family: str = "sd3", seed: int = 0, dtype: torch.dtype = to
     model = cls(**{**TINY_CONFIGS[family], **overrides}).eval()
     if dtype != torch.float32:
         model = model.to(dtype)
-    with torch.no_grad():  # default inits leave the adaLN/output projections at zero; randomise everything
+    with torch.no_grad():  # every weight random and sizeable, so every path (and any plan) shows in the output
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
     return model

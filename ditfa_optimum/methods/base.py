@@ -56,14 +56,14 @@ def make_method(name_or_id: str | int, param: float | None = None) -> "Attention
             raise ValueError(f"give the parameter once, either in {name_or_id!r} or as param={param}")
         name_or_id, text = name_or_id.split(":", 1)
         try:
-            param = float(eval_fraction(text))
+            param = float(parse_fraction(text))
         except ValueError:
             raise ValueError(f"method parameter must be a number like 0.125 or 1/8, got {text!r}") from None
     cls = method_class(name_or_id)
     return cls.from_param(param)
 
 
-def eval_fraction(text: str) -> float:
+def parse_fraction(text: str) -> float:
     """Parse ``"0.125"`` or ``"1/8"`` without eval."""
     if "/" in text:
         num, den = text.split("/", 1)
