@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ditfa_optimum.masks import TokenLayout, arrow_kept_pairs, window_blocks  # noqa: E402
+from ditfa_optimum.masks import TokenLayout, arrow_kept_pairs  # noqa: E402
+from ditfa_optimum.methods import make_method  # noqa: E402
 from ditfa_optimum.plan import CompressionPlan, ModuleSpec  # noqa: E402
 from ditfa_optimum.runtime import PlanRuntime, get_backend  # noqa: E402
 
@@ -58,17 +59,8 @@ def head_methods(plan_name: str) -> list[str]:
 
 
 def widths_for(methods: list[str], layout: TokenLayout) -> torch.Tensor:
-    n = layout.num_image_blocks
-    row = []
-    for m in methods:
-        if m == "full":
-            row.append(n)
-        elif m == "cache":
-            row.append(0)
-        else:
-            num, den = m.split(":")[1].split("/")
-            row.append(window_blocks(float(num) / float(den), n))
-    return torch.tensor([row], dtype=torch.int64)
+    """``[1, H]`` band widths of one sample, as the runtime derives them from the methods."""
+    return torch.tensor([[make_method(m).kernel_widths(layout, 1, cfg=False)[0] for m in methods]], dtype=torch.int64)
 
 
 def kept_fraction(widths: torch.Tensor, layout: TokenLayout) -> float:

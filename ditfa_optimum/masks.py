@@ -139,11 +139,9 @@ def constant_runs(layout: TokenLayout, tile: int) -> torch.Tensor:
 def arrow_kept_pairs(layout: TokenLayout, width: int) -> int:
     """Number of (query, key) pairs an arrow head of ``width`` blocks keeps, in closed form (no mask is built)."""
     n_img, n_txt, bs = layout.num_image_tokens, layout.num_text_tokens, layout.block_size
-    n_blk = layout.num_image_blocks
-    kept = n_txt * layout.seq_len + n_img * n_txt  # text rows: everything; image rows: every text key
-    for bq in range(n_blk):
-        rows = min(bs, n_img - bq * bs)
-        s = min(max(bq - width // 2, 0), n_blk - width)
-        keys = min(n_img, (s + width) * bs) - s * bs
-        kept += rows * keys
-    return kept
+    blocks = torch.arange(layout.num_image_blocks)
+    rows = torch.clamp(n_img - blocks * bs, max=bs)  # image query rows per block (the last may be short)
+    start = window_start(blocks, width, layout.num_image_blocks)
+    keys = torch.clamp((start + width) * bs, max=n_img) - start * bs  # image keys in each block's band
+    # text rows keep everything; image rows keep every text key plus their band
+    return n_txt * layout.seq_len + n_img * n_txt + int((rows * keys).sum())
