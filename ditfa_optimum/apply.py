@@ -23,7 +23,7 @@ _ATTR = "_ditfa_installed"
 
 @dataclass
 class _Installed:
-    runtime: PlanRuntime
+    runtime: PlanRuntime  # or a calibration session
     adapter: Adapter
     originals: dict[str, object]
     modules: dict[str, torch.nn.Module]
@@ -61,17 +61,35 @@ def apply(model, plan: CompressionPlan, *, backend: str | None = None, cfg: bool
         >>> remove(pipe)                          # doctest: +SKIP
     """
     transformer, pipeline = _split(model)
+    adapter, modules = _prepare(transformer)
+    plan.validate([spec for spec, _ in modules], model_class=adapter.model_class)
+    runtime = PlanRuntime(plan, backend=backend, cfg=cfg_source(cfg, adapter, pipeline))
+    install(transformer, adapter, modules, runtime)
+    return runtime
+
+
+def _prepare(transformer: torch.nn.Module) -> tuple[Adapter, list]:
+    """The transformer's adapter and planned modules, after checking nothing else already runs there."""
     if getattr(transformer, _ATTR, None) is not None:
-        raise ValueError("this transformer already runs a ditfa plan; call ditfa_optimum.remove(...) first")
+        raise ValueError("this transformer already runs a ditfa plan (or a calibration); call "
+                         "ditfa_optimum.remove(...) first")
     adapter = get_adapter(transformer)
     modules = adapter.attention_modules(transformer)
-    plan.validate([spec for spec, _ in modules], model_class=adapter.model_class)
     for spec, module in modules:
         adapter.check_processor(spec.name, module)
-    if cfg is None and pipeline is not None:
-        cfg = lambda: adapter.batched_cfg(pipeline)  # noqa: E731 - read at call time: guidance is a call argument
+    return adapter, modules
 
-    runtime = PlanRuntime(plan, backend=backend, cfg=cfg)
+
+def cfg_source(cfg: bool | None, adapter: Adapter, pipeline):
+    """What the step state asks to learn whether a call batches CFG: the given value, else the pipeline, at call time."""
+    if cfg is None and pipeline is not None:
+        return lambda: adapter.batched_cfg(pipeline)  # read at call time: guidance is a call argument
+    return cfg
+
+
+def install(transformer: torch.nn.Module, adapter: Adapter, modules: list, runtime) -> None:
+    """Route ``modules``' attention through ``runtime`` (anything with ``.state``, a `StepState`, and
+    ``.module(spec)``, a callable ``(q, k, v, num_text_tokens) -> out``): the plan runtime, or a calibration."""
     originals = {spec.name: module.processor for spec, module in modules}
     for spec, module in modules:
         module.set_processor(adapter.make_processor(spec, runtime.module(spec)))
@@ -83,7 +101,6 @@ def apply(model, plan: CompressionPlan, *, backend: str | None = None, cfg: bool
 
     hook = transformer.register_forward_pre_hook(advance_step, with_kwargs=True)
     setattr(transformer, _ATTR, _Installed(runtime, adapter, originals, {s.name: m for s, m in modules}, hook))
-    return runtime
 
 
 def _installed(model) -> _Installed:
@@ -94,7 +111,7 @@ def _installed(model) -> _Installed:
     return installed
 
 
-def remove(model) -> CompressionPlan:
+def remove(model) -> CompressionPlan | None:
     """Take the plan off: original processors back, hook removed, caches freed. Returns the removed plan."""
     transformer, _ = _split(model)
     installed = _installed(transformer)
@@ -103,7 +120,7 @@ def remove(model) -> CompressionPlan:
     installed.hook.remove()
     installed.runtime.state.reset()
     delattr(transformer, _ATTR)
-    return installed.runtime.plan
+    return getattr(installed.runtime, "plan", None)
 
 
 def get_runtime(model) -> PlanRuntime | None:

@@ -1,0 +1,451 @@
+"""Calibration: one pass of the pipeline's own denoising loop that measures every candidate method on every head.
+
+At every planned attention module and step, the calibration computes full attention ``O`` and each candidate method's
+output ``O'`` for every head, and records the local metric
+
+    RSE(head, method) = mean((O' - O)^2) / var(O)       (over batch, tokens and head channels)
+
+as two sums (squared error, squared deviation of ``O``) so that several prompt batches add up. It then chooses one
+method per head with the search's own integer program (`ditfa_optimum.search.solve_heads`, budget from the config's
+threshold) and lets the CHOSEN outputs flow on: later layers and steps see the activations the plan will really
+produce, and `cache` / `arrow_residual` candidates read what the plan would have stored. The first prompt batch makes
+the choices; later batches follow them and only add to the statistics.
+
+The result, `CalibrationStats`, is tensors and numbers only (no module references), savable, and what
+`ditfa_optimum.search.search` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import DiTFastAttnConfig
+from .methods import AttentionMethod, CfgShare, Full, HeadMemory, make_method
+from .plan import CompressionPlan, ModuleSpec
+from .runtime.backends import check_backend_name, get_backend
+from .runtime.state import StepState
+
+logger = logging.getLogger(__name__)
+
+STATS_FORMAT_VERSION = 1
+STATS_JSON = "calibration.json"
+STATS_TENSORS = "calibration.safetensors"
+
+
+@dataclass
+class CalibrationStats:
+    """What calibration measured, per attention module: ``[steps, heads, candidates]`` errors and per-candidate costs.
+
+    Attributes:
+        modules: the calibrated attention modules (execution order).
+        candidates: candidate method strings, ``"full"`` first (e.g. ``["full", "arrow:0.125", "cache"]``).
+        err: per module, ``[T, H, C]`` float64 sums of squared errors against full attention (``inf``: the candidate
+            was not available there, e.g. `cache` at step 0).
+        ref: per module, ``[T, H]`` float64 sums of squared deviations of the full output from its mean.
+        chosen: per module, ``[T, H]`` int16 index of the candidate whose output flowed during calibration.
+        cost_flops: per module, ``[C]`` attention FLOPs of one head for one sample under each candidate.
+        cost_seconds: per module, ``[C]`` measured seconds per head (only with ``cost_model="measured"``).
+        image_tokens, text_tokens, cfg: the calibration's token counts and whether CFG was batched.
+    """
+
+    modules: list[ModuleSpec]
+    candidates: list[str]
+    num_steps: int
+    err: dict[str, torch.Tensor]
+    ref: dict[str, torch.Tensor]
+    chosen: dict[str, torch.Tensor]
+    cost_flops: dict[str, torch.Tensor]
+    cost_seconds: dict[str, torch.Tensor] = field(default_factory=dict)
+    image_tokens: int = 0
+    text_tokens: int = 0
+    cfg: bool = False
+    block_size: int = 128
+    model_class: str | None = None
+    num_prompts: int = 0
+    threshold: float = 0.0
+    seconds: float = 0.0
+    device: str = "cpu"
+
+    def rse(self, module: str) -> torch.Tensor:
+        """``[T, H, C]`` relative squared error (``inf`` where unavailable; 0 where full attention is constant)."""
+        err, ref = self.err[module], self.ref[module][..., None]
+        return torch.where(ref > 0, err / ref.clamp_min(1e-300), torch.where(err > 0, torch.inf, 0.0))
+
+    def cost(self, module: str, cost_model: str = "flops") -> torch.Tensor:
+        if cost_model == "flops":
+            return self.cost_flops[module]
+        if module not in self.cost_seconds:
+            raise ValueError("these statistics hold no measured costs; calibrate with cost_model='measured' or "
+                             "search with cost_model='flops'")
+        return self.cost_seconds[module]
+
+    def saved(self, module: str, cost_model: str = "flops") -> torch.Tensor:
+        """``[C]`` cost saved per head by each candidate against `full` (never negative)."""
+        cost = self.cost(module, cost_model)
+        return (cost[self.candidates.index("full")] - cost).clamp_min(0.0)
+
+    # ---------------------------------------------------------------- serialization
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``calibration.json`` and ``calibration.safetensors`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for kind in ("err", "ref", "chosen", "cost_flops", "cost_seconds"):
+            for name, t in getattr(self, kind).items():
+                tensors[f"{name}.{kind}"] = t.contiguous()
+        save_file(tensors, directory / STATS_TENSORS, metadata={"format": "pt"})
+        info = {k: v for k, v in asdict(self).items() if k not in ("err", "ref", "chosen", "cost_flops",
+                                                                   "cost_seconds", "modules")}
+        info.update(format_version=STATS_FORMAT_VERSION, modules=[asdict(s) for s in self.modules])
+        (directory / STATS_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "CalibrationStats":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (STATS_JSON, STATS_TENSORS):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} does not exist; calibration statistics are saved as "
+                                        f"{STATS_JSON} + {STATS_TENSORS} (CalibrationStats.save)")
+        try:
+            info = json.loads((directory / STATS_JSON).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{directory / STATS_JSON} is not valid JSON ({e})") from None
+        if info.pop("format_version", None) != STATS_FORMAT_VERSION:
+            raise ValueError(f"{directory / STATS_JSON}: unsupported calibration format; this ditfa_optimum reads "
+                             f"version {STATS_FORMAT_VERSION}")
+        tensors = load_file(directory / STATS_TENSORS)
+        modules = [ModuleSpec(**m) for m in info.pop("modules")]
+        kinds = {kind: {} for kind in ("err", "ref", "chosen", "cost_flops", "cost_seconds")}
+        for key, t in tensors.items():
+            name, kind = key.rsplit(".", 1)
+            if kind not in kinds:
+                raise ValueError(f"{directory / STATS_TENSORS}: unexpected tensor {key!r}")
+            kinds[kind][name] = t
+        for kind in ("err", "ref", "chosen", "cost_flops"):
+            missing = [s.name for s in modules if s.name not in kinds[kind]]
+            if missing:
+                raise ValueError(f"{directory / STATS_TENSORS} lacks {kind!r} for modules {missing[:3]}")
+        return cls(modules=modules, **kinds, **info)
+
+
+# ==================================================================================================== the session
+@dataclass
+class _Memory:
+    """What the plan would have stored for one module (all heads stacked): previous output and full - arrow."""
+
+    previous: torch.Tensor | None = None  # [B, H, S, D]
+    residual: torch.Tensor | None = None  # [B, H, S, D]
+    has_residual: torch.Tensor | None = None  # [H] bool
+
+
+class _Session:
+    """Installed on the transformer like a `PlanRuntime` (``.state``, ``.module(spec)``) while calibration runs."""
+
+    def __init__(self, specs: list[ModuleSpec], candidates: list[AttentionMethod], config: DiTFastAttnConfig,
+                 cfg, decided: dict[str, torch.Tensor] | None = None):
+        self.specs = specs
+        self.candidates = candidates
+        self.names = [str(m) for m in candidates]
+        self.config = config
+        self.backend_name = check_backend_name(config.backend)
+        self.state = StepState(config.num_inference_steps, cfg=cfg)
+        T, C = config.num_inference_steps, len(candidates)
+        self.err = {s.name: torch.zeros(T, s.num_heads, C, dtype=torch.float64) for s in specs}
+        self.ref = {s.name: torch.zeros(T, s.num_heads, dtype=torch.float64) for s in specs}
+        self.calls = {s.name: torch.zeros(T, dtype=torch.int64) for s in specs}
+        self.fixed = decided is not None
+        self.decided = decided or {s.name: torch.full((T, s.num_heads), -1, dtype=torch.int64) for s in specs}
+        self.cost_flops: dict[str, torch.Tensor] = {}
+        self.cost_seconds: dict[str, torch.Tensor] = {}
+        self.layouts: dict[str, object] = {}
+        self.cfg_seen: bool | None = None
+        self._memory: dict[tuple[str, int], _Memory] = {}
+        self._timed: dict[tuple, torch.Tensor] = {}
+        self.residual_index = next((i for i, m in enumerate(candidates) if m.needs_residual), None)
+        self.keeps_previous = any(m.needs_previous_output for m in candidates)
+
+    def module(self, spec: ModuleSpec) -> "_ModuleCalibration":
+        return _ModuleCalibration(self, spec)
+
+    def memory(self, module: str) -> _Memory:
+        if self.state.step == 0:  # a new generation (or the next prompt batch) starts from nothing
+            self._memory.pop((module, self.state.branch), None)
+        return self._memory.setdefault((module, self.state.branch), _Memory())
+
+    def choose(self, spec: ModuleSpec, step: int, rse: torch.Tensor) -> torch.Tensor:
+        from .search import solve_heads
+
+        decided = self.decided[spec.name][step]
+        if bool((decided >= 0).all()):
+            return decided
+        if step < self.config.full_steps:
+            choice = torch.zeros(spec.num_heads, dtype=torch.int64)
+        else:
+            saved = self.saved(spec.name)
+            choice = torch.from_numpy(solve_heads(rse.numpy(), saved.numpy(), self.config.threshold * spec.num_heads))
+        self.decided[spec.name][step] = choice
+        return choice
+
+    def saved(self, module: str) -> torch.Tensor:
+        cost = self.cost_seconds[module] if self.config.cost_model == "measured" else self.cost_flops[module]
+        return (cost[0] - cost).clamp_min(0.0)
+
+    def record_costs(self, spec: ModuleSpec, layout, q: torch.Tensor, cfg: bool, backend) -> None:
+        if spec.name in self.cost_flops:
+            if self.layouts[spec.name] != layout:
+                raise ValueError(f"module {spec.name!r} saw {layout} after {self.layouts[spec.name]}: every "
+                                 "calibration prompt must give the same image and text token counts")
+            return
+        self.layouts[spec.name] = layout
+        self.cost_flops[spec.name] = torch.tensor([m.flops(layout, spec.head_dim, cfg) for m in self.candidates],
+                                                  dtype=torch.float64)
+        if self.config.cost_model == "measured":
+            key = (layout, tuple(q.shape), q.dtype, q.device, cfg)
+            if key not in self._timed:
+                self._timed[key] = measure_costs(self.candidates, q, layout, cfg, backend)
+            self.cost_seconds[spec.name] = self._timed[key]
+
+
+class _ModuleCalibration:
+    def __init__(self, session: _Session, spec: ModuleSpec):
+        self.session = session
+        self.runtime = session  # the FLUX processor reads runtime.state for single-stream text lengths
+        self.spec = spec
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text_tokens: int) -> torch.Tensor:
+        session, spec = self.session, self.spec
+        state = session.state
+        B, H, S, _ = q.shape
+        if H != spec.num_heads:
+            raise ValueError(f"module {spec.name!r} reports {spec.num_heads} heads but attends with {H}")
+        text = num_text_tokens if spec.joint else 0
+        layout = spec.layout(S - text, text, session.config.block_size)
+        step = state.current_step()
+        cfg = state.cfg(needed=any(isinstance(m, CfgShare) for m in session.candidates))
+        session.cfg_seen = cfg if session.cfg_seen is None else session.cfg_seen and cfg
+        backend = get_backend(session.backend_name, q.device)
+        session.record_costs(spec, layout, q, cfg, backend)
+        n_blk = layout.num_image_blocks
+
+        def attend(widths: list[int]) -> torch.Tensor:
+            table = torch.tensor(widths, dtype=torch.int64)[:, None].expand(B, H).contiguous()
+            return backend.attend(q, k, v, layout, table)
+
+        full = attend([n_blk] * B)
+        full32 = full.float()
+        ref = ((full32 - full32.mean(dim=(0, 2, 3), keepdim=True)) ** 2).sum(dim=(0, 2, 3)).double()
+        mem = session.memory(spec.name)
+        C = len(session.candidates)
+        err = torch.full((H, C), torch.inf, dtype=torch.float64)
+        err[:, 0] = 0.0
+        outputs: list[torch.Tensor | None] = [full] + [None] * (C - 1)
+        computed: dict[tuple[int, ...], torch.Tensor] = {}
+
+        def raw(widths: list[int]) -> torch.Tensor:
+            if all(w in (0, n_blk) for w in widths):
+                return full  # full attention already holds every computed entry
+            key = tuple(widths)
+            if key not in computed:
+                computed[key] = attend(widths)
+            return computed[key]
+
+        if step >= session.config.full_steps or session.fixed:
+            for ci, method in enumerate(session.candidates[1:], start=1):
+                available = torch.ones(H, dtype=torch.bool)
+                if method.needs_previous_output and mem.previous is None:
+                    continue
+                if method.needs_residual:
+                    if mem.residual is None:
+                        continue
+                    available = mem.has_residual
+                out = method.finalize(raw(method.kernel_widths(layout, B, cfg)),
+                                      HeadMemory(previous_output=mem.previous, residual=mem.residual), cfg)
+                outputs[ci] = out
+                e = ((out.float() - full32) ** 2).sum(dim=(0, 2, 3)).double()
+                err[available, ci] = e[available]
+
+        rse = torch.where(ref[:, None] > 0, err / ref[:, None].clamp_min(1e-300),
+                          torch.where(err > 0, torch.inf, 0.0))
+        choice = session.choose(spec, step, rse)
+        out = full.clone()
+        for ci in choice.unique().tolist():
+            if ci == 0:
+                continue
+            heads = choice == ci
+            if outputs[ci] is None or not bool(torch.isfinite(err[heads, ci]).all()):
+                raise RuntimeError(f"module {spec.name!r} step {step}: the plan's `{session.names[ci]}` heads have "
+                                   "nothing to reuse here; the plan does not fit this calibration run")
+            out[:, heads] = outputs[ci][:, heads]
+
+        # what the plan would store for the next steps
+        if session.keeps_previous:
+            mem.previous = out
+        if session.residual_index is not None:
+            heads = choice == 0
+            if bool(heads.any()):
+                arrow = raw(session.candidates[session.residual_index].kernel_widths(layout, B, cfg))
+                if mem.residual is None:
+                    mem.residual = torch.zeros_like(full)
+                    mem.has_residual = torch.zeros(H, dtype=torch.bool)
+                mem.residual[:, heads] = (full - arrow)[:, heads]
+                mem.has_residual = mem.has_residual | heads
+
+        session.err[spec.name][step] += err
+        session.ref[spec.name][step] += ref
+        session.calls[spec.name][step] += 1
+        return out
+
+
+def measure_costs(candidates: list[AttentionMethod], like: torch.Tensor, layout, cfg: bool, backend,
+                  repeats: int = 7, warmup: int = 2) -> torch.Tensor:
+    """Seconds per head of each candidate, timed with ``backend`` on random inputs shaped like ``like`` (median)."""
+    B, H, S, D = like.shape
+    q, k, v = (torch.randn(B, H, S, D, dtype=like.dtype, device=like.device) for _ in range(3))
+    sync = torch.cuda.synchronize if like.device.type == "cuda" else (lambda: None)
+    times = []
+    for method in candidates:
+        widths = method.kernel_widths(layout, B, cfg)
+        if not any(widths):
+            times.append(0.0)
+            continue
+        table = torch.tensor(widths, dtype=torch.int64)[:, None].expand(B, H).contiguous()
+        samples = []
+        for i in range(warmup + repeats):
+            sync()
+            start = time.perf_counter()
+            backend.attend(q, k, v, layout, table)
+            sync()
+            if i >= warmup:
+                samples.append(time.perf_counter() - start)
+        times.append(statistics.median(samples) / (H * B))
+    return torch.tensor(times, dtype=torch.float64)
+
+
+# ==================================================================================================== running it
+def _encode(pipeline, prompts: list[str], prompt_encoder) -> dict:
+    if prompt_encoder is not None:
+        return dict(prompt_encoder(prompts))
+    if getattr(pipeline, "text_encoder", None) is None and getattr(pipeline, "tokenizer", None) is None:
+        raise ValueError(f"the {type(pipeline).__name__} has no text encoder, so prompts cannot be encoded; pass "
+                         "prompt_encoder= (a callable: list of prompts -> pipeline keyword arguments such as "
+                         "prompt_embeds), e.g. ditfa_optimum.tiny.TinyPromptEncoder for the tiny models")
+    return {"prompt": list(prompts)}
+
+
+def run_pipeline(pipeline, prompts: list[str], config: DiTFastAttnConfig, *, prompt_encoder=None, first: int = 0):
+    """One pipeline call on ``prompts`` with the config's resolution, steps, guidance and per-prompt seeds.
+
+    Prompt ``i`` of the call (global index ``first + i``) draws its latents from ``seed + first + i``, so a prompt gets
+    the same noise whatever batch it lands in. Returns the final latents.
+    """
+    kwargs = _encode(pipeline, prompts, prompt_encoder)
+    kwargs.update(height=config.height, width=config.width, num_inference_steps=config.num_inference_steps,
+                  generator=[torch.Generator().manual_seed(config.seed + first + i) for i in range(len(prompts))],
+                  output_type="latent")
+    if config.guidance_scale is not None:
+        kwargs["guidance_scale"] = config.guidance_scale
+    return pipeline(**kwargs).images
+
+
+def calibrate(pipeline, config: DiTFastAttnConfig, prompts: list[str], *, prompt_encoder=None,
+              plan: CompressionPlan | None = None, progress: bool = True) -> CalibrationStats:
+    """Run ``pipeline`` on ``prompts`` once, measuring every candidate method on every head (see module docstring).
+
+    Args:
+        pipeline: a diffusers pipeline whose ``.transformer`` an adapter knows (SD3, SD3.5, FLUX, ...).
+        config: steps, resolution, guidance, seed, candidate methods, threshold (for the choices that flow on).
+        prompts: calibration captions (at least one).
+        prompt_encoder: for pipelines without text encoders: ``prompts -> pipeline kwargs`` (``prompt_embeds``, ...).
+        plan: instead of choosing, follow this plan and measure the error of its methods (held-out evaluation).
+        progress: show progress bars.
+
+    Returns:
+        `CalibrationStats`.
+    """
+    from tqdm.auto import tqdm
+
+    from .apply import _prepare, _split, cfg_source, install, remove
+
+    prompts = check_prompts(prompts)
+    transformer, _ = _split(pipeline)
+    if transformer is pipeline:
+        raise ValueError("calibration runs a pipeline's denoising loop; pass the diffusers pipeline, not its "
+                         "transformer")
+    adapter, modules = _prepare(transformer)
+    specs = [spec for spec, _ in modules]
+    candidates = config.candidates()
+    decided = None
+    if plan is not None:
+        plan.validate(specs, num_steps=config.num_inference_steps, model_class=adapter.model_class)
+        names = [str(m) for m in candidates]
+        for spec in specs:
+            for step in range(plan.num_steps):
+                for m in plan.step_methods(spec.name, step):
+                    if str(m) not in names:
+                        names.append(str(m))
+        candidates = [make_method(n) for n in names]
+        decided = {s.name: torch.tensor([[names.index(str(m)) for m in plan.step_methods(s.name, t)]
+                                         for t in range(config.num_inference_steps)]) for s in specs}
+        if plan.block_size != config.block_size:
+            config = config.replace(block_size=plan.block_size)
+    session = _Session(specs, candidates, config, cfg_source(None, adapter, pipeline), decided)
+    install(transformer, adapter, modules, session)
+    old_bar = dict(getattr(pipeline, "_progress_bar_config", {}) or {})
+    start = time.perf_counter()
+    try:
+        if hasattr(pipeline, "set_progress_bar_config"):
+            pipeline.set_progress_bar_config(**{**old_bar, "leave": False, "disable": not progress})
+        batches = [(i, prompts[i:i + config.batch_size]) for i in range(0, len(prompts), config.batch_size)]
+        with torch.inference_mode():
+            for first, batch in tqdm(batches, desc="ditfa calibration", unit="batch", disable=not progress):
+                session.state.reset()
+                run_pipeline(pipeline, batch, config, prompt_encoder=prompt_encoder, first=first)
+    finally:
+        remove(transformer)
+        if hasattr(pipeline, "set_progress_bar_config"):
+            pipeline._progress_bar_config = old_bar
+
+    for spec in specs:
+        missing = torch.nonzero(session.calls[spec.name] == 0).flatten().tolist()
+        if missing:
+            raise RuntimeError(f"module {spec.name!r} never ran at steps {missing[:5]}: the pipeline ran fewer than "
+                               f"num_inference_steps={config.num_inference_steps} steps")
+    layout = session.layouts[specs[0].name]
+    return CalibrationStats(
+        modules=specs, candidates=session.names, num_steps=config.num_inference_steps, err=session.err,
+        ref=session.ref, chosen={n: c.to(torch.int16) for n, c in session.decided.items()},
+        cost_flops=session.cost_flops, cost_seconds=session.cost_seconds,
+        image_tokens=layout.num_image_tokens, text_tokens=_joint_text_tokens(session, specs),
+        cfg=bool(session.cfg_seen), block_size=config.block_size, model_class=adapter.model_class,
+        num_prompts=len(prompts), threshold=config.threshold, seconds=time.perf_counter() - start,
+        device=str(next(transformer.parameters()).device))
+
+
+def _joint_text_tokens(session: _Session, specs: list[ModuleSpec]) -> int:
+    return max((session.layouts[s.name].num_text_tokens for s in specs if s.joint), default=0)
+
+
+def check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, got a single string; wrap it: [prompt]")
+    prompts = list(prompts) if prompts is not None else []
+    if not prompts:
+        raise ValueError("the calibration prompt list is empty; pass at least one prompt, or None for the built-in "
+                         "captions (ditfa_optimum.prompts.CALIBRATION_PROMPTS)")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"calibration prompts must be strings, got {type(bad[0]).__name__}: {bad[0]!r}")
+    return prompts

@@ -1,0 +1,140 @@
+"""`DiTFastAttnConfig`: everything a plan search depends on, validated, versioned, JSON round-trippable.
+
+The config is never mutated by the code that reads it; `resolved()` returns a copy with defaults filled in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .masks import DEFAULT_BLOCK_SIZE
+from .methods import Full, make_method
+
+CONFIG_VERSION = 1
+
+#: The candidates the paper searches over (arrow windows 1/8, 1/16, 1/32 of the image, output reuse across steps,
+#: sharing across the CFG halves). `full` is always a candidate and is not listed.
+DEFAULT_METHODS = ("arrow:1/8", "arrow:1/16", "arrow:1/32", "cache", "cfg_share")
+
+COST_MODELS = ("flops", "measured")
+
+
+@dataclass(frozen=True)
+class DiTFastAttnConfig:
+    """How to calibrate and search a head-wise attention plan.
+
+    Args:
+        threshold: the error budget delta: the mean, over the heads of one attention module at one step, of the
+            local relative squared error ``mean((O' - O)^2) / var(O)`` of each head's method against full attention.
+            0 keeps every head full; 0.05 to 0.3 are typical. The search maximises the saved cost per (module, step)
+            subject to the heads' summed RSE staying <= ``threshold * num_heads``.
+        methods: candidate methods besides `full` (always a candidate), as strings: ``"arrow:1/8"``, ``"cache"``,
+            ``"cfg_share"``, ``"arrow_residual:1/4"`` (at most one arrow_residual fraction).
+        num_inference_steps: denoising steps of the calibration runs; the plan covers exactly these steps.
+        height, width: image size in pixels of the calibration runs.
+        guidance_scale: CFG scale passed to the pipeline (None: the pipeline's default).
+        seed: seed of the calibration latents (prompt i uses ``seed + i``) and of the default prompt choice.
+        cost_model: "flops" (analytic attention FLOPs, deterministic everywhere) or "measured" (each candidate timed
+            with the runtime's own backend on the calibration device, so the search optimises real time).
+        num_prompts: how many built-in captions to calibrate on when no prompts are given.
+        batch_size: prompts per pipeline call (CFG doubles the transformer batch). Choices are made on the first
+            batch while it runs (so later layers and steps see the plan's real activations); later batches follow
+            those choices and add their errors to the statistics the final search reads.
+        full_steps: the first steps that run every head `full` (at least 1: step 0 has nothing to reuse).
+        block_size: arrow mask block size in tokens (part of the mask definition).
+        backend: attention backend used while calibrating ("auto", "reference", "flex", ...; None = auto).
+
+    Example:
+        >>> cfg = DiTFastAttnConfig(threshold=0.1, num_inference_steps=28, height=1024, width=1024)
+        >>> DiTFastAttnConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    threshold: float = 0.1
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    num_inference_steps: int = 28
+    height: int = 1024
+    width: int = 1024
+    guidance_scale: float | None = None
+    seed: int = 0
+    cost_model: str = "flops"
+    num_prompts: int = 8
+    batch_size: int = 8
+    full_steps: int = 1
+    block_size: int = DEFAULT_BLOCK_SIZE
+    backend: str | None = None
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self):
+        object.__setattr__(self, "methods", tuple(self.methods))
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not math.isfinite(self.threshold) or self.threshold < 0:
+            raise ValueError(f"threshold must be a finite number >= 0 (e.g. 0.1), got {self.threshold!r}")
+        _positive_int("num_inference_steps", self.num_inference_steps)
+        for name in ("height", "width"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("num_prompts", self.num_prompts)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("block_size", self.block_size)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.full_steps, int) or not 1 <= self.full_steps <= self.num_inference_steps:
+            raise ValueError(f"full_steps must be an int in [1, num_inference_steps={self.num_inference_steps}] "
+                             f"(step 0 is always full), got {self.full_steps!r}")
+        if self.guidance_scale is not None and (not isinstance(self.guidance_scale, (int, float))
+                                                or isinstance(self.guidance_scale, bool)):
+            raise ValueError(f"guidance_scale must be a number or None, got {self.guidance_scale!r}")
+        if self.cost_model not in COST_MODELS:
+            raise ValueError(f"cost_model must be one of {COST_MODELS}, got {self.cost_model!r}")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"DiTFastAttnConfig version {self.version!r} is not supported by this ditfa_optimum "
+                             f"(reads version {CONFIG_VERSION}); upgrade ditfa_optimum")
+        self.candidates()  # validates the method strings
+
+    def candidates(self) -> list:
+        """The candidate method objects, `full` first, duplicates removed, in the given order."""
+        if isinstance(self.methods, str) or not all(isinstance(m, str) for m in self.methods):
+            raise ValueError(f"methods must be a list of method strings like ['arrow:1/8', 'cache'], "
+                             f"got {self.methods!r}")
+        found = [Full()]
+        for text in self.methods:
+            try:
+                method = make_method(text)
+            except ValueError as e:
+                raise ValueError(f"candidate method {text!r}: {e}") from None
+            if method not in found:
+                found.append(method)
+        residuals = [m for m in found if m.needs_residual]
+        if len(residuals) > 1:
+            raise ValueError(f"at most one arrow_residual fraction may be a candidate (one full step records one "
+                             f"residual), got {[str(m) for m in residuals]}")
+        return found
+
+    def replace(self, **changes) -> "DiTFastAttnConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---------------------------------------------------------------- JSON
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["methods"] = list(self.methods)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DiTFastAttnConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"a DiTFastAttnConfig is read from a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DiTFastAttnConfig fields {unknown}; known: {sorted(known)}")
+        data = dict(data)
+        if "methods" in data and isinstance(data["methods"], list):
+            data["methods"] = tuple(data["methods"])
+        return cls(**data)
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

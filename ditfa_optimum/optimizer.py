@@ -1,0 +1,133 @@
+"""`DiTFastAttnOptimizer`: load a pipeline, calibrate on prompts, search a head-wise plan, save it.
+
+    opt = DiTFastAttnOptimizer.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers", torch_dtype=...)
+    plan = opt.optimize(DiTFastAttnConfig(threshold=0.1, num_inference_steps=28), calibration_prompts=prompts)
+    opt.apply()      # the pipeline now runs the plan: opt.pipeline("a lighthouse at dusk", num_inference_steps=28)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .adapters import get_adapter
+from .calibrate import CalibrationStats, calibrate, check_prompts
+from .config import DiTFastAttnConfig
+from .plan import CompressionPlan
+from .prompts import default_prompts
+from .search import search
+
+logger = logging.getLogger(__name__)
+
+
+class DiTFastAttnOptimizer:
+    """Head-wise attention compression for one diffusers pipeline.
+
+    Args:
+        pipeline: a loaded diffusers pipeline whose transformer an adapter knows (SD3, SD3.5, FLUX.1).
+        prompt_encoder: for pipelines without text encoders: ``list of prompts -> pipeline kwargs``.
+        source: where the pipeline came from (model id or path), recorded in the plan.
+    """
+
+    def __init__(self, pipeline, *, prompt_encoder=None, source: str | None = None):
+        transformer = getattr(pipeline, "transformer", None)
+        if transformer is None:
+            raise ValueError(f"expected a diffusers pipeline with a .transformer (an MMDiT such as SD3 or FLUX), got "
+                             f"{type(pipeline).__name__}")
+        self.adapter = get_adapter(transformer)  # raises, naming the supported transformers
+        self.pipeline = pipeline
+        self.prompt_encoder = prompt_encoder
+        self.source = source
+        self.plan: CompressionPlan | None = None
+        self.stats: CalibrationStats | None = None
+
+    @classmethod
+    def from_pretrained(cls, model, *, prompt_encoder=None, **load_kwargs) -> "DiTFastAttnOptimizer":
+        """From a Hub model id, a local pipeline directory, or an already loaded pipeline.
+
+        Ids and paths load with ``diffusers.DiffusionPipeline.from_pretrained(model, **load_kwargs)`` (e.g.
+        ``torch_dtype=torch.bfloat16``); ``HF_HUB_OFFLINE=1`` loads from the local cache only.
+
+        Example:
+            >>> opt = DiTFastAttnOptimizer.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")  # doctest: +SKIP
+        """
+        if isinstance(model, (str, os.PathLike)):
+            from diffusers import DiffusionPipeline
+
+            try:
+                pipeline = DiffusionPipeline.from_pretrained(os.fspath(model), **load_kwargs)
+            except (OSError, ValueError, EnvironmentError) as e:
+                where = "the local directory" if Path(model).exists() else "the Hugging Face Hub id"
+                offline = " (HF_HUB_OFFLINE is set: only cached models load)" if os.environ.get("HF_HUB_OFFLINE") \
+                    not in (None, "", "0") else ""
+                raise ValueError(f"could not load a diffusers pipeline from {where} {os.fspath(model)!r}{offline}: "
+                                 f"{e}") from e
+            return cls(pipeline, prompt_encoder=prompt_encoder, source=os.fspath(model))
+        if load_kwargs:
+            raise ValueError(f"load arguments {sorted(load_kwargs)} only apply when loading from an id or a path")
+        return cls(model, prompt_encoder=prompt_encoder)
+
+    def optimize(self, config: DiTFastAttnConfig | None = None, calibration_prompts: list[str] | None = None,
+                 save_dir: str | os.PathLike | None = None, *, progress: bool = True) -> CompressionPlan:
+        """Calibrate on prompts, search the plan, and optionally save it.
+
+        Args:
+            config: threshold, candidate methods, steps, resolution, guidance, seed, cost model, batch size.
+            calibration_prompts: captions to calibrate on; None = ``config.num_prompts`` built-in captions.
+            save_dir: write ``plan.json`` + ``plan.safetensors`` and ``calibration/`` statistics there.
+            progress: progress bars and the final summary on stderr.
+
+        Returns:
+            The `CompressionPlan` (also ``self.plan``; the statistics are ``self.stats``).
+        """
+        config = config or DiTFastAttnConfig()
+        if not isinstance(config, DiTFastAttnConfig):
+            raise ValueError(f"config must be a DiTFastAttnConfig, got {type(config).__name__}")
+        if calibration_prompts is None:
+            prompts = default_prompts(config.num_prompts, config.seed)
+        else:
+            prompts = check_prompts(calibration_prompts)
+        self.stats = calibrate(self.pipeline, config, prompts, prompt_encoder=self.prompt_encoder, progress=progress)
+        self.plan = search(self.stats, config)
+        self.plan.metadata["search"]["base_model"] = self.source
+        if progress:
+            import sys
+
+            print(self.summary(), file=sys.stderr)
+        if save_dir is not None:
+            self.save_plan(save_dir)
+        return self.plan
+
+    def summary(self) -> str:
+        if self.plan is None:
+            return "DiTFastAttnOptimizer: no plan searched yet (call optimize)"
+        info = self.plan.metadata["search"]
+        counts = self.plan.method_counts()
+        total = sum(counts.values())
+        shares = ", ".join(f"{name} {n / total:.1%}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        return (f"ditfa: searched {len(self.plan.modules)} attention modules x {self.plan.num_steps} steps at "
+                f"threshold {info['threshold']:g}\n"
+                f"  attention FLOPs cut {info['flop_cut']:.1%} ({info['image_tokens']} image + {info['text_tokens']} "
+                f"text tokens{', batched CFG' if info['cfg'] else ''})\n"
+                f"  heads: {shares}\n"
+                f"  calibration {info['calibration_seconds']:.1f} s on {info['num_prompts']} prompts, "
+                f"search {info['search_seconds']:.2f} s")
+
+    def save_plan(self, directory: str | os.PathLike) -> Path:
+        """Write the plan (and the calibration statistics under ``calibration/``) into ``directory``."""
+        if self.plan is None:
+            raise ValueError("no plan to save yet; call optimize() first")
+        directory = Path(directory)
+        self.plan.save(directory)
+        if self.stats is not None:
+            self.stats.save(directory / "calibration")
+        return directory
+
+    def apply(self, backend: str | None = None):
+        """Run the searched plan in this optimizer's pipeline (see `ditfa_optimum.apply`)."""
+        from .apply import apply
+
+        if self.plan is None:
+            raise ValueError("no plan to apply yet; call optimize() first")
+        return apply(self.pipeline, self.plan, backend=backend)
