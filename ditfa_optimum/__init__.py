@@ -4,13 +4,18 @@ __version__ = "0.1.0.dev0"
 
 from .adapters import get_adapter, register_adapter
 from .apply import apply, get_runtime, remove, reset_state, uniform_plan
+from .calibrate import CalibrationStats, calibrate
+from .config import DiTFastAttnConfig
 from .masks import TokenLayout, arrow_mask, window_blocks
 from .methods import AttentionMethod, make_method, register_method
-from .plan import CompressionPlan, FlopReport, ModuleSpec
+from .optimizer import DiTFastAttnOptimizer
+from .plan import CompressionPlan, FlopReport, ModuleSpec, PlanReport
 from .runtime import backend_names, register_backend
+from .search import search, solve_heads
 
 __all__ = [
     "__version__", "get_adapter", "register_adapter", "apply", "get_runtime", "remove", "reset_state", "uniform_plan",
     "TokenLayout", "arrow_mask", "window_blocks", "AttentionMethod", "make_method", "register_method",
-    "CompressionPlan", "FlopReport", "ModuleSpec", "backend_names", "register_backend",
+    "CompressionPlan", "FlopReport", "ModuleSpec", "PlanReport", "backend_names", "register_backend",
+    "DiTFastAttnOptimizer", "DiTFastAttnConfig", "CalibrationStats", "calibrate", "search", "solve_heads",
 ]

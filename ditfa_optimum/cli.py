@@ -1,5 +1,9 @@
 """The ``ditfa-optimum`` command line.
 
+``ditfa-optimum optimize`` calibrates and searches a head-wise plan (default model: the embedded tiny random-weight
+SD3 transformer in a real diffusers pipeline, on CPU, offline), prints the summary and a per-module table, and saves the
+plan with its calibration statistics.
+
 ``ditfa-optimum demo`` runs a head-wise plan on the embedded default model (a tiny random-weight SD3 transformer inside
 a real diffusers `StableDiffusion3Pipeline` denoising loop, on CPU, offline) and reports the attention-FLOP cut, the time
 per step and the error against dense attention; ``--out`` saves the plan.
@@ -45,21 +49,13 @@ def run_demo(family: str = "sd3", methods: list[str] | None = None, steps: int =
              block_size: int = 128, guidance: float = 5.0, backend: str | None = None, seed: int = 0,
              out: str | None = None, repeats: int = 2) -> dict:
     """Run the demo; returns the numbers it prints (see module docstring)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
-
     from .apply import apply, remove
     from .runtime import get_backend
-    from .tiny import tiny_transformer
+    from .tiny import tiny_pipeline
 
     methods = list(methods or DEMO_MIX)
-    transformer = tiny_transformer(family, seed=seed)
-    scheduler = FlowMatchEulerDiscreteScheduler()
-    if family == "flux":
-        pipe = FluxPipeline(transformer=transformer, scheduler=scheduler,
-                            **dict.fromkeys(["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]))
-    else:
-        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, **dict.fromkeys(
-            ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]))
+    pipe = tiny_pipeline(family, seed=seed)
+    transformer = pipe.transformer
     cfg = transformer.config
     g = torch.Generator().manual_seed(seed + 1)
     text_tokens = 16
@@ -117,10 +113,101 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+TINY_MODELS = {"tiny-sd3": "sd3", "tiny-sd35": "sd35", "tiny-flux": "flux"}
+#: defaults for the embedded tiny models: 256 image tokens, small enough for seconds on two CPU cores
+TINY_DEFAULTS = dict(steps=8, size=128, block_size=16, guidance=5.0)
+MODEL_DEFAULTS = dict(steps=28, size=1024, block_size=128, guidance=None)
+
+
+def _load_optimizer(model: str, dtype: str | None, device: str | None):
+    from .optimizer import DiTFastAttnOptimizer
+    from .tiny import TinyPromptEncoder, tiny_pipeline
+
+    if model in TINY_MODELS:
+        family = TINY_MODELS[model]
+        pipe = tiny_pipeline(family)
+        if device:
+            pipe.to(device)
+        opt = DiTFastAttnOptimizer(pipe, prompt_encoder=TinyPromptEncoder(pipe.transformer), source=model)
+        return opt, True
+    kwargs = {}
+    if dtype:
+        kwargs["torch_dtype"] = getattr(torch, dtype)
+    opt = DiTFastAttnOptimizer.from_pretrained(model, **kwargs)
+    if device:
+        opt.pipeline.to(device)
+    return opt, False
+
+
+def _read_prompts(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read the prompts file {path!r}: {e.strerror}") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"the prompts file {path!r} holds no prompts (one per line; # starts a comment)")
+    return prompts
+
+
+def _cmd_optimize(args) -> int:
+    from .config import DEFAULT_METHODS, DiTFastAttnConfig
+
+    tiny = args.model in TINY_MODELS
+    defaults = TINY_DEFAULTS if tiny else MODEL_DEFAULTS
+    size = args.size or defaults["size"] * (2 if args.model == "tiny-flux" else 1)  # FLUX: 16 px per token side
+    try:
+        config = DiTFastAttnConfig(
+            threshold=args.threshold, methods=tuple(args.method or DEFAULT_METHODS),
+            num_inference_steps=args.steps or defaults["steps"], height=args.height or size, width=args.width or size,
+            guidance_scale=args.guidance if args.guidance is not None else defaults["guidance"], seed=args.seed,
+            cost_model=args.cost_model, num_prompts=args.num_prompts, batch_size=args.batch_size,
+            block_size=args.block_size or defaults["block_size"], backend=args.backend)
+        prompts = _read_prompts(args.prompts)
+        opt, _ = _load_optimizer(args.model, args.dtype, args.device)
+        plan = opt.optimize(config, calibration_prompts=prompts, progress=not args.quiet)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.quiet:
+        print(opt.summary())
+    print(plan.report().table())
+    if args.out:
+        print(f"saved        plan.json + plan.safetensors, calibration/ in {opt.save_plan(args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditfa-optimum", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"ditfa-optimum {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    opt = sub.add_parser("optimize", help="calibrate on prompts and search a head-wise plan")
+    opt.add_argument("model", nargs="?", default="tiny-sd3",
+                     help="a Hub model id or local pipeline directory, or an embedded tiny random-weight model: "
+                          f"{', '.join(TINY_MODELS)} (default tiny-sd3)")
+    opt.add_argument("--threshold", type=float, default=0.1, help="error budget: mean RSE per head (default 0.1)")
+    opt.add_argument("--method", action="append", metavar="METHOD",
+                     help="a candidate method besides full; repeat for several (default: arrow:1/8 arrow:1/16 "
+                          "arrow:1/32 cache cfg_share)")
+    opt.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (default: built-in captions)")
+    opt.add_argument("--num-prompts", type=int, default=8, help="built-in captions to use without --prompts")
+    opt.add_argument("--steps", type=int, help="denoising steps (default 28; tiny models 8)")
+    opt.add_argument("--size", type=int, help="image height and width in pixels (default 1024; tiny models 128, tiny-flux 256)")
+    opt.add_argument("--height", type=int)
+    opt.add_argument("--width", type=int)
+    opt.add_argument("--guidance", type=float, help="CFG scale (default: the pipeline's; tiny models 5)")
+    opt.add_argument("--cost-model", choices=["flops", "measured"], default="flops")
+    opt.add_argument("--batch-size", type=int, default=8, help="prompts per calibration batch")
+    opt.add_argument("--block-size", type=int, help="arrow mask block size (default 128; tiny models 16)")
+    opt.add_argument("--backend", default=None, help="attention backend while calibrating (default auto)")
+    opt.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="load the pipeline in this dtype")
+    opt.add_argument("--device", help="run on this device (e.g. cuda)")
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--out", default="ditfa-plan", help="directory for the plan (default ./ditfa-plan)")
+    opt.add_argument("--quiet", action="store_true", help="no progress bars")
+    opt.set_defaults(func=_cmd_optimize)
+
     demo = sub.add_parser("demo", help="run a head-wise plan on the embedded tiny model and report cut, time, error")
     demo.add_argument("--family", choices=["sd3", "sd35", "flux"], default="sd3")
     demo.add_argument("--method", action="append", metavar="METHOD",

@@ -68,6 +68,9 @@ class DiTFastAttnConfig:
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
+        if isinstance(self.methods, str) or not all(isinstance(m, str) for m in self.methods):
+            raise ValueError(f"methods must be a list of method strings like ['arrow:1/8', 'cache'], "
+                             f"got {self.methods!r}")
         object.__setattr__(self, "methods", tuple(self.methods))
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
                 or not math.isfinite(self.threshold) or self.threshold < 0:
@@ -95,9 +98,6 @@ class DiTFastAttnConfig:
 
     def candidates(self) -> list:
         """The candidate method objects, `full` first, duplicates removed, in the given order."""
-        if isinstance(self.methods, str) or not all(isinstance(m, str) for m in self.methods):
-            raise ValueError(f"methods must be a list of method strings like ['arrow:1/8', 'cache'], "
-                             f"got {self.methods!r}")
         found = [Full()]
         for text in self.methods:
             try:

@@ -401,3 +401,67 @@ class CompressionPlan:
     def __repr__(self) -> str:
         return self.summary()
 
+    # ---------------------------------------------------------------- report
+    def report(self, image_tokens: int | None = None, text_tokens: int | None = None,
+               cfg: bool | None = None) -> "PlanReport":
+        """Per module x step: the share of heads per method, the attention-FLOP cut, and (for searched plans) the
+        predicted mean RSE. Token counts and CFG default to the search's (``metadata["search"]``)."""
+        info = self.metadata.get("search", {})
+        image_tokens = info.get("image_tokens") if image_tokens is None else image_tokens
+        text_tokens = info.get("text_tokens") if text_tokens is None else text_tokens
+        cfg = bool(info.get("cfg", False)) if cfg is None else cfg
+        if image_tokens is None or text_tokens is None:
+            raise ValueError("this plan does not record the token counts it was searched at; pass image_tokens= and "
+                             "text_tokens=")
+        pairs = sorted({(int(i), float(p)) for n in self.module_names
+                        for i, p in zip(self.methods[n].flatten().tolist(), self.params[n].flatten().tolist())})
+        names = [str(method_class(i).from_param(p or None)) for i, p in pairs]
+        share = torch.zeros(len(self.modules), self.num_steps, len(names), dtype=torch.float64)
+        for i, spec in enumerate(self.modules):
+            ids, params = self.methods[spec.name].long(), self.params[spec.name]
+            for k, (mid, param) in enumerate(pairs):
+                share[i, :, k] = ((ids == mid) & (params == param)).double().mean(1)
+        flops = self.flops(image_tokens, text_tokens, cfg)
+        predicted = info.get("predicted_rse")
+        predicted = None if predicted is None else torch.tensor([predicted[n] for n in self.module_names],
+                                                                dtype=torch.float64)
+        return PlanReport(self.module_names, names, share, 1.0 - flops.planned / flops.dense, predicted, flops.cut)
+
+
+@dataclass
+class PlanReport:
+    """What a plan does where, as data (the CLI draws it).
+
+    Attributes:
+        module_names: rows.
+        method_names: the methods the plan uses, with their parameters (``"arrow:0.125"``), by method id.
+        share: ``[M, T, K]`` fraction of the module's heads running method ``k`` at step ``t``.
+        flop_cut: ``[M, T]`` attention-FLOP cut of the module at the step (0 = dense).
+        predicted_rse: ``[M, T]`` the search's predicted mean RSE over heads, or None for hand-made plans.
+        total_cut: the whole plan's attention-FLOP cut.
+    """
+
+    module_names: list[str]
+    method_names: list[str]
+    share: torch.Tensor
+    flop_cut: torch.Tensor
+    predicted_rse: torch.Tensor | None
+    total_cut: float
+
+    def table(self) -> str:
+        """A text table: per module, its FLOP cut and the share of each method over all steps."""
+        width = max(len(n) for n in self.module_names)
+        cols = [max(10, len(n)) for n in self.method_names]
+        head = f"{'module':<{width}}  {'cut':>6}  " + "  ".join(f"{n:>{c}}" for n, c in zip(self.method_names, cols))
+        if self.predicted_rse is not None:
+            head += f"  {'pred. RSE':>9}"
+        lines = [head, "-" * len(head)]
+        for i, name in enumerate(self.module_names):
+            row = f"{name:<{width}}  {float(self.flop_cut[i].mean()):>6.1%}  "
+            row += "  ".join(f"{float(self.share[i, :, k].mean()):>{c}.1%}" for k, c in enumerate(cols))
+            if self.predicted_rse is not None:
+                row += f"  {float(self.predicted_rse[i].mean()):>9.4f}"
+            lines.append(row)
+        lines.append(f"{'total':<{width}}  {self.total_cut:>6.1%}")
+        return "\n".join(lines)
+
