@@ -1,9 +1,9 @@
+import importlib
 import os
 
 import pytest
 import torch
 
-import ditfa_optimum.calibrate as calibrate_module
 from ditfa_optimum import apply, remove
 from ditfa_optimum.calibrate import _Session, calibrate, run_pipeline
 from ditfa_optimum.config import DiTFastAttnConfig
@@ -15,6 +15,9 @@ from ditfa_optimum.prompts import default_prompts, held_out_prompts
 from ditfa_optimum.search import search
 
 from search_helpers import FAMILIES, tiny_setup
+
+# the package re-exports the function `calibrate`, which shadows the module attribute of the same name
+calibrate_module = importlib.import_module("ditfa_optimum.calibrate")
 
 
 def _close(a, b):
