@@ -246,7 +246,7 @@ class _ModuleCalibration:
 
         full = attend([n_blk] * B)
         full32 = full.float()
-        ref = ((full32 - full32.mean(dim=(0, 2, 3), keepdim=True)) ** 2).sum(dim=(0, 2, 3)).double()
+        ref = ((full32 - full32.mean(dim=(0, 2, 3), keepdim=True)) ** 2).sum(dim=(0, 2, 3)).double().cpu()
         mem = session.memory(spec.name)
         C = len(session.candidates)
         err = torch.full((H, C), torch.inf, dtype=torch.float64)
@@ -274,7 +274,7 @@ class _ModuleCalibration:
                 out = method.finalize(raw(method.kernel_widths(layout, B, cfg)),
                                       HeadMemory(previous_output=mem.previous, residual=mem.residual), cfg)
                 outputs[ci] = out
-                e = ((out.float() - full32) ** 2).sum(dim=(0, 2, 3)).double()
+                e = ((out.float() - full32) ** 2).sum(dim=(0, 2, 3)).double().cpu()
                 err[available, ci] = e[available]
 
         rse = torch.where(ref[:, None] > 0, err / ref[:, None].clamp_min(1e-300),
