@@ -7,6 +7,7 @@ every candidate on every head + the per-(layer, step) integer programs). Writes 
 
     python benchmarks/search_time.py --out docs/benchmarks/search-time.json
     python benchmarks/search_time.py --models sd3_medium --prompts 8 --steps 28 --size 1024
+    python benchmarks/search_time.py --check --cost-model measured      (also checks calibration == runtime on GPU)
 
 Defaults follow the targets: SD3-medium architecture, 1024^2, 28 steps, 8 prompts (CFG: transformer batch 16);
 FLUX.1-dev architecture, 1024^2, 28 steps, 4 prompts.
@@ -34,12 +35,16 @@ from ditfa_optimum.tiny import TinyPromptEncoder  # noqa: E402
 DEFAULT_PROMPTS = {"sd3_medium": 8, "flux_dev": 4}
 
 
-def build_pipeline(name: str, device: str = "cuda"):
+def build_pipeline(name: str, device: str = "cuda", layers: int | None = None):
     import diffusers
 
     config = json.loads((ROOT / "benchmarks" / "configs" / f"{name}.json").read_text())
     cls = getattr(diffusers, config["_class_name"])
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if not k.startswith("_")}
+    if layers is not None:  # a shortened model for quick checks
+        kwargs["num_layers"] = layers
+        if "num_single_layers" in kwargs:
+            kwargs["num_single_layers"] = layers
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # initialise in bf16 on the GPU: FLUX.1-dev in fp32 would need 48 GB
@@ -96,6 +101,46 @@ def run(name: str, prompts: int, steps: int, size: int, threshold: float, cost_m
     return result
 
 
+def check_flow(name: str, backend: str | None) -> dict:
+    """On a 2-block version of the architecture: the latents that flow during calibration equal those of the searched
+    plan run by the runtime (same backend), and differ clearly from dense ones."""
+    import importlib
+
+    from ditfa_optimum import apply, remove, search
+    from ditfa_optimum.calibrate import calibrate
+
+    calibrate_module = importlib.import_module("ditfa_optimum.calibrate")
+    pipe, encoder = build_pipeline(name, layers=2)
+    config = DiTFastAttnConfig(threshold=0.3, methods=("arrow:1/8", "arrow:1/16", "cfg_share", "cache"),
+                               num_inference_steps=4, height=512, width=512, batch_size=2, backend=backend)
+    captions = default_prompts(2)
+    captured = []
+    original = calibrate_module.run_pipeline
+
+    def capture(*args, **kwargs):
+        captured.append(original(*args, **kwargs))
+        return captured[-1]
+
+    calibrate_module.run_pipeline = capture
+    try:
+        stats = calibrate(pipe, config, captions, prompt_encoder=encoder, progress=False)
+    finally:
+        calibrate_module.run_pipeline = original
+    plan = search(stats, config)
+    with torch.inference_mode():
+        dense = run_pipeline(pipe, captions, config, prompt_encoder=encoder).float()
+        apply(pipe, plan, backend=backend)
+        planned = run_pipeline(pipe, captions, config, prompt_encoder=encoder).float()
+        remove(pipe)
+    flow_gap = float((planned - captured[0].float()).abs().max())
+    plan_effect = float((planned - dense).abs().max())
+    result = dict(check=f"calibration flow == runtime ({name}, 2 blocks, 512^2, backend {backend or 'auto'})",
+                  methods=plan.method_counts(), flow_gap=flow_gap, plan_effect=plan_effect,
+                  ok=flow_gap <= 0.02 * plan_effect)
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["sd3_medium", "flux_dev"], choices=list(DEFAULT_PROMPTS))
@@ -106,19 +151,22 @@ def main() -> int:
     parser.add_argument("--cost-model", default="flops", choices=["flops", "measured"])
     parser.add_argument("--backend", default=None)
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--check", action="store_true", help="first check calibration flow == runtime on 2 blocks")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("search_time.py needs a CUDA GPU", file=sys.stderr)
         return 1
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                    date=time.strftime("%Y-%m-%d"), runs=[])
+    if args.check:
+        results["checks"] = [check_flow(name, args.backend) for name in args.models]
     for name in args.models:
         results["runs"].append(run(name, args.prompts or DEFAULT_PROMPTS[name], args.steps, args.size,
                                    args.threshold, args.cost_model, args.backend))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    return 0 if all(c["ok"] for c in results.get("checks", [])) else 1
 
 
 if __name__ == "__main__":
