@@ -7,7 +7,7 @@ every candidate on every head + the per-(layer, step) integer programs). Writes 
 
     python benchmarks/search_time.py --out docs/benchmarks/search-time.json
     python benchmarks/search_time.py --models sd3_medium --prompts 8 --steps 28 --size 1024
-    python benchmarks/search_time.py --check --cost-model measured      (also checks calibration == runtime on GPU)
+    python benchmarks/search_time.py --check        (calibration flow == runtime on the GPU, 2-block models)
 
 Defaults follow the targets: SD3-medium architecture, 1024^2, 28 steps, 8 prompts (CFG: transformer batch 16);
 FLUX.1-dev architecture, 1024^2, 28 steps, 4 prompts.
@@ -35,7 +35,7 @@ from ditfa_optimum.tiny import TinyPromptEncoder  # noqa: E402
 DEFAULT_PROMPTS = {"sd3_medium": 8, "flux_dev": 4}
 
 
-def build_pipeline(name: str, device: str = "cuda", layers: int | None = None):
+def build_pipeline(name: str, device: str = "cuda", layers: int | None = None, dtype: torch.dtype = torch.bfloat16):
     import diffusers
 
     config = json.loads((ROOT / "benchmarks" / "configs" / f"{name}.json").read_text())
@@ -47,7 +47,7 @@ def build_pipeline(name: str, device: str = "cuda", layers: int | None = None):
             kwargs["num_single_layers"] = layers
     torch.manual_seed(0)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # initialise in bf16 on the GPU: FLUX.1-dev in fp32 would need 48 GB
+    torch.set_default_dtype(dtype)  # initialise in bf16 on the GPU: FLUX.1-dev in fp32 would need 48 GB
     try:
         with torch.device(device):
             transformer = cls(**kwargs).eval()
@@ -103,15 +103,19 @@ def run(name: str, prompts: int, steps: int, size: int, threshold: float, cost_m
 
 def check_flow(name: str, backend: str | None) -> dict:
     """On a 2-block version of the architecture: the latents that flow during calibration equal those of the searched
-    plan run by the runtime (same backend), and differ clearly from dense ones."""
+    plan run by the runtime (same backend), and differ clearly from dense ones. In fp32: in bf16 the runtime's mixed
+    calls (FlexAttention for full heads too) and the calibration's all-full calls (SDPA) round differently, by about as
+    much as a random-weight model's attention changes its output. Pass: the gap is at most 2% of the plan's effect or
+    4x the gap between two dense runs through different SDPA kernels (default vs math), the rounding floor."""
     import importlib
 
     from ditfa_optimum import apply, remove, search
     from ditfa_optimum.calibrate import calibrate
 
     calibrate_module = importlib.import_module("ditfa_optimum.calibrate")
-    pipe, encoder = build_pipeline(name, layers=2)
-    config = DiTFastAttnConfig(threshold=0.3, methods=("arrow:1/8", "arrow:1/16", "cfg_share", "cache"),
+    pipe, encoder = build_pipeline(name, layers=2, dtype=torch.float32)
+    # no `cache`: random-weight models change so little between steps that it would take every head
+    config = DiTFastAttnConfig(threshold=0.3, methods=("arrow:1/8", "arrow:1/16", "cfg_share"),
                                num_inference_steps=4, height=512, width=512, batch_size=2, backend=backend)
     captions = default_prompts(2)
     captured = []
@@ -127,16 +131,21 @@ def check_flow(name: str, backend: str | None) -> dict:
     finally:
         calibrate_module.run_pipeline = original
     plan = search(stats, config)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     with torch.inference_mode():
         dense = run_pipeline(pipe, captions, config, prompt_encoder=encoder).float()
+        with sdpa_kernel([SDPBackend.MATH]):  # the same dense model through another attention kernel: rounding floor
+            dense_math = run_pipeline(pipe, captions, config, prompt_encoder=encoder).float()
         apply(pipe, plan, backend=backend)
         planned = run_pipeline(pipe, captions, config, prompt_encoder=encoder).float()
         remove(pipe)
     flow_gap = float((planned - captured[0].float()).abs().max())
     plan_effect = float((planned - dense).abs().max())
+    kernel_noise = float((dense_math - dense).abs().max())
     result = dict(check=f"calibration flow == runtime ({name}, 2 blocks, 512^2, backend {backend or 'auto'})",
-                  methods=plan.method_counts(), flow_gap=flow_gap, plan_effect=plan_effect,
-                  ok=flow_gap <= 0.02 * plan_effect)
+                  methods=plan.method_counts(), flow_gap=flow_gap, plan_effect=plan_effect, kernel_noise=kernel_noise,
+                  ok=flow_gap <= max(0.02 * plan_effect, 4 * kernel_noise))
     print(json.dumps(result), flush=True)
     return result
 
@@ -151,7 +160,8 @@ def main() -> int:
     parser.add_argument("--cost-model", default="flops", choices=["flops", "measured"])
     parser.add_argument("--backend", default=None)
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--check", action="store_true", help="first check calibration flow == runtime on 2 blocks")
+    parser.add_argument("--check", action="store_true",
+                        help="instead of timing, check calibration flow == runtime on 2-block models (fp32)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("search_time.py needs a CUDA GPU", file=sys.stderr)
@@ -160,7 +170,7 @@ def main() -> int:
                    date=time.strftime("%Y-%m-%d"), runs=[])
     if args.check:
         results["checks"] = [check_flow(name, args.backend) for name in args.models]
-    for name in args.models:
+    for name in [] if args.check else args.models:
         results["runs"].append(run(name, args.prompts or DEFAULT_PROMPTS[name], args.steps, args.size,
                                    args.threshold, args.cost_model, args.backend))
     if args.out:

@@ -216,3 +216,15 @@ def test_pipeline_directory_loads_through_from_pretrained(tmp_path):
     assert plan.metadata["search"]["base_model"] == os.fspath(tmp_path / "pipe")
     assert CompressionPlan.load(tmp_path / "plan") == plan
     assert "attention FLOPs cut" in opt.summary()
+
+
+def test_measured_costs_are_shared_by_identical_computations():
+    from ditfa_optimum.calibrate import measure_costs
+    from ditfa_optimum.runtime import get_backend
+
+    layout = TokenLayout(64, 5, True, 16)  # 4 image blocks: arrow 1/4 and 1/8 both keep one block
+    methods = [make_method(m) for m in ("full", "cfg_share", "arrow:1/4", "arrow:1/8", "cache")]
+    seconds = measure_costs(methods, torch.randn(2, 2, 69, 8), layout, cfg=False,
+                            backend=get_backend("reference", torch.device("cpu")), repeats=3, warmup=1)
+    assert seconds[0] > 0 and seconds[1] == seconds[0]  # cfg_share without CFG computes full attention
+    assert seconds[2] == seconds[3] and seconds[4] == 0
