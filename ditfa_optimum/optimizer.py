@@ -105,12 +105,12 @@ class DiTFastAttnOptimizer:
         info = self.plan.metadata["search"]
         counts = self.plan.method_counts()
         total = sum(counts.values())
-        shares = ", ".join(f"{name} {n / total:.1%}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        shares = ", ".join(f"{name} {n} ({n / total:.1%})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
         return (f"ditfa: searched {len(self.plan.modules)} attention modules x {self.plan.num_steps} steps at "
                 f"threshold {info['threshold']:g}\n"
                 f"  attention FLOPs cut {info['flop_cut']:.1%} ({info['image_tokens']} image + {info['text_tokens']} "
                 f"text tokens{', batched CFG' if info['cfg'] else ''})\n"
-                f"  heads: {shares}\n"
+                f"  (module, step, head) entries: {shares}\n"
                 f"  calibration {info['calibration_seconds']:.1f} s on {info['num_prompts']} prompts, "
                 f"search {info['search_seconds']:.2f} s")
 
