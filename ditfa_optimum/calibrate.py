@@ -17,6 +17,7 @@ The result, `CalibrationStats`, is tensors and numbers only (no module reference
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -362,6 +363,22 @@ def run_pipeline(pipeline, prompts: list[str], config: DiTFastAttnConfig, *, pro
     return pipeline(**kwargs).images
 
 
+@contextlib.contextmanager
+def progress_bars(pipeline, enabled: bool):
+    """Show (or hide) ``pipeline``'s own step progress bar for a while; the user's setting comes back after."""
+    old = getattr(pipeline, "_progress_bar_config", None)
+    if hasattr(pipeline, "set_progress_bar_config"):
+        pipeline.set_progress_bar_config(**{**(old or {}), "leave": False, "disable": not enabled})
+    try:
+        yield
+    finally:
+        if hasattr(pipeline, "set_progress_bar_config"):
+            if old is None:
+                del pipeline._progress_bar_config
+            else:
+                pipeline._progress_bar_config = old
+
+
 def calibrate(pipeline, config: DiTFastAttnConfig, prompts: list[str], *, prompt_encoder=None,
               plan: CompressionPlan | None = None, progress: bool = True) -> CalibrationStats:
     """Run ``pipeline`` on ``prompts`` once, measuring every candidate method on every head (see module docstring).
@@ -405,20 +422,15 @@ def calibrate(pipeline, config: DiTFastAttnConfig, prompts: list[str], *, prompt
             config = config.replace(block_size=plan.block_size)
     session = _Session(specs, candidates, config, cfg_source(None, adapter, pipeline), decided)
     install(transformer, adapter, modules, session)
-    old_bar = dict(getattr(pipeline, "_progress_bar_config", {}) or {})
     start = time.perf_counter()
     try:
-        if hasattr(pipeline, "set_progress_bar_config"):
-            pipeline.set_progress_bar_config(**{**old_bar, "leave": False, "disable": not progress})
         batches = [(i, prompts[i:i + config.batch_size]) for i in range(0, len(prompts), config.batch_size)]
-        with torch.inference_mode():
+        with torch.inference_mode(), progress_bars(pipeline, progress):
             for first, batch in tqdm(batches, desc="ditfa calibration", unit="batch", disable=not progress):
                 session.state.reset()
                 run_pipeline(pipeline, batch, config, prompt_encoder=prompt_encoder, first=first)
     finally:
         remove(transformer)
-        if hasattr(pipeline, "set_progress_bar_config"):
-            pipeline._progress_bar_config = old_bar
 
     for spec in specs:
         missing = torch.nonzero(session.calls[spec.name] == 0).flatten().tolist()

@@ -30,7 +30,7 @@ class DiTFastAttnOptimizer:
         source: where the pipeline came from (model id or path), recorded in the plan.
     """
 
-    def __init__(self, pipeline, *, prompt_encoder=None, source: str | None = None):
+    def __init__(self, pipeline, *, prompt_encoder=None, source: str | None = None, revision: str | None = None):
         transformer = getattr(pipeline, "transformer", None)
         if transformer is None:
             raise ValueError(f"expected a diffusers pipeline with a .transformer (an MMDiT such as SD3 or FLUX), got "
@@ -39,6 +39,7 @@ class DiTFastAttnOptimizer:
         self.pipeline = pipeline
         self.prompt_encoder = prompt_encoder
         self.source = source
+        self.revision = revision
         self.plan: CompressionPlan | None = None
         self.stats: CalibrationStats | None = None
 
@@ -63,7 +64,8 @@ class DiTFastAttnOptimizer:
                     not in (None, "", "0") else ""
                 raise ValueError(f"could not load a diffusers pipeline from {where} {os.fspath(model)!r}{offline}: "
                                  f"{e}") from e
-            return cls(pipeline, prompt_encoder=prompt_encoder, source=os.fspath(model))
+            return cls(pipeline, prompt_encoder=prompt_encoder, source=os.fspath(model),
+                       revision=load_kwargs.get("revision"))
         if load_kwargs:
             raise ValueError(f"load arguments {sorted(load_kwargs)} only apply when loading from an id or a path")
         return cls(model, prompt_encoder=prompt_encoder)
@@ -75,7 +77,7 @@ class DiTFastAttnOptimizer:
         Args:
             config: threshold, candidate methods, steps, resolution, guidance, seed, cost model, batch size.
             calibration_prompts: captions to calibrate on; None = ``config.num_prompts`` built-in captions.
-            save_dir: write ``plan.json`` + ``plan.safetensors`` and ``calibration/`` statistics there.
+            save_dir: write the artifact there (`save_pretrained`).
             progress: progress bars and the final summary on stderr.
 
         Returns:
@@ -91,12 +93,13 @@ class DiTFastAttnOptimizer:
         self.stats = calibrate(self.pipeline, config, prompts, prompt_encoder=self.prompt_encoder, progress=progress)
         self.plan = search(self.stats, config)
         self.plan.metadata["search"]["base_model"] = self.source
+        self.plan.metadata["search"]["prompts"] = list(prompts)
         if progress:
             import sys
 
             print(self.summary(), file=sys.stderr)
         if save_dir is not None:
-            self.save_plan(save_dir)
+            self.save_pretrained(save_dir)
         return self.plan
 
     def summary(self) -> str:
@@ -113,6 +116,77 @@ class DiTFastAttnOptimizer:
                 f"  (module, step, head) entries: {shares}\n"
                 f"  calibration {info['calibration_seconds']:.1f} s on {info['num_prompts']} prompts, "
                 f"search {info['search_seconds']:.2f} s")
+
+    def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = False,
+                        reproducibility_prompts: int = 2) -> Path:
+        """Write the artifact: transformer weights, plan, config with checksums, model card, reproducibility record.
+
+        Args:
+            directory: the artifact directory (created; an existing non-empty one needs ``overwrite=True``, and is only
+                replaced once the new artifact is complete).
+            reproducibility_prompts: how many generations to record for `ditfa-optimum verify` (0: none).
+
+        Example:
+            >>> opt.save_pretrained("sd3-ditfa")          # doctest: +SKIP
+        """
+        from .apply import apply, get_runtime, remove
+        from .runtime import get_backend
+        from .serialization import EMBEDDED_MODELS, write_artifact
+        from .verify import make_record
+
+        if self.plan is None:
+            raise ValueError("no plan to save yet; call optimize() first")
+        info = self.plan.metadata.get("search", {})
+        config = DiTFastAttnConfig.from_dict(info["config"]) if "config" in info else None
+        encoder_record = None
+        if self.prompt_encoder is not None:
+            encoder_record = getattr(self.prompt_encoder, "record", lambda: None)()
+            if encoder_record is None:
+                logger.warning("ditfa: the prompt encoder has no record(); the artifact cannot rebuild it, so "
+                               "load_pipeline users must encode prompts themselves")
+        reproducibility = None
+        if reproducibility_prompts and config is not None:
+            prompts = list(info.get("prompts") or [])[:reproducibility_prompts]
+            prompts += default_prompts(reproducibility_prompts, config.seed + 1)[len(prompts):]
+            transformer = self.pipeline.transformer
+            device = next(transformer.parameters()).device
+            installed = get_runtime(self.pipeline) is not None
+            runtime = None if installed else apply(self.pipeline, self.plan, backend=config.backend)
+            try:
+                backend = get_backend((runtime or get_runtime(self.pipeline)).backend_name, device).name
+                reproducibility = make_record(self.pipeline, prompts, [1000 + i for i in range(len(prompts))],
+                                              config.num_inference_steps, config.height, config.width,
+                                              config.guidance_scale, self.prompt_encoder, backend)
+            finally:
+                if not installed:
+                    remove(self.pipeline)
+        calibration = None
+        if info:
+            predicted = [v for rows in info.get("predicted_rse", {}).values() for v in rows]
+            calibration = {k: info.get(k) for k in ("num_prompts", "prompts", "image_tokens", "text_tokens", "cfg")}
+            calibration.update(seconds=info.get("calibration_seconds"), search_seconds=info.get("search_seconds"),
+                               predicted_mean_rse=sum(predicted) / len(predicted) if predicted else None)
+        base = {"id": self.source, "revision": self.revision, "embedded": self.source in EMBEDDED_MODELS}
+        return write_artifact(directory, transformer=self.pipeline.transformer, plan=self.plan, base_model=base,
+                              search_config=info.get("config"), calibration=calibration,
+                              prompt_encoder=encoder_record, reproducibility=reproducibility, overwrite=overwrite)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None,
+                    commit_message: str = "Upload ditfa-optimum artifact", reproducibility_prompts: int = 2):
+        """Save the artifact to a temporary directory and upload it as the Hub model repo ``repo_id``.
+
+        Returns the `huggingface_hub.CommitInfo` of the upload.
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "artifact", reproducibility_prompts=reproducibility_prompts)
+            api = HfApi(token=token)
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                     repo_type="model")
 
     def save_plan(self, directory: str | os.PathLike) -> Path:
         """Write the plan (and the calibration statistics under ``calibration/``) into ``directory``."""

@@ -101,6 +101,10 @@ class TinyPromptEncoder:
         self.dtype = next(transformer.parameters()).dtype
         self.device = next(transformer.parameters()).device
 
+    def record(self) -> dict:
+        """What an artifact stores to rebuild this encoder (`ditfa_optimum.serialization.Artifact.prompt_encoder`)."""
+        return {"name": "tiny", "text_tokens": self.text_tokens, "scale": self.scale}
+
     def _vector(self, word: str, size: int) -> torch.Tensor:
         import hashlib
 

@@ -1,0 +1,101 @@
+"""`load_pipeline`: an artifact (directory or Hub repo) back to a plain diffusers pipeline that runs the plan."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .apply import apply
+from .serialization import EMBEDDED_MODELS, Artifact, ArtifactError, check_fingerprint, read_artifact
+
+
+def load_pipeline(artifact: str | os.PathLike | Artifact, base_model=None, *, torch_dtype: torch.dtype | None = None,
+                  device: str | torch.device | None = None, backend: str | None = "auto", revision: str | None = None,
+                  token=None, **components):
+    """Load an artifact as a diffusers pipeline whose transformer runs the plan.
+
+    Args:
+        artifact: an artifact directory, a Hub repo id (fetched through the HF cache: ``HF_HUB_OFFLINE=1`` works once
+            cached), or an `Artifact` from `read_artifact`.
+        base_model: where the other components (text encoders, VAE, scheduler) come from: a model id or directory, or
+            a loaded pipeline whose transformer is replaced. Default: the base model the artifact records.
+        torch_dtype: dtype of the transformer and, for ids, the whole pipeline.
+        device: move the pipeline there.
+        backend: attention backend of the plan runtime ("auto", "reference", "flex", ...).
+        revision, token: of the artifact's Hub repo.
+        components: passed to ``DiffusionPipeline.from_pretrained`` of the base model (e.g. ``text_encoder_3=None``).
+
+    Returns:
+        The pipeline (``pipeline.ditfa_artifact`` is the `Artifact`; `ditfa_optimum.remove(pipeline)` gives dense).
+
+    Example:
+        >>> pipe = load_pipeline("me/sd3-ditfa", torch_dtype=torch.bfloat16, device="cuda")   # doctest: +SKIP
+        >>> image = pipe("a lighthouse at dusk", num_inference_steps=28).images[0]          # doctest: +SKIP
+    """
+    art = artifact if isinstance(artifact, Artifact) else read_artifact(artifact, revision=revision, token=token)
+    transformer = art.load_transformer(torch_dtype)
+    pipeline = base_pipeline(art, base_model, transformer, torch_dtype, components)
+    if device is not None:
+        pipeline.to(device)
+    apply(pipeline, art.plan, backend=backend)
+    pipeline.ditfa_artifact = art
+    return pipeline
+
+
+def base_pipeline(art: Artifact, base_model, transformer: torch.nn.Module, torch_dtype, components: dict):
+    """The base model's pipeline with ``transformer`` in place of its own (checked against the recorded structure)."""
+    recorded = art.config["transformer"]["fingerprint"]
+    if base_model is not None and not isinstance(base_model, (str, os.PathLike)):
+        base_transformer = getattr(base_model, "transformer", None)
+        if base_transformer is None:
+            raise ArtifactError(f"base_model must be a model id, a directory or a diffusers pipeline with a "
+                                f".transformer, got {type(base_model).__name__}")
+        check_fingerprint(base_transformer, recorded, "the base pipeline's transformer")
+        base_model.register_modules(transformer=transformer)
+        return base_model
+
+    record = art.config["base_model"] or {}
+    base_id = os.fspath(base_model) if base_model is not None else record.get("id")
+    if base_id is None:
+        raise ArtifactError(f"{art.path} records no base model; pass base_model= (a model id, a directory or a "
+                            "pipeline) for the text encoders and VAE")
+    if base_id in EMBEDDED_MODELS:
+        from .tiny import tiny_pipeline
+
+        pipeline = tiny_pipeline(EMBEDDED_MODELS[base_id])
+        check_fingerprint(pipeline.transformer, recorded, f"the embedded {base_id} transformer")
+        pipeline.register_modules(transformer=transformer)
+        return pipeline
+
+    from diffusers import DiffusionPipeline
+
+    revision = record.get("revision") if base_model is None else None
+    _check_base_transformer_config(art, base_id, revision)
+    kwargs = dict(components)
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        return DiffusionPipeline.from_pretrained(base_id, transformer=transformer, revision=revision, **kwargs)
+    except (OSError, ValueError) as e:
+        offline = " (HF_HUB_OFFLINE is set: only cached models load)" if os.environ.get("HF_HUB_OFFLINE") not in (
+            None, "", "0") else ""
+        raise ArtifactError(f"cannot load the base model {base_id!r}{offline}: {e}. Pass base_model= (an id, a "
+                            "directory or a loaded pipeline)") from e
+
+
+def _check_base_transformer_config(art: Artifact, base_id: str, revision: str | None) -> None:
+    """Compare the base model's transformer config (one small JSON file) with the recorded structure."""
+    try:
+        config = art.transformer_class.load_config(base_id, subfolder="transformer", revision=revision)
+    except (OSError, ValueError):
+        return  # the pipeline load below reports an unreachable base model with the full reason
+    from .serialization import structural_config
+
+    theirs = structural_config(config)
+    ours = art.config["transformer"]["fingerprint"]["config"]
+    keys = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])
+    if keys:
+        raise ArtifactError(f"the base model {base_id!r} has a different transformer than the artifact was made for ("
+                            + ", ".join(f"{k}: artifact {ours[k]!r} vs base {theirs[k]!r}" for k in keys[:5])
+                            + "); pass the matching base_model=")

@@ -1,0 +1,162 @@
+"""Regression checks for users' CI: a reproducibility record saved in the artifact, and `verify_artifact`.
+
+At save time a few prompts are generated with the plan (fixed seeds, the search's steps and resolution) and their final
+latents, downsampled to at most 64 x 64, are stored in ``reproducibility.safetensors`` with summary statistics and the
+device, backend, dtype, torch version and thread count that made them. `verify_artifact` regenerates them from the
+artifact and compares:
+
+* exactly (``torch.equal``) when device type, backend, dtype, torch version and CPU thread count all match;
+* otherwise by PSNR against the reference (peak = the reference's value range), at least ``psnr_floor`` dB
+  (default 30 dB: kernels and precisions differ in rounding, a changed plan or weight moves far more).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .calibrate import progress_bars, run_pipeline
+from .config import DiTFastAttnConfig
+
+DEFAULT_PSNR_FLOOR = 30.0
+MAX_SIDE = 64
+
+
+def downsample(latents: torch.Tensor, pipeline, height: int, width: int) -> torch.Tensor:
+    """Final latents as ``[B, C, h, w]`` float32, average-pooled to at most 64 x 64."""
+    if latents.dim() == 3:  # FLUX packs 2x2 latent patches into tokens
+        latents = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+    latents = latents.float()
+    h, w = latents.shape[-2:]
+    return F.adaptive_avg_pool2d(latents, (min(MAX_SIDE, h), min(MAX_SIDE, w))).cpu()
+
+
+def environment(pipeline, backend: str) -> dict:
+    param = next(pipeline.transformer.parameters())
+    return {"device": param.device.type, "backend": backend, "dtype": str(param.dtype).replace("torch.", ""),
+            "torch_version": torch.__version__, "num_threads": torch.get_num_threads()}
+
+
+def _generate(pipeline, prompts: list[str], seeds: list[int], steps: int, height: int, width: int,
+              guidance_scale, prompt_encoder) -> list[torch.Tensor]:
+    images = []
+    for prompt, seed in zip(prompts, seeds):
+        config = DiTFastAttnConfig(num_inference_steps=steps, height=height, width=width, seed=seed,
+                                   guidance_scale=guidance_scale)
+        with torch.inference_mode(), progress_bars(pipeline, False):
+            latents = run_pipeline(pipeline, [prompt], config, prompt_encoder=prompt_encoder)
+        images.append(downsample(latents, pipeline, height, width)[0])
+    return images
+
+
+def make_record(pipeline, prompts: list[str], seeds: list[int], steps: int, height: int, width: int,
+                guidance_scale, prompt_encoder, backend: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Generate the reference images with the plan applied to ``pipeline``; returns (JSON record, tensors)."""
+    images = _generate(pipeline, prompts, seeds, steps, height, width, guidance_scale, prompt_encoder)
+    info = {"prompts": list(prompts), "seeds": list(seeds), "num_inference_steps": steps, "height": height,
+            "width": width, "guidance_scale": guidance_scale, **environment(pipeline, backend), "images": []}
+    tensors = {}
+    for i, image in enumerate(images):
+        key = f"image_{i}"
+        tensors[key] = image
+        info["images"].append({"key": key, "prompt": prompts[i], "seed": seeds[i], "shape": list(image.shape),
+                               "mean": float(image.mean()), "std": float(image.std()), "min": float(image.min()),
+                               "max": float(image.max())})
+    return info, tensors
+
+
+def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
+    mse = float(((reference.double() - other.double()) ** 2).mean())
+    peak = float(reference.max() - reference.min()) or 1.0
+    return math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+
+
+@dataclass
+class VerifyRow:
+    image: str
+    metric: str  # "exact" or "psnr"
+    value: float
+    threshold: float
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    artifact: str
+    mode: str
+    rows: list[VerifyRow] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and bool(self.rows) and all(r.ok for r in self.rows)
+
+    def text(self) -> str:
+        lines = [f"verify {self.artifact}: {'PASS' if self.ok else 'FAIL'} ({self.mode})"]
+        for p in self.problems:
+            lines.append(f"  problem: {p}")
+        for r in self.rows:
+            value = "identical" if r.metric == "exact" and r.ok else (
+                f"max |diff| {r.value:.3g}" if r.metric == "exact" else f"{r.value:.2f} dB")
+            need = "identical" if r.metric == "exact" else f">= {r.threshold:.1f} dB"
+            lines.append(f"  {'ok  ' if r.ok else 'FAIL'} {r.image:<9} {r.metric:<5} {value:<18} (needs {need})"
+                         f"{'  ' + r.detail if r.detail else ''}")
+        return "\n".join(lines)
+
+
+def verify_artifact(artifact, *, device: str | None = None, backend: str | None = None,
+                    psnr_floor: float = DEFAULT_PSNR_FLOOR, base_model=None) -> VerifyReport:
+    """Regenerate the artifact's reproducibility record and compare (see module docstring).
+
+    Checksum mismatches do not stop the check: they are listed as problems (the report fails) and the images show
+    what the change does.
+
+    Example (in a user's pytest suite):
+        >>> assert verify_artifact("my-sd3-artifact", device="cuda").ok      # doctest: +SKIP
+    """
+    from safetensors.torch import load_file
+
+    from .loading import load_pipeline
+    from .runtime import get_backend
+    from .serialization import REPRO_FILE, read_artifact
+
+    art = read_artifact(artifact, strict=False)
+    record = art.config.get("reproducibility")
+    if not record or not (art.path / REPRO_FILE).is_file():
+        report = VerifyReport(str(art.path), "no record")
+        report.problems.append("the artifact holds no reproducibility record; save it again with "
+                               "save_pretrained(..., reproducibility_prompts=2) (the default)")
+        return report
+    references = load_file(art.path / REPRO_FILE)
+    device = device or ("cuda" if record["device"] == "cuda" and torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, record["dtype"])
+    pipeline = load_pipeline(art, base_model, torch_dtype=dtype, device=device, backend=backend or "auto")
+    backend_name = get_backend(backend, torch.device(device)).name
+    here = environment(pipeline, backend_name)
+    same = all(here[k] == record[k] for k in ("device", "backend", "dtype", "torch_version", "num_threads"))
+    mode = ("exact: same device, backend, dtype, torch and threads" if same else
+            "tolerance: " + ", ".join(f"{k} {record[k]} -> {here[k]}" for k in
+                                      ("device", "backend", "dtype", "torch_version", "num_threads")
+                                      if here[k] != record[k]))
+    report = VerifyReport(str(art.path), mode, problems=list(art.problems))
+    images = _generate(pipeline, record["prompts"], record["seeds"], record["num_inference_steps"], record["height"],
+                       record["width"], record["guidance_scale"], art.prompt_encoder(pipeline))
+    for entry, image in zip(record["images"], images):
+        ref = references.get(entry["key"])
+        if ref is None or ref.shape != image.shape:
+            report.rows.append(VerifyRow(entry["key"], "shape", 0.0, 0.0, False,
+                                         f"reference {None if ref is None else tuple(ref.shape)} vs "
+                                         f"{tuple(image.shape)}"))
+            continue
+        detail = f"prompt {entry['prompt'][:40]!r}, seed {entry['seed']}"
+        if same:
+            equal = torch.equal(ref, image)
+            report.rows.append(VerifyRow(entry["key"], "exact", float((ref - image).abs().max()), 0.0, equal, detail))
+        else:
+            value = psnr(ref, image)
+            report.rows.append(VerifyRow(entry["key"], "psnr", value, psnr_floor, value >= psnr_floor, detail))
+    return report
