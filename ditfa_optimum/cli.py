@@ -8,7 +8,10 @@ plan with its calibration statistics.
 a real diffusers `StableDiffusion3Pipeline` denoising loop, on CPU, offline) and reports the attention-FLOP cut, the time
 per step and the error against dense attention; ``--out`` saves the plan.
 
-Exit codes: 0 success, 1 user error (message on stderr, no traceback), 2 usage error.
+``generate``, ``inspect`` (table + ``--png`` plan picture), ``bench`` and ``verify`` work on an artifact directory or
+Hub repo id.
+
+Exit codes: 0 success, 1 user error (message on stderr, no traceback), 2 usage error, 3 ``verify`` found a regression.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -166,16 +170,177 @@ def _cmd_optimize(args) -> int:
             cost_model=args.cost_model, num_prompts=args.num_prompts, batch_size=args.batch_size,
             block_size=args.block_size or defaults["block_size"], backend=args.backend)
         prompts = _read_prompts(args.prompts)
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+            raise UserError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
         opt, _ = _load_optimizer(args.model, args.dtype, args.device)
         plan = opt.optimize(config, calibration_prompts=prompts, progress=not args.quiet)
+        if args.quiet:
+            print(opt.summary())
+        print(plan.report().table())
+        saved = opt.save_pretrained(out, overwrite=args.overwrite, reproducibility_prompts=args.repro_prompts)
+        if args.plan_picture:
+            _picture(plan, args.model, saved / "plan.png")
     except ValueError as e:
         raise UserError(str(e)) from None
-    if args.quiet:
-        print(opt.summary())
-    print(plan.report().table())
-    if args.out:
-        print(f"saved        plan.json + plan.safetensors, calibration/ in {opt.save_plan(args.out)}")
+    print(f"saved        the artifact in {saved} (load it with ditfa_optimum.load_pipeline({str(saved)!r}); "
+          f"check it with: ditfa-optimum verify {saved})")
     return 0
+
+
+def _picture(plan, title: str, path: Path) -> Path:
+    from .picture import plan_picture
+
+    plan_picture(plan.report(), title=title).save(path)
+    return path
+
+
+def _read(artifact: str, strict: bool = True):
+    from .serialization import read_artifact
+
+    return read_artifact(artifact, strict=strict)
+
+
+def _pipeline(args):
+    from .loading import load_pipeline
+
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    return load_pipeline(args.artifact, base_model=args.base_model, torch_dtype=dtype, device=args.device,
+                         backend=args.backend)
+
+
+def _call_kwargs(pipe, prompts: list[str], steps: int, height: int, width: int, guidance, seed: int) -> dict:
+    from .calibrate import _encode
+
+    encoder = pipe.ditfa_artifact.prompt_encoder(pipe)
+    kwargs = _encode(pipe, prompts, encoder)
+    kwargs.update(num_inference_steps=steps, height=height, width=width,
+                  generator=torch.Generator().manual_seed(seed))
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    return kwargs
+
+
+def _settings(art, args) -> tuple[int, int, int, float | None]:
+    search = art.config.get("search_config") or {}
+    steps = args.steps or art.plan.num_steps
+    height = args.height or search.get("height") or 1024
+    width = args.width or search.get("width") or 1024
+    guidance = args.guidance if args.guidance is not None else search.get("guidance_scale")
+    return steps, height, width, guidance
+
+
+def _cmd_generate(args) -> int:
+    from .apply import remove
+    from .calibrate import progress_bars
+
+    try:
+        art = _read(args.artifact)
+        steps, height, width, guidance = _settings(art, args)
+        pipe = _pipeline(args)
+        if args.dense:
+            remove(pipe)
+        kwargs = _call_kwargs(pipe, [args.prompt], steps, height, width, guidance, args.seed)
+        has_vae = getattr(pipe, "vae", None) is not None
+        with torch.inference_mode(), progress_bars(pipe, not args.quiet):
+            result = pipe(**kwargs, output_type="pil" if has_vae else "latent").images
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    image = result[0] if has_vae else _latent_preview(result, pipe, height, width)
+    image.save(args.out)
+    kind = "image" if has_vae else "latent preview (the model has no VAE: first three latent channels as RGB)"
+    print(f"wrote {args.out}: {kind}, {'dense attention' if args.dense else 'the artifact plan'}, {steps} steps, "
+          f"seed {args.seed}")
+    return 0
+
+
+def _latent_preview(latents, pipe, height, width):
+    from PIL import Image
+
+    from .verify import downsample
+
+    x = downsample(latents, pipe, height, width)[0][:3]
+    while x.shape[0] < 3:
+        x = torch.cat([x, x[:1]])
+    x = (x - x.amin(dim=(1, 2), keepdim=True)) / (x.amax(dim=(1, 2), keepdim=True) - x.amin(dim=(1, 2),
+                                                                                              keepdim=True) + 1e-8)
+    array = (x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    image = Image.fromarray(array)
+    return image.resize((image.width * 4, image.height * 4), Image.NEAREST)
+
+
+def _cmd_inspect(args) -> int:
+    try:
+        art = _read(args.artifact)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    config, plan = art.config, art.plan
+    base = config["base_model"] or {}
+    print(f"artifact     {art.path} (format {config['format_version']}, ditfa-optimum {config['package_version']})")
+    print(f"base model   {base.get('id')}{' @ ' + base['revision'] if base.get('revision') else ''}")
+    fp = config["transformer"]["fingerprint"]
+    print(f"transformer  {config['transformer']['class_name']}: {fp['attention_modules']} attention modules, "
+          f"heads {fp['num_heads']}, head dim {fp['head_dim']}, {'image' if fp['image_first'] else 'text'} first")
+    print(f"plan         {plan.summary()}")
+    print(f"attention    {config['attention_flop_cut']:.1%} of dense attention FLOPs cut")
+    print()
+    print(plan.report().table())
+    if args.png:
+        path = _picture(plan, f"{base.get('id')}: {plan.num_steps} steps", Path(args.png))
+        print(f"\nwrote {path}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import time
+
+    from .apply import apply, remove
+    from .calibrate import progress_bars
+
+    try:
+        art = _read(args.artifact)
+        steps, height, width, guidance = _settings(art, args)
+        pipe = _pipeline(args)
+        device = next(pipe.transformer.parameters()).device
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        kwargs = _call_kwargs(pipe, [args.prompt], steps, height, width, guidance, 0)
+        kwargs["output_type"] = "latent"
+
+        def per_step():
+            times = []
+            with torch.inference_mode(), progress_bars(pipe, False):
+                pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)})  # warm-up
+                for _ in range(args.repeats):
+                    sync()
+                    start = time.perf_counter()
+                    pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)})
+                    sync()
+                    times.append((time.perf_counter() - start) / steps)
+            return sorted(times)[len(times) // 2]
+
+        planned = per_step()
+        plan = remove(pipe)
+        dense = per_step()
+        apply(pipe, plan, backend=args.backend)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"device       {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"{height}x{width}, {steps} steps, median of {args.repeats}")
+    print(f"dense        {dense * 1e3:.1f} ms per step (stock attention)")
+    print(f"artifact     {planned * 1e3:.1f} ms per step ({dense / planned:.2f}x)")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from .verify import verify_artifact
+
+    try:
+        report = verify_artifact(args.artifact, device=args.device, backend=args.backend,
+                                 psnr_floor=args.psnr_floor, base_model=args.base_model)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(report.text())
+    return 0 if report.ok else 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,9 +369,56 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="load the pipeline in this dtype")
     opt.add_argument("--device", help="run on this device (e.g. cuda)")
     opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--out", default="ditfa-plan", help="directory for the plan (default ./ditfa-plan)")
+    opt.add_argument("--out", default="ditfa-artifact", help="artifact directory (default ./ditfa-artifact)")
+    opt.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    opt.add_argument("--repro-prompts", type=int, default=2,
+                     help="generations recorded for `verify` (default 2; 0: none)")
+    opt.add_argument("--no-picture", dest="plan_picture", action="store_false",
+                     help="do not write plan.png into the artifact")
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
     opt.set_defaults(func=_cmd_optimize)
+
+    def artifact_args(p, load=True):
+        p.add_argument("artifact", help="artifact directory or Hub repo id")
+        if load:
+            p.add_argument("--base-model", help="where text encoders and VAE come from (default: the recorded one)")
+            p.add_argument("--device", help="e.g. cuda (default: CPU)")
+            p.add_argument("--backend", default="auto", help="attention backend (default auto)")
+
+    def generation_args(p):
+        p.add_argument("--steps", type=int, help="denoising steps (default: the plan's)")
+        p.add_argument("--height", type=int)
+        p.add_argument("--width", type=int)
+        p.add_argument("--guidance", type=float)
+        p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+
+    gen = sub.add_parser("generate", help="generate an image with an artifact (or dense, to compare)")
+    artifact_args(gen)
+    gen.add_argument("prompt")
+    gen.add_argument("--out", default="ditfa-image.png", help="image file (default ditfa-image.png)")
+    gen.add_argument("--dense", action="store_true", help="stock attention instead of the plan, to compare")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--quiet", action="store_true")
+    generation_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+
+    ins = sub.add_parser("inspect", help="summary table of an artifact, and a PNG picture of its plan")
+    artifact_args(ins, load=False)
+    ins.add_argument("--png", default=None, help="write the plan picture here (e.g. plan.png)")
+    ins.set_defaults(func=_cmd_inspect)
+
+    bench = sub.add_parser("bench", help="time per denoising step, dense vs the artifact, on this device")
+    artifact_args(bench)
+    bench.add_argument("--prompt", default="a lighthouse at dusk")
+    bench.add_argument("--repeats", type=int, default=3)
+    generation_args(bench)
+    bench.set_defaults(func=_cmd_bench)
+
+    ver = sub.add_parser("verify", help="regenerate the artifact's reference images and compare (exit 3 on failure)")
+    artifact_args(ver)
+    ver.add_argument("--psnr-floor", type=float, default=30.0,
+                     help="PSNR floor in dB when device/backend/dtype differ from the saving machine (default 30)")
+    ver.set_defaults(func=_cmd_verify)
 
     demo = sub.add_parser("demo", help="run a head-wise plan on the embedded tiny model and report cut, time, error")
     demo.add_argument("--family", choices=["sd3", "sd35", "flux"], default="sd3")
