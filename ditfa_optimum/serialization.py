@@ -315,6 +315,12 @@ def read_artifact(path_or_repo: str | os.PathLike, *, strict: bool = True, revis
     if missing:
         raise ArtifactError(f"{config_path} lacks {missing}; the file is incomplete or edited by hand")
 
+    transformer = config["transformer"]
+    if not isinstance(transformer, dict) or transformer.get("class_name") not in adapter_names():
+        name = transformer.get("class_name") if isinstance(transformer, dict) else transformer
+        raise ArtifactError(f"{config_path}: transformer class {name!r} is not one ditfa_optimum supports "
+                            f"({adapter_names()}); the artifact is from a newer version or not a ditfa artifact")
+
     problems = []
     files = config["files"]
     if not isinstance(files, dict):
