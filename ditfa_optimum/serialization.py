@@ -158,13 +158,15 @@ def model_card(config: dict, plan: CompressionPlan) -> str:
         quality = (f"- Predicted mean local attention error (RSE against full attention, averaged over layers, steps "
                    f"and heads): {calibration['predicted_mean_rse']:.4f} (budget per layer and step: "
                    f"{search.get('threshold')}).\n")
+    hub_base = config["base_model"].get("id") if not config["base_model"].get("embedded") else None
+    base_line = f"base_model: {hub_base}\n" if hub_base and hub_base.count("/") == 1 and not Path(hub_base).exists() \
+        else ""
     return f"""---
 library_name: diffusers
 tags:
 - ditfa-optimum
 - attention-compression
-base_model: {base if config["base_model"].get("id") and not config["base_model"].get("embedded") else ""}
----
+{base_line}---
 
 # {base} with head-wise attention compression (ditfa-optimum)
 
