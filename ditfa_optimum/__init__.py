@@ -8,14 +8,18 @@ from .calibrate import CalibrationStats, calibrate
 from .config import DiTFastAttnConfig
 from .masks import TokenLayout, arrow_mask, window_blocks
 from .methods import AttentionMethod, make_method, register_method
+from .loading import load_pipeline
 from .optimizer import DiTFastAttnOptimizer
 from .plan import CompressionPlan, FlopReport, ModuleSpec, PlanReport
 from .runtime import backend_names, register_backend
 from .search import search, solve_heads
+from .serialization import Artifact, ArtifactError, read_artifact
+from .verify import VerifyReport, verify_artifact
 
 __all__ = [
     "__version__", "get_adapter", "register_adapter", "apply", "get_runtime", "remove", "reset_state", "uniform_plan",
     "TokenLayout", "arrow_mask", "window_blocks", "AttentionMethod", "make_method", "register_method",
     "CompressionPlan", "FlopReport", "ModuleSpec", "PlanReport", "backend_names", "register_backend",
     "DiTFastAttnOptimizer", "DiTFastAttnConfig", "CalibrationStats", "calibrate", "search", "solve_heads",
+    "load_pipeline", "Artifact", "ArtifactError", "read_artifact", "VerifyReport", "verify_artifact",
 ]

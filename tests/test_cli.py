@@ -5,6 +5,7 @@ import pytest
 
 from ditfa_optimum import CompressionPlan
 from ditfa_optimum.cli import main, run_demo
+from ditfa_optimum.serialization import read_artifact, sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,11 +51,13 @@ def test_optimize_command_on_the_embedded_model(tmp_path, capsys):
     assert main(["optimize", "--steps", "4", "--num-prompts", "2", "--threshold", "0.2", "--quiet",
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "attention FLOPs cut" in text and "pred. RSE" in text and "total" in text
-    plan = CompressionPlan.load(out)
+    assert "attention FLOPs cut" in text and "pred. RSE" in text and "total" in text and "ditfa-optimum verify" in text
+    plan = read_artifact(out).plan
     assert plan.num_steps == 4 and plan.metadata["search"]["threshold"] == 0.2
     assert plan.metadata["search"]["flop_cut"] > 0
-    assert (out / "calibration" / "calibration.safetensors").is_file()
+    assert (out / "plan.png").is_file()
+    assert main(["optimize", "--steps", "4", "--num-prompts", "2", "--quiet", "--out", str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_optimize_reads_a_prompts_file(tmp_path, capsys):
@@ -62,7 +65,7 @@ def test_optimize_reads_a_prompts_file(tmp_path, capsys):
     prompts.write_text("# calibration captions\na red cube\n\na blue sphere on grass\n")
     assert main(["optimize", "tiny-flux", "--steps", "3", "--prompts", str(prompts), "--quiet",
                  "--out", str(tmp_path / "plan")]) == 0
-    assert CompressionPlan.load(tmp_path / "plan").metadata["search"]["num_prompts"] == 2
+    assert read_artifact(tmp_path / "plan").plan.metadata["search"]["num_prompts"] == 2
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n")
     assert main(["optimize", "--prompts", str(empty), "--quiet"]) == 1
@@ -78,3 +81,88 @@ def test_optimize_user_errors(args, words, capsys):
     assert main(["optimize", "--quiet", *args]) == 1
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "artifact"
+    assert main(["optimize", "--steps", "4", "--num-prompts", "2", "--threshold", "0.2", "--quiet",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_inspect_prints_and_draws(artifact, tmp_path, capsys):
+    from PIL import Image
+
+    png = tmp_path / "plan.png"
+    assert main(["inspect", str(artifact), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "SD3Transformer2DModel: 4 attention modules" in out and "of dense attention FLOPs cut" in out
+    image = Image.open(png)
+    assert image.size[0] >= 300 and image.size[1] >= 100
+    colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 10  # a picture, not a blank canvas
+
+
+def test_generate_and_bench(artifact, tmp_path, capsys):
+    from PIL import Image
+
+    for extra in ([], ["--dense"]):
+        out = tmp_path / f"image{len(extra)}.png"
+        assert main(["generate", str(artifact), "a red cube", "--out", str(out), "--quiet", *extra]) == 0
+        assert Image.open(out).size[0] > 0
+    assert Image.open(tmp_path / "image0.png").tobytes() != Image.open(tmp_path / "image1.png").tobytes()
+    assert main(["bench", str(artifact), "--repeats", "1", "--steps", "4"]) == 0
+    assert "ms per step" in capsys.readouterr().out
+
+
+def test_verify_passes_on_a_fresh_artifact(artifact, capsys):
+    assert main(["verify", str(artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and out.count("identical") >= 2
+
+
+def _perturbed_copy(artifact, tmp_path, what):
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    copy = Path(shutil.copytree(artifact, tmp_path / what))
+    if what == "plan":
+        file = copy / "plan.safetensors"
+        tensors = load_file(file)
+        for key in tensors:
+            tensors[key][1:] = 0  # every head full (method id 0, no parameter): a valid but different plan
+        save_file(tensors, file)
+    else:
+        file = copy / "transformer" / "diffusion_pytorch_model.safetensors"
+        tensors = load_file(file)
+        key = next(k for k in tensors if k.endswith("attn.to_q.weight"))
+        tensors[key] = tensors[key] * 1.5
+        save_file(tensors, file, metadata={"format": "pt"})
+    return copy
+
+
+@pytest.mark.parametrize("what", ["plan", "weights"])
+def test_verify_fails_on_a_perturbed_artifact(artifact, tmp_path, capsys, what):
+    copy = _perturbed_copy(artifact, tmp_path, what)
+    assert main(["verify", str(copy)]) == 3
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "image_0" in out and "exact" in out
+    assert "sha256" in out  # the checksum problem is reported too
+
+
+def test_verify_tolerance_mode_across_environments(artifact, tmp_path, monkeypatch):
+    """Another thread count (or device, backend, dtype, torch) compares by PSNR instead of bit equality."""
+    import torch
+
+    from ditfa_optimum.verify import verify_artifact
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 999)
+    report = verify_artifact(artifact)
+    assert report.ok and report.mode.startswith("tolerance: num_threads") and report.rows[0].metric == "psnr"
+    bad = verify_artifact(_perturbed_copy(artifact, tmp_path, "weights"))
+    assert not bad.ok and all(r.metric == "psnr" for r in bad.rows)
+    assert any(not r.ok and r.value < 30 for r in bad.rows), bad.text()
