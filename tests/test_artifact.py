@@ -206,3 +206,11 @@ def test_files_outside_the_artifact_are_refused(copy):
 def test_not_an_artifact_or_repo(tmp_path):
     with pytest.raises(ArtifactError, match="neither an artifact directory nor a Hub repo id"):
         read_artifact(tmp_path / "nowhere")
+
+
+def test_base_model_directory_with_another_transformer(saved, copy, tmp_path):
+    family = saved[0]
+    other = tiny_pipeline(family, num_layers=2) if family != "flux" else tiny_pipeline(family, num_single_layers=2)
+    other.save_pretrained(tmp_path / "other-base")
+    with pytest.raises(ArtifactError, match="base model .* has a different transformer .*pass the matching base_model"):
+        load_pipeline(copy, base_model=tmp_path / "other-base")
