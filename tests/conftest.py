@@ -1,7 +1,11 @@
 import logging
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; must be set before they are defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ditfa_optimum.masks import TokenLayout
 

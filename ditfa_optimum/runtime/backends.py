@@ -10,8 +10,8 @@ A backend computes one layer's mixed plan in one call::
 Skipped entries of ``out`` are left unspecified; the runtime fills them (cache, CFG sharing).
 
 Selection: an explicit name (``apply(..., backend="flex")``), else the ``DITFA_BACKEND`` environment variable, else
-"auto": the first available backend in `AUTO_ORDER` for the tensors' device. The Triton kernel registers itself as
-"triton" and is preferred on CUDA once present.
+"auto": the first available backend in `AUTO_ORDER` for the tensors' device: the fused Triton kernel ("triton") on
+CUDA, else FlexAttention, else the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def get_backend(name: str | None, device: torch.device) -> Backend:
 
 
 def auto_eligible(backend: Backend, device: torch.device) -> bool:
-    # FlexAttention runs on CPU only through its slow eager path: "auto" keeps it for accelerators
-    if backend.name == "flex" and device.type == "cpu":
+    # on CPU FlexAttention runs only through its slow eager path and Triton only in its interpreter: "auto" keeps
+    # both for accelerators
+    if backend.name in ("flex", "triton") and device.type == "cpu":
         return False
     return backend.available(device)

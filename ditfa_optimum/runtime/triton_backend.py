@@ -1,0 +1,92 @@
+"""The "triton" backend: the fused head-wise kernel (`ditfa_optimum.kernels.headwise_attention`) as a torch custom op.
+
+``torch.ops.ditfa.headwise_attention(q, k, v, widths, num_image_tokens, num_text_tokens, image_first, block_size)``
+returns ``(out, lse)``; a fake implementation gives `torch.compile` the shapes. The backend is chosen first by "auto"
+on CUDA. It hands work it cannot do to the next backend, saying so once: a step whose heads are all full goes to SDPA
+(cuDNN / flash are faster for dense attention), and inputs outside the kernel's limits (head dim, mask block size) go
+to FlexAttention (CUDA) or the reference (CPU).
+
+On CPU the kernel runs only under ``TRITON_INTERPRET=1`` (tests): then the backend is available there by name, never
+by "auto".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+from ..masks import TokenLayout
+from .backends import get_backend, register_backend
+
+logger = logging.getLogger(__name__)
+_MAX_CACHED_WIDTHS = 256
+
+
+def _kernel():
+    from ..kernels import headwise_attention as kernel
+
+    return kernel
+
+
+@torch.library.custom_op("ditfa::headwise_attention", mutates_args=())
+def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths: torch.Tensor,
+                       num_image_tokens: int, num_text_tokens: int, image_first: bool,
+                       block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's mixed plan in one launch; ``widths`` ``[B, H]`` int32 on q's device (0 = skip)."""
+    return _kernel().headwise_attention(q, k, v, widths, num_image_tokens, num_text_tokens, image_first, block_size)
+
+
+@headwise_attention.register_fake
+def _(q, k, v, widths, num_image_tokens, num_text_tokens, image_first, block_size):
+    B, H, S, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, H, S, dtype=torch.float32)
+
+
+@register_backend
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self):
+        self._widths: OrderedDict = OrderedDict()
+        self._warned: set[str] = set()
+
+    def available(self, device: torch.device) -> bool:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        if device.type == "cuda":
+            return True
+        return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+    def device_widths(self, widths: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``widths`` as int32 on ``device``, cached by value (no host-to-device copy per call)."""
+        widths = widths.cpu()
+        key = (tuple(widths.shape), widths.numpy().tobytes(), str(device))
+        if key not in self._widths:
+            self._widths[key] = widths.to(device=device, dtype=torch.int32)
+            if len(self._widths) > _MAX_CACHED_WIDTHS:
+                self._widths.popitem(last=False)
+        self._widths.move_to_end(key)
+        return self._widths[key]
+
+    def _fallback(self, reason: str, device: torch.device):
+        if reason not in self._warned:
+            self._warned.add(reason)
+            logger.warning("ditfa: the triton backend hands these calls to another backend: %s", reason)
+        return get_backend("flex" if device.type == "cuda" else "reference", device)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+               widths: torch.Tensor) -> torch.Tensor:
+        if bool((widths == layout.num_image_blocks).all()):
+            return F.scaled_dot_product_attention(q, k, v)
+        problem = _kernel().check_inputs(q, k, v, layout.block_size)
+        if problem:
+            return self._fallback(problem, q.device).attend(q, k, v, layout, widths)
+        out, _ = headwise_attention(q, k, v, self.device_widths(widths, q.device), layout.num_image_tokens,
+                                    layout.num_text_tokens, layout.image_first, layout.block_size)
+        return out

@@ -1,0 +1,187 @@
+"""Fused head-wise attention: one launch computes a layer's whole mixed plan (full, arrow of any width, skip).
+
+Layout and contract (the runtime's backend interface, ``ditfa_optimum.runtime.backends``):
+
+    q, k, v : [B, H, S, D]   any strides (last dim contiguous), fp16 / bf16 / fp32; S = text + image tokens
+    widths  : [B * H] int32  per (sample, head): 0 = skip (output left untouched), W >= 1 = arrow band of W image
+                             blocks, W == n_blk = full attention
+    out     : [B, H, S, D]   q's dtype; lse: [B, H, S] float32 (natural log of the softmax denominator of the scaled
+                             scores), written for computed rows when STORE_LSE
+
+The mask is exactly `ditfa_optimum.masks.arrow_keep`: image tokens form blocks of ``BS`` tokens counted from the first
+image token; an image query block ``bq`` keeps text keys and image key blocks ``[s, s + W)``,
+``s = clamp(bq - W // 2, 0, n_blk - W)``; text queries keep every key.
+
+Grid: ``(B * H, n_text_tiles + n_image_tiles)``. Axis 0 (fastest in the hardware's launch order) walks the heads, axis
+1 the query tiles, text tiles first: the text tiles visit every key block, so the longest programs start first and
+short arrow tiles fill the tail. Query tiles never straddle segments: text tiles cover ``[text_start, text_end)`` and
+image tiles are aligned to image blocks (``BLOCK_M`` divides ``BS``), so every image tile has one band. Keys are visited
+in two loops, the text segment and the band's image blocks (``BLOCK_N`` divides ``BS``): only kept blocks are read.
+
+Limits (checked by the host wrapper, not the kernel): D in {16, 32, 64, 128, 256}; BS a multiple of 16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _configs():
+    if INTERPRET:  # the CPU interpreter: one small configuration, no autotuning
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep configurations whose tiles divide the mask's block size and fit the head dim."""
+    bs, d = named_args["BS"], named_args["HEAD_DIM"]
+    kept = [c for c in configs if bs % c.kwargs["BLOCK_M"] == 0 and bs % c.kwargs["BLOCK_N"] == 0
+            and not (d >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
+    if not kept:  # a block size smaller than every tile: the smallest tiles that divide it
+        tile = max(t for t in (16, 32, 64) if bs % t == 0)
+        kept = [triton.Config({"BLOCK_M": tile, "BLOCK_N": tile}, num_warps=4, num_stages=2)]
+    return kept
+
+
+@triton.jit
+def _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi,
+                  offs_n, offs_d, qk_scale, BLOCK_N: tl.constexpr):
+    """Online-softmax accumulation over keys [lo, hi) (hi exclusive, masked at the end)."""
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        valid = cols < hi
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
+        qk = tl.dot(q, k) * qk_scale
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_configs(), key=["S", "T", "HEAD_DIM", "BS", "IMAGE_FIRST"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _headwise_attention_kernel(
+        Q, K, V, Out, Lse, Widths,
+        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+        stride_ob, stride_oh, stride_os,
+        H, S, T, N_IMG, N_BLK, sm_scale,
+        HEAD_DIM: tl.constexpr, BS: tl.constexpr, IMAGE_FIRST: tl.constexpr, STORE_LSE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    width = tl.load(Widths + pid_bh)
+    if width == 0:
+        return
+    b = pid_bh // H
+    h = pid_bh % H
+    if IMAGE_FIRST:
+        image_start = 0
+        text_start = N_IMG
+    else:
+        image_start = T
+        text_start = 0
+    image_end = image_start + N_IMG
+    text_end = text_start + T
+
+    n_text_tiles = tl.cdiv(T, BLOCK_M)
+    is_text = pid_t < n_text_tiles  # a text query tile visits every key; an image tile, text keys + its band
+    tile = pid_t - n_text_tiles
+    row_start = tl.where(is_text, text_start + pid_t * BLOCK_M, image_start + tile * BLOCK_M)
+    row_end = tl.where(is_text, text_end, image_end)
+    qb = tl.maximum(tile, 0) * BLOCK_M // BS
+    band_lo = tl.where(is_text, 0, tl.minimum(tl.maximum(qb - width // 2, 0), N_BLK - width))
+    band_hi = tl.where(is_text, N_BLK, band_lo + width)
+
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows_ok = offs_m < row_end
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows_ok[:, None], other=0.0)
+
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 instead of exp
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # text keys, then the image blocks of the band
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, text_start, text_end,
+                                  offs_n, offs_d, qk_scale, BLOCK_N)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
+                                  image_start + band_lo * BS, tl.minimum(image_start + band_hi * BS, image_end),
+                                  offs_n, offs_d, qk_scale, BLOCK_N)
+
+    acc = acc / l_i[:, None]
+    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(Out.dtype.element_ty),
+             mask=rows_ok[:, None])
+    if STORE_LSE:
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(Lse + pid_bh.to(tl.int64) * S + offs_m, lse, mask=rows_ok)
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> str | None:
+    """Why the kernel cannot run these inputs (None when it can)."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        return f"q, k, v must be [B, H, S, D] of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype must be fp16, bf16 or fp32 (one for q, k, v), got {q.dtype}, {k.dtype}, {v.dtype}"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim must be one of {HEAD_DIMS}, got {q.shape[-1]}"
+    if block_size % 16:
+        return f"the mask block size must be a multiple of 16, got {block_size}"
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return "the last dimension of q, k, v must be contiguous"
+    return None
+
+
+def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths: torch.Tensor,
+                       num_image_tokens: int, num_text_tokens: int, image_first: bool, block_size: int,
+                       out: torch.Tensor | None = None, lse: torch.Tensor | None = None, store_lse: bool = True):
+    """Launch the kernel. ``widths``: ``[B, H]`` int32 on q's device. Returns ``(out, lse)``.
+
+    ``out`` / ``lse`` may be given (e.g. poisoned by tests); skipped (sample, head) entries are never written.
+    """
+    problem = check_inputs(q, k, v, block_size)
+    if problem:
+        raise ValueError(f"headwise_attention: {problem}")
+    B, H, S, D = q.shape
+    if num_image_tokens < 1 or num_text_tokens < 0 or num_image_tokens + num_text_tokens != S:
+        raise ValueError(f"headwise_attention: {num_image_tokens} image + {num_text_tokens} text tokens do not make "
+                         f"the sequence length {S}")
+    if widths.shape != (B, H) or widths.device != q.device:
+        raise ValueError(f"headwise_attention: widths must be [B, H] = {(B, H)} on {q.device}, got "
+                         f"{tuple(widths.shape)} on {widths.device}")
+    n_blk = -(-num_image_tokens // block_size)
+    widths = widths.to(torch.int32).contiguous()
+    if out is None:
+        out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+
+    def grid(meta):
+        bm = meta["BLOCK_M"]
+        return B * H, triton.cdiv(num_text_tokens, bm) + n_blk * (block_size // bm)
+
+    _headwise_attention_kernel[grid](
+        q, k, v, out, lse, widths,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        H, S, num_text_tokens, num_image_tokens, n_blk, D ** -0.5,
+        HEAD_DIM=D, BS=block_size, IMAGE_FIRST=bool(image_first), STORE_LSE=store_lse)
+    return out, lse

@@ -1,0 +1,159 @@
+"""The fused head-wise kernel against the definition, on fresh random inputs (CPU: Triton's interpreter, fp16/fp32;
+on a GPU the same tests compile it)."""
+
+import logging
+
+import pytest
+import torch
+
+from conftest import naive_attention, naive_keep
+from ditfa_optimum.masks import TokenLayout
+
+triton = pytest.importorskip("triton")
+from ditfa_optimum.kernels.headwise_attention import check_inputs, headwise_attention  # noqa: E402
+from ditfa_optimum.runtime import get_backend  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+LAYOUTS = {
+    "image-first-ragged": TokenLayout(70, 9, image_first=True, block_size=16),     # last image block 6 tokens
+    "text-first-ragged": TokenLayout(70, 9, image_first=False, block_size=16),
+    "text-first-long-text": TokenLayout(48, 40, image_first=False, block_size=16),  # text spans 3 query tiles
+    "image-only": TokenLayout(64, 0, image_first=True, block_size=16),
+    "block-32": TokenLayout(100, 13, image_first=True, block_size=32),            # 2 query tiles per image block
+}
+
+
+def random_widths(layout, B, H):
+    n = layout.num_image_blocks
+    widths = torch.randint(0, n + 1, (B, H), dtype=torch.int32)
+    widths[0, 0], widths[-1, -1], widths[0, -1] = 0, n, 1  # always a skip, a full head and the narrowest band
+    return widths
+
+
+def reference(q, k, v, layout, widths):
+    """float64 attention of every computed (sample, head) with its own mask; NaN where skipped."""
+    out = torch.full(q.shape, float("nan"), dtype=torch.float64)
+    lse = torch.full(q.shape[:3], float("nan"), dtype=torch.float64)
+    for b, h in torch.nonzero(widths).tolist():
+        keep = naive_keep(layout, int(widths[b, h]))
+        qq, kk = q[b, h].double().cpu(), k[b, h].double().cpu()
+        out[b, h] = naive_attention(qq, kk, v[b, h].cpu(), keep)
+        scores = (qq @ kk.T / q.shape[-1] ** 0.5).masked_fill(~keep, float("-inf"))
+        lse[b, h] = torch.logsumexp(scores, dim=-1)
+    return out, lse
+
+
+def torch_error(q, k, v, layout, widths, ref):
+    """PyTorch's own same-precision error (masked SDPA in q's dtype) against the float64 reference."""
+    worst = 0.0
+    for b, h in torch.nonzero(widths).tolist():
+        keep = naive_keep(layout, int(widths[b, h])).to(q.device)
+        got = torch.nn.functional.scaled_dot_product_attention(q[b, h], k[b, h], v[b, h], attn_mask=keep)
+        worst = max(worst, float((got.double().cpu() - ref[b, h]).abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_kernel_matches_the_definition(name, head_dim, dtype):
+    layout = LAYOUTS[name]
+    B, H, S = 2, 3, layout.seq_len
+    q, k, v = (torch.randn(B, H, S, head_dim, device=DEVICE).to(dtype) for _ in range(3))
+    widths = random_widths(layout, B, H)
+    out = torch.full((B, H, S, head_dim), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
+    lse = torch.full((B, H, S), float("nan"), device=DEVICE)
+    headwise_attention(q, k, v, widths.to(DEVICE), layout.num_image_tokens, layout.num_text_tokens,
+                       layout.image_first, layout.block_size, out=out, lse=lse)
+    ref, ref_lse = reference(q, k, v, layout, widths)
+    computed = widths > 0
+    assert bool(out[~computed].isnan().all()), "the kernel wrote a skipped head"
+    assert not bool(out[computed].isnan().any()), "the kernel left computed elements unwritten"
+    err = float((out[computed].double().cpu() - ref[computed]).abs().max())
+    if dtype == torch.float32:
+        assert err < 1e-4
+    else:  # flash-attn's rule, with a floor for the case where PyTorch computes in higher precision internally
+        assert err <= max(2 * torch_error(q, k, v, layout, widths, ref), 2e-3), err
+    torch.testing.assert_close(lse[computed].double().cpu(), ref_lse[computed], atol=1e-4, rtol=1e-4)
+
+
+def test_strided_inputs_like_flux():
+    """FLUX hands [B, S, H, D] tensors transposed to [B, H, S, D] views: non-contiguous heads."""
+    layout = LAYOUTS["text-first-ragged"]
+    B, H, S, D = 2, 3, layout.seq_len, 32
+    q, k, v = (torch.randn(B, S, H, D, device=DEVICE).transpose(1, 2) for _ in range(3))
+    widths = random_widths(layout, B, H)
+    out, _ = headwise_attention(q, k, v, widths.to(DEVICE), layout.num_image_tokens, layout.num_text_tokens,
+                                layout.image_first, layout.block_size)
+    ref, _ = reference(q, k, v, layout, widths)
+    computed = widths > 0
+    assert float((out[computed].double().cpu() - ref[computed]).abs().max()) < 1e-4
+
+
+def test_backend_equals_reference_backend_and_falls_back(caplog):
+    layout = LAYOUTS["image-first-ragged"]
+    q, k, v = (torch.randn(2, 4, layout.seq_len, 16, device=DEVICE) for _ in range(3))
+    widths = random_widths(layout, 2, 4).long()
+    triton_backend = get_backend("triton", DEVICE)
+    computed = widths > 0
+    ours = triton_backend.attend(q, k, v, layout, widths)
+    ref = get_backend("reference", DEVICE).attend(q, k, v, layout, widths)
+    torch.testing.assert_close(ours[computed], ref[computed], atol=1e-4, rtol=1e-4)
+    full = torch.full_like(widths, layout.num_image_blocks)
+    assert torch.equal(triton_backend.attend(q, k, v, layout, full),
+                       torch.nn.functional.scaled_dot_product_attention(q, k, v))  # all full: SDPA
+    q8, k8, v8 = (torch.randn(2, 4, layout.seq_len, 8, device=DEVICE) for _ in range(3))
+    with caplog.at_level(logging.WARNING):
+        out8 = triton_backend.attend(q8, k8, v8, layout, widths)
+    assert "head dim must be one of" in caplog.text
+    torch.testing.assert_close(out8[computed], get_backend("reference", DEVICE).attend(q8, k8, v8, layout, widths)[
+        computed], atol=1e-4, rtol=1e-4)
+
+
+def test_custom_op_registration():
+    layout = LAYOUTS["text-first-ragged"]
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 16, device=DEVICE) for _ in range(3))
+    widths = torch.tensor([[1, layout.num_image_blocks]], dtype=torch.int32, device=DEVICE)
+    args = (q, k, v, widths, layout.num_image_tokens, layout.num_text_tokens, layout.image_first, layout.block_size)
+    torch.library.opcheck(torch.ops.ditfa.headwise_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    out, lse = torch.ops.ditfa.headwise_attention(*args)
+    assert out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("problem, words", [
+    (dict(head_dim=24), "head dim must be one of"),
+    (dict(dtype=torch.float64), "dtype must be fp16, bf16 or fp32"),
+    (dict(block_size=8), "multiple of 16"),
+])
+def test_the_host_wrapper_validates(problem, words):
+    D, dtype, bs = problem.get("head_dim", 16), problem.get("dtype", torch.float32), problem.get("block_size", 16)
+    q = torch.randn(1, 1, 20, D, dtype=dtype)
+    assert words in check_inputs(q, q, q, bs)
+    with pytest.raises(ValueError, match=words):
+        headwise_attention(q, q, q, torch.ones(1, 1, dtype=torch.int32), 10, 10, True, bs)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_plan_through_diffusers_with_the_triton_backend(family):
+    """A mixed plan in a real pipeline loop: the triton backend gives the reference backend's latents."""
+    from ditfa_optimum import apply, remove
+    from ditfa_optimum.calibrate import run_pipeline
+    from ditfa_optimum.cli import demo_plan
+    from ditfa_optimum.config import DiTFastAttnConfig
+    from ditfa_optimum.tiny import TinyPromptEncoder, tiny_pipeline
+
+    overrides = dict(attention_head_dim=16, caption_projection_dim=64) if family == "sd3" else {}  # FLUX: D=16
+    pipe = tiny_pipeline(family, **overrides).to(DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    encoder = TinyPromptEncoder(pipe.transformer)
+    px = 64 if family == "sd3" else 128  # 64 image tokens
+    config = DiTFastAttnConfig(num_inference_steps=3, height=px, width=px, guidance_scale=None if family == "flux"
+                               else 4.0)
+    plan = demo_plan(pipe.transformer, 3, ["full", "arrow:1/4", "cache", "cfg_share", "arrow:1/2"], block_size=16)
+    latents = {}
+    for backend in ("reference", "triton"):
+        apply(pipe, plan, backend=backend)
+        latents[backend] = run_pipeline(pipe, ["a red cube"], config, prompt_encoder=encoder)
+        remove(pipe)
+    torch.testing.assert_close(latents["triton"], latents["reference"], atol=1e-4, rtol=1e-4)
