@@ -6,6 +6,8 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; must be set before they are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # many small shapes: compile one configuration each instead of autotuning every shape
+    os.environ.setdefault("DITFA_TRITON_AUTOTUNE", "0")
 
 from ditfa_optimum.masks import TokenLayout
 

@@ -53,7 +53,11 @@ def torch_error(q, k, v, layout, widths, ref):
     return worst
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+# bf16 only compiled: Triton's CPU interpreter computes bf16 dots wrongly (2026-11-26, triton 3.6)
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[str(d).split(".")[-1] for d in DTYPES])
 @pytest.mark.parametrize("head_dim", [16, 64])
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_kernel_matches_the_definition(name, head_dim, dtype):
@@ -74,7 +78,8 @@ def test_kernel_matches_the_definition(name, head_dim, dtype):
         assert err < 1e-4
     else:  # flash-attn's rule, with a floor for the case where PyTorch computes in higher precision internally
         assert err <= max(2 * torch_error(q, k, v, layout, widths, ref), 2e-3), err
-    torch.testing.assert_close(lse[computed].double().cpu(), ref_lse[computed], atol=1e-4, rtol=1e-4)
+    lse_tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(lse[computed].double().cpu(), ref_lse[computed], atol=lse_tol, rtol=lse_tol)
 
 
 def test_strided_inputs_like_flux():
