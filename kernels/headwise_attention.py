@@ -35,48 +35,43 @@ AUTOTUNE = os.environ.get("DITFA_TRITON_AUTOTUNE", "1") != "0"
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
-def _configs():
-    if INTERPRET:  # the CPU interpreter: one small configuration, no autotuning
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    if not AUTOTUNE:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
+#: autotuned for block sizes that are multiples of 64 (the default 128 included); others run one fixed tile
+CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+           for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+           if not (w == 8 and bm * bn < 128 * 128)]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep configurations whose tiles divide the mask's block size and fit the head dim."""
-    bs, d = named_args["BS"], named_args["HEAD_DIM"]
-    kept = [c for c in configs if bs % c.kwargs["BLOCK_M"] == 0 and bs % c.kwargs["BLOCK_N"] == 0
+    """Keep configurations whose tiles divide the mask's block size (and are not too big for D = 256)."""
+    bs, d = kwargs.get("BS", named_args.get("BS")), kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    return [c for c in configs if bs % c.kwargs["BLOCK_M"] == 0 and bs % c.kwargs["BLOCK_N"] == 0
+            and c.kwargs["BLOCK_N"] <= max(d, 32)
             and not (d >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
-    if not kept:  # a block size smaller than every tile: the smallest tiles that divide it
-        tile = max(t for t in (16, 32, 64) if bs % t == 0)
-        kept = [triton.Config({"BLOCK_M": tile, "BLOCK_N": tile}, num_warps=4, num_stages=2)]
-    return kept
 
 
 @triton.jit
-def _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi,
-                  offs_n, offs_d, qk_scale, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax accumulation over keys [lo, hi) (hi exclusive, masked at the end)."""
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + offs_n
+def _attend_chunk(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start, hi, offs_n, offs_d, qk_scale,
+                  PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """Online-softmax update with the keys [start, start + BLOCK_N) (MASKED: only those below ``hi``)."""
+    cols = start + offs_n
+    if MASKED:
         valid = cols < hi
         k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
-        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-        qk = tl.where(valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
+    else:
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+    qk = tl.dot(q, k, input_precision=PRECISION)
+    if MASKED:
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
 
 
-@triton.autotune(configs=_configs(), key=["S", "T", "HEAD_DIM", "BS", "IMAGE_FIRST", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _headwise_attention_kernel(
         Q, K, V, Out, Lse, Widths,
@@ -124,12 +119,22 @@ def _headwise_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    # text keys, then the image blocks of the band
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, text_start, text_end,
-                                  offs_n, offs_d, qk_scale, BLOCK_N, PRECISION)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
-                                  image_start + band_lo * BS, tl.minimum(image_start + band_hi * BS, image_end),
-                                  offs_n, offs_d, qk_scale, BLOCK_N, PRECISION)
+    # One software-pipelined loop over the whole key chunks of the text segment and of the band (chunk j < n_text
+    # is text, the rest band), then the ragged tails of both ranges, masked (usually none or one chunk each).
+    band_start = image_start + band_lo * BS
+    band_end = tl.minimum(image_start + band_hi * BS, image_end)
+    n_text = (text_end - text_start) // BLOCK_N
+    n_band = (band_end - band_start) // BLOCK_N
+    for j in range(0, n_text + n_band):
+        start = tl.where(j < n_text, text_start + j * BLOCK_N, band_start + (j - n_text) * BLOCK_N)
+        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start, start,
+                                      offs_n, offs_d, qk_scale, PRECISION, False)
+    for start in range(text_start + n_text * BLOCK_N, text_end, BLOCK_N):
+        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start, text_end,
+                                      offs_n, offs_d, qk_scale, PRECISION, True)
+    for start in range(band_start + n_band * BLOCK_N, band_end, BLOCK_N):
+        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start, band_end,
+                                      offs_n, offs_d, qk_scale, PRECISION, True)
 
     acc = acc / l_i[:, None]
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
@@ -138,6 +143,10 @@ def _headwise_attention_kernel(
     if STORE_LSE:
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         tl.store(Lse + pid_bh.to(tl.int64) * S + offs_m, lse, mask=rows_ok)
+
+
+_autotuned_kernel = triton.autotune(configs=CONFIGS, key=["S", "T", "HEAD_DIM", "BS", "IMAGE_FIRST", "PRECISION"],
+                                    prune_configs_by={"early_config_prune": _prune})(_headwise_attention_kernel)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> str | None:
@@ -179,15 +188,22 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     if lse is None:
         lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
 
+    args = (q, k, v, out, lse, widths,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            H, S, num_text_tokens, num_image_tokens, n_blk, D ** -0.5)
+    consts = dict(HEAD_DIM=D, BS=block_size, IMAGE_FIRST=bool(image_first), STORE_LSE=store_lse,
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 stays fp32 (no TF32)
+
     def grid(meta):
         bm = meta["BLOCK_M"]
         return B * H, triton.cdiv(num_text_tokens, bm) + n_blk * (block_size // bm)
 
-    _headwise_attention_kernel[grid](
-        q, k, v, out, lse, widths,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        H, S, num_text_tokens, num_image_tokens, n_blk, D ** -0.5,
-        HEAD_DIM=D, BS=block_size, IMAGE_FIRST=bool(image_first), STORE_LSE=store_lse,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 stays fp32 (no TF32): the test path
+    if INTERPRET or not AUTOTUNE or block_size % 64:
+        # one fixed tile that divides the block size (the CPU interpreter: the smallest, fastest to simulate)
+        tile = 16 if INTERPRET else max(t for t in (64, 32, 16) if block_size % t == 0)
+        _headwise_attention_kernel[grid({"BLOCK_M": tile})](*args, **consts, BLOCK_M=tile, BLOCK_N=tile,
+                                                            num_warps=1 if INTERPRET else 4, num_stages=2)
+    else:
+        _autotuned_kernel[grid](*args, **consts)
     return out, lse

@@ -4,7 +4,7 @@
 returns ``(out, lse)``; a fake implementation gives `torch.compile` the shapes. The backend is chosen first by "auto"
 on CUDA. It hands work it cannot do to the next backend, saying so once: a step whose heads are all full goes to SDPA
 (cuDNN / flash are faster for dense attention), and inputs outside the kernel's limits (head dim, mask block size) go
-to FlexAttention (CUDA) or the reference (CPU).
+to FlexAttention (CUDA, head dim >= 16) or the reference.
 
 On CPU the kernel runs only under ``TRITON_INTERPRET=1`` (tests): then the backend is available there by name, never
 by "auto".
@@ -74,11 +74,13 @@ class TritonBackend:
         self._widths.move_to_end(key)
         return self._widths[key]
 
-    def _fallback(self, reason: str, device: torch.device):
+    def _fallback(self, reason: str, q: torch.Tensor):
         if reason not in self._warned:
             self._warned.add(reason)
             logger.warning("ditfa: the triton backend hands these calls to another backend: %s", reason)
-        return get_backend("flex" if device.type == "cuda" else "reference", device)
+        # compiled FlexAttention needs head dim >= 16 as well
+        flex_ok = q.device.type == "cuda" and q.shape[-1] >= 16
+        return get_backend("flex" if flex_ok else "reference", q.device)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                widths: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,7 @@ class TritonBackend:
             return F.scaled_dot_product_attention(q, k, v)
         problem = _kernel().check_inputs(q, k, v, layout.block_size)
         if problem:
-            return self._fallback(problem, q.device).attend(q, k, v, layout, widths)
+            return self._fallback(problem, q).attend(q, k, v, layout, widths)
         out, _ = headwise_attention(q, k, v, self.device_widths(widths, q.device), layout.num_image_tokens,
                                     layout.num_text_tokens, layout.image_first, layout.block_size)
         return out
