@@ -87,10 +87,10 @@ def time_all(results: list, device, quick: bool) -> None:
         for plan in PLANS:
             widths = widths_for(head_methods(plan), layout)
             kept = kept_fraction(widths, layout)
-            dev_widths = widths.to(device, torch.int32)
+            dev_widths, order = triton_backend.device_widths(widths, device)
 
             def kernel():
-                return torch.ops.ditfa.headwise_attention(q, k, v, dev_widths, n_img, n_txt, image_first, 128)
+                return torch.ops.ditfa.headwise_attention(q, k, v, dev_widths, order, n_img, n_txt, image_first, 128)
 
             kernel()  # autotune this shape
             kernel_ms = bench(kernel)
@@ -107,10 +107,14 @@ def time_all(results: list, device, quick: bool) -> None:
             elif "2K" in case:
                 row["target"] = "kernel <= 1.25x ideal and flex >= 1.3x kernel"
                 row["target_met"] = kernel_ms <= 1.25 * ideal and flex_ms >= 1.3 * kernel_ms
+            from ditfa_optimum.kernels.headwise_attention import _autotuned_kernel
+
+            best = getattr(_autotuned_kernel, "best_config", None)
+            row["config"] = str(best) if best is not None else None
             results.append(row)
             print(f"{case:8s} {plan:9s} kept {kept:.3f} cudnn {dense_ms:.3f} ideal {ideal:.3f} kernel {kernel_ms:.3f} "
                   f"flex {flex_ms:.3f} backend {backend_ms:.3f} | kernel/ideal {kernel_ms / ideal:.2f} "
-                  f"flex/kernel {flex_ms / kernel_ms:.2f}", flush=True)
+                  f"flex/kernel {flex_ms / kernel_ms:.2f} [{row['config']}]", flush=True)
 
 
 def main():

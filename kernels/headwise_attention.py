@@ -5,6 +5,7 @@ Layout and contract (the runtime's backend interface, ``ditfa_optimum.runtime.ba
     q, k, v : [B, H, S, D]   any strides (last dim contiguous), fp16 / bf16 / fp32; S = text + image tokens
     widths  : [B * H] int32  per (sample, head): 0 = skip (output left untouched), W >= 1 = arrow band of W image
                              blocks, W == n_blk = full attention
+    order   : [B * H] int32  the (sample, head) indices by decreasing width (the launch order; `launch_order`)
     out     : [B, H, S, D]   q's dtype; lse: [B, H, S] float32 (natural log of the softmax denominator of the scaled
                              scores), written for computed rows when STORE_LSE
 
@@ -12,9 +13,9 @@ The mask is exactly `ditfa_optimum.masks.arrow_keep`: image tokens form blocks o
 image token; an image query block ``bq`` keeps text keys and image key blocks ``[s, s + W)``,
 ``s = clamp(bq - W // 2, 0, n_blk - W)``; text queries keep every key.
 
-Grid: ``(B * H, n_text_tiles + n_image_tiles)``. Axis 0 (fastest in the hardware's launch order) walks the heads, axis
-1 the query tiles, text tiles first: the text tiles visit every key block, so the longest programs start first and
-short arrow tiles fill the tail. Query tiles never straddle segments: text tiles cover ``[text_start, text_end)`` and
+Grid: ``(n_text_tiles + n_image_tiles, B * H)``. Axis 0 (fastest in the hardware's launch order) walks one head's query
+tiles, text tiles first (they visit every key); axis 1 walks the heads in the order ``order`` gives (decreasing band
+width, skipped heads last), so the longest programs start first and the shortest arrow tiles fill the tail. Query tiles never straddle segments: text tiles cover ``[text_start, text_end)`` and
 image tiles are aligned to image blocks (``BLOCK_M`` divides ``BS``), so every image tile has one band. Keys are visited
 in two loops, the text segment and the band's image blocks (``BLOCK_N`` divides ``BS``): only kept blocks are read.
 
@@ -74,15 +75,15 @@ def _attend_chunk(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start,
 
 @triton.jit
 def _headwise_attention_kernel(
-        Q, K, V, Out, Lse, Widths,
+        Q, K, V, Out, Lse, Widths, Order,
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os,
         H, S, T, N_IMG, N_BLK, sm_scale,
         HEAD_DIM: tl.constexpr, BS: tl.constexpr, IMAGE_FIRST: tl.constexpr, STORE_LSE: tl.constexpr,
         PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid_t = tl.program_id(0)
+    pid_bh = tl.load(Order + tl.program_id(1))  # heads in decreasing band width: the longest programs go first
     width = tl.load(Widths + pid_bh)
     if width == 0:
         return
@@ -164,10 +165,17 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
     return None
 
 
+def launch_order(widths: torch.Tensor) -> torch.Tensor:
+    """The (sample, head) indices by decreasing band width, int32 (ties keep their order)."""
+    return torch.argsort(widths.flatten(), descending=True, stable=True).to(torch.int32)
+
+
 def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths: torch.Tensor,
                        num_image_tokens: int, num_text_tokens: int, image_first: bool, block_size: int,
-                       out: torch.Tensor | None = None, lse: torch.Tensor | None = None, store_lse: bool = True):
-    """Launch the kernel. ``widths``: ``[B, H]`` int32 on q's device. Returns ``(out, lse)``.
+                       out: torch.Tensor | None = None, lse: torch.Tensor | None = None, store_lse: bool = True,
+                       order: torch.Tensor | None = None):
+    """Launch the kernel. ``widths``: ``[B, H]`` int32 on q's device; ``order``: `launch_order(widths)` (computed
+    when not given). Returns ``(out, lse)``.
 
     ``out`` / ``lse`` may be given (e.g. poisoned by tests); skipped (sample, head) entries are never written.
     """
@@ -183,12 +191,13 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
                          f"{tuple(widths.shape)} on {widths.device}")
     n_blk = -(-num_image_tokens // block_size)
     widths = widths.to(torch.int32).contiguous()
+    order = launch_order(widths) if order is None else order
     if out is None:
         out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
 
-    args = (q, k, v, out, lse, widths,
+    args = (q, k, v, out, lse, widths, order,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             H, S, num_text_tokens, num_image_tokens, n_blk, D ** -0.5)
@@ -197,7 +206,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
 
     def grid(meta):
         bm = meta["BLOCK_M"]
-        return B * H, triton.cdiv(num_text_tokens, bm) + n_blk * (block_size // bm)
+        return triton.cdiv(num_text_tokens, bm) + n_blk * (block_size // bm), B * H
 
     if INTERPRET or not AUTOTUNE or block_size % 64:
         # one fixed tile that divides the block size (the CPU interpreter: the smallest, fastest to simulate)

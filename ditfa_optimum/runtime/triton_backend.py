@@ -34,14 +34,16 @@ def _kernel():
 
 @torch.library.custom_op("ditfa::headwise_attention", mutates_args=())
 def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths: torch.Tensor,
-                       num_image_tokens: int, num_text_tokens: int, image_first: bool,
+                       order: torch.Tensor, num_image_tokens: int, num_text_tokens: int, image_first: bool,
                        block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's mixed plan in one launch; ``widths`` ``[B, H]`` int32 on q's device (0 = skip)."""
-    return _kernel().headwise_attention(q, k, v, widths, num_image_tokens, num_text_tokens, image_first, block_size)
+    """One layer's mixed plan in one launch; ``widths`` ``[B, H]`` int32 on q's device (0 = skip), ``order`` the
+    launch order of the (sample, head) pairs (`ditfa_optimum.kernels.headwise_attention.launch_order`)."""
+    return _kernel().headwise_attention(q, k, v, widths, num_image_tokens, num_text_tokens, image_first, block_size,
+                                        order=order)
 
 
 @headwise_attention.register_fake
-def _(q, k, v, widths, num_image_tokens, num_text_tokens, image_first, block_size):
+def _(q, k, v, widths, order, num_image_tokens, num_text_tokens, image_first, block_size):
     B, H, S, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, H, S, dtype=torch.float32)
 
@@ -63,12 +65,13 @@ class TritonBackend:
             return True
         return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
-    def device_widths(self, widths: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``widths`` as int32 on ``device``, cached by value (no host-to-device copy per call)."""
+    def device_widths(self, widths: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``widths`` as int32 on ``device`` and its launch order, cached by value (no copy or sort per call)."""
         widths = widths.cpu()
         key = (tuple(widths.shape), widths.numpy().tobytes(), str(device))
         if key not in self._widths:
-            self._widths[key] = widths.to(device=device, dtype=torch.int32)
+            order = _kernel().launch_order(widths)
+            self._widths[key] = (widths.to(device=device, dtype=torch.int32), order.to(device))
             if len(self._widths) > _MAX_CACHED_WIDTHS:
                 self._widths.popitem(last=False)
         self._widths.move_to_end(key)
@@ -89,6 +92,6 @@ class TritonBackend:
         problem = _kernel().check_inputs(q, k, v, layout.block_size)
         if problem:
             return self._fallback(problem, q).attend(q, k, v, layout, widths)
-        out, _ = headwise_attention(q, k, v, self.device_widths(widths, q.device), layout.num_image_tokens,
+        out, _ = headwise_attention(q, k, v, *self.device_widths(widths, q.device), layout.num_image_tokens,
                                     layout.num_text_tokens, layout.image_first, layout.block_size)
         return out

@@ -119,7 +119,8 @@ def test_custom_op_registration():
     layout = LAYOUTS["text-first-ragged"]
     q, k, v = (torch.randn(1, 2, layout.seq_len, 16, device=DEVICE) for _ in range(3))
     widths = torch.tensor([[1, layout.num_image_blocks]], dtype=torch.int32, device=DEVICE)
-    args = (q, k, v, widths, layout.num_image_tokens, layout.num_text_tokens, layout.image_first, layout.block_size)
+    order = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
+    args = (q, k, v, widths, order, layout.num_image_tokens, layout.num_text_tokens, layout.image_first, layout.block_size)
     torch.library.opcheck(torch.ops.ditfa.headwise_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     out, lse = torch.ops.ditfa.headwise_attention(*args)
