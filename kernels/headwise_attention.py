@@ -13,9 +13,9 @@ The mask is exactly `ditfa_optimum.masks.arrow_keep`: image tokens form blocks o
 image token; an image query block ``bq`` keeps text keys and image key blocks ``[s, s + W)``,
 ``s = clamp(bq - W // 2, 0, n_blk - W)``; text queries keep every key.
 
-Grid: ``(n_text_tiles + n_image_tiles, B * H)``. Axis 0 (fastest in the hardware's launch order) walks one head's query
-tiles, text tiles first (they visit every key); axis 1 walks the heads in the order ``order`` gives (decreasing band
-width, skipped heads last), so the longest programs start first and the shortest arrow tiles fill the tail. Query tiles never straddle segments: text tiles cover ``[text_start, text_end)`` and
+Grid: ``((n_text_tiles + n_image_tiles) * B * H,)``, in launch order longest first: the text query tiles of every head
+(they visit every key), then the image tiles head by head in the order ``order`` gives (decreasing band width, skipped
+heads last), so the shortest arrow tiles fill the tail instead of a full head's. Query tiles never straddle segments: text tiles cover ``[text_start, text_end)`` and
 image tiles are aligned to image blocks (``BLOCK_M`` divides ``BS``), so every image tile has one band. Keys are visited
 in two loops, the text segment and the band's image blocks (``BLOCK_N`` divides ``BS``): only kept blocks are read.
 
@@ -82,8 +82,16 @@ def _headwise_attention_kernel(
         HEAD_DIM: tl.constexpr, BS: tl.constexpr, IMAGE_FIRST: tl.constexpr, STORE_LSE: tl.constexpr,
         PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_bh = tl.load(Order + tl.program_id(1))  # heads in decreasing band width: the longest programs go first
+    # longest programs first: every head's text tiles (they visit every key), then the image tiles head by head in
+    # decreasing band width (``Order``), so the shortest programs fill the tail
+    n_text_tiles = tl.cdiv(T, BLOCK_M)
+    n_heads = tl.num_programs(0) // (n_text_tiles + N_BLK * (BS // BLOCK_M))
+    pid = tl.program_id(0)
+    is_text = pid < n_text_tiles * n_heads
+    image_pid = pid - n_text_tiles * n_heads
+    rank = tl.where(is_text, pid % n_heads, image_pid // (N_BLK * (BS // BLOCK_M)))
+    pid_t = tl.where(is_text, pid // n_heads, n_text_tiles + image_pid % (N_BLK * (BS // BLOCK_M)))
+    pid_bh = tl.load(Order + rank)
     width = tl.load(Widths + pid_bh)
     if width == 0:
         return
@@ -98,8 +106,7 @@ def _headwise_attention_kernel(
     image_end = image_start + N_IMG
     text_end = text_start + T
 
-    n_text_tiles = tl.cdiv(T, BLOCK_M)
-    is_text = pid_t < n_text_tiles  # a text query tile visits every key; an image tile, text keys + its band
+    # a text query tile visits every key; an image tile, the text keys and its band
     tile = pid_t - n_text_tiles
     row_start = tl.where(is_text, text_start + pid_t * BLOCK_M, image_start + tile * BLOCK_M)
     row_end = tl.where(is_text, text_end, image_end)
@@ -206,7 +213,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
 
     def grid(meta):
         bm = meta["BLOCK_M"]
-        return triton.cdiv(num_text_tokens, bm) + n_blk * (block_size // bm), B * H
+        return ((triton.cdiv(num_text_tokens, bm) + n_blk * (block_size // bm)) * B * H,)
 
     if INTERPRET or not AUTOTUNE or block_size % 64:
         # one fixed tile that divides the block size (the CPU interpreter: the smallest, fastest to simulate)
