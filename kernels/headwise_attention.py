@@ -52,11 +52,17 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _attend_chunk(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start, hi, offs_n, offs_d, qk_scale,
-                  PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    """Online-softmax update with the keys [start, start + BLOCK_N) (MASKED: only those below ``hi``)."""
+                  PRECISION: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """Online-softmax update with the keys [start, start + BLOCK_N) (MASKED: only those below ``hi``).
+
+    With USE_TMA, ``k_base`` / ``v_base`` are tensor descriptors of the head's [S, D] keys / values (Hopper's copy
+    engine); rows past the sequence read as zeros and masked columns are removed from the scores."""
     cols = start + offs_n
-    if MASKED:
-        valid = cols < hi
+    valid = cols < hi
+    if USE_TMA:
+        k = k_base.load([start, 0]).T
+        v = v_base.load([start, 0])
+    elif MASKED:
         k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
     else:
@@ -80,7 +86,7 @@ def _headwise_attention_kernel(
         stride_ob, stride_oh, stride_os,
         H, S, T, N_IMG, N_BLK, sm_scale,
         HEAD_DIM: tl.constexpr, BS: tl.constexpr, IMAGE_FIRST: tl.constexpr, STORE_LSE: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # longest programs first: every head's text tiles (they visit every key), then the image tiles head by head in
     # decreasing band width (``Order``), so the shortest programs fill the tail
@@ -122,6 +128,14 @@ def _headwise_attention_kernel(
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows_ok[:, None], other=0.0)
+    if USE_TMA:
+        k_src = tl.make_tensor_descriptor(k_base, shape=[S, HEAD_DIM], strides=[stride_ks, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[S, HEAD_DIM], strides=[stride_vs, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
+    else:
+        k_src = k_base
+        v_src = v_base
 
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 instead of exp
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -135,14 +149,14 @@ def _headwise_attention_kernel(
     n_band = (band_end - band_start) // BLOCK_N
     for j in range(0, n_text + n_band):
         start = tl.where(j < n_text, text_start + j * BLOCK_N, band_start + (j - n_text) * BLOCK_N)
-        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start, start,
-                                      offs_n, offs_d, qk_scale, PRECISION, False)
+        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, start, start,
+                                      offs_n, offs_d, qk_scale, PRECISION, False, USE_TMA)
     for start in range(text_start + n_text * BLOCK_N, text_end, BLOCK_N):
-        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start, text_end,
-                                      offs_n, offs_d, qk_scale, PRECISION, True)
+        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, start, text_end,
+                                      offs_n, offs_d, qk_scale, PRECISION, True, USE_TMA)
     for start in range(band_start + n_band * BLOCK_N, band_end, BLOCK_N):
-        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start, band_end,
-                                      offs_n, offs_d, qk_scale, PRECISION, True)
+        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, start, band_end,
+                                      offs_n, offs_d, qk_scale, PRECISION, True, USE_TMA)
 
     acc = acc / l_i[:, None]
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
@@ -153,7 +167,8 @@ def _headwise_attention_kernel(
         tl.store(Lse + pid_bh.to(tl.int64) * S + offs_m, lse, mask=rows_ok)
 
 
-_autotuned_kernel = triton.autotune(configs=CONFIGS, key=["S", "T", "HEAD_DIM", "BS", "IMAGE_FIRST", "PRECISION"],
+_autotuned_kernel = triton.autotune(configs=CONFIGS, key=["S", "T", "HEAD_DIM", "BS", "IMAGE_FIRST", "PRECISION",
+                                                          "USE_TMA"],
                                     prune_configs_by={"early_config_prune": _prune})(_headwise_attention_kernel)
 
 
@@ -170,6 +185,25 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         return "the last dimension of q, k, v must be contiguous"
     return None
+
+
+#: DITFA_TRITON_TMA=0 switches the Hopper copy-engine loads off (pointer loads everywhere)
+USE_TMA = os.environ.get("DITFA_TRITON_TMA", "1") != "0"
+_allocator_set = False
+
+
+def _tma_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Tensor descriptors on Hopper or newer, when every head's [S, D] keys and values are 16-byte aligned."""
+    global _allocator_set
+    if INTERPRET or not USE_TMA or q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    size = k.element_size()
+    if any(t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]) for t in (k, v)):
+        return False
+    if not _allocator_set:  # device-side descriptors need scratch memory from the caller's allocator
+        triton.set_allocator(lambda n, alignment, stream: torch.empty(n, dtype=torch.int8, device="cuda"))
+        _allocator_set = True
+    return True
 
 
 def launch_order(widths: torch.Tensor) -> torch.Tensor:
@@ -208,8 +242,10 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             H, S, num_text_tokens, num_image_tokens, n_blk, D ** -0.5)
+    use_tma = _tma_ok(q, k, v)
     consts = dict(HEAD_DIM=D, BS=block_size, IMAGE_FIRST=bool(image_first), STORE_LSE=store_lse,
-                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 stays fp32 (no TF32)
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
+                  USE_TMA=use_tma)
 
     def grid(meta):
         bm = meta["BLOCK_M"]
