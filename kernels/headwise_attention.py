@@ -37,7 +37,8 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 #: autotuned for block sizes that are multiples of 64 (the default 128 included); others run one fixed tile
-CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s,
+                         pre_hook=lambda nargs: _descriptor_hook(nargs))
            for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
            if not (w == 8 and bm * bn < 128 * 128)]
 
@@ -51,17 +52,18 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _attend_chunk(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start, hi, offs_n, offs_d, qk_scale,
-                  PRECISION: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+def _attend_chunk(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, b, h, start, hi, offs_n, offs_d, qk_scale,
+                  PRECISION: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Online-softmax update with the keys [start, start + BLOCK_N) (MASKED: only those below ``hi``).
 
-    With USE_TMA, ``k_base`` / ``v_base`` are tensor descriptors of the head's [S, D] keys / values (Hopper's copy
-    engine); rows past the sequence read as zeros and masked columns are removed from the scores."""
+    With USE_TMA, ``k_base`` / ``v_base`` are host-built tensor descriptors of the whole [B, H, S, D] keys / values
+    (Hopper's copy engine); rows past the sequence read as zeros and masked columns are removed from the scores."""
     cols = start + offs_n
     valid = cols < hi
     if USE_TMA:
-        k = k_base.load([start, 0]).T
-        v = v_base.load([start, 0])
+        k = k_base.load([b, h, start, 0]).reshape([BLOCK_N, HEAD_DIM]).T
+        v = v_base.load([b, h, start, 0]).reshape([BLOCK_N, HEAD_DIM])
     elif MASKED:
         k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -125,14 +127,16 @@ def _headwise_attention_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     rows_ok = offs_m < row_end
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows_ok[:, None], other=0.0)
     if USE_TMA:
-        k_src = tl.make_tensor_descriptor(k_base, shape=[S, HEAD_DIM], strides=[stride_ks, 1],
-                                          block_shape=[BLOCK_N, HEAD_DIM])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[S, HEAD_DIM], strides=[stride_vs, 1],
-                                          block_shape=[BLOCK_N, HEAD_DIM])
+        k_base = K
+        v_base = V
+    else:
+        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows_ok[:, None], other=0.0)
+    if USE_TMA:  # K and V arrive as descriptors
+        k_src = K
+        v_src = V
     else:
         k_src = k_base
         v_src = v_base
@@ -149,14 +153,14 @@ def _headwise_attention_kernel(
     n_band = (band_end - band_start) // BLOCK_N
     for j in range(0, n_text + n_band):
         start = tl.where(j < n_text, text_start + j * BLOCK_N, band_start + (j - n_text) * BLOCK_N)
-        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, start, start,
-                                      offs_n, offs_d, qk_scale, PRECISION, False, USE_TMA)
+        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, b, h, start, start,
+                                      offs_n, offs_d, qk_scale, PRECISION, False, USE_TMA, BLOCK_N, HEAD_DIM)
     for start in range(text_start + n_text * BLOCK_N, text_end, BLOCK_N):
-        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, start, text_end,
-                                      offs_n, offs_d, qk_scale, PRECISION, True, USE_TMA)
+        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, b, h, start, text_end,
+                                      offs_n, offs_d, qk_scale, PRECISION, True, USE_TMA, BLOCK_N, HEAD_DIM)
     for start in range(band_start + n_band * BLOCK_N, band_end, BLOCK_N):
-        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, start, band_end,
-                                      offs_n, offs_d, qk_scale, PRECISION, True, USE_TMA)
+        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, b, h, start, band_end,
+                                      offs_n, offs_d, qk_scale, PRECISION, True, USE_TMA, BLOCK_N, HEAD_DIM)
 
     acc = acc / l_i[:, None]
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
@@ -189,21 +193,23 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
 
 #: DITFA_TRITON_TMA=0 switches the Hopper copy-engine loads off (pointer loads everywhere)
 USE_TMA = os.environ.get("DITFA_TRITON_TMA", "1") != "0"
-_allocator_set = False
 
 
 def _tma_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Tensor descriptors on Hopper or newer, when every head's [S, D] keys and values are 16-byte aligned."""
-    global _allocator_set
     if INTERPRET or not USE_TMA or q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
     size = k.element_size()
     if any(t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]) for t in (k, v)):
         return False
-    if not _allocator_set:  # device-side descriptors need scratch memory from the caller's allocator
-        triton.set_allocator(lambda n, alignment, stream: torch.empty(n, dtype=torch.int8, device="cuda"))
-        _allocator_set = True
     return True
+
+
+def _descriptor_hook(nargs):
+    """Autotuning changes BLOCK_N: give the K/V descriptors the matching block shape."""
+    if nargs.get("USE_TMA"):
+        for name in ("K", "V"):
+            nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
 
 
 def launch_order(widths: torch.Tensor) -> torch.Tensor:
@@ -238,11 +244,17 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     if lse is None:
         lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
 
-    args = (q, k, v, out, lse, widths, order,
+    use_tma = _tma_ok(q, k, v)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_arg, v_arg = (TensorDescriptor.from_tensor(t, [1, 1, 64, D]) for t in (k, v))  # block set per config
+    else:
+        k_arg, v_arg = k, v
+    args = (q, k_arg, v_arg, out, lse, widths, order,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             H, S, num_text_tokens, num_image_tokens, n_blk, D ** -0.5)
-    use_tma = _tma_ok(q, k, v)
     consts = dict(HEAD_DIM=D, BS=block_size, IMAGE_FIRST=bool(image_first), STORE_LSE=store_lse,
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
                   USE_TMA=use_tma)
@@ -254,6 +266,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     if INTERPRET or not AUTOTUNE or block_size % 64:
         # one fixed tile that divides the block size (the CPU interpreter: the smallest, fastest to simulate)
         tile = 16 if INTERPRET else max(t for t in (64, 32, 16) if block_size % t == 0)
+        _descriptor_hook({**consts, "K": k_arg, "V": v_arg, "BLOCK_N": tile})
         _headwise_attention_kernel[grid({"BLOCK_M": tile})](*args, **consts, BLOCK_M=tile, BLOCK_N=tile,
                                                             num_warps=1 if INTERPRET else 4, num_stages=2)
     else:
