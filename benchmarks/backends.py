@@ -158,13 +158,18 @@ def time_cases(results: list, device, quick: bool):
                   f"{results[-1]['dynamo_unique_graphs']}", flush=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def setup(doc: str):
+    """The shared command line of the GPU benchmarks (``--quick``, ``--out``): (args, device), seeded."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2K cases only")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = parser.parse_args()
-    device = torch.device("cuda")
     torch.manual_seed(0)
+    return args, torch.device("cuda")
+
+
+def main():
+    args, device = setup(__doc__)
     torch._dynamo.config.cache_size_limit = 64  # report recompiles (unique graphs) rather than fall back silently
     checks, timings = [], []
     check_correctness(checks, device)

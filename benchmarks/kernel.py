@@ -20,9 +20,7 @@ kernel >= 0.8x cuDNN speed.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from datetime import date
 from pathlib import Path
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends import CASES, HEADS, PLANS, bench, head_methods, kept_fraction, widths_for  # noqa: E402
+from backends import CASES, HEADS, PLANS, bench, head_methods, kept_fraction, setup, widths_for  # noqa: E402
 
 from ditfa_optimum.kernels.headwise_attention import headwise_attention  # noqa: E402
 from ditfa_optimum.masks import TokenLayout  # noqa: E402
@@ -118,12 +116,7 @@ def time_all(results: list, device, quick: bool) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2K cases only")
-    parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    args = parser.parse_args()
-    device = torch.device("cuda")
-    torch.manual_seed(0)
+    args, device = setup(__doc__)
     checks, timings = [], []
     check(checks, device)
     bad = [c for c in checks if not c["ok"]]

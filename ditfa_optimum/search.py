@@ -135,8 +135,7 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
         budget = config.threshold * spec.num_heads
         for step in range(config.full_steps, stats.num_steps):
             choice[step] = solve_heads(rse[step] + mask, saved, budget, full_index)
-        chosen_rse = np.take_along_axis(rse, choice[..., None], axis=2)[..., 0]
-        chosen_rse[:, :][choice == full_index] = 0.0
+        chosen_rse = np.where(choice == full_index, 0.0, np.take_along_axis(rse, choice[..., None], axis=2)[..., 0])
         predicted[spec.name] = chosen_rse.mean(1).tolist()
         ids[spec.name] = torch.tensor([[methods[c].method_id for c in row] for row in choice], dtype=torch.int16)
         params[spec.name] = torch.tensor([[methods[c].param for c in row] for row in choice], dtype=torch.float64)

@@ -1,4 +1,5 @@
 """Triton kernels, one family a file, no diffusers import; installed as `ditfa_optimum.kernels`.
 
-The fused head-wise attention kernel lands here (see the runtime's backend registry for where it plugs in).
+`headwise_attention`: a layer's whole mixed head-wise plan in one launch (the runtime's "triton" backend,
+`ditfa_optimum.runtime.triton_backend`).
 """
