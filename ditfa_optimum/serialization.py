@@ -171,7 +171,7 @@ tags:
 # {base} with head-wise attention compression (ditfa-optimum)
 
 This artifact holds the transformer of `{base}` ({config["transformer"]["class_name"]}) and a head-wise attention
-plan found by [ditfa-optimum](https://github.com/) {config["package_version"]} after DiTFastAttnV2 (arXiv 2503.22796):
+plan found by ditfa-optimum {config["package_version"]} after DiTFastAttnV2 (arXiv 2503.22796):
 for each of {len(plan.modules)} attention modules, {plan.num_steps} denoising steps and every head, one of full
 attention, arrow attention (text dense, image x image in a diagonal band), reuse of the previous step's output, or
 sharing across the CFG halves.
