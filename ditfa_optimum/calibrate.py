@@ -77,8 +77,7 @@ class CalibrationStats:
 
     def rse(self, module: str) -> torch.Tensor:
         """``[T, H, C]`` relative squared error (``inf`` where unavailable; 0 where full attention is constant)."""
-        err, ref = self.err[module], self.ref[module][..., None]
-        return torch.where(ref > 0, err / ref.clamp_min(1e-300), torch.where(err > 0, torch.inf, 0.0))
+        return relative_error(self.err[module], self.ref[module])
 
     def cost(self, module: str, cost_model: str = "flops") -> torch.Tensor:
         if cost_model == "flops":
@@ -90,8 +89,7 @@ class CalibrationStats:
 
     def saved(self, module: str, cost_model: str = "flops") -> torch.Tensor:
         """``[C]`` cost saved per head by each candidate against `full` (never negative)."""
-        cost = self.cost(module, cost_model)
-        return (cost[self.candidates.index("full")] - cost).clamp_min(0.0)
+        return saved_cost(self.cost(module, cost_model), self.candidates.index("full"))
 
     # ---------------------------------------------------------------- serialization
     def save(self, directory: str | os.PathLike) -> Path:
@@ -140,6 +138,18 @@ class CalibrationStats:
             if missing:
                 raise ValueError(f"{directory / STATS_TENSORS} lacks {kind!r} for modules {missing[:3]}")
         return cls(modules=modules, **kinds, **info)
+
+
+def relative_error(err: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``err / ref`` over the last dimension of ``err`` (candidates): ``inf`` where a candidate was unavailable, 0
+    where full attention is constant and the candidate matches it."""
+    ref = ref[..., None]
+    return torch.where(ref > 0, err / ref.clamp_min(1e-300), torch.where(err > 0, torch.inf, 0.0))
+
+
+def saved_cost(cost: torch.Tensor, full_index: int = 0) -> torch.Tensor:
+    """Cost each candidate saves against `full` (never negative)."""
+    return (cost[full_index] - cost).clamp_min(0.0)
 
 
 # ==================================================================================================== the session
@@ -202,7 +212,7 @@ class _Session:
 
     def saved(self, module: str) -> torch.Tensor:
         cost = self.cost_seconds[module] if self.config.cost_model == "measured" else self.cost_flops[module]
-        return (cost[0] - cost).clamp_min(0.0)
+        return saved_cost(cost)
 
     def record_costs(self, spec: ModuleSpec, layout, q: torch.Tensor, cfg: bool, backend) -> None:
         if spec.name in self.cost_flops:
@@ -278,9 +288,7 @@ class _ModuleCalibration:
                 e = ((out.float() - full32) ** 2).sum(dim=(0, 2, 3)).double().cpu()
                 err[available, ci] = e[available]
 
-        rse = torch.where(ref[:, None] > 0, err / ref[:, None].clamp_min(1e-300),
-                          torch.where(err > 0, torch.inf, 0.0))
-        choice = session.choose(spec, step, rse)
+        choice = session.choose(spec, step, relative_error(err, ref))
         out = full.clone()
         for ci in choice.unique().tolist():
             if ci == 0:
