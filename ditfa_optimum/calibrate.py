@@ -356,19 +356,23 @@ def _encode(pipeline, prompts: list[str], prompt_encoder) -> dict:
     return {"prompt": list(prompts)}
 
 
-def run_pipeline(pipeline, prompts: list[str], config: DiTFastAttnConfig, *, prompt_encoder=None, first: int = 0):
-    """One pipeline call on ``prompts`` with the config's resolution, steps, guidance and per-prompt seeds.
-
-    Prompt ``i`` of the call (global index ``first + i``) draws its latents from ``seed + first + i``, so a prompt gets
-    the same noise whatever batch it lands in. Returns the final latents.
-    """
+def pipeline_kwargs(pipeline, prompts: list[str], config: DiTFastAttnConfig, *, prompt_encoder=None,
+                    first: int = 0) -> dict:
+    """Keyword arguments of one pipeline call on ``prompts`` with the config's resolution, steps, guidance and
+    per-prompt seeds: prompt ``i`` of the call (global index ``first + i``) draws its latents from
+    ``seed + first + i``, so a prompt gets the same noise whatever batch it lands in."""
     kwargs = _encode(pipeline, prompts, prompt_encoder)
     kwargs.update(height=config.height, width=config.width, num_inference_steps=config.num_inference_steps,
-                  generator=[torch.Generator().manual_seed(config.seed + first + i) for i in range(len(prompts))],
-                  output_type="latent")
+                  generator=[torch.Generator().manual_seed(config.seed + first + i) for i in range(len(prompts))])
     if config.guidance_scale is not None:
         kwargs["guidance_scale"] = config.guidance_scale
-    return pipeline(**kwargs).images
+    return kwargs
+
+
+def run_pipeline(pipeline, prompts: list[str], config: DiTFastAttnConfig, *, prompt_encoder=None, first: int = 0):
+    """One pipeline call (see `pipeline_kwargs`); returns the final latents."""
+    kwargs = pipeline_kwargs(pipeline, prompts, config, prompt_encoder=prompt_encoder, first=first)
+    return pipeline(**kwargs, output_type="latent").images
 
 
 @contextlib.contextmanager

@@ -132,15 +132,14 @@ def _load_optimizer(model: str, dtype: str | None, device: str | None):
         pipe = tiny_pipeline(family)
         if device:
             pipe.to(device)
-        opt = DiTFastAttnOptimizer(pipe, prompt_encoder=TinyPromptEncoder(pipe.transformer), source=model)
-        return opt, True
+        return DiTFastAttnOptimizer(pipe, prompt_encoder=TinyPromptEncoder(pipe.transformer), source=model)
     kwargs = {}
     if dtype:
         kwargs["torch_dtype"] = getattr(torch, dtype)
     opt = DiTFastAttnOptimizer.from_pretrained(model, **kwargs)
     if device:
         opt.pipeline.to(device)
-    return opt, False
+    return opt
 
 
 def _read_prompts(path: str | None) -> list[str] | None:
@@ -158,6 +157,7 @@ def _read_prompts(path: str | None) -> list[str] | None:
 
 def _cmd_optimize(args) -> int:
     from .config import DEFAULT_METHODS, DiTFastAttnConfig
+    from .serialization import check_target
 
     tiny = args.model in TINY_MODELS
     defaults = TINY_DEFAULTS if tiny else MODEL_DEFAULTS
@@ -170,10 +170,8 @@ def _cmd_optimize(args) -> int:
             cost_model=args.cost_model, num_prompts=args.num_prompts, batch_size=args.batch_size,
             block_size=args.block_size or defaults["block_size"], backend=args.backend)
         prompts = _read_prompts(args.prompts)
-        out = Path(args.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-            raise UserError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
-        opt, _ = _load_optimizer(args.model, args.dtype, args.device)
+        out = check_target(args.out, args.overwrite, hint="pass --overwrite")  # before the work, not after
+        opt = _load_optimizer(args.model, args.dtype, args.device)
         plan = opt.optimize(config, calibration_prompts=prompts, progress=not args.quiet)
         if args.quiet:
             print(opt.summary())
@@ -201,46 +199,39 @@ def _read(artifact: str, strict: bool = True):
     return read_artifact(artifact, strict=strict)
 
 
-def _pipeline(args):
+def _pipeline(args, art):
+    """The artifact (already read and checked once) as a pipeline."""
     from .loading import load_pipeline
 
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
-    return load_pipeline(args.artifact, base_model=args.base_model, torch_dtype=dtype, device=args.device,
+    return load_pipeline(art, base_model=args.base_model, torch_dtype=dtype, device=args.device,
                          backend=args.backend)
 
 
-def _call_kwargs(pipe, prompts: list[str], steps: int, height: int, width: int, guidance, seed: int) -> dict:
-    from .calibrate import _encode
+def _settings(art, args, seed: int):
+    """Steps, resolution and guidance from the command line, else from the artifact's search."""
+    from .config import DiTFastAttnConfig
 
-    encoder = pipe.ditfa_artifact.prompt_encoder(pipe)
-    kwargs = _encode(pipe, prompts, encoder)
-    kwargs.update(num_inference_steps=steps, height=height, width=width,
-                  generator=torch.Generator().manual_seed(seed))
-    if guidance is not None:
-        kwargs["guidance_scale"] = guidance
-    return kwargs
-
-
-def _settings(art, args) -> tuple[int, int, int, float | None]:
     search = art.config.get("search_config") or {}
-    steps = args.steps or art.plan.num_steps
-    height = args.height or search.get("height") or 1024
-    width = args.width or search.get("width") or 1024
-    guidance = args.guidance if args.guidance is not None else search.get("guidance_scale")
-    return steps, height, width, guidance
+    return DiTFastAttnConfig(num_inference_steps=args.steps or art.plan.num_steps,
+                             height=args.height or search.get("height") or 1024,
+                             width=args.width or search.get("width") or 1024,
+                             guidance_scale=args.guidance if args.guidance is not None else search.get("guidance_scale"),
+                             seed=seed)
 
 
 def _cmd_generate(args) -> int:
     from .apply import remove
-    from .calibrate import progress_bars
+    from .calibrate import pipeline_kwargs, progress_bars
 
     try:
         art = _read(args.artifact)
-        steps, height, width, guidance = _settings(art, args)
-        pipe = _pipeline(args)
+        settings = _settings(art, args, args.seed)
+        steps, height, width = settings.num_inference_steps, settings.height, settings.width
+        pipe = _pipeline(args, art)
         if args.dense:
             remove(pipe)
-        kwargs = _call_kwargs(pipe, [args.prompt], steps, height, width, guidance, args.seed)
+        kwargs = pipeline_kwargs(pipe, [args.prompt], settings, prompt_encoder=art.prompt_encoder(pipe))
         has_vae = getattr(pipe, "vae", None) is not None
         with torch.inference_mode(), progress_bars(pipe, not args.quiet):
             result = pipe(**kwargs, output_type="pil" if has_vae else "latent").images
@@ -295,25 +286,28 @@ def _cmd_bench(args) -> int:
     import time
 
     from .apply import apply, remove
-    from .calibrate import progress_bars
+    from .calibrate import pipeline_kwargs, progress_bars
 
     try:
         art = _read(args.artifact)
-        steps, height, width, guidance = _settings(art, args)
-        pipe = _pipeline(args)
+        settings = _settings(art, args, seed=0)
+        steps, height, width = settings.num_inference_steps, settings.height, settings.width
+        pipe = _pipeline(args, art)
         device = next(pipe.transformer.parameters()).device
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        kwargs = _call_kwargs(pipe, [args.prompt], steps, height, width, guidance, 0)
-        kwargs["output_type"] = "latent"
+        kwargs = pipeline_kwargs(pipe, [args.prompt], settings, prompt_encoder=art.prompt_encoder(pipe))
+
+        def run():  # the same noise every time
+            return pipe(**{**kwargs, "generator": [torch.Generator().manual_seed(0)]}, output_type="latent")
 
         def per_step():
             times = []
             with torch.inference_mode(), progress_bars(pipe, False):
-                pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)})  # warm-up
+                run()  # warm-up
                 for _ in range(args.repeats):
                     sync()
                     start = time.perf_counter()
-                    pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)})
+                    run()
                     sync()
                     times.append((time.perf_counter() - start) / steps)
             return sorted(times)[len(times) // 2]

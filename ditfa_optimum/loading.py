@@ -7,7 +7,7 @@ import os
 import torch
 
 from .apply import apply
-from .serialization import EMBEDDED_MODELS, Artifact, ArtifactError, check_fingerprint, read_artifact
+from .serialization import EMBEDDED_MODELS, Artifact, ArtifactError, check_fingerprint, offline_hint, read_artifact
 
 
 def load_pipeline(artifact: str | os.PathLike | Artifact, base_model=None, *, torch_dtype: torch.dtype | None = None,
@@ -78,9 +78,7 @@ def base_pipeline(art: Artifact, base_model, transformer: torch.nn.Module, torch
     try:
         return DiffusionPipeline.from_pretrained(base_id, transformer=transformer, revision=revision, **kwargs)
     except (OSError, ValueError) as e:
-        offline = " (HF_HUB_OFFLINE is set: only cached models load)" if os.environ.get("HF_HUB_OFFLINE") not in (
-            None, "", "0") else ""
-        raise ArtifactError(f"cannot load the base model {base_id!r}{offline}: {e}. Pass base_model= (an id, a "
+        raise ArtifactError(f"cannot load the base model {base_id!r}{offline_hint()}: {e}. Pass base_model= (an id, a "
                             "directory or a loaded pipeline)") from e
 
 

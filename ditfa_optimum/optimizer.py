@@ -56,14 +56,14 @@ class DiTFastAttnOptimizer:
         if isinstance(model, (str, os.PathLike)):
             from diffusers import DiffusionPipeline
 
+            from .serialization import offline_hint
+
             try:
                 pipeline = DiffusionPipeline.from_pretrained(os.fspath(model), **load_kwargs)
             except (OSError, ValueError, EnvironmentError) as e:
                 where = "the local directory" if Path(model).exists() else "the Hugging Face Hub id"
-                offline = " (HF_HUB_OFFLINE is set: only cached models load)" if os.environ.get("HF_HUB_OFFLINE") \
-                    not in (None, "", "0") else ""
-                raise ValueError(f"could not load a diffusers pipeline from {where} {os.fspath(model)!r}{offline}: "
-                                 f"{e}") from e
+                raise ValueError(f"could not load a diffusers pipeline from {where} {os.fspath(model)!r}"
+                                 f"{offline_hint()}: {e}") from e
             return cls(pipeline, prompt_encoder=prompt_encoder, source=os.fspath(model),
                        revision=load_kwargs.get("revision"))
         if load_kwargs:

@@ -77,6 +77,13 @@ def structural_config(config: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, default=list))
 
 
+def offline_hint() -> str:
+    """A note for load errors when ``HF_HUB_OFFLINE`` restricts loading to the local cache (else empty)."""
+    if os.environ.get("HF_HUB_OFFLINE") in (None, "", "0"):
+        return ""
+    return " (HF_HUB_OFFLINE is set: only cached models load)"
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -97,10 +104,7 @@ def write_artifact(directory: str | os.PathLike, *, transformer: torch.nn.Module
     """
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
-        raise ArtifactError(f"{directory} already exists and is not empty; choose a new directory or pass "
-                            "overwrite=True (the old contents are replaced only once the new artifact is complete)")
+    directory = check_target(directory, overwrite)
     adapter = get_adapter(transformer)
     plan.validate(adapter.module_specs(transformer), model_class=adapter.model_class)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +147,15 @@ def write_artifact(directory: str | os.PathLike, *, transformer: torch.nn.Module
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return directory
+
+
+def check_target(directory: str | os.PathLike, overwrite: bool, hint: str = "pass overwrite=True") -> Path:
+    """Refuse to write an artifact over an existing non-empty path unless ``overwrite`` (``hint`` says how)."""
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
+        raise ArtifactError(f"{directory} already exists and is not empty; choose a new directory or {hint} (the old "
+                            "contents are replaced only once the new artifact is complete)")
     return directory
 
 
