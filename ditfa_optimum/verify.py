@@ -137,11 +137,10 @@ def verify_artifact(artifact, *, device: str | None = None, backend: str | None 
     pipeline = load_pipeline(art, base_model, torch_dtype=dtype, device=device, backend=backend or "auto")
     backend_name = get_backend(backend, torch.device(device)).name
     here = environment(pipeline, backend_name)
-    same = all(here[k] == record[k] for k in ("device", "backend", "dtype", "torch_version", "num_threads"))
+    changed = [k for k in here if here[k] != record[k]]
+    same = not changed
     mode = ("exact: same device, backend, dtype, torch and threads" if same else
-            "tolerance: " + ", ".join(f"{k} {record[k]} -> {here[k]}" for k in
-                                      ("device", "backend", "dtype", "torch_version", "num_threads")
-                                      if here[k] != record[k]))
+            "tolerance: " + ", ".join(f"{k} {record[k]} -> {here[k]}" for k in changed))
     report = VerifyReport(str(art.path), mode, problems=list(art.problems))
     images = _generate(pipeline, record["prompts"], record["seeds"], record["num_inference_steps"], record["height"],
                        record["width"], record["guidance_scale"], art.prompt_encoder(pipeline))
