@@ -1,12 +1,12 @@
 """The ``ditfa-optimum`` command line.
 
-``ditfa-optimum optimize`` calibrates and searches a head-wise plan (default model: the embedded tiny random-weight
-SD3 transformer in a real diffusers pipeline, on CPU, offline), prints the summary and a per-module table, and saves the
-plan with its calibration statistics.
+``ditfa-optimum optimize`` calibrates and searches a head-wise plan (default model: the embedded trained miniature
+MMDiT, `ditfa_optimum.mini`, on CPU, offline), prints the summary and a per-module table, and saves the artifact and a
+picture of the plan.
 
-``ditfa-optimum demo`` runs a head-wise plan on the embedded default model (a tiny random-weight SD3 transformer inside
-a real diffusers `StableDiffusion3Pipeline` denoising loop, on CPU, offline) and reports the attention-FLOP cut, the time
-per step and the error against dense attention; ``--out`` saves the plan.
+``ditfa-optimum demo`` runs a round-robin head-wise plan on a tiny random-weight transformer inside a real diffusers
+`StableDiffusion3Pipeline` denoising loop (CPU, offline) and reports the attention-FLOP cut, the time per step and the
+error against dense attention; ``--out`` saves the plan.
 
 ``generate``, ``inspect`` (table + ``--png`` plan picture), ``bench`` and ``verify`` work on an artifact directory or
 Hub repo id.
@@ -117,22 +117,16 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-TINY_MODELS = {"tiny-sd3": "sd3", "tiny-sd35": "sd35", "tiny-flux": "flux"}
-#: defaults for the embedded tiny models: 256 image tokens, small enough for seconds on two CPU cores
-TINY_DEFAULTS = dict(steps=8, size=128, block_size=16, guidance=5.0)
 MODEL_DEFAULTS = dict(steps=28, size=1024, block_size=128, guidance=None)
 
 
 def _load_optimizer(model: str, dtype: str | None, device: str | None):
+    from .embedded import EMBEDDED_MODELS, embedded_pipeline
     from .optimizer import DiTFastAttnOptimizer
-    from .tiny import TinyPromptEncoder, tiny_pipeline
 
-    if model in TINY_MODELS:
-        family = TINY_MODELS[model]
-        pipe = tiny_pipeline(family)
-        if device:
-            pipe.to(device)
-        return DiTFastAttnOptimizer(pipe, prompt_encoder=TinyPromptEncoder(pipe.transformer), source=model)
+    if model in EMBEDDED_MODELS:
+        pipe, encoder = embedded_pipeline(model, device)
+        return DiTFastAttnOptimizer(pipe, prompt_encoder=encoder, source=model)
     kwargs = {}
     if dtype:
         kwargs["torch_dtype"] = getattr(torch, dtype)
@@ -159,9 +153,10 @@ def _cmd_optimize(args) -> int:
     from .config import DEFAULT_METHODS, DiTFastAttnConfig
     from .serialization import check_target
 
-    tiny = args.model in TINY_MODELS
-    defaults = TINY_DEFAULTS if tiny else MODEL_DEFAULTS
-    size = args.size or defaults["size"] * (2 if args.model == "tiny-flux" else 1)  # FLUX: 16 px per token side
+    from .embedded import DEFAULTS
+
+    defaults = DEFAULTS.get(args.model, MODEL_DEFAULTS)
+    size = args.size or defaults["size"]
     try:
         config = DiTFastAttnConfig(
             threshold=args.threshold, methods=tuple(args.method or DEFAULT_METHODS),
@@ -338,27 +333,30 @@ def _cmd_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
+
     parser = argparse.ArgumentParser(prog="ditfa-optimum", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"ditfa-optimum {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     opt = sub.add_parser("optimize", help="calibrate on prompts and search a head-wise plan")
-    opt.add_argument("model", nargs="?", default="tiny-sd3",
-                     help="a Hub model id or local pipeline directory, or an embedded tiny random-weight model: "
-                          f"{', '.join(TINY_MODELS)} (default tiny-sd3)")
+    opt.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                     help="a Hub model id or local pipeline directory, or an embedded model: "
+                          f"{', '.join(EMBEDDED_MODELS)} (default {DEFAULT_MODEL}: the trained miniature MMDiT)")
     opt.add_argument("--threshold", type=float, default=0.1, help="error budget: mean RSE per head (default 0.1)")
     opt.add_argument("--method", action="append", metavar="METHOD",
                      help="a candidate method besides full; repeat for several (default: arrow:1/8 arrow:1/16 "
                           "arrow:1/32 cache cfg_share)")
     opt.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (default: built-in captions)")
     opt.add_argument("--num-prompts", type=int, default=8, help="built-in captions to use without --prompts")
-    opt.add_argument("--steps", type=int, help="denoising steps (default 28; tiny models 8)")
-    opt.add_argument("--size", type=int, help="image height and width in pixels (default 1024; tiny models 128, tiny-flux 256)")
+    opt.add_argument("--steps", type=int, help="denoising steps (default 28; mini-mmdit 20, tiny models 8)")
+    opt.add_argument("--size", type=int, help="image height and width in pixels (default 1024; mini-mmdit 64, tiny models 128, "
+                                                    "tiny-flux 256)")
     opt.add_argument("--height", type=int)
     opt.add_argument("--width", type=int)
-    opt.add_argument("--guidance", type=float, help="CFG scale (default: the pipeline's; tiny models 5)")
+    opt.add_argument("--guidance", type=float, help="CFG scale (default: the pipeline's; mini-mmdit 4, tiny models 5)")
     opt.add_argument("--cost-model", choices=["flops", "measured"], default="flops")
     opt.add_argument("--batch-size", type=int, default=8, help="prompts per calibration batch")
-    opt.add_argument("--block-size", type=int, help="arrow mask block size (default 128; tiny models 16)")
+    opt.add_argument("--block-size", type=int, help="arrow mask block size (default 128; mini-mmdit 32, tiny models 16)")
     opt.add_argument("--backend", default=None, help="attention backend while calibrating (default auto)")
     opt.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="load the pipeline in this dtype")
     opt.add_argument("--device", help="run on this device (e.g. cuda)")

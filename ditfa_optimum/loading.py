@@ -61,9 +61,9 @@ def base_pipeline(art: Artifact, base_model, transformer: torch.nn.Module, torch
         raise ArtifactError(f"{art.path} records no base model; pass base_model= (a model id, a directory or a "
                             "pipeline) for the text encoders and VAE")
     if base_id in EMBEDDED_MODELS:
-        from .tiny import tiny_pipeline
+        from .embedded import embedded_pipeline
 
-        pipeline = tiny_pipeline(EMBEDDED_MODELS[base_id])
+        pipeline, _ = embedded_pipeline(base_id)
         check_fingerprint(pipeline.transformer, recorded, f"the embedded {base_id} transformer")
         pipeline.register_modules(transformer=transformer)
         return pipeline

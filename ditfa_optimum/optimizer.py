@@ -87,7 +87,7 @@ class DiTFastAttnOptimizer:
         if not isinstance(config, DiTFastAttnConfig):
             raise ValueError(f"config must be a DiTFastAttnConfig, got {type(config).__name__}")
         if calibration_prompts is None:
-            prompts = default_prompts(config.num_prompts, config.seed)
+            prompts = self.default_prompts(config.num_prompts, config.seed)
         else:
             prompts = check_prompts(calibration_prompts)
         self.stats = calibrate(self.pipeline, config, prompts, prompt_encoder=self.prompt_encoder, progress=progress)
@@ -101,6 +101,11 @@ class DiTFastAttnOptimizer:
         if save_dir is not None:
             self.save_pretrained(save_dir)
         return self.plan
+
+    def default_prompts(self, n: int, seed: int) -> list[str]:
+        """The calibration captions used when none are given: the pipeline's own (``pipeline.default_prompts``, e.g.
+        the miniature model's shapes grammar) or the package's 40 built-in captions."""
+        return getattr(self.pipeline, "default_prompts", default_prompts)(n, seed)
 
     def summary(self) -> str:
         if self.plan is None:
@@ -147,7 +152,7 @@ class DiTFastAttnOptimizer:
         reproducibility = None
         if reproducibility_prompts and config is not None:
             prompts = list(info.get("prompts") or [])[:reproducibility_prompts]
-            prompts += default_prompts(reproducibility_prompts, config.seed + 1)[len(prompts):]
+            prompts += self.default_prompts(reproducibility_prompts, config.seed + 1)[len(prompts):]
             transformer = self.pipeline.transformer
             device = next(transformer.parameters()).device
             installed = get_runtime(self.pipeline) is not None

@@ -11,6 +11,9 @@ For one module at one step with heads ``h`` and candidate methods ``c`` (``full`
 (analytic FLOPs or measured time). Solved exactly by HiGHS through `scipy.optimize.milp` (relative MIP gap 0), so the
 result is the true optimum: a larger threshold never gives a smaller saving on the same statistics.
 
+``granularity="layer"`` is the DiTFastAttn (v1) baseline: one method for all heads of a module at a step, the one
+saving the most whose mean head error fits the same budget (`solve_layer`).
+
 Everything here is a pure function of (stats, config): same inputs, identical plan.
 """
 
@@ -94,13 +97,30 @@ def solve_heads(rse, saved, budget: float, full_index: int = 0) -> np.ndarray:
     raise RuntimeError(f"the integer program's solution exceeds the budget ({total} > {budget}) after tightening")
 
 
-def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: float | None = None) -> CompressionPlan:
+def solve_layer(rse, saved, budget: float, full_index: int = 0) -> np.ndarray:
+    """One method for every head (layer-wise, DiTFastAttn v1): the largest saving whose summed error fits the budget.
+
+    Same arguments and result shape as `solve_heads`; ties go to the lower candidate index.
+    """
+    rse, saved = np.asarray(rse, dtype=np.float64), np.asarray(saved, dtype=np.float64)
+    fits = (rse.sum(0) <= budget) & (saved > 0)
+    best = int(np.argmax(np.where(fits, saved, -np.inf))) if fits.any() else full_index
+    return np.full(rse.shape[0], best, dtype=np.int64)
+
+
+SOLVERS = {"head": solve_heads, "layer": solve_layer}
+
+
+def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: float | None = None,
+           granularity: str = "head") -> CompressionPlan:
     """The plan maximising the saved cost within ``config.threshold`` on ``stats``; pure and deterministic.
 
     Args:
         stats: from `ditfa_optimum.calibrate.calibrate`.
         config: threshold, candidate methods (a subset of the calibrated ones), cost model, full steps.
         threshold: override ``config.threshold`` (for sweeps over the same statistics).
+        granularity: "head" (one method per head: the product) or "layer" (one per module and step: the DiTFastAttn
+            v1 baseline the quality benchmark compares against).
 
     Returns:
         A `CompressionPlan` whose ``metadata["search"]`` holds the config, the predicted mean RSE per module and step
@@ -110,6 +130,9 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
         >>> plan = search(stats, DiTFastAttnConfig(threshold=0.1))          # doctest: +SKIP
     """
     start = time.perf_counter()
+    if granularity not in SOLVERS:
+        raise ValueError(f"granularity must be one of {sorted(SOLVERS)}, got {granularity!r}")
+    solve = SOLVERS[granularity]
     if threshold is not None:
         config = config.replace(threshold=threshold)
     if config.num_inference_steps != stats.num_steps:
@@ -134,7 +157,7 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
         choice = np.full(rse.shape[:2], full_index, dtype=np.int64)
         budget = config.threshold * spec.num_heads
         for step in range(config.full_steps, stats.num_steps):
-            choice[step] = solve_heads(rse[step] + mask, saved, budget, full_index)
+            choice[step] = solve(rse[step] + mask, saved, budget, full_index)
         chosen_rse = np.where(choice == full_index, 0.0, np.take_along_axis(rse, choice[..., None], axis=2)[..., 0])
         predicted[spec.name] = chosen_rse.mean(1).tolist()
         ids[spec.name] = torch.tensor([[methods[c].method_id for c in row] for row in choice], dtype=torch.int16)
@@ -145,6 +168,7 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
     plan.metadata["search"] = {
         "config": config.to_dict(),
         "threshold": config.threshold,
+        "granularity": granularity,
         "budget": "sum over heads of RSE <= threshold * num_heads, per module and step",
         "image_tokens": stats.image_tokens,
         "text_tokens": stats.text_tokens,

@@ -29,6 +29,7 @@ import torch
 
 from . import __version__
 from .adapters import adapter_names, get_adapter
+from .embedded import EMBEDDED_MODELS  # artifacts record these names as base models: no download
 from .plan import CompressionPlan
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,6 @@ CARD_FILE = "README.md"
 REQUIRED_KEYS = ("format_version", "package_version", "base_model", "transformer", "plan", "files")
 #: files whose checksum mismatch only warns: the model card is documentation, and Hub users edit it
 SOFT_CHECKSUM_FILES = (CARD_FILE,)
-#: embedded base models: no Hub download, rebuilt from the package
-EMBEDDED_MODELS = {"tiny-sd3": "sd3", "tiny-sd35": "sd35", "tiny-flux": "flux"}
 
 
 class ArtifactError(ValueError):

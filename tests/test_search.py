@@ -6,7 +6,7 @@ import torch
 
 from ditfa_optimum.calibrate import CalibrationStats, calibrate
 from ditfa_optimum.prompts import default_prompts
-from ditfa_optimum.search import search, solve_heads
+from ditfa_optimum.search import search, solve_heads, solve_layer
 
 from search_helpers import FAMILIES, tiny_setup
 
@@ -50,6 +50,16 @@ def test_ilp_edge_cases():
         solve_heads([[0.0, np.nan]], [0.0, 1.0], 1.0)
     with pytest.raises(ValueError, match="budget must be >= 0"):
         solve_heads([[0.0, 0.1]], [0.0, 1.0], -1.0)
+
+
+def test_layer_solver_picks_one_method_for_all_heads():
+    rse = np.array([[0.0, 0.05, 0.3], [0.0, 0.1, 0.2]])
+    saved = [0.0, 1.0, 2.0]
+    assert solve_layer(rse, saved, 0.1).tolist() == [0, 0]  # 0.15 > 0.1: nothing fits
+    assert solve_layer(rse, saved, 0.2).tolist() == [1, 1]
+    assert solve_layer(rse, saved, 0.5).tolist() == [2, 2]
+    assert solve_layer([[0.0, np.inf]], [0.0, 1.0], 10.0).tolist() == [0]  # unavailable
+    assert sorted(solve_heads(rse, saved, 0.3).tolist()) == [1, 2]  # per head does better at the same budget
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -132,3 +142,19 @@ def test_stats_round_trip(calibrated, tmp_path):
     (tmp_path / "stats" / "calibration.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         CalibrationStats.load(tmp_path / "stats")
+
+
+def test_layerwise_baseline_fits_the_budget_and_never_beats_the_headwise_search(calibrated):
+    stats, config = calibrated
+    for threshold in (0.02, 0.1, 0.3, 1.0):
+        layer = search(stats, config, threshold=threshold, granularity="layer")
+        head = search(stats, config, threshold=threshold)
+        assert layer.metadata["search"]["granularity"] == "layer"
+        for spec in layer.modules:
+            for t in range(layer.num_steps):
+                assert len({str(m) for m in layer.step_methods(spec.name, t)}) == 1
+            assert max(layer.metadata["search"]["predicted_rse"][spec.name]) <= threshold + 1e-12
+        # the layer-wise choice is one feasible point of the per-head integer program
+        assert head.metadata["search"]["flop_cut"] >= layer.metadata["search"]["flop_cut"] - 1e-12
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        search(stats, config, granularity="model")

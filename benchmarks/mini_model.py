@@ -1,0 +1,109 @@
+"""Evaluate the miniature MMDiT: caption faithfulness of dense generations on held-out captions, a sample grid, and
+the time of one 64x64 image.
+
+    python benchmarks/mini_model.py --out docs/mini-model            # the shipped model, GPU if there is one
+
+Held-out captions: `evaluation_captions(n, seed=1234)` minus the calibration captions (seed 0). Seeds: caption i draws
+its noise from seed i. Writes ``mini_model.json`` and ``samples.png`` (8 captions x 4 seeds) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ditfa_optimum.mini import DEFAULTS, mini_pipeline  # noqa: E402
+from ditfa_optimum.mini.scenes import evaluation_captions, faithfulness  # noqa: E402
+
+EVAL_SEED, CALIBRATION_SEED = 1234, 0
+
+
+def held_out_captions(n: int, calibration: int = 64) -> list[str]:
+    """``n`` grammar captions that none of the first ``calibration`` calibration captions (seed 0) equals."""
+    used = set(evaluation_captions(calibration, CALIBRATION_SEED))
+    pool = [c for c in evaluation_captions(n + calibration, EVAL_SEED) if c not in used]
+    return pool[:n]
+
+
+def generate(pipe, captions: list[str], seeds: list[int], steps: int, guidance: float, batch: int) -> torch.Tensor:
+    """Images [N, 3, 64, 64] in [0, 1]; caption i uses ``torch.Generator().manual_seed(seeds[i])``."""
+    out = []
+    for i in range(0, len(captions), batch):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i: i + batch]]
+        out.append(pipe(captions[i: i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                        output_type="pt").images.float().cpu())
+    return torch.cat(out)
+
+
+def grid_png(images: torch.Tensor, columns: int, path: Path, scale: int = 2) -> None:
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    canvas = torch.ones(3, rows * (h + 2), columns * (w + 2))
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[:, r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = img
+    array = (canvas.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    image = Image.fromarray(array)
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="pipeline directory (default: the model in the package)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--captions", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=DEFAULTS["num_inference_steps"])
+    parser.add_argument("--guidance", type=float, default=DEFAULTS["guidance_scale"])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = mini_pipeline(args.model, device=args.device)
+
+    captions = held_out_captions(args.captions)
+    start = time.perf_counter()
+    images = generate(pipe, captions, list(range(len(captions))), args.steps, args.guidance, args.batch)
+    seconds = time.perf_counter() - start
+    scores, details = faithfulness(images * 2 - 1, captions, details=True)
+    objects = [d for per in details for d in per]
+    by_count = {k: scores[[i for i, per in enumerate(details) if len(per) == k]].mean().item() for k in (1, 2, 3)}
+
+    shown = captions[:8]
+    grid = generate(pipe, [c for c in shown for _ in range(4)], [s for _ in shown for s in range(4)], args.steps,
+                    args.guidance, args.batch)
+    grid_png(grid, 4, out / "samples.png")
+
+    # one image, dense, batch 1 with CFG: the CPU figure of docs/mini-model.md
+    single = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        generate(pipe, captions[:1], [0], args.steps, args.guidance, 1)
+        single.append(time.perf_counter() - t0)
+
+    result = dict(
+        device=torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        threads=torch.get_num_threads(), steps=args.steps, guidance=args.guidance, captions=len(captions),
+        faithfulness=scores.mean().item(), faithfulness_by_objects=by_count,
+        color_found=sum(d["color_found"] for d in objects) / len(objects),
+        position_ok=sum(d["position_ok"] for d in objects) / len(objects),
+        size_ok=sum(d["size_ok"] for d in objects) / len(objects),
+        shape_guess_ok=sum(d["shape_guess"] == d["object"].shape for d in objects) / len(objects),
+        batch_seconds=seconds, single_image_seconds=sorted(single)[1], sample_captions=shown)
+    (out / "mini_model.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,290 @@
+"""Procedural shape scenes (the miniature model's dataset) and the caption-faithfulness metric.
+
+A scene holds one to three filled shapes, each in a distinct cell of a 3x3 grid over a 64x64 RGB image and in a
+distinct colour, on a low-saturation textured background. Its caption names every object and never the background::
+
+    a small red circle in the top left and a large blue square at the bottom
+
+Scenes are sampled as plain Python records (deterministic for a ``torch.Generator``) and rendered as one batch of tensor
+operations on any device, so training draws fresh images on the fly. `faithfulness` scores images against captions by
+colour, position and size, never shape: a blurry 64x64 diffusion sample rarely draws crisp corners.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IMAGE_SIZE = 64
+CELL = IMAGE_SIZE / 3  # grid cell width in px; cell centres at about 11, 32 and 53 px
+#: colour name -> RGB in [0, 1]: saturated, pairwise at least 0.35 apart, every one far from the backgrounds
+COLORS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.15, 0.3, 1.0), "yellow": (1.0, 0.9, 0.1),
+          "purple": (0.6, 0.1, 0.9), "cyan": (0.1, 0.9, 0.9), "orange": (1.0, 0.55, 0.05), "white": (0.97, 0.97, 0.97)}
+#: shape name -> its area at half-extent 1 (square 2r x 2r; triangle pointing up and diamond 2r wide and 2r tall)
+SHAPES = {"circle": math.pi, "square": 4.0, "triangle": 2.0, "diamond": 2.0}
+#: size name -> half-extent in px; two large neighbours only touch when jittered towards each other
+SIZES = {"small": 5.0, "medium": 7.5, "large": 10.0}
+#: position name -> (caption phrase, grid row, grid column)
+POSITIONS = {"top left": ("in the top left", 0, 0), "top": ("at the top", 0, 1),
+             "top right": ("in the top right", 0, 2), "left": ("on the left", 1, 0),
+             "center": ("in the center", 1, 1), "right": ("on the right", 1, 2),
+             "bottom left": ("in the bottom left", 2, 0), "bottom": ("at the bottom", 2, 1),
+             "bottom right": ("in the bottom right", 2, 2)}
+#: background tone name -> RGB: low saturation, > 0.55 from every palette colour even with the texture on top
+BACKGROUNDS = {"dark gray": (0.22, 0.22, 0.22), "slate": (0.2, 0.23, 0.3), "mid gray": (0.42, 0.42, 0.42),
+               "brown gray": (0.3, 0.26, 0.22)}
+TEXTURES = ("plain", "horizontal stripes", "vertical stripes", "checker", "noise")
+TEXTURE_CONTRAST = 0.06  # textures add at most +-this to every channel
+JITTER = 3.0  # object centres move up to +-JITTER px from their cell centre
+SIZE_JITTER = 0.1  # half-extents vary by up to +-10 %
+#: every word a caption can contain, sorted (the vocabulary of a word-level tokenizer)
+WORDS = tuple(sorted({"a", "and", *SIZES, *COLORS, *SHAPES, *(w for p, _, _ in POSITIONS.values() for w in p.split())}))
+
+# metric thresholds (see `faithfulness`)
+COLOR_TOLERANCE = 0.4  # RGB distance in [0, 1] units from the named colour
+DENSITY = 4  # a matching pixel counts when at least this many of its 3x3 neighbourhood match (drops speckle)
+WINDOW_MARGIN = 10.0  # px added on every side of the named cell to form the search window
+CENTROID_TOLERANCE = 2.0  # px the centroid may lie outside the named cell
+AREA_RANGE = (0.35, 2.5)  # accepted area as a multiple of the shape's expected area
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One filled shape; every field is a key of the corresponding grammar table (`SHAPES`, `COLORS`, ...)."""
+
+    shape: str
+    color: str
+    size: str
+    position: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Objects (drawn in order, later over earlier) plus everything rendering needs, so `render` is deterministic.
+
+    ``offsets`` are each object's centre jitter (dx, dy) in px and ``scales`` its half-extent factor (both empty: none);
+    ``texture_seed`` fixes the stripe period and phase and the noise pattern.
+    """
+
+    objects: tuple[SceneObject, ...]
+    offsets: tuple[tuple[float, float], ...] = ()
+    scales: tuple[float, ...] = ()
+    background: str = "dark gray"
+    texture: str = "plain"
+    texture_seed: int = 0
+
+
+def sample_scenes(n: int, generator: torch.Generator) -> list[Scene]:
+    """``n`` random scenes: 1-3 objects in distinct cells and colours, free shapes and sizes, random background.
+
+    Every random number comes from ``generator`` in a fixed order, so the result depends only on its state.
+    """
+    g = dict(generator=generator, device=generator.device)
+    counts = torch.randint(1, 4, (n,), **g).tolist()
+    cells = torch.rand(n, len(POSITIONS), **g).argsort(1)[:, :3].tolist()
+    colors = torch.rand(n, len(COLORS), **g).argsort(1)[:, :3].tolist()
+    shapes = torch.randint(0, len(SHAPES), (n, 3), **g).tolist()
+    sizes = torch.randint(0, len(SIZES), (n, 3), **g).tolist()
+    offsets = ((torch.rand(n, 3, 2, **g) * 2 - 1) * JITTER).tolist()
+    scales = (1 + (torch.rand(n, 3, **g) * 2 - 1) * SIZE_JITTER).tolist()
+    backgrounds = torch.randint(0, len(BACKGROUNDS), (n,), **g).tolist()
+    textures = torch.randint(0, len(TEXTURES), (n,), **g).tolist()
+    seeds = torch.randint(0, 2**24, (n,), **g).tolist()
+    shape_names, color_names, size_names, cell_names, tone_names = map(list, (SHAPES, COLORS, SIZES, POSITIONS,
+                                                                             BACKGROUNDS))
+    scenes = []
+    for i, k in enumerate(counts):
+        objects = tuple(SceneObject(shape_names[shapes[i][j]], color_names[colors[i][j]], size_names[sizes[i][j]],
+                                    cell_names[cells[i][j]]) for j in range(k))
+        scenes.append(Scene(objects, tuple(map(tuple, offsets[i][:k])), tuple(scales[i][:k]),
+                            tone_names[backgrounds[i]], TEXTURES[textures[i]], seeds[i]))
+    return scenes
+
+
+def caption(scene: Scene) -> str:
+    """The scene's caption: its objects as "a {size} {color} {shape} {position phrase}" joined with " and "."""
+    return " and ".join(f"a {o.size} {o.color} {o.shape} {POSITIONS[o.position][0]}" for o in scene.objects)
+
+
+def parse_caption(text: str) -> list[SceneObject]:
+    """The objects a grammar caption names (inverse of `caption`; "" gives []).
+
+    Raises ValueError naming the first word (or phrase) that does not fit and what the grammar expected there. Only
+    the word order is checked: repeated colours or positions parse.
+    """
+    words, objects, i = text.split(), [], 0
+    phrases = {name: phrase.split() for name, (phrase, _, _) in POSITIONS.items()}  # no phrase starts another
+
+    def take(options, what):
+        nonlocal i
+        word = words[i] if i < len(words) else "<end>"
+        if word not in options:
+            raise ValueError(f"bad caption {text!r}: expected {what} ({' | '.join(options)}) at word {i + 1}, "
+                             f"got {word!r}")
+        i += 1
+        return word
+
+    while i < len(words):
+        if objects:
+            take(("and",), "'and' or the end")
+        take(("a",), "the article")
+        size, color = take(tuple(SIZES), "a size"), take(tuple(COLORS), "a colour")
+        shape = take(tuple(SHAPES), "a shape")
+        position = next((name for name, p in phrases.items() if words[i: i + len(p)] == p), None)
+        if position is None:
+            raise ValueError(f"bad caption {text!r}: expected a position phrase "
+                             f"({' | '.join(p for p, _, _ in POSITIONS.values())}) at word {i + 1}, "
+                             f"got {' '.join(words[i: i + 4]) or '<end>'!r}")
+        i += len(phrases[position])
+        objects.append(SceneObject(shape, color, size, position))
+    return objects
+
+
+def _cell_centre(position: str) -> tuple[float, float]:
+    """(x, y) in px of the centre of a position's grid cell."""
+    _, row, col = POSITIONS[position]
+    return (col + 0.5) * CELL, (row + 0.5) * CELL
+
+
+def _hash01(key: torch.Tensor) -> torch.Tensor:
+    """Integer hash (xor-shift-multiply rounds mod 2**32) of int64 keys to [0, 1): exact, so equal on every device."""
+    h = key % 2**32
+    for _ in range(3):
+        h = ((h ^ (h >> 16)) * 0x45D9F3B) % 2**32
+    return h.float() / 2**32
+
+
+def _backgrounds(scenes: list[Scene], device) -> torch.Tensor:
+    """Background tone plus texture, [N, 3, 64, 64] in [0, 1]."""
+    tone = torch.tensor([BACKGROUNDS[s.background] for s in scenes], device=device)[:, :, None, None]
+    kind = torch.tensor([TEXTURES.index(s.texture) for s in scenes], device=device)[:, None, None]
+    seed = torch.tensor([s.texture_seed for s in scenes], device=device)[:, None, None]
+    ys, xs = torch.meshgrid(torch.arange(IMAGE_SIZE, device=device), torch.arange(IMAGE_SIZE, device=device),
+                            indexing="ij")
+    period, phase = 4 + seed % 7, seed // 7  # stripes and checker squares 4-10 px wide
+    rows, cols = (ys + phase) // period, (xs + phase) // period
+    lattice = _hash01(seed[..., None] * 64 + torch.arange(25, device=device).view(1, 1, 5, 5))  # [N, 1, 5, 5]
+    noise = F.interpolate(lattice * 2 - 1, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=True)
+    pattern = torch.stack([torch.zeros_like(noise[:, 0]), 1 - 2 * (rows % 2).float(), 1 - 2 * (cols % 2).float(),
+                           1 - 2 * ((rows + cols) % 2).float(), noise[:, 0]], dim=1)  # [N, textures, 64, 64]
+    return tone + TEXTURE_CONTRAST * pattern.gather(1, kind[:, None].expand(-1, 1, IMAGE_SIZE, IMAGE_SIZE))
+
+
+def render(scenes: list[Scene], device: str | torch.device | None = None) -> torch.Tensor:
+    """Images of ``scenes``, [N, 3, 64, 64] float32 in [-1, 1], rendered as one batch on ``device``.
+
+    Objects are padded to three per scene with a validity mask; each shape is an approximate signed distance (px,
+    negative inside) turned into a coverage with a 1 px anti-aliased edge, composited over the background in order
+    (later objects over earlier ones).
+    """
+    slots, rows = 3, []
+    for scene in scenes:  # per object: centre x, centre y, half-extent, shape index, r, g, b, valid; padded to 3
+        k = len(scene.objects)
+        jitter = zip(scene.objects, scene.offsets or ((0.0, 0.0),) * k, scene.scales or (1.0,) * k)
+        rows.append([(x + dx, y + dy, SIZES[o.size] * scale, list(SHAPES).index(o.shape), *COLORS[o.color], 1.0)
+                     for o, (dx, dy), scale in jitter for x, y in [_cell_centre(o.position)]]
+                    + [(0.0,) * 8] * (slots - k))
+    params = torch.tensor(rows, device=device).view(len(scenes), slots, 8, 1, 1)
+    cx, cy, radius, shape, valid, rgb = (params[:, :, k] for k in (0, 1, 2, 3, 7, slice(4, 7)))
+    grid = torch.arange(IMAGE_SIZE, device=device, dtype=torch.float32) + 0.5  # pixel centres
+    dx, dy = grid.view(1, 1, 1, -1) - cx, grid.view(1, 1, -1, 1) - cy  # [N, slots, 1, W], [N, slots, H, 1]
+    ax, ay = dx.abs(), dy.abs()
+    distance = torch.stack(torch.broadcast_tensors(  # in the order of SHAPES
+        torch.sqrt(dx**2 + dy**2) - radius,  # circle
+        torch.maximum(ax, ay) - radius,  # square
+        torch.maximum(dy - radius, (2 * ax - dy - radius) / math.sqrt(5)),  # triangle, apex up
+        (ax + ay - radius) / math.sqrt(2)), dim=2)  # diamond; all [N, slots, shapes, H, W]
+    index = shape.long()[:, :, None]
+    coverage = (0.5 - torch.take_along_dim(distance, index, dim=2)[:, :, 0]).clamp(0, 1) * valid  # [N, slots, H, W]
+    image = _backgrounds(scenes, device)
+    for j in range(slots):
+        image = image + coverage[:, j, None] * (rgb[:, j] - image)
+    return (image * 2 - 1).clamp(-1, 1)
+
+
+def sample_batch(n: int, generator: torch.Generator, device: str | torch.device | None = None
+                 ) -> tuple[torch.Tensor, list[str]]:
+    """``n`` fresh scenes as (images [n, 3, 64, 64] in [-1, 1] on ``device``, captions)."""
+    scenes = sample_scenes(n, generator)
+    return render(scenes, device), [caption(s) for s in scenes]
+
+
+def faithfulness(images: torch.Tensor, captions: list[str], details: bool = False
+                 ) -> torch.Tensor | tuple[torch.Tensor, list[list[dict]]]:
+    """The fraction of each caption's objects present in its image: a float tensor [N] in [0, 1] (empty caption: 1).
+
+    ``images`` are [N, 3, H, W] in [-1, 1] (resized to 64x64 when needed). A pixel has colour c when c is its nearest
+    palette colour and lies within `COLOR_TOLERANCE` of it (generous: samples come out blurred and desaturated), and at
+    least `DENSITY` of its 3x3 neighbourhood has c too (so noise speckle never adds up to an object). An object is
+    present when, within its cell widened by `WINDOW_MARGIN` px, the pixels of its colour cover `AREA_RANGE` times the
+    expected area of its shape and size, and their centroid lies in its cell (give or take `CENTROID_TOLERANCE` px).
+    Shape is not scored. The window is wide on purpose: a shape in a neighbouring cell then shows mostly whole, so its
+    centroid falls outside the named cell rather than a clipped sliver of it passing for the object.
+
+    With ``details`` it returns ``(scores, per_image)``, ``per_image[i]`` a list of one dict per caption object with
+    ``object, present, color_found, size_ok, position_ok, area, expected_area, centroid`` (x, y px, or None) and
+    ``shape_guess`` (from the fill ratio of the bounding box and the centroid's drop; a hint, not a measurement).
+    """
+    if len(captions) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
+    x = (images.detach().float().clamp(-1, 1) + 1) / 2
+    if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+    device, n = x.device, x.shape[0]
+    palette = torch.tensor(list(COLORS.values()), device=device)
+    distance = torch.cdist(x.flatten(2).transpose(1, 2), palette, compute_mode="donot_use_mm_for_euclid_dist")
+    nearest_distance, nearest = distance.view(n, IMAGE_SIZE, IMAGE_SIZE, len(COLORS)).min(-1)  # [N, H, W] each
+    objects = [(i, o) for i, text in enumerate(captions) for o in parse_caption(text)]
+    owner = torch.tensor([i for i, _ in objects], dtype=torch.long, device=device)
+    color = torch.tensor([list(COLORS).index(o.color) for _, o in objects], dtype=torch.long, device=device)
+    corner = torch.tensor([_cell_centre(o.position) for _, o in objects], device=device).view(-1, 2) - CELL / 2
+    expected = torch.tensor([SHAPES[o.shape] * SIZES[o.size] ** 2 for _, o in objects], device=device)
+
+    match = (nearest[owner] == color[:, None, None]) & (nearest_distance[owner] < COLOR_TOLERANCE)  # [M, H, W]
+    match &= F.avg_pool2d(match[:, None].float(), 3, 1, 1, divisor_override=1)[:, 0] >= DENSITY
+    grid = torch.arange(IMAGE_SIZE, device=device, dtype=torch.float32) + 0.5
+    inside = (grid >= corner[..., None] - WINDOW_MARGIN) & (grid <= corner[..., None] + CELL + WINDOW_MARGIN)
+    mask = (match & inside[:, 1, :, None] & inside[:, 0, None, :]).float()
+    cols, rows = mask.sum(1), mask.sum(2)  # [M, W], [M, H]: pixel counts per column and row
+    area = cols.sum(1)
+    centroid = torch.stack([cols @ grid, rows @ grid], 1) / area.clamp(min=1)[:, None]
+    size_ok = (area >= AREA_RANGE[0] * expected) & (area <= AREA_RANGE[1] * expected)
+    position_ok = (area > 0) & ((centroid - corner - CELL / 2).abs() <= CELL / 2 + CENTROID_TOLERANCE).all(1)
+    present = (size_ok & position_ok).float()
+    found = torch.zeros(n, device=device).index_add_(0, owner, present)
+    named = torch.zeros(n, device=device).index_add_(0, owner, torch.ones_like(present))
+    scores = torch.where(named > 0, found / named.clamp(min=1), torch.ones_like(found))
+    if not details:
+        return scores
+
+    cols, rows = (cols > 0).float(), (rows > 0).float()  # occupied columns and rows
+    x0, y0 = cols.argmax(1), rows.argmax(1)
+    width, height = IMAGE_SIZE - cols.flip(1).argmax(1) - x0, IMAGE_SIZE - rows.flip(1).argmax(1) - y0
+    fill = area / (width * height).clamp(min=1)
+    drop = (centroid[:, 1] - y0 - height / 2) / height.clamp(min=1)  # triangles have their centroid low in the box
+    per_image = [[] for _ in range(n)]
+    stats = zip(objects, present.tolist(), size_ok.tolist(), position_ok.tolist(), area.tolist(), expected.tolist(),
+                centroid.tolist(), fill.tolist(), drop.tolist())
+    for (i, obj), ok, size, pos, a, e, c, f, d in stats:
+        guess = "triangle" if d > 0.06 else "square" if f > 0.9 else "circle" if f > 0.64 else "diamond"
+        per_image[i].append(dict(object=obj, present=bool(ok), color_found=a > 0, size_ok=size, position_ok=pos,
+                                 area=a, expected_area=e, centroid=tuple(c) if a else None,
+                                 shape_guess=guess if a else None))
+    return scores, per_image
+
+
+def evaluation_captions(n: int, seed: int) -> list[str]:
+    """``n`` distinct captions of scenes drawn from a generator seeded with ``seed`` (deterministic, in drawing order).
+
+    Conventions: training samples scenes from its own random stream, never through this function; the quality
+    benchmark evaluates on ``evaluation_captions(n, 1234)`` and the calibration prompts are
+    ``evaluation_captions(n, 0)``. Lists for different seeds are not made disjoint (with some 3 x 10^8 possible
+    captions they rarely meet).
+    """
+    generator, found = torch.Generator().manual_seed(seed), {}
+    while len(found) < n:
+        found.update(dict.fromkeys(caption(s) for s in sample_scenes(n - len(found), generator)))
+    return list(found)
