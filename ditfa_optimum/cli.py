@@ -227,14 +227,14 @@ def _cmd_generate(args) -> int:
         if args.dense:
             remove(pipe)
         kwargs = pipeline_kwargs(pipe, [args.prompt], settings, prompt_encoder=art.prompt_encoder(pipe))
-        has_vae = getattr(pipe, "vae", None) is not None
+        pixels = getattr(pipe, "vae", None) is not None or type(pipe).__name__ == "MiniMMDiTPipeline"
         with torch.inference_mode(), progress_bars(pipe, not args.quiet):
-            result = pipe(**kwargs, output_type="pil" if has_vae else "latent").images
+            result = pipe(**kwargs, output_type="pil" if pixels else "latent").images
     except ValueError as e:
         raise UserError(str(e)) from None
-    image = result[0] if has_vae else _latent_preview(result, pipe, height, width)
+    image = result[0] if pixels else _latent_preview(result, pipe, height, width)
     image.save(args.out)
-    kind = "image" if has_vae else "latent preview (the model has no VAE: first three latent channels as RGB)"
+    kind = "image" if pixels else "latent preview (the model has no VAE: first three latent channels as RGB)"
     print(f"wrote {args.out}: {kind}, {'dense attention' if args.dense else 'the artifact plan'}, {steps} steps, "
           f"seed {args.seed}")
     return 0
@@ -349,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (default: built-in captions)")
     opt.add_argument("--num-prompts", type=int, default=8, help="built-in captions to use without --prompts")
     opt.add_argument("--steps", type=int, help="denoising steps (default 28; mini-mmdit 20, tiny models 8)")
-    opt.add_argument("--size", type=int, help="image height and width in pixels (default 1024; mini-mmdit 64, tiny models 128, "
-                                                    "tiny-flux 256)")
+    opt.add_argument("--size", type=int, help="image height and width in pixels (default 1024; mini-mmdit 64, "
+                                               "tiny models 128, tiny-flux 256)")
     opt.add_argument("--height", type=int)
     opt.add_argument("--width", type=int)
     opt.add_argument("--guidance", type=float, help="CFG scale (default: the pipeline's; mini-mmdit 4, tiny models 5)")

@@ -15,7 +15,7 @@ def test_run_demo(family, tmp_path):
     result = run_demo(family, steps=3, latent_size=8, block_size=4, out=str(tmp_path), repeats=1)
     assert 0.0 < result["flop_cut"] < 1.0
     assert result["latent_rse"] > 0  # the plan really changed the computation
-    assert result["backend"] == "reference"
+    assert result["backend"] == "blocked"  # the CPU default
     plan = CompressionPlan.load(tmp_path)
     assert plan.num_steps == 3 and plan.block_size == 4
     assert set(plan.method_counts()) == {"full", "arrow", "cfg_share", "cache"}
@@ -97,7 +97,7 @@ def test_inspect_prints_and_draws(artifact, tmp_path, capsys):
     png = tmp_path / "plan.png"
     assert main(["inspect", str(artifact), "--png", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "SD3Transformer2DModel: 4 attention modules" in out and "of dense attention FLOPs cut" in out
+    assert "SD3Transformer2DModel: 6 attention modules" in out and "of dense attention FLOPs cut" in out
     image = Image.open(png)
     assert image.size[0] >= 300 and image.size[1] >= 100
     colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
@@ -139,8 +139,7 @@ def _perturbed_copy(artifact, tmp_path, what):
     else:
         file = copy / "transformer" / "diffusion_pytorch_model.safetensors"
         tensors = load_file(file)
-        key = next(k for k in tensors if k.endswith("attn.to_q.weight"))
-        tensors[key] = tensors[key] * 1.5
+        tensors["proj_out.weight"] = tensors["proj_out.weight"] * 1.5  # the velocity, 1.5x: a visibly worse image
         save_file(tensors, file, metadata={"format": "pt"})
     return copy
 

@@ -1,6 +1,6 @@
-"""The runtime: backends (triton, flex, reference), dispatch, step state, the head-wise call."""
+"""The runtime: backends (triton, flex, blocked, reference), dispatch, step state, the head-wise call."""
 
-from . import flex, reference, triton_backend  # noqa: F401 - registers the backends
+from . import blocked, flex, reference, triton_backend  # noqa: F401 - registers the backends
 from .backends import backend_names, get_backend, register_backend
 from .headwise import ModuleRuntime, PlanRuntime
 from .state import StepState

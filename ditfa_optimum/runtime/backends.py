@@ -11,7 +11,7 @@ Skipped entries of ``out`` are left unspecified; the runtime fills them (cache, 
 
 Selection: an explicit name (``apply(..., backend="flex")``), else the ``DITFA_BACKEND`` environment variable, else
 "auto": the first available backend in `AUTO_ORDER` for the tensors' device: the fused Triton kernel ("triton") on
-CUDA, else FlexAttention, else the PyTorch reference.
+CUDA, else FlexAttention, else the blocked PyTorch backend (the CPU default), never the reference (the test oracle).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from ..masks import TokenLayout
 
-AUTO_ORDER = ("triton", "flex", "reference")
+AUTO_ORDER = ("triton", "flex", "blocked")
 ENV_VAR = "DITFA_BACKEND"
 
 

@@ -23,7 +23,7 @@ def make_plan():
     return CompressionPlan.from_methods([SPEC], {SPEC.name: TABLE}, block_size=4)
 
 
-@pytest.mark.parametrize("backend", ["reference", "flex"])
+@pytest.mark.parametrize("backend", ["reference", "blocked", "flex"])
 @pytest.mark.parametrize("image_first", [True, False], ids=["image-first", "text-first"])
 def test_four_step_loop_matches_hand_written(backend, image_first):
     spec = ModuleSpec(SPEC.name, SPEC.num_heads, SPEC.head_dim, image_first=image_first)
