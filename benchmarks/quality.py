@@ -6,7 +6,8 @@ One calibration (the default config of ``ditfa-optimum optimize``: 8 grammar cap
 then three strategies built from the same statistics, each evaluated on held-out captions (disjoint from the
 calibration captions, fixed seeds) against the dense model's images:
 
-* head-wise: the product, `search` over a threshold sweep;
+* head-wise: the product, `search` over a threshold sweep, for budget schedules (constant: the paper's; linear and
+  quadratic give later steps more budget) and error normalizations (per head: the paper's; per module);
 * layer-wise: one method per (module, step), the DiTFastAttn v1 style, `search(granularity="layer")`, same sweep;
 * uniform: one method for every head of every module from a start step on (arrow 1/8, arrow 1/32, cache), the start
   step swept to vary the cut.
@@ -43,6 +44,14 @@ from ditfa_optimum.plan import CompressionPlan  # noqa: E402
 from ditfa_optimum.search import search  # noqa: E402
 
 THRESHOLDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+#: head-wise variants: (budget schedule, error normalization); the first is the paper's (and the default)
+VARIANTS = (("constant", "head"), ("linear", "head"), ("quadratic", "head"), ("constant", "module"),
+            ("quadratic", "module"))
+
+
+def variant_name(schedule: str, normalization: str) -> str:
+    return " ".join(["head-wise"] + ([schedule] if schedule != "constant" else [])
+                    + (["module-norm"] if normalization != "head" else []))
 UNIFORM_METHODS = ("arrow:1/8", "arrow:1/32", "cache")
 UNIFORM_STARTS = (1, 4, 8, 12, 16)
 STRUCTURE_RSE = 0.05
@@ -100,7 +109,9 @@ def plot(rows: list[dict], dense_faith: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    styles = {"head-wise": ("C0", "o"), "layer-wise": ("C1", "s"), "uniform arrow:1/8": ("C2", "^"),
+    styles = {"head-wise": ("C0", "o"), "head-wise linear": ("C5", "o"), "head-wise quadratic": ("C6", "o"),
+              "head-wise module-norm": ("C7", "P"), "head-wise quadratic module-norm": ("C8", "P"),
+              "layer-wise": ("C1", "s"), "uniform arrow:1/8": ("C2", "^"),
               "uniform arrow:1/32": ("C3", "v"), "uniform cache": ("C4", "D")}
     for name, (color, marker) in styles.items():
         points = sorted((r["flop_cut"] * 100, min(r["psnr"], 60)) for r in rows if r["curve"] == name)
@@ -144,7 +155,9 @@ def main(argv=None) -> int:
     dense = evaluate()
     dense_faith = faithfulness(dense * 2 - 1, captions).mean().item()
     specs, model_class = stats.modules, stats.model_class
-    plans = [("head-wise", f"δ={t:g}", search(stats, config, threshold=t)) for t in THRESHOLDS]
+    plans = [(variant_name(b, n), f"δ={t:g}",
+              search(stats, config.replace(budget_schedule=b, error_normalization=n), threshold=t))
+             for b, n in VARIANTS for t in THRESHOLDS]
     plans += [("layer-wise", f"δ={t:g}", search(stats, config, threshold=t, granularity="layer")) for t in THRESHOLDS]
     plans += [(f"uniform {m}", f"from step {s}", uniform_from(specs, config.num_inference_steps, m, s,
                                                                config.block_size, model_class))

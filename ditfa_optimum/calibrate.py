@@ -75,9 +75,10 @@ class CalibrationStats:
     seconds: float = 0.0
     device: str = "cpu"
 
-    def rse(self, module: str) -> torch.Tensor:
-        """``[T, H, C]`` relative squared error (``inf`` where unavailable; 0 where full attention is constant)."""
-        return relative_error(self.err[module], self.ref[module])
+    def rse(self, module: str, normalization: str = "head") -> torch.Tensor:
+        """``[T, H, C]`` relative squared error (``inf`` where unavailable; 0 where full attention is constant),
+        relative to each head's output variance or (``normalization="module"``) to the heads' mean."""
+        return relative_error(self.err[module], self.ref[module], normalization)
 
     def cost(self, module: str, cost_model: str = "flops") -> torch.Tensor:
         if cost_model == "flops":
@@ -140,9 +141,12 @@ class CalibrationStats:
         return cls(modules=modules, **kinds, **info)
 
 
-def relative_error(err: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def relative_error(err: torch.Tensor, ref: torch.Tensor, normalization: str = "head") -> torch.Tensor:
     """``err / ref`` over the last dimension of ``err`` (candidates): ``inf`` where a candidate was unavailable, 0
-    where full attention is constant and the candidate matches it."""
+    where full attention is constant and the candidate matches it. ``ref`` is ``[..., H]``; with ``normalization=
+    "module"`` every head is divided by the mean over the heads instead of its own."""
+    if normalization == "module":
+        ref = ref.mean(-1, keepdim=True).expand_as(ref)
     ref = ref[..., None]
     return torch.where(ref > 0, err / ref.clamp_min(1e-300), torch.where(err > 0, torch.inf, 0.0))
 
@@ -171,6 +175,7 @@ class _Session:
         self.candidates = candidates
         self.names = [str(m) for m in candidates]
         self.config = config
+        self.step_thresholds = config.step_thresholds()
         self.backend_name = check_backend_name(config.backend)
         self.state = StepState(config.num_inference_steps, cfg=cfg)
         T, C = config.num_inference_steps, len(candidates)
@@ -206,7 +211,8 @@ class _Session:
             choice = torch.zeros(spec.num_heads, dtype=torch.int64)
         else:
             saved = self.saved(spec.name)
-            choice = torch.from_numpy(solve_heads(rse.numpy(), saved.numpy(), self.config.threshold * spec.num_heads))
+            budget = self.step_thresholds[step] * spec.num_heads
+            choice = torch.from_numpy(solve_heads(rse.numpy(), saved.numpy(), budget))
         self.decided[spec.name][step] = choice
         return choice
 
@@ -288,7 +294,7 @@ class _ModuleCalibration:
                 e = ((out.float() - full32) ** 2).sum(dim=(0, 2, 3)).double().cpu()
                 err[available, ci] = e[available]
 
-        choice = session.choose(spec, step, relative_error(err, ref))
+        choice = session.choose(spec, step, relative_error(err, ref, session.config.error_normalization))
         out = full.clone()
         for ci in choice.unique().tolist():
             if ci == 0:

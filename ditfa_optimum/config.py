@@ -19,6 +19,12 @@ CONFIG_VERSION = 1
 DEFAULT_METHODS = ("arrow:1/8", "arrow:1/16", "arrow:1/32", "cache", "cfg_share")
 
 COST_MODELS = ("flops", "measured")
+#: how the error budget is spread over the compressible steps: weight of step t ~ (t - full_steps + 1) ** exponent,
+#: normalised to a mean of 1, so every schedule spends the same total budget
+BUDGET_SCHEDULES = {"constant": 0, "linear": 1, "quadratic": 2}
+#: what a head's squared error is divided by: its own output variance (the paper's local metric) or the mean output
+#: variance of the module's heads (a head whose output is small then spends less of the budget)
+ERROR_NORMALIZATIONS = ("head", "module")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,11 @@ class DiTFastAttnConfig:
             those choices and add their errors to the statistics the final search reads.
         full_steps: the first steps that run every head `full` (at least 1: step 0 has nothing to reuse).
         block_size: arrow mask block size in tokens (part of the mask definition).
+        budget_schedule: how the budget is spread over the steps (`step_thresholds`): "constant" (``threshold`` at
+            every step, as in the paper), "linear" or "quadratic" (growing with the step, mean ``threshold``: early
+            steps decide the composition, and their errors carry through every later step).
+        error_normalization: "head" (RSE relative to the head's own output variance, as in the paper) or "module"
+            (relative to the mean output variance of the module's heads, so quiet heads spend less of the budget).
         backend: attention backend used while calibrating ("auto", "reference", "flex", ...; None = auto).
 
     Example:
@@ -64,6 +75,8 @@ class DiTFastAttnConfig:
     batch_size: int = 8
     full_steps: int = 1
     block_size: int = DEFAULT_BLOCK_SIZE
+    budget_schedule: str = "constant"
+    error_normalization: str = "head"
     backend: str | None = None
     version: int = field(default=CONFIG_VERSION)
 
@@ -89,6 +102,11 @@ class DiTFastAttnConfig:
         if self.guidance_scale is not None and (not isinstance(self.guidance_scale, (int, float))
                                                 or isinstance(self.guidance_scale, bool)):
             raise ValueError(f"guidance_scale must be a number or None, got {self.guidance_scale!r}")
+        if self.budget_schedule not in BUDGET_SCHEDULES:
+            raise ValueError(f"budget_schedule must be one of {sorted(BUDGET_SCHEDULES)}, got {self.budget_schedule!r}")
+        if self.error_normalization not in ERROR_NORMALIZATIONS:
+            raise ValueError(f"error_normalization must be one of {ERROR_NORMALIZATIONS}, got "
+                             f"{self.error_normalization!r}")
         if self.cost_model not in COST_MODELS:
             raise ValueError(f"cost_model must be one of {COST_MODELS}, got {self.cost_model!r}")
         if self.version != CONFIG_VERSION:
@@ -111,6 +129,19 @@ class DiTFastAttnConfig:
             raise ValueError(f"at most one arrow_residual fraction may be a candidate (one full step records one "
                              f"residual), got {[str(m) for m in residuals]}")
         return found
+
+    def step_thresholds(self) -> list[float]:
+        """The per-head RSE budget of each step: 0 for the first ``full_steps``, then ``threshold`` times the
+        schedule's weight (mean 1 over the compressible steps).
+
+        Example:
+            >>> DiTFastAttnConfig(threshold=0.1, num_inference_steps=4, budget_schedule="linear").step_thresholds()
+            [0.0, 0.05, 0.1, 0.15]
+        """
+        exponent = BUDGET_SCHEDULES[self.budget_schedule]
+        weights = [float(t - self.full_steps + 1) ** exponent for t in range(self.full_steps, self.num_inference_steps)]
+        mean = sum(weights) / len(weights) if weights else 1.0
+        return [0.0] * self.full_steps + [self.threshold * w / mean for w in weights]
 
     def replace(self, **changes) -> "DiTFastAttnConfig":
         return dataclasses.replace(self, **changes)

@@ -4,11 +4,12 @@ For one module at one step with heads ``h`` and candidate methods ``c`` (``full`
 
     maximise   sum_{h,c} saved[c] * x[h,c]
     subject to sum_c x[h,c] = 1                        for every head h   (exactly one method per head)
-               sum_{h,c} rse[h,c] * x[h,c] <= threshold * num_heads     (the module's error budget at this step)
+               sum_{h,c} rse[h,c] * x[h,c] <= threshold_t * num_heads   (the module's error budget at step t)
                x[h,c] in {0, 1};  x[h,c] = 0 where the candidate is unavailable (rse = inf) or saves nothing
 
 ``rse`` is the local metric measured by calibration, ``saved`` the per-head cost the candidate saves against `full`
-(analytic FLOPs or measured time). Solved exactly by HiGHS through `scipy.optimize.milp` (relative MIP gap 0), so the
+(analytic FLOPs or measured time), ``threshold_t`` the config's `step_thresholds` (the threshold at every step unless
+``budget_schedule`` moves budget to later steps). Solved exactly by HiGHS through `scipy.optimize.milp` (relative MIP gap 0), so the
 result is the true optimum: a larger threshold never gives a smaller saving on the same statistics.
 
 ``granularity="layer"`` is the DiTFastAttn (v1) baseline: one method for all heads of a module at a step, the one
@@ -147,16 +148,17 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
     use = [stats.candidates.index(n) for n in names]
     full_index = stats.candidates.index("full")
     methods = [make_method(n) for n in stats.candidates]
+    thresholds = config.step_thresholds()
 
     ids, params, predicted = {}, {}, {}
     for spec in stats.modules:
-        rse = stats.rse(spec.name).numpy()  # [T, H, C]
+        rse = stats.rse(spec.name, config.error_normalization).numpy()  # [T, H, C]
         saved = stats.saved(spec.name, config.cost_model).numpy()  # [C]
         mask = np.full(len(stats.candidates), np.inf)
         mask[use] = 0.0
         choice = np.full(rse.shape[:2], full_index, dtype=np.int64)
-        budget = config.threshold * spec.num_heads
         for step in range(config.full_steps, stats.num_steps):
+            budget = thresholds[step] * spec.num_heads
             choice[step] = solve(rse[step] + mask, saved, budget, full_index)
         chosen_rse = np.where(choice == full_index, 0.0, np.take_along_axis(rse, choice[..., None], axis=2)[..., 0])
         predicted[spec.name] = chosen_rse.mean(1).tolist()
@@ -169,7 +171,8 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
         "config": config.to_dict(),
         "threshold": config.threshold,
         "granularity": granularity,
-        "budget": "sum over heads of RSE <= threshold * num_heads, per module and step",
+        "budget": "sum over heads of RSE <= step threshold * num_heads, per module and step",
+        "step_thresholds": thresholds,
         "image_tokens": stats.image_tokens,
         "text_tokens": stats.text_tokens,
         "cfg": stats.cfg,
