@@ -163,7 +163,8 @@ def _cmd_optimize(args) -> int:
             num_inference_steps=args.steps or defaults["steps"], height=args.height or size, width=args.width or size,
             guidance_scale=args.guidance if args.guidance is not None else defaults["guidance"], seed=args.seed,
             cost_model=args.cost_model, num_prompts=args.num_prompts, batch_size=args.batch_size,
-            block_size=args.block_size or defaults["block_size"], backend=args.backend)
+            block_size=args.block_size or defaults["block_size"], backend=args.backend,
+            budget_schedule=args.budget_schedule, error_normalization=args.error_normalization)
         prompts = _read_prompts(args.prompts)
         out = check_target(args.out, args.overwrite, hint="pass --overwrite")  # before the work, not after
         opt = _load_optimizer(args.model, args.dtype, args.device)
@@ -333,6 +334,7 @@ def _cmd_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import BUDGET_SCHEDULES, ERROR_NORMALIZATIONS
     from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
 
     parser = argparse.ArgumentParser(prog="ditfa-optimum", description=__doc__.split("\n\n")[0])
@@ -355,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--width", type=int)
     opt.add_argument("--guidance", type=float, help="CFG scale (default: the pipeline's; mini-mmdit 4, tiny models 5)")
     opt.add_argument("--cost-model", choices=["flops", "measured"], default="flops")
+    opt.add_argument("--budget-schedule", choices=list(BUDGET_SCHEDULES), default="constant",
+                     help="spread of the error budget over the steps (default constant, as in the paper; quadratic "
+                          "gives later steps more: better images at the same cut on mini-mmdit, docs/search.md)")
+    opt.add_argument("--error-normalization", choices=list(ERROR_NORMALIZATIONS), default="head",
+                     help="divide a head's error by its own output variance (head, the paper's) or by the module's "
+                          "mean (module)")
     opt.add_argument("--batch-size", type=int, default=8, help="prompts per calibration batch")
     opt.add_argument("--block-size", type=int, help="arrow mask block size (default 128; mini-mmdit 32, tiny models 16)")
     opt.add_argument("--backend", default=None, help="attention backend while calibrating (default auto)")

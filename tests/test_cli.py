@@ -60,6 +60,15 @@ def test_optimize_command_on_the_embedded_model(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_optimize_budget_options(tmp_path, capsys):
+    out = tmp_path / "plan"
+    assert main(["optimize", "tiny-sd3", "--steps", "4", "--num-prompts", "2", "--budget-schedule", "quadratic",
+                 "--error-normalization", "module", "--quiet", "--out", str(out)]) == 0
+    info = read_artifact(out).plan.metadata["search"]
+    assert info["config"]["budget_schedule"] == "quadratic" and info["config"]["error_normalization"] == "module"
+    assert info["step_thresholds"][0] == 0 and info["step_thresholds"][1] < info["step_thresholds"][3]
+
+
 def test_optimize_reads_a_prompts_file(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# calibration captions\na red cube\n\na blue sphere on grass\n")

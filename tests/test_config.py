@@ -39,6 +39,8 @@ def test_duplicate_candidates_collapse():
     (dict(cost_model="latency"), "cost_model must be one of"),
     (dict(batch_size=0), "batch_size"),
     (dict(version=2), "version 2 is not supported"),
+    (dict(budget_schedule="cosine"), "budget_schedule must be one of"),
+    (dict(error_normalization="layer"), "error_normalization must be one of"),
 ], ids=lambda v: str(v)[:40] if isinstance(v, dict) else None)
 def test_bad_values_name_the_field_and_value(changes, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -54,3 +56,13 @@ def test_config_is_not_mutated_by_replace():
     cfg = DiTFastAttnConfig(threshold=0.1)
     other = cfg.replace(threshold=0.3)
     assert cfg.threshold == 0.1 and other.threshold == 0.3
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "quadratic"])
+def test_step_thresholds_spend_the_same_total_budget(schedule):
+    config = DiTFastAttnConfig(threshold=0.1, num_inference_steps=10, full_steps=2, budget_schedule=schedule)
+    steps = config.step_thresholds()
+    assert len(steps) == 10 and steps[:2] == [0.0, 0.0]
+    assert sum(steps[2:]) / 8 == pytest.approx(0.1)
+    assert all(b >= a for a, b in zip(steps[2:], steps[3:]))  # never less budget for a later step
+    assert (steps[2] == steps[-1]) == (schedule == "constant")

@@ -158,3 +158,33 @@ def test_layerwise_baseline_fits_the_budget_and_never_beats_the_headwise_search(
         assert head.metadata["search"]["flop_cut"] >= layer.metadata["search"]["flop_cut"] - 1e-12
     with pytest.raises(ValueError, match="granularity must be one of"):
         search(stats, config, granularity="model")
+
+
+@pytest.mark.parametrize("schedule, normalization", [("quadratic", "head"), ("linear", "module")])
+def test_budget_schedules_and_normalizations_hold_per_step(calibrated, schedule, normalization):
+    stats, config = calibrated
+    config = config.replace(budget_schedule=schedule, error_normalization=normalization)
+    plan = search(stats, config)
+    thresholds = config.step_thresholds()
+    assert plan.metadata["search"]["step_thresholds"] == thresholds
+    ids = {n: i for i, n in enumerate(stats.candidates)}
+    for spec in plan.modules:
+        rse = stats.rse(spec.name, normalization)
+        for t in range(plan.num_steps):
+            chosen = [ids[str(m)] for m in plan.step_methods(spec.name, t)]
+            used = sum(float(rse[t, h, c]) for h, c in enumerate(chosen) if c != ids["full"])
+            assert used <= thresholds[t] * spec.num_heads + 1e-9
+    # the module normalization divides every head by the same number
+    rse_module = stats.rse(stats.modules[0].name, "module")
+    err = stats.err[stats.modules[0].name]
+    ref = stats.ref[stats.modules[0].name].mean(-1)
+    torch.testing.assert_close(rse_module[1, :, 1], err[1, :, 1] / ref[1])
+
+
+def test_calibration_choices_follow_the_budget_schedule():
+    pipe, encoder, config = tiny_setup("sd3", budget_schedule="quadratic", error_normalization="module")
+    stats = calibrate(pipe, config, default_prompts(2), prompt_encoder=encoder, progress=False)
+    plan = search(stats, config)
+    for spec in stats.modules:
+        flowed = [[stats.candidates[int(c)] for c in row] for row in stats.chosen[spec.name]]
+        assert [[str(m) for m in plan.step_methods(spec.name, t)] for t in range(plan.num_steps)] == flowed

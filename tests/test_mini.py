@@ -1,0 +1,135 @@
+"""The trained miniature MMDiT shipped in the package: loading, generation, text encoder, training, optimizer use."""
+
+import logging
+
+import pytest
+import torch
+
+from ditfa_optimum import DiTFastAttnConfig, DiTFastAttnOptimizer, load_pipeline, remove
+from ditfa_optimum.calibrate import run_pipeline
+from ditfa_optimum.mini import ASSET_DIR, TRANSFORMER_CONFIG, MiniTextEncoder, mini_pipeline
+from ditfa_optimum.mini.scenes import WORDS, evaluation_captions, faithfulness
+
+CAPTIONS = ["a small red circle in the top left and a large blue square at the bottom",
+            "a medium green triangle in the center"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return mini_pipeline()
+
+
+def generate(pipe, captions, seed=0, steps=4, **kwargs):
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(captions))]
+    return pipe(captions, num_inference_steps=steps, generator=gens, output_type="pt", **kwargs).images
+
+
+def test_the_shipped_model_is_small_and_complete():
+    files = sorted(p.relative_to(ASSET_DIR).as_posix() for p in ASSET_DIR.rglob("*") if p.is_file())
+    assert "transformer/diffusion_pytorch_model.safetensors" in files and "model_index.json" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]  # safetensors and JSON only
+    assert sum(p.stat().st_size for p in ASSET_DIR.rglob("*") if p.is_file()) <= 20e6
+
+
+def test_loads_with_the_trained_architecture(pipe):
+    assert {k: pipe.transformer.config[k] for k in TRANSFORMER_CONFIG} == TRANSFORMER_CONFIG
+    assert pipe.transformer.dtype == torch.float32 and not pipe.transformer.training
+    assert list(pipe.text_encoder.config.vocab) == list(WORDS)
+
+
+def test_generation_is_deterministic_for_a_seed(pipe):
+    a, b = generate(pipe, CAPTIONS), generate(pipe, CAPTIONS)
+    assert a.shape == (2, 3, 64, 64) and a.dtype == torch.float32
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert torch.equal(a, b)
+    assert not torch.equal(a, generate(pipe, CAPTIONS, seed=7))
+    # a caption's image does not depend on the batch it is in
+    torch.testing.assert_close(generate(pipe, CAPTIONS[1:], seed=1), a[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_output_types_and_no_cfg(pipe):
+    raw = pipe(CAPTIONS[:1], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="latent").images
+    pt = pipe(CAPTIONS[:1], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+              output_type="pt").images
+    torch.testing.assert_close(pt, (raw / 2 + 0.5).clamp(0, 1))
+    pil = pipe(CAPTIONS[0], num_inference_steps=2, output_type="pil").images[0]
+    assert pil.size == (64, 64)
+    assert pipe(CAPTIONS[0], num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+    no_cfg = pipe(CAPTIONS[0], num_inference_steps=2, guidance_scale=1.0, output_type="pt")
+    assert not pipe.do_classifier_free_guidance and no_cfg.images.shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(prompt=CAPTIONS[0], height=63), "positive multiples of 2"),
+    (dict(prompt=CAPTIONS[0], output_type="jpeg"), "output_type must be"),
+    (dict(), "pass prompt"),
+    (dict(prompt=[CAPTIONS[0]], negative_prompt=["", ""]), "2 negative prompts for 1 prompts"),
+])
+def test_pipeline_errors(pipe, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        pipe(num_inference_steps=1, **kwargs)
+
+
+def test_the_trained_model_draws_what_the_caption_says(pipe):
+    """The weights are the trained ones: held-out grammar captions come out right at the default 20 steps."""
+    captions = evaluation_captions(4, seed=4321)
+    images = generate(pipe, captions, steps=20)
+    assert float(faithfulness(images * 2 - 1, captions).mean()) >= 0.75
+
+
+def test_text_encoder_tokenizes_and_round_trips(tmp_path, caplog):
+    enc = MiniTextEncoder(vocab=["a", "red", "circle"], max_length=6, width=16, num_layers=1, num_heads=2,
+                          pooled_dim=8).eval()
+    ids = enc.tokenize(["a red circle", ""])
+    assert ids.tolist() == [[1, 3, 4, 5, 0, 0], [1, 0, 0, 0, 0, 0]]
+    with caplog.at_level(logging.WARNING):
+        assert enc.tokenize(["a purple circle and a red square too long"])[0].tolist() == [1, 3, 2, 5, 2, 3]
+    assert "outside its vocabulary" in caplog.text and "were cut" in caplog.text
+    # word order matters (the positions are not drowned out by the word embeddings)
+    tokens, pooled = enc.encode(["a red circle", "circle red a"])
+    assert tokens.shape == (2, 6, 16) and pooled.shape == (2, 8)
+    assert not torch.allclose(pooled[0], pooled[1], atol=1e-3)
+    enc.save_pretrained(tmp_path / "enc")
+    again = MiniTextEncoder.from_pretrained(tmp_path / "enc").eval()
+    assert again.word_ids == enc.word_ids
+    for key, value in enc.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="distinct words"):
+        MiniTextEncoder(vocab=["a", "a"])
+
+
+def test_training_is_deterministic_and_saves_a_loadable_pipeline(tmp_path):
+    from ditfa_optimum.mini.train import lr_at, save, train
+
+    kwargs = dict(steps=2, batch_size=2, device="cpu", log=lambda line: None)
+    first, record = train(**kwargs)
+    second, _ = train(**kwargs)
+    for key, value in first.transformer.state_dict().items():
+        assert torch.equal(second.transformer.state_dict()[key], value), key
+    assert record["steps"] == 2 and len(record["curve"]) == 1 and record["curve"][0]["loss"] > 0
+    assert lr_at(0, 100, 1e-3, 10) == pytest.approx(1e-4) and lr_at(99, 100, 1e-3, 10) == pytest.approx(1e-4, 0.01)
+    out = save(first, record, tmp_path / "model")
+    loaded = mini_pipeline(out)
+    half = first.transformer.to(torch.float16).state_dict()
+    for key, value in loaded.transformer.state_dict().items():
+        assert torch.equal(value.to(torch.float16), half[key]), key
+    assert (out / "training.json").is_file()
+    with pytest.raises(FileNotFoundError, match="no miniature model"):
+        mini_pipeline(tmp_path / "nothing")
+
+
+def test_optimizer_calibrates_on_grammar_captions_and_the_artifact_round_trips(pipe, tmp_path):
+    opt = DiTFastAttnOptimizer(pipe, source="mini-mmdit")
+    config = DiTFastAttnConfig(threshold=0.1, num_inference_steps=3, height=64, width=64, guidance_scale=4.0,
+                               block_size=32, num_prompts=2, batch_size=2)
+    plan = opt.optimize(config, progress=False)
+    assert plan.metadata["search"]["prompts"] == evaluation_captions(2, 0)  # the pipeline's own default prompts
+    assert plan.metadata["search"]["flop_cut"] > 0
+    opt.apply()
+    planned = run_pipeline(pipe, CAPTIONS, config)
+    remove(pipe)
+    opt.save_pretrained(tmp_path / "artifact", reproducibility_prompts=1)
+    loaded = load_pipeline(tmp_path / "artifact")  # the base model "mini-mmdit" comes from the package
+    assert type(loaded).__name__ == "MiniMMDiTPipeline"
+    assert torch.equal(run_pipeline(loaded, CAPTIONS, config), planned)
