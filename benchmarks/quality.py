@@ -127,14 +127,48 @@ def plot(rows: list[dict], dense_faith: float, path: Path) -> None:
     fig.savefig(path)
 
 
+def report(result: dict, png: Path | None = None) -> None:
+    """Print the markdown table (with each row's PSNR against two head-wise curves at the same cut) and the attention
+    structure; draw the plot when matplotlib is there."""
+    rows = result["rows"]
+    reference, best = variant_name("constant", "head"), variant_name("quadratic", "module")
+
+    def at(curve: str, row: dict) -> str:
+        value = None if row["curve"] == curve else interpolate(
+            [(r["flop_cut"], r["psnr"]) for r in rows if r["curve"] == curve], row["flop_cut"])
+        return "–" if value is None else f"{value:.2f}"
+
+    print(f"dense faithfulness {result['dense_faithfulness']:.3f} on {result['evaluation_prompts']} held-out "
+          f"captions; calibration {result['calibration_seconds']:.1f} s on {result['device']}\n")
+    print(f"| strategy | setting | attention FLOPs cut | PSNR (dB) | SSIM | faithfulness | {reference} PSNR at this cut "
+          f"| {best} PSNR at this cut |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['curve']} | {r['setting']} | {r['flop_cut']:.1%} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
+              f"{r['faithfulness']:.3f} | {at(reference, r)} | {at(best, r)} |")
+    print("\nattention structure: share of (step, head) with arrow-1/8 RSE < 0.05 per layer: "
+          + ", ".join(f"{k.split('.')[1]}: {v:.0%}" for k, v in result["structure_arrow_1_8_rse_below_0_05"].items()))
+    if png is not None:
+        try:
+            plot(rows, result["dense_faithfulness"], png)
+        except ImportError:
+            print("matplotlib is missing: no plot", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="directory for quality.json and quality.png")
+    parser.add_argument("--report", metavar="JSON", help="only print the table of an earlier run's quality.json")
     parser.add_argument("--prompts", type=int, default=64, help="held-out evaluation captions")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--backend", default="blocked", help="attention backend of the plans (all are exact)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.report:
+        report(json.loads(Path(args.report).read_text()))
+        return 0
+    if not args.out:
+        parser.error("--out is required (or --report JSON)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     d = DEFAULTS["mini-mmdit"]
@@ -179,31 +213,13 @@ def main(argv=None) -> int:
         print(f"{curve:20s} {label:14s} cut {r['flop_cut']:6.1%}  PSNR {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}  "
               f"faithfulness {r['faithfulness']:.3f}", flush=True)
 
-    head = [(r["flop_cut"], r["psnr"]) for r in rows if r["curve"] == "head-wise"]
-    for r in rows:
-        at = interpolate(head, r["flop_cut"])
-        r["headwise_psnr_at_cut"] = at
     result = dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                   config=config.to_dict(), calibration_prompts=calibration, evaluation_prompts=len(captions),
                   calibration_seconds=calibration_seconds, dense_faithfulness=dense_faith,
                   structure_arrow_1_8_rse_below_0_05=structure(stats), rows=rows,
                   date=time.strftime("%Y-%m-%d"))
     (out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
-    try:
-        plot(rows, dense_faith, out / "quality.png")
-    except ImportError:
-        print("matplotlib is missing: no quality.png", file=sys.stderr)
-
-    print(f"\ndense faithfulness {dense_faith:.3f} on {len(captions)} held-out captions; calibration "
-          f"{calibration_seconds:.1f} s\n")
-    print("| strategy | setting | attention FLOPs cut | PSNR (dB) | SSIM | faithfulness | head-wise PSNR at this cut |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        at = r["headwise_psnr_at_cut"]
-        print(f"| {r['curve']} | {r['setting']} | {r['flop_cut']:.1%} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
-              f"{r['faithfulness']:.3f} | {'-' if at is None or r['curve'] == 'head-wise' else f'{at:.2f}'} |")
-    print("\nattention structure: share of (step, head) with arrow-1/8 RSE < 0.05 per layer: "
-          + ", ".join(f"{k.split('.')[1]}: {v:.0%}" for k, v in result["structure_arrow_1_8_rse_below_0_05"].items()))
+    report(result, out / "quality.png")
     return 0
 
 
