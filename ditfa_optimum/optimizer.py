@@ -11,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from .adapters import get_adapter
 from .calibrate import CalibrationStats, calibrate, check_prompts
 from .config import DiTFastAttnConfig
@@ -55,6 +57,20 @@ class DiTFastAttnOptimizer:
         """
         if isinstance(model, (str, os.PathLike)):
             from diffusers import DiffusionPipeline
+
+            from .embedded import EMBEDDED_MODELS, embedded_pipeline
+            from .mini import is_mini_pipeline_dir, mini_pipeline
+
+            if os.fspath(model) in EMBEDDED_MODELS and not load_kwargs:
+                pipeline, encoder = embedded_pipeline(os.fspath(model))
+                return cls(pipeline, prompt_encoder=prompt_encoder or encoder, source=os.fspath(model))
+            if is_mini_pipeline_dir(model):  # its pipeline class is ours, not diffusers'
+                dtype = load_kwargs.pop("torch_dtype", load_kwargs.pop("dtype", torch.float32))
+                if load_kwargs:
+                    raise ValueError(f"a miniature model directory loads with torch_dtype only, got "
+                                     f"{sorted(load_kwargs)}")
+                return cls(mini_pipeline(model, torch_dtype=dtype), prompt_encoder=prompt_encoder,
+                           source=os.fspath(model))
 
             from .serialization import offline_hint
 

@@ -133,3 +133,14 @@ def test_optimizer_calibrates_on_grammar_captions_and_the_artifact_round_trips(p
     loaded = load_pipeline(tmp_path / "artifact")  # the base model "mini-mmdit" comes from the package
     assert type(loaded).__name__ == "MiniMMDiTPipeline"
     assert torch.equal(run_pipeline(loaded, CAPTIONS, config), planned)
+
+
+def test_optimizer_from_pretrained_takes_the_name_and_a_saved_directory(pipe, tmp_path):
+    by_name = DiTFastAttnOptimizer.from_pretrained("mini-mmdit")
+    assert type(by_name.pipeline).__name__ == "MiniMMDiTPipeline" and by_name.source == "mini-mmdit"
+    pipe.save_pretrained(tmp_path / "copy")
+    by_path = DiTFastAttnOptimizer.from_pretrained(tmp_path / "copy")
+    for key, value in by_path.pipeline.transformer.state_dict().items():
+        assert torch.equal(value, pipe.transformer.state_dict()[key]), key
+    with pytest.raises(ValueError, match="torch_dtype only"):
+        DiTFastAttnOptimizer.from_pretrained(tmp_path / "copy", variant="fp16")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..embedded import DEFAULTS as EMBEDDED_DEFAULTS
 from .pipeline import MiniMMDiTPipeline
 from .text import MiniTextEncoder
 
@@ -34,7 +35,9 @@ TRANSFORMER_CONFIG = dict(sample_size=64, patch_size=2, in_channels=3, out_chann
 TEXT_CONFIG = dict(max_length=32, width=128, num_layers=4, num_heads=4, pooled_dim=128)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0)
 #: what the model was trained for (and what ``ditfa-optimum optimize`` calibrates at by default)
-DEFAULTS = dict(height=64, width=64, num_inference_steps=20, guidance_scale=4.0, block_size=32)
+DEFAULTS = dict(height=EMBEDDED_DEFAULTS[NAME]["size"], width=EMBEDDED_DEFAULTS[NAME]["size"],
+                num_inference_steps=EMBEDDED_DEFAULTS[NAME]["steps"], guidance_scale=EMBEDDED_DEFAULTS[NAME]["guidance"],
+                block_size=EMBEDDED_DEFAULTS[NAME]["block_size"])
 
 
 def new_pipeline(seed: int = 0) -> MiniMMDiTPipeline:
@@ -47,6 +50,17 @@ def new_pipeline(seed: int = 0) -> MiniMMDiTPipeline:
     return MiniMMDiTPipeline(transformer=SD3Transformer2DModel(**TRANSFORMER_CONFIG),
                              scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
                              text_encoder=MiniTextEncoder(vocab=list(WORDS), **TEXT_CONFIG))
+
+
+def is_mini_pipeline_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by `MiniMMDiTPipeline.save_pretrained`."""
+    import json
+
+    index = Path(path) / "model_index.json"
+    try:
+        return index.is_file() and json.loads(index.read_text()).get("_class_name") == MiniMMDiTPipeline.__name__
+    except (OSError, ValueError):
+        return False
 
 
 def mini_pipeline(path: str | os.PathLike | None = None, *, torch_dtype: torch.dtype = torch.float32,
@@ -62,4 +76,5 @@ def mini_pipeline(path: str | os.PathLike | None = None, *, torch_dtype: torch.d
     return pipe.to(device) if device is not None else pipe
 
 
-__all__ = ["ASSET_DIR", "DEFAULTS", "NAME", "MiniMMDiTPipeline", "MiniTextEncoder", "mini_pipeline", "new_pipeline"]
+__all__ = ["ASSET_DIR", "DEFAULTS", "NAME", "MiniMMDiTPipeline", "MiniTextEncoder", "is_mini_pipeline_dir",
+           "mini_pipeline", "new_pipeline"]
