@@ -43,10 +43,10 @@ from ditfa_optimum.mini.scenes import faithfulness  # noqa: E402
 from ditfa_optimum.plan import CompressionPlan  # noqa: E402
 from ditfa_optimum.search import search  # noqa: E402
 
-THRESHOLDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+THRESHOLDS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.4)
 #: head-wise variants: (budget schedule, error normalization); the first is the paper's (and the default)
 VARIANTS = (("constant", "head"), ("linear", "head"), ("quadratic", "head"), ("constant", "module"),
-            ("quadratic", "module"))
+            ("quadratic", "module"), ("cubic", "module"))
 
 
 def variant_name(schedule: str, normalization: str) -> str:
@@ -111,6 +111,7 @@ def plot(rows: list[dict], dense_faith: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     styles = {"head-wise": ("C0", "o"), "head-wise linear": ("C5", "o"), "head-wise quadratic": ("C6", "o"),
               "head-wise module-norm": ("C7", "P"), "head-wise quadratic module-norm": ("C8", "P"),
+              "head-wise cubic module-norm": ("C9", "X"),
               "layer-wise": ("C1", "s"), "uniform arrow:1/8": ("C2", "^"),
               "uniform arrow:1/32": ("C3", "v"), "uniform cache": ("C4", "D")}
     for name, (color, marker) in styles.items():

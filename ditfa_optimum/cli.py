@@ -358,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--guidance", type=float, help="CFG scale (default: the pipeline's; mini-mmdit 4, tiny models 5)")
     opt.add_argument("--cost-model", choices=["flops", "measured"], default="flops")
     opt.add_argument("--budget-schedule", choices=list(BUDGET_SCHEDULES), default="constant",
-                     help="spread of the error budget over the steps (default constant, as in the paper; quadratic "
-                          "gives later steps more: better images at the same cut on mini-mmdit, docs/search.md)")
+                     help="spread of the error budget over the steps (default constant, as in the paper; the others "
+                          "give later steps more: better images at the same cut on mini-mmdit, docs/search.md)")
     opt.add_argument("--error-normalization", choices=list(ERROR_NORMALIZATIONS), default="head",
                      help="divide a head's error by its own output variance (head, the paper's) or by the module's "
                           "mean (module)")

@@ -21,7 +21,7 @@ DEFAULT_METHODS = ("arrow:1/8", "arrow:1/16", "arrow:1/32", "cache", "cfg_share"
 COST_MODELS = ("flops", "measured")
 #: how the error budget is spread over the compressible steps: weight of step t ~ (t - full_steps + 1) ** exponent,
 #: normalised to a mean of 1, so every schedule spends the same total budget
-BUDGET_SCHEDULES = {"constant": 0, "linear": 1, "quadratic": 2}
+BUDGET_SCHEDULES = {"constant": 0, "linear": 1, "quadratic": 2, "cubic": 3}
 #: what a head's squared error is divided by: its own output variance (the paper's local metric) or the mean output
 #: variance of the module's heads (a head whose output is small then spends less of the budget)
 ERROR_NORMALIZATIONS = ("head", "module")
@@ -51,8 +51,8 @@ class DiTFastAttnConfig:
         full_steps: the first steps that run every head `full` (at least 1: step 0 has nothing to reuse).
         block_size: arrow mask block size in tokens (part of the mask definition).
         budget_schedule: how the budget is spread over the steps (`step_thresholds`): "constant" (``threshold`` at
-            every step, as in the paper), "linear" or "quadratic" (growing with the step, mean ``threshold``: early
-            steps decide the composition, and their errors carry through every later step).
+            every step, as in the paper), "linear", "quadratic" or "cubic" (growing with the step, mean
+            ``threshold``: early steps decide the composition, and their errors carry through every later step).
         error_normalization: "head" (RSE relative to the head's own output variance, as in the paper) or "module"
             (relative to the mean output variance of the module's heads, so quiet heads spend less of the budget).
         backend: attention backend used while calibrating ("auto", "reference", "flex", ...; None = auto).

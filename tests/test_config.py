@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ditfa_optimum.config import DEFAULT_METHODS, DiTFastAttnConfig
+from ditfa_optimum.config import BUDGET_SCHEDULES, DEFAULT_METHODS, DiTFastAttnConfig
 
 
 def test_defaults_and_candidates():
@@ -58,7 +58,7 @@ def test_config_is_not_mutated_by_replace():
     assert cfg.threshold == 0.1 and other.threshold == 0.3
 
 
-@pytest.mark.parametrize("schedule", ["constant", "linear", "quadratic"])
+@pytest.mark.parametrize("schedule", sorted(BUDGET_SCHEDULES))
 def test_step_thresholds_spend_the_same_total_budget(schedule):
     config = DiTFastAttnConfig(threshold=0.1, num_inference_steps=10, full_steps=2, budget_schedule=schedule)
     steps = config.step_thresholds()
