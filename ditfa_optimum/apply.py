@@ -48,7 +48,7 @@ def apply(model, plan: CompressionPlan, *, backend: str | None = None, cfg: bool
         model: an MMDiT transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``) or a diffusers pipeline
             holding one as ``.transformer``.
         plan: the plan; it must match the transformer's attention modules.
-        backend: "auto" (default; also ``$DITFA_BACKEND``), "reference", "flex", or "triton" once installed.
+        backend: "auto" (default; also ``$DITFA_BACKEND``), "triton", "flex", "blocked" or "reference".
         cfg: whether transformer calls batch CFG as [uncond, cond]. Default: asked from the pipeline at each call
             when a pipeline is given, else unknown (then `cfg_share` heads are computed in full, with a warning).
 

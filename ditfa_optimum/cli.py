@@ -110,7 +110,7 @@ def _cmd_demo(args) -> int:
           f"{result['text_tokens']} text tokens, {result['steps']} steps, backend {result['backend']}")
     print(f"attention    {result['flop_cut']:.1%} of dense attention FLOPs cut")
     print(f"time/step    dense {result['dense_ms_per_step']:.1f} ms, planned {result['planned_ms_per_step']:.1f} ms "
-          "(CPU reference backend: correctness path, not the fast one)")
+          f"(backend {result['backend']})")
     print(f"error        final latents RSE vs dense = {result['latent_rse']:.3g} (random weights: no quality meaning)")
     if "saved" in result:
         print(f"saved        plan.json + plan.safetensors in {result['saved']}")
@@ -125,7 +125,7 @@ def _load_optimizer(model: str, dtype: str | None, device: str | None):
     from .optimizer import DiTFastAttnOptimizer
 
     if model in EMBEDDED_MODELS:
-        pipe, encoder = embedded_pipeline(model, device)
+        pipe, encoder = embedded_pipeline(model, device, getattr(torch, dtype) if dtype else None)
         return DiTFastAttnOptimizer(pipe, prompt_encoder=encoder, source=model)
     kwargs = {}
     if dtype:
@@ -153,9 +153,9 @@ def _cmd_optimize(args) -> int:
     from .config import DEFAULT_METHODS, DiTFastAttnConfig
     from .serialization import check_target
 
-    from .embedded import DEFAULTS
+    from .embedded import defaults_for
 
-    defaults = DEFAULTS.get(args.model, MODEL_DEFAULTS)
+    defaults = defaults_for(args.model) or MODEL_DEFAULTS
     size = args.size or defaults["size"]
     try:
         config = DiTFastAttnConfig(
@@ -228,7 +228,9 @@ def _cmd_generate(args) -> int:
         if args.dense:
             remove(pipe)
         kwargs = pipeline_kwargs(pipe, [args.prompt], settings, prompt_encoder=art.prompt_encoder(pipe))
-        pixels = getattr(pipe, "vae", None) is not None or type(pipe).__name__ == "MiniMMDiTPipeline"
+        from .mini import MiniMMDiTPipeline
+
+        pixels = getattr(pipe, "vae", None) is not None or isinstance(pipe, MiniMMDiTPipeline)
         with torch.inference_mode(), progress_bars(pipe, not args.quiet):
             result = pipe(**kwargs, output_type="pil" if pixels else "latent").images
     except ValueError as e:

@@ -27,17 +27,30 @@ def check_name(name: str) -> str:
     return name
 
 
-def embedded_pipeline(name: str, device=None):
+def defaults_for(model: str) -> dict | None:
+    """Calibration defaults for ``model``: an embedded name, or a directory holding a saved miniature model (e.g. one
+    trained with ``ditfa_optimum.mini.train``); None for anything else."""
+    if model in DEFAULTS:
+        return DEFAULTS[model]
+    from .mini import is_mini_pipeline_dir
+
+    return DEFAULTS[DEFAULT_MODEL] if is_mini_pipeline_dir(model) else None
+
+
+def embedded_pipeline(name: str, device=None, torch_dtype=None):
     """``(pipeline, prompt_encoder)`` of the embedded model ``name`` (``prompt_encoder`` is None when the pipeline
-    encodes prompts itself)."""
+    encodes prompts itself), in ``torch_dtype`` (default float32) on ``device``."""
+    import torch
+
     check_name(name)
+    dtype = torch_dtype or torch.float32
     if name == DEFAULT_MODEL:
         from .mini import mini_pipeline
 
-        return mini_pipeline(device=device), None
+        return mini_pipeline(torch_dtype=dtype, device=device), None
     from .tiny import TinyPromptEncoder, tiny_pipeline
 
-    pipe = tiny_pipeline(TINY_FAMILIES[name])
+    pipe = tiny_pipeline(TINY_FAMILIES[name], dtype=dtype)
     if device is not None:
         pipe.to(device)
     return pipe, TinyPromptEncoder(pipe.transformer)

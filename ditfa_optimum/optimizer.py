@@ -61,16 +61,17 @@ class DiTFastAttnOptimizer:
             from .embedded import EMBEDDED_MODELS, embedded_pipeline
             from .mini import is_mini_pipeline_dir, mini_pipeline
 
-            if os.fspath(model) in EMBEDDED_MODELS and not load_kwargs:
-                pipeline, encoder = embedded_pipeline(os.fspath(model))
+            embedded = os.fspath(model) in EMBEDDED_MODELS
+            if embedded or is_mini_pipeline_dir(model):  # built from the package, or a pipeline class of ours
+                kwargs = dict(load_kwargs)
+                dtype = kwargs.pop("torch_dtype", kwargs.pop("dtype", None))
+                if kwargs:
+                    raise ValueError(f"{os.fspath(model)!r} loads with torch_dtype only, got {sorted(kwargs)}")
+                if embedded:
+                    pipeline, encoder = embedded_pipeline(os.fspath(model), torch_dtype=dtype)
+                else:
+                    pipeline, encoder = mini_pipeline(model, torch_dtype=dtype or torch.float32), None
                 return cls(pipeline, prompt_encoder=prompt_encoder or encoder, source=os.fspath(model))
-            if is_mini_pipeline_dir(model):  # its pipeline class is ours, not diffusers'
-                dtype = load_kwargs.pop("torch_dtype", load_kwargs.pop("dtype", torch.float32))
-                if load_kwargs:
-                    raise ValueError(f"a miniature model directory loads with torch_dtype only, got "
-                                     f"{sorted(load_kwargs)}")
-                return cls(mini_pipeline(model, torch_dtype=dtype), prompt_encoder=prompt_encoder,
-                           source=os.fspath(model))
 
             from .serialization import offline_hint
 

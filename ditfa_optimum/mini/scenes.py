@@ -33,7 +33,8 @@ POSITIONS = {"top left": ("in the top left", 0, 0), "top": ("at the top", 0, 1),
              "center": ("in the center", 1, 1), "right": ("on the right", 1, 2),
              "bottom left": ("in the bottom left", 2, 0), "bottom": ("at the bottom", 2, 1),
              "bottom right": ("in the bottom right", 2, 2)}
-#: background tone name -> RGB: low saturation, > 0.55 from every palette colour even with the texture on top
+#: background tone name -> RGB: low saturation, more than the 0.4 colour tolerance from every palette colour even with
+#: the texture on top (the closest pair, textured mid gray and green, is 0.48 apart)
 BACKGROUNDS = {"dark gray": (0.22, 0.22, 0.22), "slate": (0.2, 0.23, 0.3), "mid gray": (0.42, 0.42, 0.42),
                "brown gray": (0.3, 0.26, 0.22)}
 TEXTURES = ("plain", "horizontal stripes", "vertical stripes", "checker", "noise")
@@ -281,8 +282,9 @@ def evaluation_captions(n: int, seed: int) -> list[str]:
 
     Conventions: training samples scenes from its own random stream, never through this function; the quality
     benchmark evaluates on ``evaluation_captions(n, 1234)`` and the calibration prompts are
-    ``evaluation_captions(n, 0)``. Lists for different seeds are not made disjoint (with some 3 x 10^8 possible
-    captions they rarely meet).
+    ``evaluation_captions(n, 0)``. Lists for different seeds are not made disjoint and can meet (one-object captions
+    have only 864 forms): benchmarks exclude the calibration captions explicitly. A list for ``n`` is not a prefix of
+    the list for a larger ``n`` (all scenes are drawn at once).
     """
     generator, found = torch.Generator().manual_seed(seed), {}
     while len(found) < n:

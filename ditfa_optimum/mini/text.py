@@ -73,7 +73,7 @@ class MiniTextEncoder(ModelMixin, ConfigMixin):
             ids[row, 1: len(words) + 1] = torch.tensor([self.word_ids.get(w, UNKNOWN) for w in words],
                                                        dtype=torch.long)
         if unknown:
-            logger.warning("mini text encoder: words outside its vocabulary are ignored as <unk>: %s "
+            logger.warning("mini text encoder: words outside its vocabulary are read as <unk>: %s "
                            "(it knows only the shapes grammar; see ditfa_optimum.mini.scenes)", sorted(unknown))
         if cut:
             logger.warning("mini text encoder: %d caption(s) longer than %d words were cut", cut, length - 1)

@@ -74,6 +74,27 @@ def get_backend(name: str | None, device: torch.device) -> Backend:
     return backend
 
 
+def attend_by_width(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, widths: torch.Tensor,
+                    arrow: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """The PyTorch backends' loop: an all-full call is one plain SDPA call; otherwise the (sample, head) pairs are
+    grouped by band width, full groups run plain SDPA and arrow groups ``arrow(q, k, v, layout, width)`` on ``[G, S,
+    D]`` tensors. Skipped pairs (width 0) are left unwritten."""
+    import torch.nn.functional as F
+
+    full = layout.num_image_blocks
+    if bool((widths == full).all()):
+        return F.scaled_dot_product_attention(q, k, v)
+    out = torch.empty_like(q)
+    for width in widths.unique().tolist():
+        if width == 0:
+            continue
+        b, h = torch.nonzero(widths == width, as_tuple=True)
+        attend = F.scaled_dot_product_attention if width == full else (
+            lambda q_, k_, v_, w=width: arrow(q_, k_, v_, layout, w))
+        out[b, h] = attend(q[b, h], k[b, h], v[b, h])
+    return out
+
+
 def auto_eligible(backend: Backend, device: torch.device) -> bool:
     # on CPU FlexAttention runs only through its slow eager path and Triton only in its interpreter: "auto" keeps
     # both for accelerators

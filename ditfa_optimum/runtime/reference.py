@@ -1,4 +1,4 @@
-"""The PyTorch reference backend: any device, any dtype; the test oracle and the CPU fallback.
+"""The PyTorch reference backend: any device, any dtype; the test oracle (never chosen by "auto").
 
 Heads are grouped by band width; each group is one `scaled_dot_product_attention` call with the boolean arrow mask of
 `ditfa_optimum.masks` (no mask at all for full width, so an all-`full` plan computes exactly what stock diffusers does).
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import TokenLayout, arrow_mask
-from .backends import register_backend
+from .backends import attend_by_width, register_backend
 
 
 @register_backend
@@ -22,14 +22,9 @@ class ReferenceBackend:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                widths: torch.Tensor) -> torch.Tensor:
-        full = layout.num_image_blocks
-        if bool((widths == full).all()):
-            return F.scaled_dot_product_attention(q, k, v)
-        out = torch.empty_like(q)
-        for width in widths.unique().tolist():
-            if width == 0:
-                continue
-            b, h = torch.nonzero(widths == width, as_tuple=True)
-            mask = None if width == full else arrow_mask(layout, width, device=q.device)
-            out[b, h] = F.scaled_dot_product_attention(q[b, h], k[b, h], v[b, h], attn_mask=mask)
-        return out
+        return attend_by_width(q, k, v, layout, widths, masked_arrow)
+
+
+def masked_arrow(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, width: int) -> torch.Tensor:
+    """Arrow attention as SDPA with the boolean `arrow_mask` (builds the whole score matrix)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=arrow_mask(layout, width, device=q.device))
