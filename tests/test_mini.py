@@ -157,3 +157,16 @@ def test_optimizer_from_pretrained_takes_the_name_and_a_saved_directory(pipe, tm
         assert torch.equal(value, pipe.transformer.state_dict()[key]), key
     with pytest.raises(ValueError, match="torch_dtype only"):
         DiTFastAttnOptimizer.from_pretrained(tmp_path / "copy", variant="fp16")
+
+
+def test_cli_optimizes_a_saved_miniature_model_at_its_own_resolution(pipe, tmp_path):
+    from ditfa_optimum.cli import main
+    from ditfa_optimum.serialization import read_artifact
+
+    pipe.save_pretrained(tmp_path / "trained")
+    assert main(["optimize", str(tmp_path / "trained"), "--steps", "2", "--num-prompts", "1", "--quiet",
+                 "--repro-prompts", "0", "--out", str(tmp_path / "artifact")]) == 0
+    config = read_artifact(tmp_path / "artifact").config["search_config"]
+    assert (config["height"], config["block_size"], config["guidance_scale"]) == (64, 32, 4.0)
+    opt = DiTFastAttnOptimizer.from_pretrained("mini-mmdit", torch_dtype=torch.float64)
+    assert opt.pipeline.transformer.dtype == torch.float64 and opt.source == "mini-mmdit"
