@@ -24,6 +24,7 @@ from ditfa_optimum.mini import DEFAULTS, MiniMMDiTPipeline, mini_pipeline  # noq
 from ditfa_optimum.mini.scenes import evaluation_captions, faithfulness  # noqa: E402
 
 EVAL_SEED, CALIBRATION_SEED = 1234, 0
+CAPTION = "a small red circle in the top left and a large blue square at the bottom"
 
 
 def held_out_captions(n: int, calibration: list[str]) -> list[str]:
@@ -73,10 +74,30 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=DEFAULTS["guidance_scale"])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the time of one image (median of 3), e.g. with --device cpu on an idle machine")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = mini_pipeline(args.model, device=args.device)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+
+    def single_image_seconds(caption: str) -> float:
+        """One image, dense, batch 1 with CFG: median of 3 runs."""
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            generate(pipe, [caption], [0], args.steps, args.guidance, 1)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[1]
+
+    if args.timing_only:
+        result = dict(device=device, threads=torch.get_num_threads(), steps=args.steps, guidance=args.guidance,
+                      torch=torch.__version__, single_image_seconds=single_image_seconds(CAPTION),
+                      caption=CAPTION, date=time.strftime("%Y-%m-%d"))
+        (out / "timing.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        return 0
 
     captions = held_out_captions(args.captions, MiniMMDiTPipeline.default_prompts(8, CALIBRATION_SEED))
     start = time.perf_counter()
@@ -91,22 +112,14 @@ def main(argv=None) -> int:
                     args.guidance, args.batch)
     grid_png(grid, 4, out / "samples.png")
 
-    # one image, dense, batch 1 with CFG (run with --device cpu for the CPU figure of docs/mini-model.md)
-    single = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        generate(pipe, captions[:1], [0], args.steps, args.guidance, 1)
-        single.append(time.perf_counter() - t0)
-
     result = dict(
-        device=torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
-        threads=torch.get_num_threads(), steps=args.steps, guidance=args.guidance, captions=len(captions),
+        device=device, threads=torch.get_num_threads(), steps=args.steps, guidance=args.guidance, captions=len(captions),
         faithfulness=scores.mean().item(), faithfulness_by_objects=by_count,
         color_found=sum(d["color_found"] for d in objects) / len(objects),
         position_ok=sum(d["position_ok"] for d in objects) / len(objects),
         size_ok=sum(d["size_ok"] for d in objects) / len(objects),
         shape_guess_ok=sum(d["shape_guess"] == d["object"].shape for d in objects) / len(objects),
-        batch_seconds=seconds, single_image_seconds=sorted(single)[1], sample_captions=shown)
+        batch_seconds=seconds, single_image_seconds=single_image_seconds(captions[0]), sample_captions=shown)
     (out / "mini_model.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return 0
