@@ -109,8 +109,7 @@ def _cmd_demo(args) -> int:
     print(f"model        tiny random-weight {result['family']} transformer, {result['image_tokens']} image + "
           f"{result['text_tokens']} text tokens, {result['steps']} steps, backend {result['backend']}")
     print(f"attention    {result['flop_cut']:.1%} of dense attention FLOPs cut")
-    print(f"time/step    dense {result['dense_ms_per_step']:.1f} ms, planned {result['planned_ms_per_step']:.1f} ms "
-          f"(backend {result['backend']})")
+    print(f"time/step    dense {result['dense_ms_per_step']:.1f} ms, planned {result['planned_ms_per_step']:.1f} ms")
     print(f"error        final latents RSE vs dense = {result['latent_rse']:.3g} (random weights: no quality meaning)")
     if "saved" in result:
         print(f"saved        plan.json + plan.safetensors in {result['saved']}")
@@ -121,13 +120,9 @@ MODEL_DEFAULTS = dict(steps=28, size=1024, block_size=128, guidance=None)
 
 
 def _load_optimizer(model: str, dtype: str | None, device: str | None):
-    from .embedded import EMBEDDED_MODELS, embedded_pipeline
     from .optimizer import DiTFastAttnOptimizer
 
-    if model in EMBEDDED_MODELS:
-        pipe, encoder = embedded_pipeline(model, device, getattr(torch, dtype) if dtype else None)
-        return DiTFastAttnOptimizer(pipe, prompt_encoder=encoder, source=model)
-    kwargs = {}
+    kwargs = {}  # from_pretrained also knows the embedded models and saved miniature-model directories
     if dtype:
         kwargs["torch_dtype"] = getattr(torch, dtype)
     opt = DiTFastAttnOptimizer.from_pretrained(model, **kwargs)

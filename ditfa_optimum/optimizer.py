@@ -47,10 +47,12 @@ class DiTFastAttnOptimizer:
 
     @classmethod
     def from_pretrained(cls, model, *, prompt_encoder=None, **load_kwargs) -> "DiTFastAttnOptimizer":
-        """From a Hub model id, a local pipeline directory, or an already loaded pipeline.
+        """From a Hub model id, a local pipeline directory, an embedded model name (`ditfa_optimum.embedded`, e.g.
+        "mini-mmdit"), or an already loaded pipeline.
 
         Ids and paths load with ``diffusers.DiffusionPipeline.from_pretrained(model, **load_kwargs)`` (e.g.
-        ``torch_dtype=torch.bfloat16``); ``HF_HUB_OFFLINE=1`` loads from the local cache only.
+        ``torch_dtype=torch.bfloat16``); ``HF_HUB_OFFLINE=1`` loads from the local cache only. Embedded models and
+        saved miniature-model directories are built by the package and take ``torch_dtype`` only.
 
         Example:
             >>> opt = DiTFastAttnOptimizer.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")  # doctest: +SKIP

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from ..embedded import DEFAULTS as EMBEDDED_DEFAULTS
+from ..embedded import DEFAULT_MODEL, DEFAULTS as EMBEDDED_DEFAULTS
 from .pipeline import MiniMMDiTPipeline
 from .text import MiniTextEncoder
 
 #: where the trained model lives inside the installed package
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "mini-mmdit"
 #: the embedded model's name (CLI, artifacts' base_model id)
-NAME = "mini-mmdit"
+NAME = DEFAULT_MODEL
 
 #: the transformer: diffusers' SD3 architecture, 64x64 RGB pixels in patches of 2 (1024 image tokens), 6 joint blocks
 #: of 6 heads x 32

@@ -46,28 +46,25 @@ def test_backend_mixed_plan_matches_naive(layout, backend):
     torch.testing.assert_close(out[computed].double(), ref[computed], atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
-def test_flex_equals_reference(layout):
+# the blocked backend also on the mini model's layout (1024 image tokens in blocks of 32) and an image-only call
+BLOCKED_LAYOUTS = LAYOUTS + [TokenLayout(1024, 32, image_first=True, block_size=32),
+                             TokenLayout(50, 0, image_first=False, block_size=8)]
+BLOCKED_IDS = IDS + ["mini-mmdit", "image-only"]
+BLOCKED_TOL = dict(atol=2e-6, rtol=1e-5)  # the same SDPA math on fewer keys
+
+
+@pytest.mark.parametrize("backend, layout, tol",
+                         [("flex", layout, FLEX_TOL) for layout in LAYOUTS]
+                         + [("blocked", layout, BLOCKED_TOL) for layout in BLOCKED_LAYOUTS],
+                         ids=[f"flex-{i}" for i in IDS] + [f"blocked-{i}" for i in BLOCKED_IDS])
+def test_backend_equals_reference(backend, layout, tol):
     B, H = 3, 4
     q, k, v = rand_qkv(B, H, layout.seq_len, 16)
     widths = mixed_widths(layout, B, H)
     ref = get_backend("reference", CPU).attend(q, k, v, layout, widths)
-    flex = get_backend("flex", CPU).attend(q, k, v, layout, widths)
+    out = get_backend(backend, CPU).attend(q, k, v, layout, widths)
     computed = widths > 0
-    torch.testing.assert_close(flex[computed], ref[computed], **FLEX_TOL)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS + [TokenLayout(1024, 32, image_first=True, block_size=32),
-                                    TokenLayout(50, 0, image_first=False, block_size=8)],
-                         ids=IDS + ["mini-mmdit", "image-only"])
-def test_blocked_equals_reference(layout):
-    B, H = 2, 3
-    q, k, v = rand_qkv(B, H, layout.seq_len, 16)
-    widths = mixed_widths(layout, B, H)
-    ref = get_backend("reference", CPU).attend(q, k, v, layout, widths)
-    blocked = get_backend("blocked", CPU).attend(q, k, v, layout, widths)
-    computed = widths > 0
-    torch.testing.assert_close(blocked[computed], ref[computed], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out[computed], ref[computed], **tol)
 
 
 def test_reference_all_full_is_plain_sdpa():
