@@ -66,3 +66,10 @@ def test_step_thresholds_spend_the_same_total_budget(schedule):
     assert sum(steps[2:]) / 8 == pytest.approx(0.1)
     assert all(b >= a for a, b in zip(steps[2:], steps[3:]))  # never less budget for a later step
     assert (steps[2] == steps[-1]) == (schedule == "constant")
+
+
+def test_configs_saved_before_the_budget_options_read_as_the_paper_settings():
+    old = DiTFastAttnConfig(threshold=0.2).to_dict()
+    del old["budget_schedule"], old["error_normalization"]
+    config = DiTFastAttnConfig.from_dict(old)
+    assert (config.budget_schedule, config.error_normalization, config.threshold) == ("constant", "head", 0.2)
