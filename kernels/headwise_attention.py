@@ -86,7 +86,7 @@ def _headwise_attention_kernel(
         Q, K, V, Out, Lse, Widths, Order,
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os,
-        H, S, T, N_IMG, N_BLK, sm_scale,
+        H, S, T, N_IMG, N_BLK, sm_scale, TUNE_KEY,
         HEAD_DIM: tl.constexpr, BS: tl.constexpr, IMAGE_FIRST: tl.constexpr, STORE_LSE: tl.constexpr,
         PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -171,8 +171,9 @@ def _headwise_attention_kernel(
         tl.store(Lse + pid_bh.to(tl.int64) * S + offs_m, lse, mask=rows_ok)
 
 
+# TUNE_KEY (`tune_key`): the plan's typical band, so short-band plans get their own configuration
 _autotuned_kernel = triton.autotune(configs=CONFIGS, key=["S", "T", "HEAD_DIM", "BS", "IMAGE_FIRST", "PRECISION",
-                                                          "USE_TMA"],
+                                                          "USE_TMA", "TUNE_KEY"],
                                     prune_configs_by={"early_config_prune": _prune})(_headwise_attention_kernel)
 
 
@@ -217,14 +218,27 @@ def launch_order(widths: torch.Tensor) -> torch.Tensor:
     return torch.argsort(widths.flatten(), descending=True, stable=True).to(torch.int32)
 
 
+def tune_key(widths: torch.Tensor) -> int:
+    """The autotuning key of a plan: log2 of the mean band width of its computed heads, rounded (0 when none).
+
+    Image tiles run text chunks plus ``width`` band blocks, so the best tile shape and pipeline depth depend on the
+    plan: all-arrow-1/16 plans want other configurations than full heads. Reads ``widths`` on the host (give the key
+    to `headwise_attention` to avoid a device sync)."""
+    computed = widths[widths > 0].double()
+    return 0 if computed.numel() == 0 else max(0, round(float(torch.log2(computed.mean()))))
+
+
 def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths: torch.Tensor,
                        num_image_tokens: int, num_text_tokens: int, image_first: bool, block_size: int,
                        out: torch.Tensor | None = None, lse: torch.Tensor | None = None, store_lse: bool = True,
-                       order: torch.Tensor | None = None):
-    """Launch the kernel. ``widths``: ``[B, H]`` int32 on q's device; ``order``: `launch_order(widths)` (computed
-    when not given). Returns ``(out, lse)``.
+                       order: torch.Tensor | None = None, key: int | None = None,
+                       config: triton.Config | None = None):
+    """Launch the kernel. ``widths``: ``[B, H]`` int32 on q's device; ``order``: `launch_order(widths)` and ``key``:
+    `tune_key(widths)` (both computed when not given). Returns ``(out, lse)``.
 
     ``out`` / ``lse`` may be given (e.g. poisoned by tests); skipped (sample, head) entries are never written.
+    ``config`` runs one configuration (``BLOCK_M``, ``BLOCK_N``, warps, stages) instead of the autotuned choice
+    (benchmarks); its tiles must divide ``block_size``.
     """
     problem = check_inputs(q, k, v, block_size)
     if problem:
@@ -239,6 +253,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     n_blk = -(-num_image_tokens // block_size)
     widths = widths.to(torch.int32).contiguous()
     order = launch_order(widths) if order is None else order
+    key = tune_key(widths) if key is None else key
     if out is None:
         out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
     if lse is None:
@@ -254,7 +269,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     args = (q, k_arg, v_arg, out, lse, widths, order,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            H, S, num_text_tokens, num_image_tokens, n_blk, D ** -0.5)
+            H, S, num_text_tokens, num_image_tokens, n_blk, D ** -0.5, key)
     consts = dict(HEAD_DIM=D, BS=block_size, IMAGE_FIRST=bool(image_first), STORE_LSE=store_lse,
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
                   USE_TMA=use_tma)
@@ -263,7 +278,14 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
         bm = meta["BLOCK_M"]
         return ((triton.cdiv(num_text_tokens, bm) + n_blk * (block_size // bm)) * B * H,)
 
-    if INTERPRET or not AUTOTUNE or block_size % 64:
+    if config is not None:
+        meta = config.all_kwargs()
+        if block_size % meta["BLOCK_M"] or block_size % meta["BLOCK_N"]:
+            raise ValueError(f"headwise_attention: config tiles {meta['BLOCK_M']}x{meta['BLOCK_N']} must divide the "
+                             f"mask block size {block_size}")
+        _descriptor_hook({**consts, "K": k_arg, "V": v_arg, "BLOCK_N": meta["BLOCK_N"]})
+        _headwise_attention_kernel[grid(meta)](*args, **consts, **meta)
+    elif INTERPRET or not AUTOTUNE or block_size % 64:
         # one fixed tile that divides the block size (the CPU interpreter: the smallest, fastest to simulate)
         tile = 16 if INTERPRET else max(t for t in (64, 32, 16) if block_size % t == 0)
         _descriptor_hook({**consts, "K": k_arg, "V": v_arg, "BLOCK_N": tile})

@@ -1,7 +1,7 @@
 """The "triton" backend: the fused head-wise kernel (`ditfa_optimum.kernels.headwise_attention`) as a torch custom op.
 
-``torch.ops.ditfa.headwise_attention(q, k, v, widths, num_image_tokens, num_text_tokens, image_first, block_size)``
-returns ``(out, lse)``; a fake implementation gives `torch.compile` the shapes. The backend is chosen first by "auto"
+``torch.ops.ditfa.headwise_attention(q, k, v, widths, order, tune_key, num_image_tokens, num_text_tokens, image_first,
+block_size)`` returns ``(out, lse)``; a fake implementation gives `torch.compile` the shapes. The backend is chosen first by "auto"
 on CUDA. It hands work it cannot do to the next backend, saying so once: a step whose heads are all full goes to SDPA
 (cuDNN / flash are faster for dense attention), and inputs outside the kernel's limits (head dim, mask block size) go
 to FlexAttention (CUDA, head dim >= 16) or the reference.
@@ -34,16 +34,17 @@ def _kernel():
 
 @torch.library.custom_op("ditfa::headwise_attention", mutates_args=())
 def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths: torch.Tensor,
-                       order: torch.Tensor, num_image_tokens: int, num_text_tokens: int, image_first: bool,
-                       block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       order: torch.Tensor, tune_key: int, num_image_tokens: int, num_text_tokens: int,
+                       image_first: bool, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's mixed plan in one launch; ``widths`` ``[B, H]`` int32 on q's device (0 = skip), ``order`` the
-    launch order of the (sample, head) pairs (`ditfa_optimum.kernels.headwise_attention.launch_order`)."""
+    launch order of the (sample, head) pairs and ``tune_key`` the plan's autotuning key (`launch_order` and
+    `tune_key` of `ditfa_optimum.kernels.headwise_attention`)."""
     return _kernel().headwise_attention(q, k, v, widths, num_image_tokens, num_text_tokens, image_first, block_size,
-                                        order=order)
+                                        order=order, key=tune_key)
 
 
 @headwise_attention.register_fake
-def _(q, k, v, widths, order, num_image_tokens, num_text_tokens, image_first, block_size):
+def _(q, k, v, widths, order, tune_key, num_image_tokens, num_text_tokens, image_first, block_size):
     B, H, S, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, H, S, dtype=torch.float32)
 
@@ -65,13 +66,15 @@ class TritonBackend:
             return True
         return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
-    def device_widths(self, widths: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``widths`` as int32 on ``device`` and its launch order, cached by value (no copy or sort per call)."""
+    def device_widths(self, widths: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``widths`` as int32 on ``device``, its launch order and its autotuning key, cached by value (no copy, sort
+        or device sync per call)."""
         widths = widths.cpu()
         key = (tuple(widths.shape), widths.numpy().tobytes(), str(device))
         if key not in self._widths:
             order = _kernel().launch_order(widths)
-            self._widths[key] = (widths.to(device=device, dtype=torch.int32), order.to(device))
+            self._widths[key] = (widths.to(device=device, dtype=torch.int32), order.to(device),
+                                 _kernel().tune_key(widths))
             if len(self._widths) > _MAX_CACHED_WIDTHS:
                 self._widths.popitem(last=False)
         self._widths.move_to_end(key)

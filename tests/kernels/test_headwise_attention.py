@@ -10,7 +10,7 @@ from conftest import naive_attention, naive_keep
 from ditfa_optimum.masks import TokenLayout
 
 triton = pytest.importorskip("triton")
-from ditfa_optimum.kernels.headwise_attention import check_inputs, headwise_attention  # noqa: E402
+from ditfa_optimum.kernels.headwise_attention import check_inputs, headwise_attention, tune_key  # noqa: E402
 from ditfa_optimum.runtime import get_backend  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,11 +120,35 @@ def test_custom_op_registration():
     q, k, v = (torch.randn(1, 2, layout.seq_len, 16, device=DEVICE) for _ in range(3))
     widths = torch.tensor([[1, layout.num_image_blocks]], dtype=torch.int32, device=DEVICE)
     order = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
-    args = (q, k, v, widths, order, layout.num_image_tokens, layout.num_text_tokens, layout.image_first, layout.block_size)
+    args = (q, k, v, widths, order, 1, layout.num_image_tokens, layout.num_text_tokens, layout.image_first,
+            layout.block_size)
     torch.library.opcheck(torch.ops.ditfa.headwise_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     out, lse = torch.ops.ditfa.headwise_attention(*args)
     assert out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+
+
+def test_tune_key_is_the_rounded_log2_of_the_mean_computed_width():
+    assert tune_key(torch.tensor([[16, 16, 0]])) == 4          # skipped heads do not count
+    assert tune_key(torch.tensor([[8, 8], [8, 8]])) == 3
+    assert tune_key(torch.tensor([[128, 16, 8, 0]])) == 6      # mean 50.7
+    assert tune_key(torch.tensor([[1, 1]])) == 0
+    assert tune_key(torch.zeros(1, 3, dtype=torch.int32)) == 0  # nothing computed
+
+
+def test_one_named_configuration_matches_the_default_launch():
+    """``config=`` (the benchmarks' sweep) runs the same function; tiles that do not divide the block are refused."""
+    layout = LAYOUTS["block-32"]
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 16, device=DEVICE) for _ in range(3))
+    widths = torch.tensor([[1, 2]], dtype=torch.int32, device=DEVICE)
+    args = (q, k, v, widths, layout.num_image_tokens, layout.num_text_tokens, layout.image_first, layout.block_size)
+    out, lse = headwise_attention(*args)
+    named = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1 if DEVICE.type == "cpu" else 4, num_stages=2)
+    out2, lse2 = headwise_attention(*args, config=named)
+    torch.testing.assert_close(out2, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse2, lse, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="must divide the mask block size 32"):
+        headwise_attention(*args, config=triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}))
 
 
 @pytest.mark.parametrize("problem, words", [
