@@ -1,0 +1,37 @@
+"""The kernel experiments kept in benchmarks/ still compute the right function (they are evidence in the docs)."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the CPU check runs under Triton's interpreter")
+def test_the_chunk_stream_experiment_matches_the_reference():
+    load("kernel_persistent").cpu_check()  # asserts error < 1e-4 and skipped heads untouched, four layouts
+
+
+def test_the_chunk_stream_schedule_balances_and_covers_every_tile():
+    stream = load("kernel_persistent")
+    widths = torch.tensor([[2, 2, 0, 16]])  # 16 image blocks of 64 tokens: the last head is full
+    chunks, starts = stream.chunk_stream(widths, 1024, 77, False, 64, 64, 64, 7)
+    assert starts[0] == 0 and starts[-1] == len(chunks) and len(starts) == 8
+    firsts, lasts = (chunks[:, 3] & 1).sum(), ((chunks[:, 3] >> 1) & 1).sum()
+    tiles_per_head = 2 + 1024 // 64  # two text tiles of 64 rows, sixteen image tiles
+    assert firsts == lasts == 3 * tiles_per_head  # every tile of the three computed heads, once
+    assert not (chunks[:, 0] == 2).any()  # the skipped head has no chunk
+    loads = (starts[1:] - starts[:-1]).tolist()
+    assert max(loads) - min(loads) <= 2 + 1024 // 64  # longest first: within one longest tile (18 chunks)
