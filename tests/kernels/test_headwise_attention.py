@@ -136,6 +136,19 @@ def test_tune_key_is_the_rounded_log2_of_the_mean_computed_width():
     assert tune_key(torch.zeros(1, 3, dtype=torch.int32)) == 0  # nothing computed
 
 
+def test_autotuning_candidates_fit_every_block_size_and_head_dim():
+    from ditfa_optimum.kernels.headwise_attention import CONFIGS, HEAD_DIMS, TILES, _prune, _tile
+
+    for block_size in (64, 128, 192, 256):
+        for head_dim in HEAD_DIMS:
+            chosen = _prune(CONFIGS, dict(BS=block_size, HEAD_DIM=head_dim))
+            assert chosen, (block_size, head_dim)
+            assert all(block_size % c.kwargs["BLOCK_M"] == 0 and block_size % c.kwargs["BLOCK_N"] == 0
+                       for c in chosen)
+    shortlist = {_tile(c) for c in _prune(CONFIGS, dict(BS=128, HEAD_DIM=128))}
+    assert shortlist == set(TILES[128])  # the measured front-runners only, at the default block size
+
+
 def test_one_named_configuration_matches_the_default_launch():
     """``config=`` (the benchmarks' sweep) runs the same function; tiles that do not divide the block are refused."""
     layout = LAYOUTS["block-32"]
