@@ -224,12 +224,10 @@ def gpu():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from ditfa_optimum.masks import TokenLayout
-    from ditfa_optimum.runtime import get_backend
 
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     torch.manual_seed(0)
-    reference = get_backend("reference", dev)
     rows = []
     for case in ("FLUX 2K", "SD3 2K"):
         n_img, n_txt, image_first, D = CASES[case]
