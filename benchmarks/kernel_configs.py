@@ -3,7 +3,7 @@
 The autotuner keeps one configuration per (shape, plan key); this sweep shows the whole table behind that choice, so a
 change to the configuration list or the key is decided on measurements. For SD3 and FLUX at 2048^2 (B=1, 24 heads,
 bf16, 128-token blocks) and the plans of `benchmarks/kernel.py`, it times the kernel with each configuration of
-`GRID` that fits (plus the register-capped candidates below, which may fit two programs on one SM), checks each
+`CONFIGS` that fits (plus the register-capped candidates below, which may fit two programs on one SM), checks each
 against the autotuned launch, and prints per case and plan the five fastest with their ratio to the ideal time
 (cuDNN dense x kept fraction, measured in the same run).
 
@@ -29,24 +29,17 @@ from backends import CASES, HEADS, PLANS, bench, head_methods, kept_fraction, wi
 from ditfa_optimum.kernels import headwise_attention as hw  # noqa: E402
 from ditfa_optimum.masks import TokenLayout  # noqa: E402
 
-#: every tile shape, warp count and pipeline depth worth a look (the kernel's `TILES` is the shortlist taken from here)
-GRID = [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
-        if not (w == 8 and bm * bn < 128 * 128)]
-#: candidates beyond GRID: a register cap can let two programs share an SM (one's prologue hides behind the other)
-EXTRA = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, maxnreg=r)
-         for bm, bn, w, s, r in [(128, 64, 8, 2, 128), (128, 128, 8, 2, 128), (64, 64, 4, 2, 128),
-                                 (64, 128, 4, 2, 168), (128, 64, 4, 2, 255)]]
+#: candidates beyond CONFIGS (BLOCK_M, BLOCK_N, warps, stages, register cap): a cap can let two programs share an SM
+#: (one's prologue hides behind the other)
+EXTRA = [(128, 64, 8, 2, 128), (128, 128, 8, 2, 128), (64, 64, 4, 2, 128), (64, 128, 4, 2, 168), (128, 64, 4, 2, 255)]
 
 
 def candidates(block_size: int, head_dim: int):
     import triton
 
-    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in GRID]
-    configs += [triton.Config(dict(BLOCK_M=e["BLOCK_M"], BLOCK_N=e["BLOCK_N"]), num_warps=e["num_warps"],
-                              num_stages=e["num_stages"], maxnreg=e["maxnreg"]) for e in EXTRA]
-    return [c for c in configs if block_size % c.kwargs["BLOCK_M"] == 0 and block_size % c.kwargs["BLOCK_N"] == 0
-            and c.kwargs["BLOCK_N"] <= max(head_dim, 32)
-            and not (head_dim >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
+    capped = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s, maxnreg=r)
+              for bm, bn, w, s, r in EXTRA]
+    return [c for c in hw.CONFIGS + capped if hw.fits(c, block_size, head_dim)]
 
 
 def describe(config) -> str:

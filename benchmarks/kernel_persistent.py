@@ -101,7 +101,7 @@ def _stream_kernel(
 
 def chunk_stream(widths, n_img, n_txt, image_first, block_size, bm, bn, programs):
     """(chunks [n, 4] int32, starts [P + 1] int32): the tiles of `schedule`, expanded to one row per key chunk."""
-    tiles, starts, _, order = schedule(widths, n_img, n_txt, block_size, bm, bn, programs)
+    tiles, starts, order = schedule(widths, n_img, n_txt, block_size, bm, bn, programs)
     flat = widths.flatten().long()
     n_blk = -(-n_img // block_size)
     n_text_tiles = -(-n_txt // bm)
@@ -156,7 +156,7 @@ def stream_attention(q, k, v, n_img, n_txt, image_first, bm, bn, warps, stages, 
 
 
 def schedule(widths: torch.Tensor, n_img: int, n_txt: int, block_size: int, bm: int, bn: int, programs: int):
-    """(tiles, starts, counts): every computed query tile, longest first onto the least loaded of ``programs``."""
+    """(tiles, starts, order): every computed query tile, longest first onto the least loaded of ``programs``."""
     flat = widths.flatten().long()
     order = torch.argsort(flat, descending=True, stable=True)
     n_computed = int((flat > 0).sum())
@@ -186,12 +186,10 @@ def schedule(widths: torch.Tensor, n_img: int, n_txt: int, block_size: int, bm: 
         load, p = heapq.heappop(heap)
         per_program[p].append(tiles[idx])
         heapq.heappush(heap, (load + lengths[idx], p))
-    lookup = dict(zip(tiles, lengths))
     flat_tiles = [t for p in per_program for t in p]
     starts = np.cumsum([0] + [len(p) for p in per_program])[:-1]
-    counts = [sum(lookup[t] for t in p) for p in per_program]
     as_i32 = lambda x: torch.tensor(np.asarray(x), dtype=torch.int32)  # noqa: E731
-    return as_i32(flat_tiles), as_i32(starts), as_i32(counts), order.to(torch.int32)
+    return as_i32(flat_tiles), as_i32(starts), order.to(torch.int32)
 
 
 def cpu_check():

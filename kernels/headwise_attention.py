@@ -36,35 +36,39 @@ AUTOTUNE = os.environ.get("DITFA_TRITON_AUTOTUNE", "1") != "0"
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
-#: (BLOCK_M, BLOCK_N, warps, stages) the autotuner tries, per head dim: the front-runners of the full sweep
-#: (`benchmarks/kernel_configs.py`, H100, docs/benchmarks/kernel-configs-2026-11-26-h100.json). A short list keeps the
-#: first call fast and leaves timing noise no slow candidate to pick: with all 36, one run chose a tile 8% slower for
-#: FLUX 2K mixed. D=128: 128x128 with 8 warps won every plan; D=64: five candidates within 3% of each other.
-TILES = {
-    16: [(64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3)],
-    32: [(64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3)],
-    64: [(128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4)],
-    128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 2)],
-    256: [(64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3)],
-}
 #: autotuned for block sizes that are multiples of 64 (the default 128 included); others run one fixed tile
 CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s,
                          pre_hook=lambda nargs: _descriptor_hook(nargs))
-           for bm, bn, w, s in sorted({t for tiles in TILES.values() for t in tiles})]
+           for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+           if not (w == 8 and bm * bn < 128 * 128)]
+#: (BLOCK_M, BLOCK_N, warps, stages) the autotuner tries for the head dims measured on an H100: the front-runners of
+#: the sweep of every configuration (`benchmarks/kernel_configs.py`, docs/benchmarks/kernel-configs-2026-11-26-h100.json).
+#: A short list keeps the first call fast and leaves timing noise no slow candidate to pick: with all of `CONFIGS`, one
+#: run chose a tile 8% slower for FLUX 2K mixed. D=128: 128x128 with 8 warps won every plan; D=64: five candidates
+#: within 3% of each other. Other head dims try every configuration that fits.
+TILES = {
+    64: [(128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4)],
+    128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 2)],
+}
 
 
 def _tile(config) -> tuple[int, int, int, int]:
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
+def fits(config, block_size: int, head_dim: int) -> bool:
+    """Whether a configuration's tiles divide the mask's block size and are not too big for the head dim."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return (block_size % bm == 0 and block_size % bn == 0 and bn <= max(head_dim, 32)
+            and not (head_dim >= 256 and bm * bn > 64 * 64))
+
+
 def _prune(configs, named_args, **kwargs):
-    """Keep this head dim's candidates (`TILES`) whose tiles divide the mask's block size; when none does (a 64-token
-    block with D=128), every candidate that divides it and fits the head dim."""
+    """The configurations that fit; of those, this head dim's shortlist (`TILES`) when any of it fits (not, e.g., a
+    64-token block with D=128)."""
     bs, d = kwargs.get("BS", named_args.get("BS")), kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-    divides = [c for c in configs if bs % c.kwargs["BLOCK_M"] == 0 and bs % c.kwargs["BLOCK_N"] == 0]
-    return [c for c in divides if _tile(c) in TILES[d]] or [
-        c for c in divides if c.kwargs["BLOCK_N"] <= max(d, 32)
-        and not (d >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
+    fitting = [c for c in configs if fits(c, bs, d)]
+    return [c for c in fitting if _tile(c) in TILES.get(d, ())] or fitting
 
 
 @triton.jit
