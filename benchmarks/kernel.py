@@ -4,7 +4,8 @@ One run (a few minutes on an H100, mostly autotuning) does:
 
 1. correctness (flash-attn's rule): the kernel's bf16 error against an fp32 reference is at most 2x PyTorch's own
    bf16 SDPA error on the same masked inputs; outputs and LSE poisoned with NaN first; both token orders, ragged
-   lengths (2000 image tokens, 77 text), D = 64 and 128, every plan below;
+   lengths (2000 image tokens, 77 text) and aligned ones (2048 + 256: output by bulk copies), D = 64 and 128,
+   every plan below;
 2. timing, B=1, 24 heads, bf16, 128-token blocks, `triton.testing.do_bench` medians, for SD3 (D=64, 333 text tokens,
    image first) and FLUX (D=128, 512 text tokens, text first) at 2048^2 and 1024^2, plans: all arrow 1/8, all 1/16,
    mixed (heads cycle full / arrow 1/8 / arrow 1/16 / cached), all full:
@@ -43,8 +44,11 @@ def rel_err(out, ref, keep):
 
 
 def check(results: list, device) -> None:
-    for image_first in (True, False):
-        layout = TokenLayout(2000, 77, image_first=image_first, block_size=128)
+    # ragged (2000 + 77: query tiles straddle the segments, stores from registers) and aligned (2048 + 256: the
+    # output by bulk copies)
+    for (n_img, n_txt), image_first in [((2000, 77), True), ((2000, 77), False), ((2048, 256), True),
+                                        ((2048, 256), False)]:
+        layout = TokenLayout(n_img, n_txt, image_first=image_first, block_size=128)
         for D in (64, 128):
             for plan in PLANS:
                 B = 2
@@ -62,7 +66,8 @@ def check(results: list, device) -> None:
                 written = bool(torch.isfinite(out[computed]).all()) and bool(torch.isfinite(lse[computed]).all())
                 untouched = bool(out[~computed].isnan().all())
                 err = rel_err(out, ref, computed)
-                results.append(dict(order="image-first" if image_first else "text-first", head_dim=D, plan=plan,
+                results.append(dict(order="image-first" if image_first else "text-first", tokens=(n_img, n_txt),
+                                    head_dim=D, plan=plan,
                                     rel_err=err, torch_bf16_rel_err=base, ratio=err / base, all_written=written,
                                     skipped_untouched=untouched, ok=written and untouched and err <= 2 * base + 1e-6))
 

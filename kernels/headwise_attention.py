@@ -108,7 +108,7 @@ def _headwise_attention_kernel(
         stride_ob, stride_oh, stride_os,
         H, S, T, N_IMG, N_BLK, sm_scale, TUNE_KEY,
         HEAD_DIM: tl.constexpr, BS: tl.constexpr, IMAGE_FIRST: tl.constexpr, STORE_LSE: tl.constexpr,
-        PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+        PRECISION: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # longest programs first: every head's text tiles (they visit every key), then the image tiles head by head in
     # decreasing band width (``Order``), so the shortest programs fill the tail
@@ -182,10 +182,13 @@ def _headwise_attention_kernel(
         acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, b, h, start, band_end,
                                       offs_n, offs_d, qk_scale, PRECISION, True, USE_TMA, BLOCK_N, HEAD_DIM)
 
-    acc = acc / l_i[:, None]
-    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(Out.dtype.element_ty),
-             mask=rows_ok[:, None])
+    acc = acc * (1.0 / l_i)[:, None]
+    if TMA_STORE:  # Out is a descriptor: one asynchronous bulk copy; rows past the sequence are clipped
+        Out.store([b, h, row_start, 0], acc.to(Out.dtype).reshape([1, 1, BLOCK_M, HEAD_DIM]))
+    else:
+        o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(Out.dtype.element_ty),
+                 mask=rows_ok[:, None])
     if STORE_LSE:
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         tl.store(Lse + pid_bh.to(tl.int64) * S + offs_m, lse, mask=rows_ok)
@@ -193,7 +196,7 @@ def _headwise_attention_kernel(
 
 # TUNE_KEY (`tune_key`): the plan's typical band, so short-band plans get their own configuration
 _autotuned_kernel = triton.autotune(configs=CONFIGS, key=["S", "T", "HEAD_DIM", "BS", "IMAGE_FIRST", "PRECISION",
-                                                          "USE_TMA", "TUNE_KEY"],
+                                                          "USE_TMA", "TMA_STORE", "TUNE_KEY"],
                                     prune_configs_by={"early_config_prune": _prune})(_headwise_attention_kernel)
 
 
@@ -212,6 +215,21 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
     return None
 
 
+def check_call(name: str, problem: str | None, q: torch.Tensor, widths: torch.Tensor, num_image_tokens: int,
+               num_text_tokens: int) -> None:
+    """Raise ``ValueError`` (prefixed with the launcher's name) for an input problem, a token count that does not make
+    the sequence length, or a width table that is not ``[B, H]`` on q's device."""
+    if problem:
+        raise ValueError(f"{name}: {problem}")
+    B, H, S, _ = q.shape
+    if num_image_tokens < 1 or num_text_tokens < 0 or num_image_tokens + num_text_tokens != S:
+        raise ValueError(f"{name}: {num_image_tokens} image + {num_text_tokens} text tokens do not make the sequence "
+                         f"length {S}")
+    if widths.shape != (B, H) or widths.device != q.device:
+        raise ValueError(f"{name}: widths must be [B, H] = {(B, H)} on {q.device}, got {tuple(widths.shape)} on "
+                         f"{widths.device}")
+
+
 #: DITFA_TRITON_TMA=0 switches the Hopper copy-engine loads off (pointer loads everywhere)
 USE_TMA = os.environ.get("DITFA_TRITON_TMA", "1") != "0"
 
@@ -227,10 +245,12 @@ def _tma_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _descriptor_hook(nargs):
-    """Autotuning changes BLOCK_N: give the K/V descriptors the matching block shape."""
+    """Autotuning changes BLOCK_M / BLOCK_N: give the K/V (and Out) descriptors the matching block shapes."""
     if nargs.get("USE_TMA"):
         for name in ("K", "V"):
             nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+    if nargs.get("TMA_STORE"):
+        nargs["Out"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["HEAD_DIM"]]
 
 
 def launch_order(widths: torch.Tensor) -> torch.Tensor:
@@ -260,16 +280,8 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     ``config`` runs one configuration (``BLOCK_M``, ``BLOCK_N``, warps, stages) instead of the autotuned choice
     (benchmarks); its tiles must divide ``block_size``.
     """
-    problem = check_inputs(q, k, v, block_size)
-    if problem:
-        raise ValueError(f"headwise_attention: {problem}")
+    check_call("headwise_attention", check_inputs(q, k, v, block_size), q, widths, num_image_tokens, num_text_tokens)
     B, H, S, D = q.shape
-    if num_image_tokens < 1 or num_text_tokens < 0 or num_image_tokens + num_text_tokens != S:
-        raise ValueError(f"headwise_attention: {num_image_tokens} image + {num_text_tokens} text tokens do not make "
-                         f"the sequence length {S}")
-    if widths.shape != (B, H) or widths.device != q.device:
-        raise ValueError(f"headwise_attention: widths must be [B, H] = {(B, H)} on {q.device}, got "
-                         f"{tuple(widths.shape)} on {widths.device}")
     n_blk = -(-num_image_tokens // block_size)
     widths = widths.to(torch.int32).contiguous()
     order = launch_order(widths) if order is None else order
@@ -280,19 +292,25 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
         lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
 
     use_tma = _tma_ok(q, k, v)
+    # the output by bulk copies (Hopper) when no query tile straddles the two segments: the first segment (text or
+    # image) ends on a tile boundary (128 is a multiple of every tile), the second at S, where the copy clips.
+    # Measured: storing from registers cost ~2.8 us of an SM per tile (docs/benchmarks.md)
+    first = num_image_tokens if image_first else num_text_tokens
+    tma_store = use_tma and _tma_ok(out, out, out) and first % 128 == 0
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         k_arg, v_arg = (TensorDescriptor.from_tensor(t, [1, 1, 64, D]) for t in (k, v))  # block set per config
     else:
         k_arg, v_arg = k, v
-    args = (q, k_arg, v_arg, out, lse, widths, order,
+    o_arg = TensorDescriptor.from_tensor(out, [1, 1, 64, D]) if tma_store else out
+    args = (q, k_arg, v_arg, o_arg, lse, widths, order,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             H, S, num_text_tokens, num_image_tokens, n_blk, D ** -0.5, key)
     consts = dict(HEAD_DIM=D, BS=block_size, IMAGE_FIRST=bool(image_first), STORE_LSE=store_lse,
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
-                  USE_TMA=use_tma)
+                  USE_TMA=use_tma, TMA_STORE=tma_store)
 
     def grid(meta):
         bm = meta["BLOCK_M"]
@@ -303,12 +321,13 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
         if block_size % meta["BLOCK_M"] or block_size % meta["BLOCK_N"]:
             raise ValueError(f"headwise_attention: config tiles {meta['BLOCK_M']}x{meta['BLOCK_N']} must divide the "
                              f"mask block size {block_size}")
-        _descriptor_hook({**consts, "K": k_arg, "V": v_arg, "BLOCK_N": meta["BLOCK_N"]})
+        _descriptor_hook({**consts, "K": k_arg, "V": v_arg, "Out": o_arg, "BLOCK_M": meta["BLOCK_M"],
+                          "BLOCK_N": meta["BLOCK_N"]})
         _headwise_attention_kernel[grid(meta)](*args, **consts, **meta)
     elif INTERPRET or not AUTOTUNE or block_size % 64:
         # one fixed tile that divides the block size (the CPU interpreter: the smallest, fastest to simulate)
         tile = 16 if INTERPRET else max(t for t in (64, 32, 16) if block_size % t == 0)
-        _descriptor_hook({**consts, "K": k_arg, "V": v_arg, "BLOCK_N": tile})
+        _descriptor_hook({**consts, "K": k_arg, "V": v_arg, "Out": o_arg, "BLOCK_M": tile, "BLOCK_N": tile})
         _headwise_attention_kernel[grid({"BLOCK_M": tile})](*args, **consts, BLOCK_M=tile, BLOCK_N=tile,
                                                             num_warps=1 if INTERPRET else 4, num_stages=2)
     else:

@@ -35,3 +35,20 @@ def test_the_chunk_stream_schedule_balances_and_covers_every_tile():
     assert not (chunks[:, 0] == 2).any()  # the skipped head has no chunk
     loads = (starts[1:] - starts[:-1]).tolist()
     assert max(loads) - min(loads) <= 2 + 1024 // 64  # longest first: within one longest tile (18 chunks)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_warp_specialised_hopper_experiment_compiles_for_sm90_without_spills(head_dim, overlap):
+    pytest.importorskip("triton.experimental.gluon")  # Gluon has no interpreter: compile only (Triton's ptxas)
+    info = load("kernel_hopper").compile_for_hopper(head_dim, overlap)
+    assert any("0 bytes spill stores" in line for line in info), info
+
+
+def test_the_hopper_experiment_refuses_what_it_cannot_run():
+    hopper = load("kernel_hopper")
+    q = torch.zeros(1, 2, 256, 64, dtype=torch.float16)
+    if not torch.cuda.is_available():
+        assert "Hopper" in hopper.check_inputs(q, q, q, 128)
+    with pytest.raises(ValueError, match="headwise_attention_hopper"):
+        hopper.headwise_attention_hopper(q, q, q, torch.ones(1, 2, dtype=torch.int32), 128, 128, False, 128)
