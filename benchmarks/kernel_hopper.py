@@ -482,7 +482,8 @@ def check(results: list, device) -> None:
                         torch.cuda.synchronize()
                         ref_lse = torch.logsumexp(_scores(q, k, layout, widths), -1)
                         lse_err = float((lse[computed] - ref_lse[computed]).abs().max())
-                        written = bool(torch.isfinite(out[computed]).all()) and bool(torch.isfinite(lse[computed]).all())
+                        written = bool(torch.isfinite(out[computed]).all()) and bool(
+                            torch.isfinite(lse[computed]).all())
                         untouched = bool(out[~computed].isnan().all())
                         err = rel_err(out, ref, computed)
                         ok = written and untouched and err <= 2 * base + 1e-6 and lse_err < 0.05

@@ -3,9 +3,10 @@
 FLUX-shaped (B=1, 24 heads, D=128, 16384 image tokens, 128-token blocks, bf16), every head the same arrow width W in
 {4, 8, 16, 32, 64, 128 (full)}, text lengths T in {0, 512}. With T=0 an image tile visits exactly W key chunks, so the
 slope over W is the cost of a chunk and the intercept the fixed cost of a tile; with T=512 the difference shows what
-the text keys and the text query tiles (which visit every key) cost beyond their chunk count. Times the Triton kernel
-(autotuned), the Hopper experiment (`kernel_hopper.py`) and the same with its output store skipped (what the
-epilogue costs), `do_bench` medians, in one run.
+the text keys and the text query tiles (which visit every key) cost beyond their chunk count; T=512 with W = 8 / 16 /
+128 are the FLUX 2K all 1/16 / all 1/8 / all full cases. Times, `do_bench` medians, in one run: the Triton kernel
+(autotuned; output by bulk copy, and from registers as before: `TMA_STORE` off), the Hopper experiment
+(`kernel_hopper.py`) and the same with its output store skipped (what the epilogue costs).
 
     python benchmarks/kernel_overhead.py [--out DIR]
 """
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends import HEADS, bench, setup  # noqa: E402
 
+from ditfa_optimum.kernels import headwise_attention as hw  # noqa: E402
 from ditfa_optimum.kernels.headwise_attention import headwise_attention, launch_order, tune_key  # noqa: E402
 from kernel_hopper import headwise_attention_hopper  # noqa: E402
 
@@ -69,19 +71,25 @@ def main():
                 return headwise_attention_hopper(q, k, v, widths, N_IMG, T, False, BS, out=out, lse=lse,
                                                  order=order, overlap=False, skip_store=True)
 
+            hw.TMA_STORE = False  # A/B: the output store from registers (before 2026-11-26 evening)
+            triton_kernel()
+            register_store_ms = bench(triton_kernel)
+            hw.TMA_STORE = True
             triton_kernel()
             hopper()
             hopper_no_store()
             chunks, tiles = chunks_and_tiles(T, W)
-            row = dict(T=T, W=W, chunks=chunks, tiles=tiles, triton_ms=bench(triton_kernel), hopper_ms=bench(hopper),
+            row = dict(T=T, W=W, chunks=chunks, tiles=tiles, triton_ms=bench(triton_kernel),
+                       triton_register_store_ms=register_store_ms, hopper_ms=bench(hopper),
                        hopper_no_store_ms=bench(hopper_no_store))
             results.append(row)
-            print(f"T={T:4d} W={W:3d} chunks {chunks:7d} tiles {tiles:5d} | triton {row['triton_ms']:.3f} ms | "
+            print(f"T={T:4d} W={W:3d} chunks {chunks:7d} tiles {tiles:5d} | triton {row['triton_ms']:.3f} ms "
+                  f"(register store {register_store_ms:.3f}) | "
                   f"hopper {row['hopper_ms']:.3f} ms | hopper without the store {row['hopper_no_store_ms']:.3f} ms",
                   flush=True)
     for T in (0, 512):
         rows = [r for r in results if r["T"] == T]
-        for key in ("triton_ms", "hopper_ms", "hopper_no_store_ms"):
+        for key in ("triton_ms", "triton_register_store_ms", "hopper_ms", "hopper_no_store_ms"):
             a, c = fit(rows, key)
             tiles = rows[0]["tiles"]
             print(f"T={T} {key}: {a * 1e6:.2f} ns per chunk, fixed {c * 1e3:.1f} us = {c * 1e6 / tiles:.1f} ns per "

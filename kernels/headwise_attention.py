@@ -232,6 +232,8 @@ def check_call(name: str, problem: str | None, q: torch.Tensor, widths: torch.Te
 
 #: DITFA_TRITON_TMA=0 switches the Hopper copy-engine loads off (pointer loads everywhere)
 USE_TMA = os.environ.get("DITFA_TRITON_TMA", "1") != "0"
+#: DITFA_TRITON_TMA_STORE=0 keeps the output store from registers even where a bulk copy could write it (A/B runs)
+TMA_STORE = os.environ.get("DITFA_TRITON_TMA_STORE", "1") != "0"
 
 
 def _tma_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -296,7 +298,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     # image) ends on a tile boundary (128 is a multiple of every tile), the second at S, where the copy clips.
     # Measured: storing from registers cost ~2.8 us of an SM per tile (docs/benchmarks.md)
     first = num_image_tokens if image_first else num_text_tokens
-    tma_store = use_tma and _tma_ok(out, out, out) and first % 128 == 0
+    tma_store = TMA_STORE and use_tma and _tma_ok(out, out, out) and first % 128 == 0
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
