@@ -74,6 +74,22 @@ def bench(fn, reps_ms=400):
     return do_bench(fn, warmup=100, rep=reps_ms, return_mode="median")
 
 
+def case_inputs(case: str, device):
+    """One timing case of `CASES`: its layout (128-token blocks), random bf16 q, k, v (B=1, `HEADS` heads) and
+    cuDNN SDPA's dense time on them in ms (the stock baseline every ratio is taken against)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n_img, n_txt, image_first, D = CASES[case]
+    layout = TokenLayout(n_img, n_txt, image_first=image_first, block_size=128)
+    q, k, v = (torch.randn(1, HEADS, layout.seq_len, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return layout, q, k, v, bench(cudnn)
+
+
 def rel_err(out, ref, keep):
     out, ref = out[keep].float(), ref[keep].float()
     return float((out - ref).norm() / ref.norm())
@@ -108,16 +124,7 @@ def time_cases(results: list, device, quick: bool):
     cases = ["SD3 2K", "FLUX 2K"] if quick else list(CASES)
     for case in cases:
         n_img, n_txt, image_first, D = CASES[case]
-        layout = TokenLayout(n_img, n_txt, image_first=image_first, block_size=128)
-        S = layout.seq_len
-        q, k, v = (torch.randn(1, HEADS, S, D, device=device, dtype=torch.bfloat16) for _ in range(3))
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        def cudnn():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v)
-
-        dense_ms = bench(cudnn)
+        layout, q, k, v, dense_ms = case_inputs(case, device)
         flex = get_backend("flex", device)
         for plan_name in PLANS:
             methods = head_methods(plan_name)

@@ -27,11 +27,11 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends import CASES, HEADS, PLANS, bench, head_methods, kept_fraction, setup, widths_for  # noqa: E402
+from backends import (CASES, HEADS, PLANS, bench, case_inputs, head_methods, kept_fraction, setup,  # noqa: E402
+                      widths_for)
 
 from ditfa_optimum.kernels.headwise_attention import headwise_attention  # noqa: E402
 from ditfa_optimum.masks import TokenLayout  # noqa: E402
@@ -43,50 +43,49 @@ def rel_err(out, ref, keep):
     return float((out - ref).norm() / ref.norm())
 
 
-def check(results: list, device) -> None:
-    # ragged (2000 + 77: query tiles straddle the segments, stores from registers) and aligned (2048 + 256: the
-    # output by bulk copies)
-    for (n_img, n_txt), image_first in [((2000, 77), True), ((2000, 77), False), ((2048, 256), True),
-                                        ((2048, 256), False)]:
-        layout = TokenLayout(n_img, n_txt, image_first=image_first, block_size=128)
+#: the correctness layouts: ragged (2000 + 77 tokens: query tiles straddle the segments, stores from registers) and
+#: aligned (2048 + 256: the output by bulk copies), both token orders
+CHECK_LAYOUTS = [TokenLayout(n_img, n_txt, image_first=image_first, block_size=128)
+                 for n_img, n_txt in ((2000, 77), (2048, 256)) for image_first in (True, False)]
+
+
+def correctness_cases(device):
+    """Every correctness case of the GPU kernels: (layout, head dim, plan name, widths [2, HEADS] int32 on ``device``,
+    fp32 q, k, v and the fp32 reference output), for each layout, D = 64 and 128 and every plan."""
+    reference = get_backend("reference", device)
+    for layout in CHECK_LAYOUTS:
         for D in (64, 128):
             for plan in PLANS:
-                B = 2
-                widths = widths_for(head_methods(plan), layout).expand(B, HEADS).contiguous()
-                q, k, v = (torch.randn(B, HEADS, layout.seq_len, D, device=device) for _ in range(3))
-                reference = get_backend("reference", device)
-                ref = reference.attend(q, k, v, layout, widths.to(device))  # fp32
-                qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
-                computed = (widths > 0).to(device)
-                base = rel_err(reference.attend(qb, kb, vb, layout, widths.to(device)), ref, computed)
-                out = torch.full_like(qb, float("nan"))
-                lse = torch.full(qb.shape[:3], float("nan"), device=device)
-                headwise_attention(qb, kb, vb, widths.to(device, torch.int32), layout.num_image_tokens,
-                                   layout.num_text_tokens, image_first, 128, out=out, lse=lse)
-                written = bool(torch.isfinite(out[computed]).all()) and bool(torch.isfinite(lse[computed]).all())
-                untouched = bool(out[~computed].isnan().all())
-                err = rel_err(out, ref, computed)
-                results.append(dict(order="image-first" if image_first else "text-first", tokens=(n_img, n_txt),
-                                    head_dim=D, plan=plan,
-                                    rel_err=err, torch_bf16_rel_err=base, ratio=err / base, all_written=written,
-                                    skipped_untouched=untouched, ok=written and untouched and err <= 2 * base + 1e-6))
+                widths = widths_for(head_methods(plan), layout).expand(2, HEADS).contiguous().to(device, torch.int32)
+                q, k, v = (torch.randn(2, HEADS, layout.seq_len, D, device=device) for _ in range(3))
+                yield layout, D, plan, widths, q, k, v, reference.attend(q, k, v, layout, widths)
+
+
+def check(results: list, device) -> None:
+    reference = get_backend("reference", device)
+    for layout, D, plan, widths, q, k, v, ref in correctness_cases(device):
+        qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        computed = widths > 0
+        base = rel_err(reference.attend(qb, kb, vb, layout, widths), ref, computed)
+        out = torch.full_like(qb, float("nan"))
+        lse = torch.full(qb.shape[:3], float("nan"), device=device)
+        headwise_attention(qb, kb, vb, widths, layout.num_image_tokens, layout.num_text_tokens, layout.image_first,
+                           128, out=out, lse=lse)
+        written = bool(torch.isfinite(out[computed]).all()) and bool(torch.isfinite(lse[computed]).all())
+        untouched = bool(out[~computed].isnan().all())
+        err = rel_err(out, ref, computed)
+        results.append(dict(order="image-first" if layout.image_first else "text-first",
+                            tokens=(layout.num_image_tokens, layout.num_text_tokens), head_dim=D, plan=plan,
+                            rel_err=err, torch_bf16_rel_err=base, ratio=err / base, all_written=written,
+                            skipped_untouched=untouched, ok=written and untouched and err <= 2 * base + 1e-6))
 
 
 def time_all(results: list, device, quick: bool) -> None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     cases = ["SD3 2K", "FLUX 2K"] if quick else list(CASES)
     flex, triton_backend = get_backend("flex", device), get_backend("triton", device)
     for case in cases:
         n_img, n_txt, image_first, D = CASES[case]
-        layout = TokenLayout(n_img, n_txt, image_first=image_first, block_size=128)
-        q, k, v = (torch.randn(1, HEADS, layout.seq_len, D, device=device, dtype=torch.bfloat16) for _ in range(3))
-
-        def cudnn():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v)
-
-        dense_ms = bench(cudnn)
+        layout, q, k, v, dense_ms = case_inputs(case, device)
         for plan in PLANS:
             widths = widths_for(head_methods(plan), layout)
             kept = kept_fraction(widths, layout)

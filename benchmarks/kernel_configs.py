@@ -20,14 +20,12 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends import CASES, HEADS, PLANS, bench, head_methods, kept_fraction, widths_for  # noqa: E402
+from backends import CASES, PLANS, bench, case_inputs, head_methods, kept_fraction, widths_for  # noqa: E402
 
 from ditfa_optimum.kernels import headwise_attention as hw  # noqa: E402
-from ditfa_optimum.masks import TokenLayout  # noqa: E402
 
 #: candidates beyond CONFIGS (BLOCK_M, BLOCK_N, warps, stages, register cap): a cap can let two programs share an SM
 #: (one's prologue hides behind the other)
@@ -56,15 +54,10 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     rows = []
     for case in args.cases:
         n_img, n_txt, image_first, D = CASES[case]
-        layout = TokenLayout(n_img, n_txt, image_first=image_first, block_size=128)
-        q, k, v = (torch.randn(1, HEADS, layout.seq_len, D, device=device, dtype=torch.bfloat16) for _ in range(3))
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            dense_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        layout, q, k, v, dense_ms = case_inputs(case, device)
         for plan in args.plans:
             widths = widths_for(head_methods(plan), layout)
             kept = kept_fraction(widths, layout)

@@ -41,7 +41,6 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import triton
 
 
@@ -54,12 +53,11 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from backends import CASES, HEADS, PLANS, bench, head_methods, kept_fraction, setup, widths_for  # noqa: E402
-from kernel import rel_err  # noqa: E402
+from backends import CASES, PLANS, bench, case_inputs, head_methods, kept_fraction, setup, widths_for  # noqa: E402
+from kernel import correctness_cases, rel_err  # noqa: E402
 
 from ditfa_optimum.kernels.headwise_attention import (check_call, headwise_attention, launch_order,  # noqa: E402
                                                      tune_key)
-from ditfa_optimum.masks import TokenLayout  # noqa: E402
 from ditfa_optimum.runtime import get_backend  # noqa: E402
 
 BLOCK_M = 128
@@ -461,39 +459,30 @@ VARIANTS = {
 
 def check(results: list, device) -> None:
     reference = get_backend("reference", device)
-    for (n_img, n_txt), image_first in [((2000, 77), True), ((2000, 77), False), ((2048, 256), True),
-                                        ((2048, 256), False)]:
-        layout = TokenLayout(n_img, n_txt, image_first=image_first, block_size=128)
-        for D in (64, 128):
-            for plan in PLANS:
-                B = 2
-                widths = widths_for(head_methods(plan), layout).expand(B, HEADS).contiguous().to(device, torch.int32)
-                q, k, v = (torch.randn(B, HEADS, layout.seq_len, D, device=device) for _ in range(3))
-                ref = reference.attend(q, k, v, layout, widths)  # fp32
-                computed = widths > 0
-                for dtype in (torch.bfloat16, torch.float16):
-                    qb, kb, vb = q.to(dtype), k.to(dtype), v.to(dtype)
-                    base = rel_err(reference.attend(qb, kb, vb, layout, widths), ref, computed)
-                    for name, overlap, buffers in VARIANTS[D]:
-                        out = torch.full_like(qb, float("nan"))
-                        lse = torch.full(qb.shape[:3], float("nan"), device=device)
-                        headwise_attention_hopper(qb, kb, vb, widths, layout.num_image_tokens, layout.num_text_tokens,
-                                                  image_first, 128, out=out, lse=lse, overlap=overlap, buffers=buffers)
-                        torch.cuda.synchronize()
-                        ref_lse = torch.logsumexp(_scores(q, k, layout, widths), -1)
-                        lse_err = float((lse[computed] - ref_lse[computed]).abs().max())
-                        written = bool(torch.isfinite(out[computed]).all()) and bool(
-                            torch.isfinite(lse[computed]).all())
-                        untouched = bool(out[~computed].isnan().all())
-                        err = rel_err(out, ref, computed)
-                        ok = written and untouched and err <= 2 * base + 1e-6 and lse_err < 0.05
-                        results.append(dict(order="image-first" if image_first else "text-first",
-                                            tokens=(n_img, n_txt), head_dim=D,
-                                            plan=plan, dtype=str(dtype), variant=name, rel_err=err,
-                                            torch_rel_err=base, ratio=err / base, lse_max_err=lse_err,
-                                            all_written=written, skipped_untouched=untouched, ok=ok))
-                        if not ok:
-                            print("FAIL", results[-1], flush=True)
+    for layout, D, plan, widths, q, k, v, ref in correctness_cases(device):
+        computed = widths > 0
+        ref_lse = torch.logsumexp(_scores(q, k, layout, widths), -1)  # fp32, once for every dtype and variant
+        for dtype in (torch.bfloat16, torch.float16):
+            qb, kb, vb = q.to(dtype), k.to(dtype), v.to(dtype)
+            base = rel_err(reference.attend(qb, kb, vb, layout, widths), ref, computed)
+            for name, overlap, buffers in VARIANTS[D]:
+                out = torch.full_like(qb, float("nan"))
+                lse = torch.full(qb.shape[:3], float("nan"), device=device)
+                headwise_attention_hopper(qb, kb, vb, widths, layout.num_image_tokens, layout.num_text_tokens,
+                                          layout.image_first, 128, out=out, lse=lse, overlap=overlap, buffers=buffers)
+                torch.cuda.synchronize()
+                lse_err = float((lse[computed] - ref_lse[computed]).abs().max())
+                written = bool(torch.isfinite(out[computed]).all()) and bool(torch.isfinite(lse[computed]).all())
+                untouched = bool(out[~computed].isnan().all())
+                err = rel_err(out, ref, computed)
+                ok = written and untouched and err <= 2 * base + 1e-6 and lse_err < 0.05
+                results.append(dict(order="image-first" if layout.image_first else "text-first",
+                                    tokens=(layout.num_image_tokens, layout.num_text_tokens), head_dim=D, plan=plan,
+                                    dtype=str(dtype), variant=name, rel_err=err, torch_rel_err=base,
+                                    ratio=err / base, lse_max_err=lse_err, all_written=written,
+                                    skipped_untouched=untouched, ok=ok))
+                if not ok:
+                    print("FAIL", results[-1], flush=True)
 
 
 def _scores(q, k, layout, widths):
@@ -507,19 +496,10 @@ def _scores(q, k, layout, widths):
 
 
 def time_all(results: list, device, quick: bool) -> None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     cases = ["SD3 2K", "FLUX 2K"] if quick else list(CASES)
     for case in cases:
         n_img, n_txt, image_first, D = CASES[case]
-        layout = TokenLayout(n_img, n_txt, image_first=image_first, block_size=128)
-        q, k, v = (torch.randn(1, HEADS, layout.seq_len, D, device=device, dtype=torch.bfloat16) for _ in range(3))
-
-        def cudnn():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v)
-
-        dense_ms = bench(cudnn)
+        layout, q, k, v, dense_ms = case_inputs(case, device)
         for plan in PLANS:
             widths = widths_for(head_methods(plan), layout).to(device, torch.int32)
             order, key = launch_order(widths), tune_key(widths)

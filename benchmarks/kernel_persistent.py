@@ -217,11 +217,7 @@ def cpu_check():
 
 
 def gpu():
-    import torch.nn.functional as F
-    from backends import CASES, HEADS, PLANS, bench, head_methods, kept_fraction, widths_for
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from ditfa_optimum.masks import TokenLayout
+    from backends import CASES, PLANS, bench, case_inputs, head_methods, kept_fraction, widths_for
 
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -229,10 +225,7 @@ def gpu():
     rows = []
     for case in ("FLUX 2K", "SD3 2K"):
         n_img, n_txt, image_first, D = CASES[case]
-        layout = TokenLayout(n_img, n_txt, image_first=image_first, block_size=128)
-        q, k, v = (torch.randn(1, HEADS, layout.seq_len, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            dense = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        layout, q, k, v, dense = case_inputs(case, dev)
         configs = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4)] if D == 128 else [
             (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]
         for plan in PLANS:
