@@ -89,10 +89,10 @@ def time_all(results: list, device, quick: bool) -> None:
         for plan in PLANS:
             widths = widths_for(head_methods(plan), layout)
             kept = kept_fraction(widths, layout)
-            dev_widths, order, key = triton_backend.device_widths(widths, device)
+            dev_widths, table, key = triton_backend.device_widths(widths, device)
 
             def kernel():
-                return torch.ops.ditfa.headwise_attention(q, k, v, dev_widths, order, key, n_img, n_txt, image_first,
+                return torch.ops.ditfa.headwise_attention(q, k, v, dev_widths, table, key, n_img, n_txt, image_first,
                                                           128)
 
             kernel()  # autotune this shape

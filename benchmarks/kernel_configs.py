@@ -62,10 +62,10 @@ def main():
             widths = widths_for(head_methods(plan), layout)
             kept = kept_fraction(widths, layout)
             dev_widths = widths.to(device, torch.int32)
-            order, key = hw.launch_order(widths).to(device), hw.tune_key(widths)
+            table, key = hw.launch_table(widths).to(device), hw.tune_key(widths)
 
             def run(config=None):
-                return hw.headwise_attention(q, k, v, dev_widths, n_img, n_txt, image_first, 128, order=order,
+                return hw.headwise_attention(q, k, v, dev_widths, n_img, n_txt, image_first, 128, table=table,
                                              key=key, config=config)
 
             ref, _ = run()  # the autotuned launch

@@ -57,7 +57,7 @@ from backends import CASES, PLANS, bench, case_inputs, head_methods, kept_fracti
 from kernel import correctness_cases, rel_err  # noqa: E402
 
 from ditfa_optimum.kernels.headwise_attention import (check_call, headwise_attention, launch_order,  # noqa: E402
-                                                     tune_key)
+                                                     launch_table, tune_key)
 from ditfa_optimum.runtime import get_backend  # noqa: E402
 
 BLOCK_M = 128
@@ -502,14 +502,14 @@ def time_all(results: list, device, quick: bool) -> None:
         layout, q, k, v, dense_ms = case_inputs(case, device)
         for plan in PLANS:
             widths = widths_for(head_methods(plan), layout).to(device, torch.int32)
-            order, key = launch_order(widths), tune_key(widths)
+            order, table, key = launch_order(widths), launch_table(widths), tune_key(widths)
             kept = kept_fraction(widths.cpu(), layout)
             out = torch.empty_like(q)
             lse = torch.empty(q.shape[:3], device=device)
 
             def triton_kernel():
                 return headwise_attention(q, k, v, widths, n_img, n_txt, image_first, 128, out=out, lse=lse,
-                                          order=order, key=key)
+                                          table=table, key=key)
 
             triton_kernel()  # autotune
             triton_ms = bench(triton_kernel)

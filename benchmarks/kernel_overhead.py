@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backends import HEADS, bench, setup  # noqa: E402
 
 from ditfa_optimum.kernels import headwise_attention as hw  # noqa: E402
-from ditfa_optimum.kernels.headwise_attention import headwise_attention, launch_order, tune_key  # noqa: E402
+from ditfa_optimum.kernels.headwise_attention import (headwise_attention, launch_order,  # noqa: E402
+                                                     launch_table, tune_key)
 from kernel_hopper import headwise_attention_hopper  # noqa: E402
 
 N_IMG, D, BS = 16384, 128, 128
@@ -57,10 +58,10 @@ def main():
         out, lse = torch.empty_like(q), torch.empty(1, HEADS, S, device=device)
         for W in WIDTHS:
             widths = torch.full((1, HEADS), W, dtype=torch.int32, device=device)
-            order, key = launch_order(widths), tune_key(widths)
+            order, table, key = launch_order(widths), launch_table(widths), tune_key(widths)
 
             def triton_kernel():
-                return headwise_attention(q, k, v, widths, N_IMG, T, False, BS, out=out, lse=lse, order=order,
+                return headwise_attention(q, k, v, widths, N_IMG, T, False, BS, out=out, lse=lse, table=table,
                                           key=key)
 
             def hopper():

@@ -234,8 +234,8 @@ def gpu():
             widths = widths_for(head_methods(plan), layout)
             kept = kept_fraction(widths, layout)
             dw = widths.to(dev, torch.int32)
-            order, key = hw.launch_order(widths).to(dev), hw.tune_key(widths)
-            shipped = lambda: hw.headwise_attention(q, k, v, dw, n_img, n_txt, image_first, 128, order=order,  # noqa
+            table, key = hw.launch_table(widths).to(dev), hw.tune_key(widths)
+            shipped = lambda: hw.headwise_attention(q, k, v, dw, n_img, n_txt, image_first, 128, table=table,  # noqa
                                                     key=key)
             ref, _ = shipped()
             base = bench(shipped)

@@ -5,7 +5,8 @@ Layout and contract (the runtime's backend interface, ``ditfa_optimum.runtime.ba
     q, k, v : [B, H, S, D]   any strides (last dim contiguous), fp16 / bf16 / fp32; S = text + image tokens
     widths  : [B * H] int32  per (sample, head): 0 = skip (output left untouched), W >= 1 = arrow band of W image
                              blocks, W == n_blk = full attention
-    order   : [B * H] int32  the (sample, head) indices by decreasing width (the launch order; `launch_order`)
+    table   : [B * H, 2] int32  rows (sample * H + head, width) by decreasing width: the launch order
+                             (`launch_table`)
     out     : [B, H, S, D]   q's dtype; lse: [B, H, S] float32 (natural log of the softmax denominator of the scaled
                              scores), written for computed rows when STORE_LSE
 
@@ -14,10 +15,11 @@ image token; an image query block ``bq`` keeps text keys and image key blocks ``
 ``s = clamp(bq - W // 2, 0, n_blk - W)``; text queries keep every key.
 
 Grid: ``((n_text_tiles + n_image_tiles) * B * H,)``, in launch order longest first: the text query tiles of every head
-(they visit every key), then the image tiles head by head in the order ``order`` gives (decreasing band width, skipped
-heads last), so the shortest arrow tiles fill the tail instead of a full head's. Query tiles never straddle segments: text tiles cover ``[text_start, text_end)`` and
-image tiles are aligned to image blocks (``BLOCK_M`` divides ``BS``), so every image tile has one band. Keys are visited
-in two loops, the text segment and the band's image blocks (``BLOCK_N`` divides ``BS``): only kept blocks are read.
+(they visit every key), then the image tiles head by head in the order of ``table`` (decreasing band width, skipped
+heads last), so the shortest arrow tiles fill the tail instead of a full head's. Query tiles never straddle segments:
+text tiles cover ``[text_start, text_end)`` and image tiles are aligned to image blocks (``BLOCK_M`` divides ``BS``),
+so every image tile has one band. Keys are visited in one loop over the text segment's and then the band's whole
+chunks (``BLOCK_N`` divides ``BS``): only kept blocks are read.
 
 Limits (checked by the host wrapper, not the kernel): D in {16, 32, 64, 128, 256}; BS a multiple of 16.
 """
@@ -42,13 +44,15 @@ CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages
            for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
            if not (w == 8 and bm * bn < 128 * 128)]
 #: (BLOCK_M, BLOCK_N, warps, stages) the autotuner tries for the head dims measured on an H100: the front-runners of
-#: the sweep of every configuration (`benchmarks/kernel_configs.py`, docs/benchmarks/kernel-configs-2026-11-26-h100.json).
-#: A short list keeps the first call fast and leaves timing noise no slow candidate to pick: with all of `CONFIGS`, one
-#: run chose a tile 8% slower for FLUX 2K mixed. D=128: 128x128 with 8 warps won every plan; D=64: five candidates
-#: within 3% of each other. Other head dims try every configuration that fits.
+#: the sweep of every configuration (`benchmarks/kernel_configs.py`,
+#: docs/benchmarks/kernel-configs-2026-11-26-h100.json). A short list keeps the first call fast and leaves timing noise
+#: no slow candidate to pick: with all of `CONFIGS`, one run chose a tile 8% slower for FLUX 2K mixed, and with 128x64
+#: (4 warps) still listed for D=128, one run chose it for FLUX 2K all 1/8 and mixed, 7% slower than 128x128 measured
+#: in another. D=128: 128x128 with 8 warps won every plan; D=64: five candidates within 3% of each other. Other head
+#: dims try every configuration that fits.
 TILES = {
     64: [(128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4)],
-    128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 2)],
+    128: [(128, 128, 8, 3), (128, 128, 8, 2)],
 }
 
 
@@ -103,24 +107,26 @@ def _attend_chunk(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, b, h, 
 
 @triton.jit
 def _headwise_attention_kernel(
-        Q, K, V, Out, Lse, Widths, Order,
+        Q, K, V, Out, Lse, Table,
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os,
         H, S, T, N_IMG, N_BLK, sm_scale, TUNE_KEY,
         HEAD_DIM: tl.constexpr, BS: tl.constexpr, IMAGE_FIRST: tl.constexpr, STORE_LSE: tl.constexpr,
-        PRECISION: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr,
+        PRECISION: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, Q_TMA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # longest programs first: every head's text tiles (they visit every key), then the image tiles head by head in
-    # decreasing band width (``Order``), so the shortest programs fill the tail
+    # the table's order (decreasing band width), so the shortest programs fill the tail
     n_text_tiles = tl.cdiv(T, BLOCK_M)
-    n_heads = tl.num_programs(0) // (n_text_tiles + N_BLK * (BS // BLOCK_M))
+    n_image_tiles = N_BLK * (BS // BLOCK_M)
+    n_heads = tl.num_programs(0) // (n_text_tiles + n_image_tiles)
     pid = tl.program_id(0)
     is_text = pid < n_text_tiles * n_heads
     image_pid = pid - n_text_tiles * n_heads
-    rank = tl.where(is_text, pid % n_heads, image_pid // (N_BLK * (BS // BLOCK_M)))
-    pid_t = tl.where(is_text, pid // n_heads, n_text_tiles + image_pid % (N_BLK * (BS // BLOCK_M)))
-    pid_bh = tl.load(Order + rank)
-    width = tl.load(Widths + pid_bh)
+    rank = tl.where(is_text, pid % n_heads, image_pid // n_image_tiles)
+    pid_t = tl.where(is_text, pid // n_heads, n_text_tiles + image_pid % n_image_tiles)
+    # one table row (sample-head index, band width): two independent loads instead of a chain of two
+    pid_bh = tl.load(Table + 2 * rank)
+    width = tl.load(Table + 2 * rank + 1)
     if width == 0:
         return
     b = pid_bh // H
@@ -146,14 +152,17 @@ def _headwise_attention_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_ok = offs_m < row_end
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     if USE_TMA:
         k_base = K
         v_base = V
     else:
         k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
         v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows_ok[:, None], other=0.0)
+    if Q_TMA:  # Q is a descriptor (where no query tile straddles the segments); rows past S read as zeros
+        q = Q.load([b, h, row_start, 0]).reshape([BLOCK_M, HEAD_DIM])
+    else:
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows_ok[:, None], other=0.0)
     if USE_TMA:  # K and V arrive as descriptors
         k_src = K
         v_src = V
@@ -166,7 +175,9 @@ def _headwise_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # One software-pipelined loop over the whole key chunks of the text segment and of the band (chunk j < n_text
-    # is text, the rest band), then the ragged tails of both ranges, masked (usually none or one chunk each).
+    # is text, the rest band), then the ragged tails of both ranges, masked (none or one chunk each). The tail loops
+    # are not pipelined (num_stages=1): a pipelined loop sets up its buffers' barriers even when it runs no chunk,
+    # and measured (benchmarks/kernel_ab.py, H100) the kernel is 4-7% faster on FLUX-shaped plans this way.
     band_start = image_start + band_lo * BS
     band_end = tl.minimum(image_start + band_hi * BS, image_end)
     n_text = (text_end - text_start) // BLOCK_N
@@ -175,10 +186,10 @@ def _headwise_attention_kernel(
         start = tl.where(j < n_text, text_start + j * BLOCK_N, band_start + (j - n_text) * BLOCK_N)
         acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, b, h, start, start,
                                       offs_n, offs_d, qk_scale, PRECISION, False, USE_TMA, BLOCK_N, HEAD_DIM)
-    for start in range(text_start + n_text * BLOCK_N, text_end, BLOCK_N):
+    for start in tl.range(text_start + n_text * BLOCK_N, text_end, BLOCK_N, num_stages=1):
         acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, b, h, start, text_end,
                                       offs_n, offs_d, qk_scale, PRECISION, True, USE_TMA, BLOCK_N, HEAD_DIM)
-    for start in range(band_start + n_band * BLOCK_N, band_end, BLOCK_N):
+    for start in tl.range(band_start + n_band * BLOCK_N, band_end, BLOCK_N, num_stages=1):
         acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, b, h, start, band_end,
                                       offs_n, offs_d, qk_scale, PRECISION, True, USE_TMA, BLOCK_N, HEAD_DIM)
 
@@ -196,7 +207,7 @@ def _headwise_attention_kernel(
 
 # TUNE_KEY (`tune_key`): the plan's typical band, so short-band plans get their own configuration
 _autotuned_kernel = triton.autotune(configs=CONFIGS, key=["S", "T", "HEAD_DIM", "BS", "IMAGE_FIRST", "PRECISION",
-                                                          "USE_TMA", "TMA_STORE", "TUNE_KEY"],
+                                                          "USE_TMA", "TMA_STORE", "Q_TMA", "TUNE_KEY"],
                                     prune_configs_by={"early_config_prune": _prune})(_headwise_attention_kernel)
 
 
@@ -232,6 +243,8 @@ def check_call(name: str, problem: str | None, q: torch.Tensor, widths: torch.Te
 
 #: DITFA_TRITON_TMA=0 switches the Hopper copy-engine loads off (pointer loads everywhere)
 USE_TMA = os.environ.get("DITFA_TRITON_TMA", "1") != "0"
+#: DITFA_TRITON_Q_TMA=0 loads the queries with pointer loads even where the output is stored by bulk copies (A/B runs)
+Q_TMA = os.environ.get("DITFA_TRITON_Q_TMA", "1") != "0"
 #: DITFA_TRITON_TMA_STORE=0 keeps the output store from registers even where a bulk copy could write it (A/B runs)
 TMA_STORE = os.environ.get("DITFA_TRITON_TMA_STORE", "1") != "0"
 
@@ -253,11 +266,19 @@ def _descriptor_hook(nargs):
             nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
     if nargs.get("TMA_STORE"):
         nargs["Out"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["HEAD_DIM"]]
+    if nargs.get("Q_TMA"):
+        nargs["Q"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["HEAD_DIM"]]
 
 
 def launch_order(widths: torch.Tensor) -> torch.Tensor:
     """The (sample, head) indices by decreasing band width, int32 (ties keep their order)."""
     return torch.argsort(widths.flatten(), descending=True, stable=True).to(torch.int32)
+
+
+def launch_table(widths: torch.Tensor) -> torch.Tensor:
+    """The kernel's launch table: ``[B * H, 2]`` int32 rows ``(sample * H + head, width)`` by decreasing width."""
+    order = launch_order(widths)
+    return torch.stack([order, widths.flatten().to(torch.int32)[order.long()]], 1).contiguous()
 
 
 def tune_key(widths: torch.Tensor) -> int:
@@ -273,10 +294,10 @@ def tune_key(widths: torch.Tensor) -> int:
 def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths: torch.Tensor,
                        num_image_tokens: int, num_text_tokens: int, image_first: bool, block_size: int,
                        out: torch.Tensor | None = None, lse: torch.Tensor | None = None, store_lse: bool = True,
-                       order: torch.Tensor | None = None, key: int | None = None,
+                       table: torch.Tensor | None = None, key: int | None = None,
                        config: triton.Config | None = None):
-    """Launch the kernel. ``widths``: ``[B, H]`` int32 on q's device; ``order``: `launch_order(widths)` and ``key``:
-    `tune_key(widths)` (both computed when not given). Returns ``(out, lse)``.
+    """Launch the kernel. ``widths``: ``[B, H]`` int32 on q's device; ``table``: `launch_table(widths)` (on q's
+    device) and ``key``: `tune_key(widths)` (both computed when not given). Returns ``(out, lse)``.
 
     ``out`` / ``lse`` may be given (e.g. poisoned by tests); skipped (sample, head) entries are never written.
     ``config`` runs one configuration (``BLOCK_M``, ``BLOCK_N``, warps, stages) instead of the autotuned choice
@@ -286,7 +307,10 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     B, H, S, D = q.shape
     n_blk = -(-num_image_tokens // block_size)
     widths = widths.to(torch.int32).contiguous()
-    order = launch_order(widths) if order is None else order
+    table = launch_table(widths) if table is None else table
+    if table.shape != (B * H, 2) or table.dtype != torch.int32 or table.device != q.device:
+        raise ValueError(f"headwise_attention: table must be launch_table(widths), [{B * H}, 2] int32 on {q.device}, "
+                         f"got {tuple(table.shape)} {table.dtype} on {table.device}")
     key = tune_key(widths) if key is None else key
     if out is None:
         out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
@@ -306,13 +330,15 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     else:
         k_arg, v_arg = k, v
     o_arg = TensorDescriptor.from_tensor(out, [1, 1, 64, D]) if tma_store else out
-    args = (q, k_arg, v_arg, o_arg, lse, widths, order,
+    q_tma = tma_store and Q_TMA and _tma_ok(q, q, q)  # the same condition: no query tile straddles the segments
+    q_arg = TensorDescriptor.from_tensor(q, [1, 1, 64, D]) if q_tma else q
+    args = (q_arg, k_arg, v_arg, o_arg, lse, table.contiguous(),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             H, S, num_text_tokens, num_image_tokens, n_blk, D ** -0.5, key)
     consts = dict(HEAD_DIM=D, BS=block_size, IMAGE_FIRST=bool(image_first), STORE_LSE=store_lse,
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
-                  USE_TMA=use_tma, TMA_STORE=tma_store)
+                  USE_TMA=use_tma, TMA_STORE=tma_store, Q_TMA=q_tma)
 
     def grid(meta):
         bm = meta["BLOCK_M"]
@@ -323,13 +349,14 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
         if block_size % meta["BLOCK_M"] or block_size % meta["BLOCK_N"]:
             raise ValueError(f"headwise_attention: config tiles {meta['BLOCK_M']}x{meta['BLOCK_N']} must divide the "
                              f"mask block size {block_size}")
-        _descriptor_hook({**consts, "K": k_arg, "V": v_arg, "Out": o_arg, "BLOCK_M": meta["BLOCK_M"],
+        _descriptor_hook({**consts, "Q": q_arg, "K": k_arg, "V": v_arg, "Out": o_arg, "BLOCK_M": meta["BLOCK_M"],
                           "BLOCK_N": meta["BLOCK_N"]})
         _headwise_attention_kernel[grid(meta)](*args, **consts, **meta)
     elif INTERPRET or not AUTOTUNE or block_size % 64:
         # one fixed tile that divides the block size (the CPU interpreter: the smallest, fastest to simulate)
         tile = 16 if INTERPRET else max(t for t in (64, 32, 16) if block_size % t == 0)
-        _descriptor_hook({**consts, "K": k_arg, "V": v_arg, "Out": o_arg, "BLOCK_M": tile, "BLOCK_N": tile})
+        _descriptor_hook({**consts, "Q": q_arg, "K": k_arg, "V": v_arg, "Out": o_arg, "BLOCK_M": tile,
+                          "BLOCK_N": tile})
         _headwise_attention_kernel[grid({"BLOCK_M": tile})](*args, **consts, BLOCK_M=tile, BLOCK_N=tile,
                                                             num_warps=1 if INTERPRET else 4, num_stages=2)
     else:

@@ -1,6 +1,6 @@
 """The "triton" backend: the fused head-wise kernel (`ditfa_optimum.kernels.headwise_attention`) as a torch custom op.
 
-``torch.ops.ditfa.headwise_attention(q, k, v, widths, order, tune_key, num_image_tokens, num_text_tokens, image_first,
+``torch.ops.ditfa.headwise_attention(q, k, v, widths, table, tune_key, num_image_tokens, num_text_tokens, image_first,
 block_size)`` returns ``(out, lse)``; a fake implementation gives `torch.compile` the shapes. The backend is chosen first by "auto"
 on CUDA. It hands work it cannot do to the next backend, saying so once: a step whose heads are all full goes to SDPA
 (cuDNN / flash are faster for dense attention), and inputs outside the kernel's limits (head dim, mask block size) go
@@ -34,17 +34,17 @@ def _kernel():
 
 @torch.library.custom_op("ditfa::headwise_attention", mutates_args=())
 def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths: torch.Tensor,
-                       order: torch.Tensor, tune_key: int, num_image_tokens: int, num_text_tokens: int,
+                       table: torch.Tensor, tune_key: int, num_image_tokens: int, num_text_tokens: int,
                        image_first: bool, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's mixed plan in one launch; ``widths`` ``[B, H]`` int32 on q's device (0 = skip), ``order`` the
-    launch order of the (sample, head) pairs and ``tune_key`` the plan's autotuning key (`launch_order` and
+    """One layer's mixed plan in one launch; ``widths`` ``[B, H]`` int32 on q's device (0 = skip), ``table`` the
+    launch table of the (sample, head) pairs and ``tune_key`` the plan's autotuning key (`launch_table` and
     `tune_key` of `ditfa_optimum.kernels.headwise_attention`)."""
     return _kernel().headwise_attention(q, k, v, widths, num_image_tokens, num_text_tokens, image_first, block_size,
-                                        order=order, key=tune_key)
+                                        table=table, key=tune_key)
 
 
 @headwise_attention.register_fake
-def _(q, k, v, widths, order, tune_key, num_image_tokens, num_text_tokens, image_first, block_size):
+def _(q, k, v, widths, table, tune_key, num_image_tokens, num_text_tokens, image_first, block_size):
     B, H, S, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, H, S, dtype=torch.float32)
 
@@ -67,13 +67,13 @@ class TritonBackend:
         return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
     def device_widths(self, widths: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``widths`` as int32 on ``device``, its launch order and its autotuning key, cached by value (no copy, sort
+        """``widths`` as int32 on ``device``, its launch table and its autotuning key, cached by value (no copy, sort
         or device sync per call)."""
         widths = widths.cpu()
         key = (tuple(widths.shape), widths.numpy().tobytes(), str(device))
         if key not in self._widths:
-            order = _kernel().launch_order(widths)
-            self._widths[key] = (widths.to(device=device, dtype=torch.int32), order.to(device),
+            table = _kernel().launch_table(widths)
+            self._widths[key] = (widths.to(device=device, dtype=torch.int32), table.to(device),
                                  _kernel().tune_key(widths))
             if len(self._widths) > _MAX_CACHED_WIDTHS:
                 self._widths.popitem(last=False)

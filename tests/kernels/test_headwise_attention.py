@@ -10,7 +10,8 @@ from conftest import naive_attention, naive_keep
 from ditfa_optimum.masks import TokenLayout
 
 triton = pytest.importorskip("triton")
-from ditfa_optimum.kernels.headwise_attention import check_inputs, headwise_attention, tune_key  # noqa: E402
+from ditfa_optimum.kernels.headwise_attention import (check_inputs, headwise_attention, launch_table,  # noqa: E402
+                                                     tune_key)
 from ditfa_optimum.runtime import get_backend  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -20,6 +21,7 @@ LAYOUTS = {
     "text-first-long-text": TokenLayout(48, 40, image_first=False, block_size=16),  # text spans 3 query tiles
     "image-only": TokenLayout(64, 0, image_first=True, block_size=16),
     "block-32": TokenLayout(100, 13, image_first=True, block_size=32),            # 2 query tiles per image block
+    "aligned": TokenLayout(128, 128, image_first=False, block_size=32),  # both lengths % 128 == 0: empty tails
 }
 
 
@@ -119,8 +121,9 @@ def test_custom_op_registration():
     layout = LAYOUTS["text-first-ragged"]
     q, k, v = (torch.randn(1, 2, layout.seq_len, 16, device=DEVICE) for _ in range(3))
     widths = torch.tensor([[1, layout.num_image_blocks]], dtype=torch.int32, device=DEVICE)
-    order = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
-    args = (q, k, v, widths, order, 1, layout.num_image_tokens, layout.num_text_tokens, layout.image_first,
+    table = torch.tensor([[1, layout.num_image_blocks], [0, 1]], dtype=torch.int32, device=DEVICE)
+    assert torch.equal(launch_table(widths), table)  # longest first: (sample * H + head, width) rows
+    args = (q, k, v, widths, table, 1, layout.num_image_tokens, layout.num_text_tokens, layout.image_first,
             layout.block_size)
     torch.library.opcheck(torch.ops.ditfa.headwise_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))

@@ -61,3 +61,23 @@ def test_the_hopper_experiment_refuses_what_it_cannot_run():
         assert "Hopper" in hopper.check_inputs(q, q, q, 128)
     with pytest.raises(ValueError, match="headwise_attention_hopper"):
         hopper.headwise_attention_hopper(q, q, q, torch.ones(1, 2, dtype=torch.int32), 128, 128, False, 128)
+
+
+def test_ncu_regions_cuts_the_sass_at_its_loops(tmp_path):
+    """The profile summariser: prologue / loop / between / epilogue, try-wait stubs after EXIT count with their loop."""
+    regions = load("ncu_regions")
+    sass = [("0x1000", "LDG.E R0, desc[UR4][R2.64]", 10), ("0x1010", "STS.128 [R0], R4", 5),   # prologue
+            ("0x1020", "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR7]", 3),                        # loop 1 head
+            ("0x1030", "@!P0 BRA 0x10a0", 1), ("0x1040", "HGMMA.64x128x16.F32.BF16 R24", 40),
+            ("0x1050", "@P1 BRA 0x1020", 2),                                                   # back to the head
+            ("0x1060", "BAR.SYNC.DEFER_BLOCKING 0x0", 4), ("0x1070", "@P2 BRA 0x1060", 1),    # loop 2
+            ("0x1080", "STG.E desc[UR4][R2.64], R7", 6), ("0x1090", "EXIT", 0),              # epilogue
+            ("0x10a0", "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR7]", 8), ("0x10b0", "@!P0 BRA 0x1020", 0)]
+    path = tmp_path / "source.csv"
+    with open(path, "w") as f:
+        f.write('"Kernel Name","k",\n"Address","Source","Warp Stall Sampling (All Samples)","stall_wait"\n')
+        for addr, src, n in sass:
+            f.write(f'"{addr}","{src}","{n}","{n}"\n')
+    rows = regions.read(str(path))
+    assert regions.regions(rows) == ["prologue"] * 2 + ["loop 1"] * 4 + ["loop 2"] * 2 + ["epilogue"] * 2 + [
+        "loop 1"] * 2
