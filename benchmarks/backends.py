@@ -165,6 +165,16 @@ def time_cases(results: list, device, quick: bool):
                   f"{results[-1]['dynamo_unique_graphs']}", flush=True)
 
 
+def save_results(out_dir, name: str, command: str, **data) -> dict:
+    """Write ``{"meta": ..., **data}`` to ``out_dir/name.json``; meta: date, card, torch version, the command. Returns
+    the meta."""
+    meta = dict(date=str(date.today()), device=torch.cuda.get_device_name(), torch=torch.__version__, command=command)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(dict(meta=meta, **data), indent=2))
+    return meta
+
+
 def setup(doc: str):
     """The shared command line of the GPU benchmarks (``--quick``, ``--out``): (args, device), seeded."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -181,11 +191,7 @@ def main():
     checks, timings = [], []
     check_correctness(checks, device)
     time_cases(timings, device, args.quick)
-    meta = dict(date=str(date.today()), device=torch.cuda.get_device_name(), torch=torch.__version__,
-                command="python benchmarks/backends.py")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "backends.json").write_text(json.dumps(dict(meta=meta, checks=checks, timings=timings), indent=2))
+    meta = save_results(args.out, "backends", "python benchmarks/backends.py", checks=checks, timings=timings)
 
     print(f"\n{meta['device']}, torch {meta['torch']}, {meta['date']}")
     bad = [c for c in checks if not c["ok"]]

@@ -21,17 +21,15 @@ kernel >= 0.8x cuDNN speed.
 
 from __future__ import annotations
 
-import json
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends import (CASES, HEADS, PLANS, bench, case_inputs, head_methods, kept_fraction, setup,  # noqa: E402
-                      widths_for)
+from backends import (CASES, HEADS, PLANS, bench, case_inputs, head_methods, kept_fraction, save_results,  # noqa: E402
+                      setup, widths_for)
 
 from ditfa_optimum.kernels.headwise_attention import headwise_attention  # noqa: E402
 from ditfa_optimum.masks import TokenLayout  # noqa: E402
@@ -131,11 +129,7 @@ def main():
     for c in bad:
         print(f"  FAIL {c}")
     time_all(timings, device, args.quick)
-    meta = dict(date=str(date.today()), device=torch.cuda.get_device_name(), torch=torch.__version__,
-                command="python benchmarks/kernel.py")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernel.json").write_text(json.dumps(dict(meta=meta, checks=checks, timings=timings), indent=2))
+    meta = save_results(args.out, "kernel", "python benchmarks/kernel.py", checks=checks, timings=timings)
     print(f"\n{meta['device']}, torch {meta['torch']}, {meta['date']}")
     print("| case | plan | kept | cuDNN dense ms | ideal ms | kernel ms | kernel / ideal | flex ms | flex / kernel | "
           "backend ms | target met |")

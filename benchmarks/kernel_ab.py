@@ -22,18 +22,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
-import json
 import os
 import statistics
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends import case_inputs, head_methods, kept_fraction, widths_for  # noqa: E402
+from backends import case_inputs, head_methods, kept_fraction, save_results, widths_for  # noqa: E402
 
 from ditfa_optimum.kernels import headwise_attention as hw  # noqa: E402
 
@@ -43,8 +41,9 @@ AB_CASES = [("FLUX 2K", "all 1/16"), ("FLUX 2K", "all 1/8"), ("FLUX 2K", "mixed"
 FIXED = {128: (128, 128, 8, 3), 64: (128, 64, 4, 3)}
 
 
-def load_baseline(path: str):
-    spec = importlib.util.spec_from_file_location("baseline_headwise_attention", path)
+def load_module(path: str, name: str):
+    """Another copy of the kernel module (an earlier commit's, or an edited one), imported under its own name."""
+    spec = importlib.util.spec_from_file_location(f"kernel_ab_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -110,8 +109,13 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda")
-    baseline = load_baseline(args.baseline)
-    extra = {spec.split("=", 1)[0]: load_baseline(spec.split("=", 1)[1]) for spec in args.variant}
+    baseline = load_module(args.baseline, "base")
+    extra = {}
+    for spec in args.variant:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            parser.error(f"--variant takes NAME=FILE, got {spec!r}")
+        extra[name] = load_module(path, name.replace(" ", "_"))
     rows = []
     for case, plan in AB_CASES[:1] if args.profile else AB_CASES:
         layout, q, k, v, dense_ms = case_inputs(case, device)
@@ -141,11 +145,9 @@ def main():
         print(f"{case} {plan}: ideal {ideal:.3f} ms | " + " | ".join(
             f"{n} {med[n]:.3f} ({med[n] / ideal:.3f}x ideal, paired {paired[n]:.3f} of base, IQR "
             f"{(quart[n][2] - quart[n][0]) / med[n] * 100:.1f}%)" for n in med), flush=True)
-    meta = dict(date=str(date.today()), device=torch.cuda.get_device_name(), torch=torch.__version__,
-                command=f"python benchmarks/kernel_ab.py --baseline {args.baseline} --launches {args.launches}",
-                fixed_configs={str(d): c for d, c in FIXED.items()})
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "kernel-ab.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    command = " ".join(["python benchmarks/kernel_ab.py", "--baseline", args.baseline]
+                       + [f"--variant {spec}" for spec in args.variant] + ["--launches", str(args.launches)])
+    save_results(args.out, "kernel-ab", command, fixed_configs={str(d): c for d, c in FIXED.items()}, rows=rows)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,16 @@ against the autotuned launch, and prints per case and plan the five fastest with
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends import CASES, PLANS, bench, case_inputs, head_methods, kept_fraction, widths_for  # noqa: E402
+from backends import (CASES, PLANS, bench, case_inputs, head_methods, kept_fraction, save_results,  # noqa: E402
+                      widths_for)
 
 from ditfa_optimum.kernels import headwise_attention as hw  # noqa: E402
 
@@ -86,11 +85,7 @@ def main():
                 print(f"{case} {plan} {describe(config):22s} {ms:.3f} ms  {ms / (dense_ms * kept):.2f}x ideal  "
                       f"(diff vs tuned {err:.1e})", flush=True)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(date=str(date.today()), device=torch.cuda.get_device_name(), torch=torch.__version__,
-                command="python benchmarks/kernel_configs.py")
-    (out / "kernel_configs.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    meta = save_results(args.out, "kernel_configs", "python benchmarks/kernel_configs.py", rows=rows)
     print(f"\n{meta['device']}, torch {meta['torch']}, {meta['date']}")
     print("| case | plan | ideal ms | autotuned ms (its config) | fastest five: config ms (x ideal) |")
     print("|---|---|---|---|---|")

@@ -35,9 +35,7 @@ lengths, D = 64 and 128, every plan, each variant), then 2K timings against the 
 
 from __future__ import annotations
 
-import json
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -53,7 +51,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from backends import CASES, PLANS, bench, case_inputs, head_methods, kept_fraction, setup, widths_for  # noqa: E402
+from backends import (CASES, PLANS, bench, case_inputs, head_methods, kept_fraction, save_results,  # noqa: E402
+                      setup, widths_for)
 from kernel import correctness_cases, rel_err  # noqa: E402
 
 from ditfa_optimum.kernels.headwise_attention import (check_call, headwise_attention, launch_order,  # noqa: E402
@@ -539,11 +538,7 @@ def main():
     print(f"correctness: {len(checks) - len(bad)}/{len(checks)} ok (worst ratio {worst['ratio']:.2f}: {worst['plan']} "
           f"{worst['order']} D={worst['head_dim']} {worst['dtype']} {worst['variant']})", flush=True)
     time_all(timings, device, args.quick)
-    meta = dict(date=str(date.today()), device=torch.cuda.get_device_name(), torch=torch.__version__,
-                command="python benchmarks/kernel_hopper.py")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernel-hopper.json").write_text(json.dumps(dict(meta=meta, checks=checks, timings=timings), indent=2))
+    save_results(args.out, "kernel-hopper", "python benchmarks/kernel_hopper.py", checks=checks, timings=timings)
     sys.exit(1 if bad else 0)
 
 

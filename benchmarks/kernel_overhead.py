@@ -13,16 +13,14 @@ the text keys and the text query tiles (which visit every key) cost beyond their
 
 from __future__ import annotations
 
-import json
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends import HEADS, bench, setup  # noqa: E402
+from backends import HEADS, bench, save_results, setup  # noqa: E402
 
 from ditfa_optimum.kernels import headwise_attention as hw  # noqa: E402
 from ditfa_optimum.kernels.headwise_attention import (headwise_attention, launch_order,  # noqa: E402
@@ -95,10 +93,7 @@ def main():
             tiles = rows[0]["tiles"]
             print(f"T={T} {key}: {a * 1e6:.2f} ns per chunk, fixed {c * 1e3:.1f} us = {c * 1e6 / tiles:.1f} ns per "
                   f"tile ({c * 1e6 / tiles * 132 / 1e3:.2f} us of one SM)", flush=True)
-    meta = dict(date=str(date.today()), device=torch.cuda.get_device_name(), torch=torch.__version__,
-                command="python benchmarks/kernel_overhead.py")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "kernel-overhead.json").write_text(json.dumps(dict(meta=meta, rows=results), indent=2))
+    save_results(args.out, "kernel-overhead", "python benchmarks/kernel_overhead.py", rows=results)
 
 
 if __name__ == "__main__":

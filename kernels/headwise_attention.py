@@ -47,9 +47,9 @@ CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages
 #: the sweep of every configuration (`benchmarks/kernel_configs.py`,
 #: docs/benchmarks/kernel-configs-2026-11-26-h100.json). A short list keeps the first call fast and leaves timing noise
 #: no slow candidate to pick: with all of `CONFIGS`, one run chose a tile 8% slower for FLUX 2K mixed, and with 128x64
-#: (4 warps) still listed for D=128, one run chose it for FLUX 2K all 1/8 and mixed, 7% slower than 128x128 measured
-#: in another. D=128: 128x128 with 8 warps won every plan; D=64: five candidates within 3% of each other. Other head
-#: dims try every configuration that fits.
+#: (4 warps) still listed for D=128, one run chose it for FLUX 2K all 1/8 and mixed, 7% slower than 128x128 timed
+#: in the same GPU call. D=128: 128x128 with 8 warps won every plan; D=64: five candidates within 3% of each other.
+#: Other head dims try every configuration that fits.
 TILES = {
     64: [(128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4)],
     128: [(128, 128, 8, 3), (128, 128, 8, 2)],
@@ -152,12 +152,6 @@ def _headwise_attention_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_ok = offs_m < row_end
-    if USE_TMA:
-        k_base = K
-        v_base = V
-    else:
-        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     if Q_TMA:  # Q is a descriptor (where no query tile straddles the segments); rows past S read as zeros
         q = Q.load([b, h, row_start, 0]).reshape([BLOCK_M, HEAD_DIM])
     else:
@@ -167,8 +161,8 @@ def _headwise_attention_kernel(
         k_src = K
         v_src = V
     else:
-        k_src = k_base
-        v_src = v_base
+        k_src = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        v_src = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
 
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 instead of exp
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -176,8 +170,9 @@ def _headwise_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # One software-pipelined loop over the whole key chunks of the text segment and of the band (chunk j < n_text
     # is text, the rest band), then the ragged tails of both ranges, masked (none or one chunk each). The tail loops
-    # are not pipelined (num_stages=1): a pipelined loop sets up its buffers' barriers even when it runs no chunk,
-    # and measured (benchmarks/kernel_ab.py, H100) the kernel is 4-7% faster on FLUX-shaped plans this way.
+    # are not pipelined (num_stages=1): a pipelined loop sets up its buffers' barriers even when it runs no chunk
+    # (4.3% of FLUX 2K all 1/16, profiled), and measured (benchmarks/kernel_ab.py, H100) this is faster on every FLUX
+    # 2K plan than both pipelining them and compiling them out where they run nothing (docs/benchmarks.md).
     band_start = image_start + band_lo * BS
     band_end = tl.minimum(image_start + band_hi * BS, image_end)
     n_text = (text_end - text_start) // BLOCK_N
