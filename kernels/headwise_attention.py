@@ -3,9 +3,9 @@
 Layout and contract (the runtime's backend interface, ``ditfa_optimum.runtime.backends``):
 
     q, k, v : [B, H, S, D]   any strides (last dim contiguous), fp16 / bf16 / fp32; S = text + image tokens
-    widths  : [B * H] int32  per (sample, head): 0 = skip (output left untouched), W >= 1 = arrow band of W image
-                             blocks, W == n_blk = full attention
-    table   : [B * H, 2] int32  rows (sample * H + head, width) by decreasing width: the launch order
+    widths  : [B, H] int32   per (sample, head): 0 = skip (output left untouched), W >= 1 = arrow band of W image
+                             blocks, W == n_blk = full attention (the host wrapper's argument)
+    table   : [B * H, 2] int32  the kernel's: rows (sample * H + head, width) by decreasing width, the launch order
                              (`launch_table`)
     out     : [B, H, S, D]   q's dtype; lse: [B, H, S] float32 (natural log of the softmax denominator of the scaled
                              scores), written for computed rows when STORE_LSE
@@ -19,7 +19,7 @@ Grid: ``((n_text_tiles + n_image_tiles) * B * H,)``, in launch order longest fir
 heads last), so the shortest arrow tiles fill the tail instead of a full head's. Query tiles never straddle segments:
 text tiles cover ``[text_start, text_end)`` and image tiles are aligned to image blocks (``BLOCK_M`` divides ``BS``),
 so every image tile has one band. Keys are visited in one loop over the text segment's and then the band's whole
-chunks (``BLOCK_N`` divides ``BS``): only kept blocks are read.
+chunks (``BLOCK_N`` divides ``BS``), then the ragged tail of each, masked: only kept blocks are read.
 
 Limits (checked by the host wrapper, not the kernel): D in {16, 32, 64, 128, 256}; BS a multiple of 16.
 """
