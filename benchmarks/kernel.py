@@ -47,6 +47,19 @@ CHECK_LAYOUTS = [TokenLayout(n_img, n_txt, image_first=image_first, block_size=1
                  for n_img, n_txt in ((2000, 77), (2048, 256)) for image_first in (True, False)]
 
 
+def report_checks(checks: list, *fields: str) -> list:
+    """Print the correctness summary (count ok, the worst error ratio and its case: plan, order, D and ``fields``) and
+    every failed check; returns the failed ones."""
+    bad = [c for c in checks if not c["ok"]]
+    worst = max(checks, key=lambda c: c["ratio"])
+    case = " ".join([worst["plan"], worst["order"], f"D={worst['head_dim']}"] + [str(worst[f]) for f in fields])
+    print(f"correctness: {len(checks) - len(bad)}/{len(checks)} ok (bf16 error <= 2x torch's own; worst ratio "
+          f"{worst['ratio']:.2f}: {case})", flush=True)
+    for c in bad:
+        print(f"  FAIL {c}")
+    return bad
+
+
 def correctness_cases(device):
     """Every correctness case of the GPU kernels: (layout, head dim, plan name, widths [2, HEADS] int32 on ``device``,
     fp32 q, k, v and the fp32 reference output), for each layout, D = 64 and 128 and every plan."""
@@ -122,12 +135,7 @@ def main():
     args, device = setup(__doc__)
     checks, timings = [], []
     check(checks, device)
-    bad = [c for c in checks if not c["ok"]]
-    worst = max(checks, key=lambda c: c["ratio"])
-    print(f"correctness: {len(checks) - len(bad)}/{len(checks)} ok (bf16 error <= 2x torch's own; worst ratio "
-          f"{worst['ratio']:.2f}: {worst['plan']} {worst['order']} D={worst['head_dim']})", flush=True)
-    for c in bad:
-        print(f"  FAIL {c}")
+    bad = report_checks(checks)
     time_all(timings, device, args.quick)
     meta = save_results(args.out, "kernel", "python benchmarks/kernel.py", checks=checks, timings=timings)
     print(f"\n{meta['device']}, torch {meta['torch']}, {meta['date']}")

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from backends import (CASES, PLANS, bench, case_inputs, head_methods, kept_fraction, save_results,  # noqa: E402
                       setup, widths_for)
-from kernel import correctness_cases, rel_err  # noqa: E402
+from kernel import correctness_cases, rel_err, report_checks  # noqa: E402
 
 from ditfa_optimum.kernels.headwise_attention import (check_call, headwise_attention, launch_order,  # noqa: E402
                                                      launch_table, tune_key)
@@ -533,10 +533,7 @@ def main():
     args, device = setup(__doc__)
     checks, timings = [], []
     check(checks, device)
-    bad = [c for c in checks if not c["ok"]]
-    worst = max(checks, key=lambda c: c["ratio"])
-    print(f"correctness: {len(checks) - len(bad)}/{len(checks)} ok (worst ratio {worst['ratio']:.2f}: {worst['plan']} "
-          f"{worst['order']} D={worst['head_dim']} {worst['dtype']} {worst['variant']})", flush=True)
+    bad = report_checks(checks, "dtype", "variant")
     time_all(timings, device, args.quick)
     save_results(args.out, "kernel-hopper", "python benchmarks/kernel_hopper.py", checks=checks, timings=timings)
     sys.exit(1 if bad else 0)

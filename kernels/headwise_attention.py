@@ -244,14 +244,19 @@ Q_TMA = os.environ.get("DITFA_TRITON_Q_TMA", "1") != "0"
 TMA_STORE = os.environ.get("DITFA_TRITON_TMA_STORE", "1") != "0"
 
 
+def _hopper(device: torch.device) -> bool:
+    """Tensor descriptors allowed: a Hopper-or-newer GPU, not the interpreter, not switched off."""
+    return not INTERPRET and USE_TMA and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Every head's [S, D] rows of ``t`` 16-byte aligned (what a tensor descriptor needs)."""
+    return t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
+
+
 def _tma_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Tensor descriptors on Hopper or newer, when every head's [S, D] keys and values are 16-byte aligned."""
-    if INTERPRET or not USE_TMA or q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
-        return False
-    size = k.element_size()
-    if any(t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]) for t in (k, v)):
-        return False
-    return True
+    return _hopper(q.device) and _aligned(k) and _aligned(v)
 
 
 def _descriptor_hook(nargs):
@@ -317,7 +322,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     # image) ends on a tile boundary (128 is a multiple of every tile), the second at S, where the copy clips.
     # Measured: storing from registers cost ~2.8 us of an SM per tile (docs/benchmarks.md)
     first = num_image_tokens if image_first else num_text_tokens
-    tma_store = TMA_STORE and use_tma and _tma_ok(out, out, out) and first % 128 == 0
+    tma_store = TMA_STORE and use_tma and _aligned(out) and first % 128 == 0
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -325,7 +330,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     else:
         k_arg, v_arg = k, v
     o_arg = TensorDescriptor.from_tensor(out, [1, 1, 64, D]) if tma_store else out
-    q_tma = tma_store and Q_TMA and _tma_ok(q, q, q)  # the same condition: no query tile straddles the segments
+    q_tma = tma_store and Q_TMA and _aligned(q)  # the same condition: no query tile straddles the segments
     q_arg = TensorDescriptor.from_tensor(q, [1, 1, 64, D]) if q_tma else q
     args = (q_arg, k_arg, v_arg, o_arg, lse, table.contiguous(),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
