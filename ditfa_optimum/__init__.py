@@ -31,7 +31,7 @@ from .masks import TokenLayout, arrow_mask, window_blocks
 from .methods import AttentionMethod, make_method, register_method
 from .loading import load_pipeline
 from .optimizer import DiTFastAttnOptimizer
-from .plan import CompressionPlan, FlopReport, ModuleSpec, PlanReport
+from .plan import BlockSpec, CompressionPlan, FlopReport, ModuleSpec, PlanReport, TransformerFlopReport
 from .runtime import backend_names, register_backend
 from .search import search, solve_heads
 from .serialization import Artifact, ArtifactError, read_artifact
@@ -40,7 +40,8 @@ from .verify import VerifyReport, verify_artifact
 __all__ = [
     "__version__", "get_adapter", "register_adapter", "apply", "get_runtime", "remove", "reset_state", "uniform_plan",
     "TokenLayout", "arrow_mask", "window_blocks", "AttentionMethod", "make_method", "register_method",
-    "CompressionPlan", "FlopReport", "ModuleSpec", "PlanReport", "backend_names", "register_backend",
+    "CompressionPlan", "FlopReport", "ModuleSpec", "PlanReport", "BlockSpec", "TransformerFlopReport",
+    "backend_names", "register_backend",
     "DiTFastAttnOptimizer", "DiTFastAttnConfig", "CalibrationStats", "calibrate", "search", "solve_heads",
     "load_pipeline", "Artifact", "ArtifactError", "read_artifact", "VerifyReport", "verify_artifact",
 ]

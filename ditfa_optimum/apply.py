@@ -1,8 +1,9 @@
 """Install a `CompressionPlan` on a transformer (or a pipeline's transformer), and take it off again.
 
 The plan runs through attention processors set on the planned modules and one forward pre-hook on the transformer that
-advances the step state from the timestep of each call. Nothing is monkeypatched; `remove` restores the original
-processor objects and removes the hook, giving the stock model back exactly.
+advances the step state from the timestep of each call; a plan with block methods other than `compute` also gets one
+diffusers hook per block (and per reused MLP), see `ditfa_optimum.runtime.blocks`. Nothing is monkeypatched; `remove`
+restores the original processor objects and removes the hooks, giving the stock model back exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .adapters import Adapter, get_adapter
 from .masks import DEFAULT_BLOCK_SIZE
 from .methods import AttentionMethod
 from .plan import CompressionPlan
+from .runtime.blocks import BlockRuntime, InstalledBlocks, install_blocks
 from .runtime.headwise import PlanRuntime
 
 _ATTR = "_ditfa_installed"
@@ -28,6 +30,7 @@ class _Installed:
     originals: dict[str, object]
     modules: dict[str, torch.nn.Module]
     hook: torch.utils.hooks.RemovableHandle
+    blocks: InstalledBlocks | None = None  # block hooks, when the plan skips blocks
 
 
 def _split(model) -> tuple[torch.nn.Module, object | None]:
@@ -62,9 +65,18 @@ def apply(model, plan: CompressionPlan, *, backend: str | None = None, cfg: bool
     """
     transformer, pipeline = _split(model)
     adapter, modules = _prepare(transformer)
-    plan.validate([spec for spec, _ in modules], model_class=adapter.model_class)
+    blocks = adapter.blocks(transformer) if plan.blocks else []
+    plan.validate([spec for spec, _ in modules], model_class=adapter.model_class,
+                  blocks=[spec for spec, _ in blocks] if plan.blocks else None)
     runtime = PlanRuntime(plan, backend=backend, cfg=cfg_source(cfg, adapter, pipeline))
     install(transformer, adapter, modules, runtime)
+    if plan.skips_blocks:
+        try:
+            _installed(transformer).blocks = install_blocks(transformer, adapter, blocks,
+                                                            BlockRuntime(plan, runtime.state, adapter))
+        except Exception:
+            remove(transformer)
+            raise
     return runtime
 
 
@@ -115,6 +127,8 @@ def remove(model) -> CompressionPlan | None:
     """Take the plan off: original processors back, hook removed, caches freed. Returns the removed plan."""
     transformer, _ = _split(model)
     installed = _installed(transformer)
+    if installed.blocks is not None:
+        installed.blocks.remove()
     for name, module in installed.modules.items():
         module.set_processor(installed.originals[name])
     installed.hook.remove()
@@ -137,12 +151,18 @@ def reset_state(model) -> None:
 
 def uniform_plan(model, num_steps: int, method: AttentionMethod | str = "full", *, full_steps: int = 1,
                  block_size: int = DEFAULT_BLOCK_SIZE) -> CompressionPlan:
-    """A plan that runs ``method`` on every head of ``model``'s attention after ``full_steps`` full steps.
+    """A plan that runs ``method`` on every head of ``model``'s attention after ``full_steps`` full steps. It records
+    the model's blocks (all `compute`) when its adapter reports them, so ``plan.transformer_flops`` works and block
+    methods can be set on it (``plan.set_block``).
 
     Example:
         >>> plan = uniform_plan(pipe.transformer, num_steps=28, method="arrow:1/8")   # doctest: +SKIP
     """
     transformer, _ = _split(model)
     adapter = get_adapter(transformer)
+    try:
+        blocks = adapter.block_specs(transformer)
+    except NotImplementedError:  # an adapter without block metadata: a head-only plan
+        blocks = []
     return CompressionPlan.uniform(adapter.module_specs(transformer), num_steps, method, full_steps=full_steps,
-                                   block_size=block_size, model_class=adapter.model_class)
+                                   block_size=block_size, model_class=adapter.model_class, blocks=blocks)

@@ -1,11 +1,14 @@
-"""`CompressionPlan`: for every attention module, denoising step and head, one attention method and its parameter.
+"""`CompressionPlan`: for every attention module, denoising step and head, one attention method and its parameter;
+and for every transformer block and step, one block method.
 
 A plan is plain data: per module an int16 tensor of method ids and a float64 tensor of method parameters, both
-``[num_steps, num_heads]``, plus the structural description of the modules it was made for (`ModuleSpec`). It never
-holds module references, so it can be searched, saved and compared on a machine without the model.
+``[num_steps, num_heads]``; per block (optional) an int16 ``[num_steps]`` tensor of block method ids; plus the
+structural description of the modules and blocks it was made for (`ModuleSpec`, `BlockSpec`). It never holds module
+references, so it can be searched, saved and compared on a machine without the model.
 
-On disk (`save` / `load`): ``plan.json`` (format version, method vocabulary, module specs, metadata: names and numbers,
-never tensor values) and ``plan.safetensors`` (keys ``"<module name>.method"`` and ``"<module name>.param"``).
+On disk (`save` / `load`): ``plan.json`` (format version, method vocabularies, module and block specs, metadata: names
+and numbers, never tensor values) and ``plan.safetensors`` (keys ``"<module name>.method"``, ``"<module name>.param"``
+and ``"<block name>.block_method"``). Format 2 added the blocks; format-1 plans (no blocks) still load.
 """
 
 from __future__ import annotations
@@ -20,9 +23,22 @@ from typing import Iterable, Iterator
 import torch
 
 from .masks import DEFAULT_BLOCK_SIZE, TokenLayout
-from .methods import AttentionMethod, Full, dense_flops, make_method, method_class, method_names
+from .methods import (
+    AttentionMethod,
+    BlockMethod,
+    Compute,
+    Full,
+    MemoryRef,
+    block_method_class,
+    block_method_names,
+    dense_flops,
+    make_block_method,
+    make_method,
+    method_class,
+    method_names,
+)
 
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2
 PLAN_JSON = "plan.json"
 PLAN_TENSORS = "plan.safetensors"
 
@@ -47,6 +63,54 @@ class ModuleSpec:
 
     def layout(self, image_tokens: int, text_tokens: int, block_size: int) -> TokenLayout:
         return TokenLayout(image_tokens, text_tokens if self.joint else 0, self.image_first, block_size)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Structure and linear cost of one transformer block, as an adapter reports it.
+
+    FLOPs count the block's matrix multiplies (``nn.Linear``, 2 FLOPs per multiply-add, read from the weight shapes by
+    the adapter); norms, activations, gates and residual adds are not counted, nor are the attention products
+    themselves (those come from the head plan, per step). The per-token numbers make the cost of any resolution and
+    text length a product: see `projection_flops` and `mlp_flops`.
+
+    Args:
+        name: the block's qualified name in the transformer (``transformer_blocks.3``).
+        attention: names of the attention modules inside it (their `ModuleSpec.name`), in execution order.
+        mlps: qualified names of its MLP submodules that `mlp_cache` skips (SD3/FLUX double-stream: ``ff`` and
+            ``ff_context``; SD3's last block only ``ff``); empty when it has none callable on its own (FLUX
+            single-stream blocks fuse the MLP into ``proj_out``): such a block cannot use `mlp_cache`.
+        attn_proj_image: FLOPs per image token of its attention projections (q, k, v, out; SD3.5's ``attn2``).
+        attn_proj_text: FLOPs per text token of its attention projections (the added q/k/v/out of joint attention).
+        mlp_image: FLOPs per image token of its MLP.
+        mlp_text: FLOPs per text token of its MLP.
+        modulation: FLOPs per sample (not per token) of its AdaLN modulation linears on the timestep embedding.
+    """
+
+    name: str
+    attention: tuple[str, ...]
+    mlps: tuple[str, ...] = ()
+    attn_proj_image: int = 0
+    attn_proj_text: int = 0
+    mlp_image: int = 0
+    mlp_text: int = 0
+    modulation: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "attention", tuple(self.attention))
+        object.__setattr__(self, "mlps", tuple(self.mlps))
+        for f in ("attn_proj_image", "attn_proj_text", "mlp_image", "mlp_text", "modulation"):
+            value = getattr(self, f)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"block {self.name!r}: {f} must be an integer number of FLOPs >= 0, got {value!r}")
+
+    def projection_flops(self, image_tokens: int, text_tokens: int) -> float:
+        """Linear FLOPs outside the MLP (attention projections and modulation) for one sample."""
+        return float(image_tokens * self.attn_proj_image + text_tokens * self.attn_proj_text + self.modulation)
+
+    def mlp_flops(self, image_tokens: int, text_tokens: int) -> float:
+        """The MLP's FLOPs for one sample."""
+        return float(image_tokens * self.mlp_image + text_tokens * self.mlp_text)
 
 
 @dataclass
@@ -78,8 +142,39 @@ class FlopReport:
 
 
 @dataclass
+class TransformerFlopReport:
+    """FLOPs of the transformer blocks (attention products + linear layers), dense vs planned, per block and step,
+    for one sample. The embedders and the final projection outside the blocks are not counted (well under 1% of an
+    SD3/FLUX forward)."""
+
+    block_names: list[str]
+    dense: torch.Tensor  # [NB, T] float64
+    planned: torch.Tensor  # [NB, T] float64
+
+    @property
+    def dense_total(self) -> float:
+        return float(self.dense.sum())
+
+    @property
+    def planned_total(self) -> float:
+        return float(self.planned.sum())
+
+    @property
+    def cut(self) -> float:
+        """Fraction of the dense transformer FLOPs the plan saves (0 = none, 1 = all)."""
+        return 1.0 - self.planned_total / self.dense_total
+
+    def cut_per_block(self) -> dict[str, float]:
+        return {n: 1.0 - float(p.sum() / d.sum()) for n, d, p in zip(self.block_names, self.dense, self.planned)}
+
+    def cut_per_step(self) -> torch.Tensor:
+        return 1.0 - self.planned.sum(0) / self.dense.sum(0)
+
+
+@dataclass
 class CompressionPlan:
-    """Per attention module, step and head: which method runs.
+    """Per attention module, step and head: which method runs; per transformer block and step (optional): which block
+    method runs.
 
     Args:
         modules: the attention modules the plan covers, in execution order.
@@ -88,6 +183,10 @@ class CompressionPlan:
         block_size: the arrow mask's block size in tokens (part of the mask definition, see `ditfa_optimum.masks`).
         model_class: the transformer class the plan was made for (checked by `validate`).
         metadata: free-form JSON-able facts (search config, provenance); never needed to run the plan.
+        blocks: the transformer blocks, in execution order (empty: the plan has no block level and runs every block).
+            When given, every attention module belongs to exactly one block.
+        block_methods: per block name, ``[num_steps]`` integer block method ids (`ditfa_optimum.methods.block_base`);
+            blocks left out run `compute` at every step.
 
     Example:
         >>> from ditfa_optimum.plan import CompressionPlan, ModuleSpec
@@ -103,11 +202,19 @@ class CompressionPlan:
     block_size: int = DEFAULT_BLOCK_SIZE
     model_class: str | None = None
     metadata: dict = field(default_factory=dict)
+    blocks: list[BlockSpec] = field(default_factory=list)
+    block_methods: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         self.methods = {k: torch.as_tensor(v, dtype=torch.int16).cpu() for k, v in self.methods.items()}
         self.params = {k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in self.params.items()}
+        self.blocks = list(self.blocks)
+        self.block_methods = {k: torch.as_tensor(v, dtype=torch.int16).cpu().clone()
+                              for k, v in self.block_methods.items()}
         self._check_structure()
+        for b in self.blocks:  # default: the block runs at every step
+            self.block_methods.setdefault(b.name, torch.zeros(self.num_steps, dtype=torch.int16))
+        self._check_block_structure()
         self._check_schedule()
 
     # ---------------------------------------------------------------- construction
@@ -178,13 +285,78 @@ class CompressionPlan:
         ids = torch.cat([m.flatten() for m in self.methods.values()])
         return {method_class(int(i)).name: int(c) for i, c in zip(*ids.unique(return_counts=True))}
 
+    # ---------------------------------------------------------------- blocks
+    @property
+    def block_names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    def block_spec(self, block: str) -> BlockSpec:
+        for b in self.blocks:
+            if b.name == block:
+                return b
+        raise KeyError(f"the plan has no block {block!r}; it covers {self.block_names or 'no blocks'}")
+
+    def block_of(self, module: str) -> BlockSpec | None:
+        """The block holding attention module ``module`` (None when the plan has no blocks)."""
+        for b in self.blocks:
+            if module in b.attention:
+                return b
+        return None
+
+    def block_method(self, block: str, step: int) -> BlockMethod:
+        self.block_spec(block)
+        return block_method_class(int(self.block_methods[block][step]))()
+
+    def set_block(self, block: str, step: int, method: BlockMethod | str) -> None:
+        """Change one (block, step) entry (re-validates the schedule; rolls back and raises if it breaks a rule)."""
+        method = make_block_method(method)
+        self.block_spec(block)
+        old = self.block_methods[block][step].clone()
+        self.block_methods[block][step] = method.method_id
+        try:
+            self._check_schedule()
+        except ValueError:
+            self.block_methods[block][step] = old
+            raise
+
+    def block_counts(self) -> dict[str, int]:
+        """How many (block, step) entries use each block method name (empty when the plan has no blocks)."""
+        if not self.blocks:
+            return {}
+        ids = torch.cat([self.block_methods[n] for n in self.block_names])
+        return {block_method_class(int(i)).name: int(c) for i, c in zip(*ids.unique(return_counts=True))}
+
+    @property
+    def skips_blocks(self) -> bool:
+        """Whether any (block, step) runs something else than `compute` (the runtime then needs its block hooks)."""
+        return any(bool((self.block_methods[n] != Compute.method_id).any()) for n in self.block_names)
+
+    def block_runs(self, block: str) -> list[bool]:
+        """Per step: whether the block's forward executes (its attention modules run)."""
+        return [self.block_method(block, t).runs_block for t in range(self.num_steps)]
+
+    def block_sources(self, block: str) -> list[tuple[MemoryRef, ...]]:
+        """Per step: what the block's method reads from earlier steps (``MemoryRef(kind, step)``; ``()`` for none)."""
+        return self._block_schedule(self.block_spec(block))
+
+    def block_keeps(self, block: str) -> dict[MemoryRef, int]:
+        """What the runtime must record for ``block``: each `MemoryRef` some step reads, with the last step reading it
+        (the record is freed after that step). Records nobody reads are absent, so they are never stored."""
+        keeps = {}
+        for step, refs in enumerate(self.block_sources(block)):
+            for ref in refs:
+                keeps[ref] = step  # steps ascend: the last assignment is the last reader
+        return keeps
+
     def __eq__(self, other) -> bool:
         if not isinstance(other, CompressionPlan):
             return NotImplemented
         return (self.modules == other.modules and self.block_size == other.block_size
                 and self.model_class == other.model_class
                 and all(torch.equal(self.methods[n], other.methods[n]) and torch.equal(self.params[n], other.params[n])
-                        for n in self.module_names))
+                        for n in self.module_names)
+                and self.blocks == other.blocks
+                and all(torch.equal(self.block_methods[n], other.block_methods[n]) for n in self.block_names))
 
     # ---------------------------------------------------------------- validation
     def _check_structure(self) -> None:
@@ -215,7 +387,89 @@ class CompressionPlan:
                 except ValueError as e:
                     raise ValueError(f"{where}: {e}") from None
 
+    def _check_block_structure(self) -> None:
+        names = self.block_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"block names repeat in the plan: {names}")
+        extra = sorted(set(self.block_methods) - set(names))
+        if extra:
+            raise ValueError(f"block methods are given for {extra}, which are not among the plan's blocks {names}")
+        if not self.blocks:
+            return
+        owner: dict[str, str] = {}
+        for b in self.blocks:
+            for module in b.attention:
+                if module not in self.methods:
+                    raise ValueError(f"block {b.name!r} lists attention module {module!r}, which the plan does not "
+                                     f"cover; its modules are {self.module_names}")
+                if module in owner:
+                    raise ValueError(f"attention module {module!r} is listed by two blocks, {owner[module]!r} and "
+                                     f"{b.name!r}")
+                owner[module] = b.name
+        orphans = [n for n in self.module_names if n not in owner]
+        if orphans:
+            raise ValueError(f"attention modules {orphans[:5]} belong to none of the plan's blocks; a plan with blocks "
+                             "lists every block of the model (Adapter.blocks)")
+        for b in self.blocks:
+            ids = self.block_methods[b.name]
+            if ids.shape != (self.num_steps,):
+                raise ValueError(f"block {b.name!r}: its block method tensor must be [num_steps={self.num_steps}], got "
+                                 f"{tuple(ids.shape)}")
+            for step, mid in enumerate(ids.tolist()):
+                try:
+                    block_method_class(mid)
+                except ValueError as e:
+                    raise ValueError(f"block {b.name!r} step {step}: {e}") from None
+
+    def _block_schedule(self, block: BlockSpec) -> list[tuple[MemoryRef, ...]]:
+        """Per step, what the block's method reads; raises ValueError for a step whose memory no earlier step makes."""
+        ran, mlp_ran, sources = [], [], []
+        for step, mid in enumerate(self.block_methods[block.name].tolist()):
+            m = block_method_class(mid)()
+            where = f"block {block.name!r} step {step}"
+            if step == 0 and not isinstance(m, Compute):
+                raise ValueError(f"{where}: `{m.name}`, but step 0 must be `compute`: no earlier step left anything "
+                                 "to reuse")
+            try:
+                sources.append(m.sources(step, ran, mlp_ran, block.mlps))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if m.runs_block:
+                ran.append(step)
+                if m.runs_mlp:
+                    mlp_ran.append(step)
+        return sources
+
+    def _check_block_heads(self, block: BlockSpec) -> None:
+        """Head methods that read an earlier step of their head need the block to have run then."""
+        methods = [block_method_class(i)() for i in self.block_methods[block.name].tolist()]
+        if all(m.runs_block for m in methods):
+            return
+        for module in block.attention:
+            ids = self.methods[module]
+            for step in range(1, self.num_steps):
+                if not methods[step].runs_block or methods[step - 1].runs_block:
+                    continue
+                for head, mid in enumerate(ids[step].tolist()):
+                    m = method_class(mid)
+                    if m.needs_previous_output:
+                        raise ValueError(
+                            f"module {module!r} step {step} head {head}: `{m.name}` reuses the head's output of step "
+                            f"{step - 1}, but its block {block.name!r} does not run at step {step - 1} "
+                            f"(`{methods[step - 1].name}`); compute the head at step {step} or run the block at step "
+                            f"{step - 1}")
+            for step, head, _ in self.residual_records(module):
+                if not methods[step].runs_block:
+                    raise ValueError(
+                        f"module {module!r} step {step} head {head}: this `full` step records the residual that the "
+                        f"head's later `arrow_residual` steps add, but its block {block.name!r} does not run at step "
+                        f"{step} (`{methods[step].name}`); run the block at step {step} or give the head an earlier "
+                        "full step in a step where the block runs")
+
     def _check_schedule(self) -> None:
+        for block in self.blocks:
+            self._block_schedule(block)
+            self._check_block_heads(block)
         for spec in self.modules:
             for head in range(spec.num_heads):
                 last_full, residual_fraction = None, None
@@ -238,13 +492,15 @@ class CompressionPlan:
                         residual_fraction = m.param
 
     def validate(self, modules: Iterable[ModuleSpec], num_steps: int | None = None,
-                 model_class: str | None = None) -> None:
+                 model_class: str | None = None, blocks: Iterable[BlockSpec] | None = None) -> None:
         """Check that the plan fits a model (its attention modules) and a step count; raise one clear ValueError.
 
         Args:
             modules: the model's attention modules, as its adapter reports them.
             num_steps: the denoising steps the pipeline will run; the plan must cover at least that many.
             model_class: the transformer's class name.
+            blocks: the model's blocks (`Adapter.block_specs`); checked when given and the plan has blocks. Names,
+                attention modules and MLP names must match; the FLOP counts are informative and not compared.
         """
         modules = list(modules)
         if model_class and self.model_class and model_class != self.model_class:
@@ -265,10 +521,27 @@ class CompressionPlan:
                                  "another model?")
             if (mine.image_first, mine.joint) != (other.image_first, other.joint):
                 raise ValueError(f"module {mine.name!r}: token order/joint mismatch (plan {mine}, model {other})")
+        if blocks is not None and self.blocks:
+            self._validate_blocks(list(blocks))
         if num_steps is not None and num_steps > self.num_steps:
             raise ValueError(f"the plan covers {self.num_steps} denoising steps but the pipeline runs {num_steps}; "
                              f"search a plan for {num_steps} steps or call the pipeline with "
                              f"num_inference_steps={self.num_steps}")
+
+    def _validate_blocks(self, blocks: list[BlockSpec]) -> None:
+        theirs = {b.name: b for b in blocks}
+        missing = [n for n in self.block_names if n not in theirs]
+        extra = [n for n in theirs if n not in set(self.block_names)]
+        if missing or extra:
+            raise ValueError(f"the plan does not match the model's blocks: the model lacks {missing[:5]} and the plan "
+                             f"lacks {extra[:5]} ({len(self.blocks)} planned, {len(theirs)} in the model); was the "
+                             "plan made for another model?")
+        for mine in self.blocks:
+            other = theirs[mine.name]
+            if (mine.attention, mine.mlps) != (other.attention, other.mlps):
+                raise ValueError(f"block {mine.name!r}: the plan has attention modules {list(mine.attention)} and MLPs "
+                                 f"{list(mine.mlps)}, the model {list(other.attention)} and {list(other.mlps)}; was "
+                                 "the plan made for another model?")
 
     # ---------------------------------------------------------------- cost
     def flops(self, image_tokens: int, text_tokens: int, cfg: bool = False) -> FlopReport:
@@ -289,6 +562,38 @@ class CompressionPlan:
             for step, head, fraction in self.residual_records(spec.name):
                 planned[i, step] += make_method("arrow", fraction).flops(layout, spec.head_dim, cfg)
         return FlopReport(self.module_names, dense, planned)
+
+    def transformer_flops(self, image_tokens: int, text_tokens: int, cfg: bool = False) -> TransformerFlopReport:
+        """FLOPs of the transformer blocks, dense vs this plan, per block and step (one sample).
+
+        Dense: every block computes, every head full. Planned: per (block, step) its block method's `cost` from the
+        attention FLOPs of its modules under the head plan (`flops`, which counts the residual-recording arrows too)
+        and its `BlockSpec` linear FLOPs: `compute` pays everything, `mlp_cache` everything but the MLP,
+        `block_cache` / `block_taylor` nothing.
+
+        Args:
+            image_tokens: image tokens per sample.
+            text_tokens: text tokens per sample.
+            cfg: whether CFG is batched (`cfg_share` heads then cost half).
+        """
+        if not self.blocks:
+            raise ValueError("this plan records no blocks (a format-1 plan, or one made without block specs), so its "
+                             "whole-transformer FLOPs are unknown; make it with "
+                             "blocks=adapter.block_specs(transformer) (ditfa_optimum.uniform_plan does), or use "
+                             "plan.flops() for attention alone")
+        attention = self.flops(image_tokens, text_tokens, cfg)
+        row = {n: i for i, n in enumerate(attention.module_names)}
+        dense = torch.zeros(len(self.blocks), self.num_steps, dtype=torch.float64)
+        planned = torch.zeros_like(dense)
+        for i, block in enumerate(self.blocks):
+            rows = [row[n] for n in block.attention]
+            attn_dense, attn_planned = attention.dense[rows].sum(0), attention.planned[rows].sum(0)
+            proj = block.projection_flops(image_tokens, text_tokens)
+            mlp = block.mlp_flops(image_tokens, text_tokens)
+            dense[i] = attn_dense + proj + mlp
+            for step in range(self.num_steps):
+                planned[i, step] = self.block_method(block.name, step).cost(float(attn_planned[step]), proj, mlp)
+        return TransformerFlopReport(self.block_names, dense, planned)
 
     # ---------------------------------------------------------------- what the runtime must keep
     def residual_records(self, module: str) -> Iterator[tuple[int, int, float]]:
@@ -312,6 +617,9 @@ class CompressionPlan:
         for mid in ids.unique().tolist():
             if method_class(mid).needs_previous_output:
                 reads_prev |= ids == mid
+        block = self.block_of(module)
+        if block is not None:  # a head in a block that does not run reads nothing
+            reads_prev &= torch.tensor(self.block_runs(block.name))[:, None]
         keeps = torch.zeros_like(reads_prev)
         keeps[:-1] = reads_prev[1:]
         return keeps
@@ -325,6 +633,8 @@ class CompressionPlan:
             "num_steps": self.num_steps,
             "method_vocabulary": {name: method_class(name).method_id for name in method_names()},
             "modules": [asdict(s) for s in self.modules],
+            "block_method_vocabulary": {name: block_method_class(name).method_id for name in block_method_names()},
+            "blocks": [{**asdict(b), "attention": list(b.attention), "mlps": list(b.mlps)} for b in self.blocks],
             "metadata": self.metadata,
         }
 
@@ -333,6 +643,8 @@ class CompressionPlan:
         for n in self.module_names:
             out[f"{n}.method"] = self.methods[n].contiguous()
             out[f"{n}.param"] = self.params[n].contiguous()
+        for n in self.block_names:
+            out[f"{n}.block_method"] = self.block_methods[n].contiguous()
         return out
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -366,11 +678,14 @@ class CompressionPlan:
                 raise ValueError(f"module {spec.name!r}: method ids {unknown} are not in the plan's vocabulary {vocab}")
             methods[spec.name] = ids.clone().apply_(remap.__getitem__)
             params[spec.name] = tensors[f"{spec.name}.param"]
-        extra = set(tensors) - {k for s in modules for k in (f"{s.name}.method", f"{s.name}.param")}
+        blocks, block_methods = _blocks_from_json(info, tensors) if version >= 2 else ([], {})
+        expected = {k for s in modules for k in (f"{s.name}.method", f"{s.name}.param")}
+        expected |= {f"{b.name}.block_method" for b in blocks}
+        extra = set(tensors) - expected
         if extra:
-            raise ValueError(f"plan tensors hold keys no module of the plan names: {sorted(extra)[:5]}")
+            raise ValueError(f"plan tensors hold keys no module or block of the plan names: {sorted(extra)[:5]}")
         plan = cls(modules, methods, params, block_size=int(info["block_size"]), model_class=info.get("model_class"),
-                   metadata=info.get("metadata") or {})
+                   metadata=info.get("metadata") or {}, blocks=blocks, block_methods=block_methods)
         if plan.num_steps != info.get("num_steps", plan.num_steps):
             raise ValueError(f"plan.json says {info['num_steps']} steps, the tensors hold {plan.num_steps}")
         return plan
@@ -392,11 +707,13 @@ class CompressionPlan:
         return cls.from_json_and_tensors(info, load_file(directory / PLAN_TENSORS))
 
     def summary(self) -> str:
-        counts = self.method_counts()
-        total = sum(counts.values())
-        shares = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+        def shares(counts):
+            total = sum(counts.values())
+            return ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+        blocks = f"; {len(self.blocks)} blocks: {shares(self.block_counts())}" if self.skips_blocks else ""
         return (f"CompressionPlan({len(self.modules)} attention modules x {self.num_steps} steps, "
-                f"block {self.block_size}; {shares})")
+                f"block {self.block_size}; {shares(self.method_counts())}{blocks})")
 
     def __repr__(self) -> str:
         return self.summary()
@@ -425,7 +742,15 @@ class CompressionPlan:
         predicted = info.get("predicted_rse")
         predicted = None if predicted is None else torch.tensor([predicted[n] for n in self.module_names],
                                                                 dtype=torch.float64)
-        return PlanReport(self.module_names, names, share, 1.0 - flops.planned / flops.dense, predicted, flops.cut)
+        report = PlanReport(self.module_names, names, share, 1.0 - flops.planned / flops.dense, predicted, flops.cut)
+        if self.blocks:
+            whole = self.transformer_flops(image_tokens, text_tokens, cfg)
+            report.block_names = self.block_names
+            report.block_methods = {n: [str(self.block_method(n, t)) for t in range(self.num_steps)]
+                                    for n in self.block_names}
+            report.block_flop_cut = 1.0 - whole.planned / whole.dense
+            report.transformer_cut = whole.cut
+        return report
 
 
 @dataclass
@@ -439,6 +764,10 @@ class PlanReport:
         flop_cut: ``[M, T]`` attention-FLOP cut of the module at the step (0 = dense).
         predicted_rse: ``[M, T]`` the search's predicted mean RSE over heads, or None for hand-made plans.
         total_cut: the whole plan's attention-FLOP cut.
+        block_names: the plan's blocks (empty when it has none; then the block fields below are empty/None).
+        block_methods: per block, its block method name at each step.
+        block_flop_cut: ``[NB, T]`` whole-block FLOP cut (attention + linear layers) of the block at the step.
+        transformer_cut: the plan's cut of the transformer blocks' FLOPs (`CompressionPlan.transformer_flops`).
     """
 
     module_names: list[str]
@@ -447,6 +776,10 @@ class PlanReport:
     flop_cut: torch.Tensor
     predicted_rse: torch.Tensor | None
     total_cut: float
+    block_names: list[str] = field(default_factory=list)
+    block_methods: dict[str, list[str]] = field(default_factory=dict)
+    block_flop_cut: torch.Tensor | None = None
+    transformer_cut: float | None = None
 
     def table(self) -> str:
         """A text table: per module, its FLOP cut and the share of each method over all steps."""
@@ -463,5 +796,46 @@ class PlanReport:
                 row += f"  {float(self.predicted_rse[i].mean()):>9.4f}"
             lines.append(row)
         lines.append(f"{'total':<{width}}  {self.total_cut:>6.1%}")
+        if self.block_names:
+            lines += ["", self.block_table()]
         return "\n".join(lines)
 
+    def block_table(self) -> str:
+        """Per block: its whole-block FLOP cut and one letter per step (``.`` compute, ``C`` block_cache,
+        ``T`` block_taylor, ``M`` mlp_cache)."""
+        from .methods import block_method_class
+
+        width = max(len(n) for n in self.block_names + ["total (blocks)"])
+        head = f"{'block':<{width}}  {'cut':>6}  steps"
+        lines = [head, "-" * (width + 10 + max(len(m) for m in self.block_methods.values()))]
+        for i, name in enumerate(self.block_names):
+            letters = "".join(block_method_class(m).symbol for m in self.block_methods[name])
+            lines.append(f"{name:<{width}}  {float(self.block_flop_cut[i].mean()):>6.1%}  {letters}")
+        lines.append(f"{'total (blocks)':<{width}}  {self.transformer_cut:>6.1%}")
+        return "\n".join(lines)
+
+
+
+def _blocks_from_json(info: dict, tensors: dict[str, torch.Tensor]) -> tuple[list[BlockSpec], dict[str, torch.Tensor]]:
+    """The blocks and block-method tensors of a format-2 plan, ids mapped through the file's vocabulary."""
+    blocks = []
+    for entry in info.get("blocks") or []:
+        try:
+            blocks.append(BlockSpec(**entry))
+        except TypeError as e:
+            raise ValueError(f"plan.json block entry {entry.get('name', entry)!r} does not describe a block ({e})") \
+                from None
+    vocab = info.get("block_method_vocabulary") or {}
+    remap = {int(file_id): block_method_class(name).method_id for name, file_id in vocab.items()}
+    methods = {}
+    for b in blocks:
+        key = f"{b.name}.block_method"
+        if key not in tensors:
+            raise ValueError(f"plan tensors lack {key!r}; the plan file is incomplete or from another plan")
+        ids = tensors[key]
+        unknown = sorted(set(ids.unique().tolist()) - set(remap))
+        if unknown:
+            raise ValueError(f"block {b.name!r}: block method ids {unknown} are not in the plan's block vocabulary "
+                             f"{vocab}")
+        methods[b.name] = ids.clone().apply_(remap.__getitem__)
+    return blocks, methods

@@ -1,17 +1,21 @@
 """What the runtime must know about a model family, and the registry keyed by transformer class name.
 
 An adapter is the only place that knows a model family's classes: where its attention modules are, their token order,
-how to read the timestep and the text length from a transformer call, and how to project q/k/v around our attention.
+how to read the timestep and the text length from a transformer call, and how to project q/k/v around our attention;
+for block methods, where its transformer blocks are, what they cost, and how a block's image and text streams enter
+and leave its forward.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, ClassVar
 
 import torch
 
-from ..plan import ModuleSpec
+from ..methods import Streams
+from ..plan import BlockSpec, ModuleSpec
 
 _ADAPTERS: dict[str, "Adapter"] = {}
 
@@ -35,8 +39,57 @@ def get_adapter(transformer: torch.nn.Module) -> "Adapter":
                      f"{adapter_names()}. Write one with @register_adapter (see docs/adapters.md)")
 
 
+def linear_flops(module: torch.nn.Module | None) -> int:
+    """FLOPs per token (2 per multiply-add) of every ``nn.Linear`` inside ``module`` (0 for None)."""
+    if module is None:
+        return 0
+    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _linears(owner: torch.nn.Module | None, *names: str) -> int:
+    """`linear_flops` of the named submodules of ``owner`` that exist (the unfused projections are named, so fused
+    copies made by ``fuse_qkv_projections`` are not counted twice)."""
+    return 0 if owner is None else sum(linear_flops(getattr(owner, n, None)) for n in names)
+
+
+def double_stream_block_spec(name: str, block: torch.nn.Module) -> BlockSpec:
+    """The `BlockSpec` of an MMDiT block with separate image and text weights (SD3's `JointTransformerBlock`, FLUX's
+    `FluxTransformerBlock`): ``attn`` (joint; SD3.5 also ``attn2``, image only), ``ff`` / ``ff_context`` MLPs,
+    ``norm1`` / ``norm1_context`` AdaLN modulation."""
+    attention = [a for a in ("attn", "attn2") if getattr(block, a, None) is not None]
+    mlps = [m for m in ("ff", "ff_context") if getattr(block, m, None) is not None]
+    return BlockSpec(
+        name, tuple(f"{name}.{a}" for a in attention), tuple(f"{name}.{m}" for m in mlps),
+        attn_proj_image=sum(_linears(getattr(block, a), "to_q", "to_k", "to_v", "to_out") for a in attention),
+        attn_proj_text=_linears(block.attn, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+        mlp_image=linear_flops(getattr(block, "ff", None)),
+        mlp_text=linear_flops(getattr(block, "ff_context", None)),
+        modulation=_linears(block, "norm1", "norm1_context"),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> tuple[str, ...]:
+    return tuple(inspect.signature(cls.forward).parameters)[1:]  # without self
+
+
+def call_argument(module: torch.nn.Module, name: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The argument ``name`` of a call ``module(*args, **kwargs)`` (None when not given)."""
+    if name in kwargs:
+        return kwargs[name]
+    params = _forward_parameters(type(module))
+    if name not in params:
+        raise ValueError(f"{type(module).__name__}.forward takes no argument {name!r}; its adapter does not fit this "
+                         "diffusers version")
+    i = params.index(name)
+    return args[i] if i < len(args) else None
+
+
 class Adapter:
     """Base class of model-family adapters."""
+
+    #: the arguments of a block's forward that carry its image and text streams (diffusers' MMDiT convention)
+    block_stream_arguments: ClassVar[tuple[str, str]] = ("hidden_states", "encoder_hidden_states")
 
     model_class: ClassVar[str]
     #: processor class names this adapter may replace; anything else (IP-adapter, PAG, custom) is refused
@@ -53,6 +106,30 @@ class Adapter:
     def image_tokens(self, transformer: torch.nn.Module, height: int, width: int, vae_scale_factor: int = 8) -> int:
         """Image tokens of one sample at a pixel resolution."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ blocks
+    def blocks(self, transformer: torch.nn.Module) -> list[tuple[BlockSpec, torch.nn.Module]]:
+        """Every transformer block, in execution order, with its spec (for block-level methods)."""
+        raise NotImplementedError(f"{type(self).__name__} reports no transformer blocks, so plans with block methods "
+                                  "cannot run on it; implement Adapter.blocks (see docs/adapters.md)")
+
+    def block_specs(self, transformer: torch.nn.Module) -> list[BlockSpec]:
+        return [spec for spec, _ in self.blocks(transformer)]
+
+    def block_inputs(self, spec: BlockSpec, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Streams:
+        """The image and text streams entering a block call ``module(*args, **kwargs)``."""
+        image, text = (call_argument(module, n, args, kwargs) for n in self.block_stream_arguments)
+        return Streams(image, text)
+
+    def block_output_streams(self, spec: BlockSpec, output: Any) -> Streams:
+        """The streams a block returned. diffusers' MMDiT blocks return ``(text, image)``; SD3's last block returns
+        None for the text."""
+        text, image = output
+        return Streams(image, text)
+
+    def block_output(self, spec: BlockSpec, streams: Streams) -> Any:
+        """What the block's forward returns, built from streams (inverse of `block_output_streams`)."""
+        return streams.text, streams.image
 
     # ------------------------------------------------------------------ calls
     def text_tokens_of_call(self, bound: inspect.BoundArguments) -> int | None:

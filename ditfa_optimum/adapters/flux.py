@@ -3,14 +3,21 @@
 Double-stream blocks (``transformer_blocks.i.attn``) project image and text separately and concatenate text first;
 single-stream blocks (``single_transformer_blocks.i.attn``) receive the concatenated sequence, so their text length is
 the one the transformer call reported (its ``encoder_hidden_states``), never a constant.
+
+Blocks (`blocks`): ``transformer_blocks.i`` (`FluxTransformerBlock`, MLPs ``ff`` and ``ff_context``) and
+``single_transformer_blocks.i`` (`FluxSingleTransformerBlock`). In diffusers 0.42 both are called as ``block(
+hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)`` and return
+``(encoder_hidden_states, hidden_states)``: the single-stream block concatenates and splits the streams itself. Its MLP
+(``proj_mlp`` -> GELU) is fused with the attention output into ``proj_out``, so it has no separately callable MLP and
+no `mlp_cache`; its FLOPs split ``proj_out``'s input columns into the attention and MLP parts.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..plan import ModuleSpec
-from .base import Adapter, register_adapter
+from ..plan import BlockSpec, ModuleSpec
+from .base import Adapter, double_stream_block_spec, linear_flops, register_adapter
 
 
 def _flux_helpers():
@@ -80,6 +87,24 @@ class FluxAdapter(Adapter):
                                   image_first=False, joint=True)
                 found.append((spec, block.attn))
         return found
+
+    def blocks(self, transformer):
+        found = [(double_stream_block_spec(f"transformer_blocks.{i}", block), block)
+                 for i, block in enumerate(transformer.transformer_blocks)]
+        for i, block in enumerate(transformer.single_transformer_blocks):
+            found.append((self._single_block_spec(f"single_transformer_blocks.{i}", block), block))
+        return found
+
+    @staticmethod
+    def _single_block_spec(name: str, block: torch.nn.Module) -> BlockSpec:
+        # every token (text and image) goes through the same weights; proj_out maps [attn | mlp] -> dim
+        out = block.proj_out
+        attn_columns = out.in_features - block.mlp_hidden_dim
+        attn = sum(linear_flops(getattr(block.attn, n)) for n in ("to_q", "to_k", "to_v")) + 2 * attn_columns * \
+            out.out_features
+        mlp = linear_flops(block.proj_mlp) + 2 * block.mlp_hidden_dim * out.out_features
+        return BlockSpec(name, (f"{name}.attn",), (), attn_proj_image=attn, attn_proj_text=attn, mlp_image=mlp,
+                         mlp_text=mlp, modulation=linear_flops(block.norm))
 
     def image_tokens(self, transformer, height, width, vae_scale_factor=8):
         # FLUX packs 2x2 latent patches into one token

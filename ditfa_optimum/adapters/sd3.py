@@ -4,6 +4,11 @@ Each `JointTransformerBlock` has ``attn`` (joint image+text attention); SD3.5 la
 ``dual_attention_layers`` also have ``attn2``, a second attention over the image tokens only. qk-norm (SD3.5) is applied
 as the stock processor does. The last block is ``context_pre_only``: its text outputs are discarded, but its text
 queries are still part of the joint attention, so they are planned like any other.
+
+Blocks (`blocks`): ``transformer_blocks.i``, each a `JointTransformerBlock` called as ``block(hidden_states,
+encoder_hidden_states, temb, joint_attention_kwargs)`` and returning ``(encoder_hidden_states, hidden_states)``; its
+MLPs are ``ff`` (image) and ``ff_context`` (text). The last block has no ``ff_context`` and returns None for the text
+stream, which block methods treat as absent.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..plan import ModuleSpec
-from .base import Adapter, register_adapter
+from .base import Adapter, double_stream_block_spec, register_adapter
 
 
 class SD3PlannedAttnProcessor:
@@ -77,6 +82,10 @@ class SD3Adapter(Adapter):
                                   head_dim=attn.inner_dim // heads, image_first=True, joint=joint)
                 found.append((spec, attn))
         return found
+
+    def blocks(self, transformer):
+        return [(double_stream_block_spec(f"transformer_blocks.{i}", block), block)
+                for i, block in enumerate(transformer.transformer_blocks)]
 
     def image_tokens(self, transformer, height, width, vae_scale_factor=8):
         patch = transformer.config.patch_size

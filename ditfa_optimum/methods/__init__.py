@@ -1,6 +1,9 @@
 """Attention methods, one file each, registered by name and stable integer id.
 
 ``full`` (0), ``arrow`` (1, window fraction), ``cache`` (2), ``cfg_share`` (3), ``arrow_residual`` (4, fraction).
+
+Block methods (per transformer block and step; their own registry and ids): ``compute`` (0), ``block_cache`` (1),
+``block_taylor`` (2), ``mlp_cache`` (3).
 """
 
 from .base import (
@@ -17,8 +20,26 @@ from .arrow import Arrow
 from .cache import Cache
 from .cfg_share import CfgShare
 from .arrow_residual import ArrowResidual
+from .block_base import (
+    BlockMemory,
+    BlockMethod,
+    MemoryRef,
+    Streams,
+    add_residual,
+    block_method_class,
+    block_method_names,
+    make_block_method,
+    register_block_method,
+    residual,
+)
+from .block_compute import Compute
+from .block_cache import BlockCache
+from .block_taylor import BlockTaylor
+from .mlp_cache import MlpCache
 
 __all__ = [
     "AttentionMethod", "HeadMemory", "dense_flops", "make_method", "method_class", "method_names", "register_method",
     "Full", "Arrow", "Cache", "CfgShare", "ArrowResidual",
+    "BlockMemory", "BlockMethod", "MemoryRef", "Streams", "add_residual", "block_method_class", "block_method_names",
+    "make_block_method", "register_block_method", "residual", "Compute", "BlockCache", "BlockTaylor", "MlpCache",
 ]

@@ -1,4 +1,5 @@
-"""Per-generation state of an applied plan: which denoising step runs, whether CFG is batched, what heads remember.
+"""Per-generation state of an applied plan: which denoising step runs, whether CFG is batched, what heads and blocks
+remember (per branch; block memory: `block_memory`, used by `ditfa_optimum.runtime.blocks`).
 
 The step is advanced by the pipeline's own denoising loop: every transformer call reports its timestep, and
 
@@ -17,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..methods import HeadMemory
+from ..methods import BlockMemory, HeadMemory
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class StepState:
         self.last_timestep: float | None = None
         self.text_tokens: int | None = None
         self._memory: dict[tuple[str, int], dict[int, HeadMemory]] = {}
+        self._block_memory: dict[tuple[str, int], BlockMemory] = {}
         self._warned_cfg = False
 
     # ---------------------------------------------------------------- step tracking
@@ -40,6 +42,7 @@ class StepState:
             logger.info("ditfa: a generation ended after step %d of the plan's %d", self.step, self.num_steps)
         self.step, self.branch, self.last_timestep = -1, 0, None
         self._memory.clear()
+        self._block_memory.clear()
 
     def on_transformer_call(self, timestep, text_tokens: int | None) -> None:
         """Called before each transformer forward with its timestep and the text length of its inputs."""
@@ -95,8 +98,12 @@ class StepState:
         """Head memories of ``module`` for the current branch, by head index."""
         return self._memory.setdefault((module, self.branch), {})
 
+    def block_memory(self, block: str) -> BlockMemory:
+        """What block ``block`` keeps from earlier steps, for the current branch (residuals, MLP outputs)."""
+        return self._block_memory.setdefault((block, self.branch), BlockMemory())
+
     def memory_bytes(self) -> int:
-        total = 0
+        total = sum(mem.nbytes() for mem in self._block_memory.values())
         for heads in self._memory.values():
             for mem in heads.values():
                 for t in (mem.previous_output, mem.residual):
