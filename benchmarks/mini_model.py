@@ -1,7 +1,11 @@
 """Evaluate the miniature MMDiT: caption faithfulness of dense generations on held-out captions, a sample grid, and
-the time of one 64x64 image.
+the time of one image.
 
     python benchmarks/mini_model.py --out docs/mini-model            # the shipped model, GPU if there is one
+    python benchmarks/mini_model.py --model benchmarks/assets/mini-mmdit-128 --out docs/mini-model/128   # 4096 tokens
+
+Images come out at the model's own size (its transformer's ``sample_size``: 64, or 128 for mini-mmdit-128);
+`faithfulness` scores them at 64x64 (larger images are downsampled first).
 
 Held-out captions: `evaluation_captions(n, seed=1234)` minus the default calibration captions (seed 0). Seeds: caption i draws
 its noise from seed i. Writes ``mini_model.json`` and ``samples.png`` (8 captions x 4 seeds) into ``--out``.
@@ -42,7 +46,7 @@ def held_out_captions(n: int, calibration: list[str]) -> list[str]:
 
 
 def generate(pipe, captions: list[str], seeds: list[int], steps: int, guidance: float, batch: int) -> torch.Tensor:
-    """Images [N, 3, 64, 64] in [0, 1]; caption i uses ``torch.Generator().manual_seed(seeds[i])``."""
+    """Images [N, 3, S, S] in [0, 1], S the model's size; caption i uses ``torch.Generator().manual_seed(seeds[i])``."""
     out = []
     for i in range(0, len(captions), batch):
         gens = [torch.Generator().manual_seed(s) for s in seeds[i: i + batch]]
@@ -67,7 +71,9 @@ def grid_png(images: torch.Tensor, columns: int, path: Path, scale: int = 2) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="pipeline directory (default: the model in the package)")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="a saved miniature model, e.g. benchmarks/assets/mini-mmdit-128 (default: mini-mmdit, "
+                             "the model in the package)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--captions", type=int, default=256)
     parser.add_argument("--steps", type=int, default=DEFAULTS["num_inference_steps"])
@@ -81,6 +87,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pipe = mini_pipeline(args.model, device=args.device)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    size = pipe.transformer.config.sample_size
+    model = dict(model=args.model or "mini-mmdit", size=size,
+                 image_tokens=(size // pipe.transformer.config.patch_size) ** 2)
 
     def single_image_seconds(caption: str) -> float:
         """One image, dense, batch 1 with CFG: median of 3 runs."""
@@ -92,9 +101,10 @@ def main(argv=None) -> int:
         return sorted(times)[1]
 
     if args.timing_only:
-        result = dict(device=device, threads=torch.get_num_threads(), steps=args.steps, guidance=args.guidance,
-                      torch=torch.__version__, single_image_seconds=single_image_seconds(CAPTION),
-                      caption=CAPTION, date=time.strftime("%Y-%m-%d"))
+        result = dict(**model, device=device, threads=torch.get_num_threads(), steps=args.steps,
+                      guidance=args.guidance, torch=torch.__version__,
+                      single_image_seconds=single_image_seconds(CAPTION), caption=CAPTION,
+                      date=time.strftime("%Y-%m-%d"))
         (out / "timing.json").write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result, indent=1))
         return 0
@@ -110,10 +120,11 @@ def main(argv=None) -> int:
     shown = captions[:8]
     grid = generate(pipe, [c for c in shown for _ in range(4)], [s for _ in shown for s in range(4)], args.steps,
                     args.guidance, args.batch)
-    grid_png(grid, 4, out / "samples.png")
+    grid_png(grid, 4, out / "samples.png", scale=max(1, 128 // size))
 
     result = dict(
-        device=device, threads=torch.get_num_threads(), steps=args.steps, guidance=args.guidance, captions=len(captions),
+        **model, device=device, threads=torch.get_num_threads(), steps=args.steps, guidance=args.guidance,
+        captions=len(captions),
         faithfulness=scores.mean().item(), faithfulness_by_objects=by_count,
         color_found=sum(d["color_found"] for d in objects) / len(objects),
         position_ok=sum(d["position_ok"] for d in objects) / len(objects),

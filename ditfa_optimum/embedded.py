@@ -29,12 +29,13 @@ def check_name(name: str) -> str:
 
 def defaults_for(model: str) -> dict | None:
     """Calibration defaults for ``model``: an embedded name, or a directory holding a saved miniature model (e.g. one
-    trained with ``ditfa_optimum.mini.train``); None for anything else."""
+    trained with ``ditfa_optimum.mini.train``: its own image size, e.g. 128 px and block 64 for mini-mmdit-128); None
+    for anything else."""
     if model in DEFAULTS:
         return DEFAULTS[model]
-    from .mini import is_mini_pipeline_dir
+    from .mini import is_mini_pipeline_dir, saved_defaults
 
-    return DEFAULTS[DEFAULT_MODEL] if is_mini_pipeline_dir(model) else None
+    return saved_defaults(model) if is_mini_pipeline_dir(model) else None
 
 
 def embedded_pipeline(name: str, device=None, torch_dtype=None):

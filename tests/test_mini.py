@@ -171,3 +171,117 @@ def test_cli_optimizes_a_saved_miniature_model_at_its_own_resolution(pipe, tmp_p
     assert (config["height"], config["block_size"], config["guidance_scale"]) == (64, 32, 4.0)
     opt = DiTFastAttnOptimizer.from_pretrained("mini-mmdit", torch_dtype=torch.float64)
     assert opt.pipeline.transformer.dtype == torch.float64 and opt.source == "mini-mmdit"
+
+
+# --- the 4096-token model: scenes at 128 px, fine-tuning from the shipped weights at a new size ---------------------
+
+#: sha256 of render(sample_scenes(24, seed 0)) at 64 px as drawn before `render` took a size (all five textures)
+RENDER_64_SHA256 = "29fb068d7b89d1cea0ef1b7f2fc1e5b1d5876f9cfebffa9601c73799c4720b2d"
+
+
+def test_scenes_at_64_px_are_unchanged():
+    import hashlib
+
+    from ditfa_optimum.mini.scenes import render, sample_batch, sample_scenes
+
+    scenes = sample_scenes(24, torch.Generator().manual_seed(0))
+    images = render(scenes)
+    assert hashlib.sha256(images.numpy().tobytes()).hexdigest() == RENDER_64_SHA256
+    assert torch.equal(render(scenes, size=64), images)
+    a, captions_a = sample_batch(4, torch.Generator().manual_seed(5))
+    b, captions_b = sample_batch(4, torch.Generator().manual_seed(5), size=64)
+    assert torch.equal(a, b) and captions_a == captions_b
+
+
+def test_scenes_at_128_px_are_the_same_scenes_drawn_finer_and_score_faithful():
+    import torch.nn.functional as F
+
+    from ditfa_optimum.mini.scenes import caption, render, sample_batch, sample_scenes
+
+    scenes = sample_scenes(48, torch.Generator().manual_seed(1))
+    captions = [caption(s) for s in scenes]
+    small, large = render(scenes), render(scenes, size=128)
+    assert large.shape == (48, 3, 128, 128) and float(large.min()) >= -1 and float(large.max()) <= 1
+    # downsampled, the 128 px drawing is the 64 px one up to anti-aliased edges
+    down = F.interpolate(large, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    assert float((down - small).abs().mean()) < 0.02
+    # faithfulness works at 128 px: ground truth scores 1, other scenes' captions and a blank image (almost) 0
+    assert float(faithfulness(large, captions).min()) == 1.0
+    assert float(faithfulness(large, captions[1:] + captions[:1]).mean()) < 0.1
+    assert float(faithfulness(torch.zeros(2, 3, 128, 128), captions[:2]).max()) == 0.0
+    # the scenes drawn depend on the generator only, not on the size
+    images, batch_captions = sample_batch(3, torch.Generator().manual_seed(2), size=128)
+    assert images.shape == (3, 3, 128, 128)
+    assert batch_captions == sample_batch(3, torch.Generator().manual_seed(2))[1]
+    with pytest.raises(ValueError, match="positive number of pixels"):
+        render(scenes[:1], size=0)
+
+
+def test_fine_tuning_starts_from_the_shipped_weights_with_a_new_position_table(pipe):
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    from ditfa_optimum.mini.train import train
+
+    start, record = train(init=ASSET_DIR, size=128, steps=0, batch_size=2, device="cpu", log=lambda line: None)
+    config = start.transformer.config
+    assert (config.sample_size, config.pos_embed_max_size, config.patch_size) == (128, 64, 2)
+    assert {k: config[k] for k in TRANSFORMER_CONFIG if k not in ("sample_size", "pos_embed_max_size")} == \
+        {k: v for k, v in TRANSFORMER_CONFIG.items() if k not in ("sample_size", "pos_embed_max_size")}
+    table = start.transformer.state_dict()["pos_embed.pos_embed"]
+    assert table.shape == (1, 4096, 192)  # 64 x 64 patch positions
+    assert torch.equal(table[0], get_2d_sincos_pos_embed(192, 64, base_size=64).float())  # fixed, not learned
+    assert "pos_embed.pos_embed" not in dict(start.transformer.named_parameters())
+    # integer coordinates 0..63: the 64 px model's 32 x 32 table (stored in fp16) is its top-left corner
+    old = pipe.transformer.state_dict()["pos_embed.pos_embed"].view(32, 32, 192)
+    torch.testing.assert_close(table.view(64, 64, 192)[:32, :32], old, atol=1e-3, rtol=0)
+    # everything else is the shipped weights, untouched
+    shipped = pipe.transformer.state_dict()
+    for key, value in start.transformer.state_dict().items():
+        if key != "pos_embed.pos_embed":
+            assert torch.equal(value, shipped[key]), key
+    for key, value in start.text_encoder.state_dict().items():
+        assert torch.equal(value, pipe.text_encoder.state_dict()[key]), key
+    assert record["steps"] == 0 and record["size"] == 128 and record["image_tokens"] == 4096
+    assert record["init"] == str(ASSET_DIR) and len(record["init_transformer_sha256"]) == 64
+    assert record["defaults"] == dict(height=128, width=128, num_inference_steps=20, guidance_scale=4.0, block_size=64)
+
+
+def test_fine_tuning_at_128_px_for_two_steps_saves_a_loadable_128_px_model(pipe, tmp_path):
+    """The slowest test of the file: two 4096-token training steps (about 10-25 s on two CPU cores)."""
+    from ditfa_optimum.embedded import defaults_for
+    from ditfa_optimum.mini.train import save, train
+
+    tuned, record = train(init=ASSET_DIR, size=128, steps=2, batch_size=2, device="cpu", log=lambda line: None)
+    assert record["steps"] == 2 and record["batch_size"] == 2 and record["curve"][0]["loss"] > 0
+    state, shipped = tuned.transformer.state_dict(), pipe.transformer.state_dict()
+    assert not torch.equal(state["proj_out.weight"], shipped["proj_out.weight"])  # trained
+    table = state["pos_embed.pos_embed"]
+    assert table.shape == (1, 4096, 192) and torch.equal(table, tuned.transformer.pos_embed.pos_embed)
+
+    out = save(tuned, record, tmp_path / "mini-mmdit-128")
+    assert sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) <= 20e6
+    loaded = mini_pipeline(out)
+    assert loaded.transformer.config.sample_size == 128 and loaded.transformer.config.pos_embed_max_size == 64
+    half = tuned.transformer.to(torch.float16).state_dict()
+    for key, value in loaded.transformer.state_dict().items():
+        assert torch.equal(value.to(torch.float16), half[key]), key
+    # it generates 128 x 128 by default (checked without running it: the expected noise shape is in the error)
+    with pytest.raises(ValueError, match=r"\(1, 3, 128, 128\)"):
+        loaded(CAPTIONS[0], num_inference_steps=1, latents=torch.zeros(1, 3, 64, 64))
+    assert defaults_for(str(out)) == dict(steps=20, size=128, block_size=64, guidance=4.0)
+    assert defaults_for(str(ASSET_DIR)) == dict(steps=20, size=64, block_size=32, guidance=4.0)
+
+
+def test_minutes_fixes_the_step_count_inside_the_warm_up_so_steps_repeat_the_run(monkeypatch):
+    import ditfa_optimum.mini.train as trainer
+
+    monkeypatch.setattr(trainer, "PROBE", (1, 2))  # time step 2 instead of steps 11-30
+    kwargs = dict(batch_size=1, device="cpu", log=lambda line: None)
+    _, record = trainer.train(minutes=1e-6, warmup=2, **kwargs)
+    assert record["steps"] == record["planned_steps"] == 2 and record["minutes"] == 1e-6
+    assert record["probe_steps_per_second"] > 0 and record["size"] == 64 and record["init"] is None
+    # the timed steps are warm-up steps, whose learning rates do not depend on the step count: --steps N repeats it
+    for planned in (None, 30, 2000):
+        assert [trainer.lr_at(s, planned, 3e-4, 200) for s in range(30)] == [3e-4 * (s + 1) / 200 for s in range(30)]
+    with pytest.raises(ValueError, match="warmup >= 2"):
+        trainer.train(minutes=1.0, warmup=1, **kwargs)

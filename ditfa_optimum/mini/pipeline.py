@@ -17,7 +17,10 @@ from .text import MiniTextEncoder
 
 
 class MiniMMDiTPipeline(DiffusionPipeline):
-    """Generate 64x64 shape scenes from captions such as "a small red circle in the top left".
+    """Generate shape scenes from captions such as "a small red circle in the top left".
+
+    Images are ``transformer.config.sample_size`` px square unless ``height``/``width`` say otherwise: 64x64 for the
+    shipped ``mini-mmdit``, 128x128 for a model fine-tuned with ``--size 128``.
 
     Example:
         >>> from ditfa_optimum.mini import mini_pipeline
@@ -26,6 +29,8 @@ class MiniMMDiTPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer"
+    #: images = latents * latent_pixel_scale + 0.5 (pixel space, no VAE): lets the search predict image PSNR
+    latent_pixel_scale = 0.5
 
     def __init__(self, transformer: SD3Transformer2DModel, scheduler: FlowMatchEulerDiscreteScheduler,
                  text_encoder: MiniTextEncoder):
@@ -56,7 +61,8 @@ class MiniMMDiTPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
-                 height: int = 64, width: int = 64, num_inference_steps: int = 20, guidance_scale: float = 4.0,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 20,
+                 guidance_scale: float = 4.0,
                  num_images_per_prompt: int = 1, generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  pooled_prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
@@ -66,7 +72,8 @@ class MiniMMDiTPipeline(DiffusionPipeline):
 
         Args:
             prompt: caption(s) in the shapes grammar (see `ditfa_optimum.mini.scenes`); or pass ``prompt_embeds``.
-            height, width: pixels, multiples of the patch size (2); trained at 64x64.
+            height, width: pixels, multiples of the patch size (2); default the transformer's ``sample_size``
+                (what it was trained at: 64 for the shipped model).
             num_inference_steps: Euler steps of the rectified flow.
             guidance_scale: CFG scale (``<= 1`` turns CFG off).
             generator: one generator, or one per image, for the initial noise.
@@ -76,6 +83,8 @@ class MiniMMDiTPipeline(DiffusionPipeline):
             `ImagePipelineOutput` (``.images``), or a tuple when ``return_dict=False``.
         """
         patch = self.transformer.config.patch_size
+        height = self.transformer.config.sample_size if height is None else height
+        width = self.transformer.config.sample_size if width is None else width
         if height % patch or width % patch or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {patch}, got {height}x{width}")
         if output_type not in ("pil", "np", "pt", "latent"):

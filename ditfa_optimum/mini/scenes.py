@@ -6,8 +6,11 @@ distinct colour, on a low-saturation textured background. Its caption names ever
     a small red circle in the top left and a large blue square at the bottom
 
 Scenes are sampled as plain Python records (deterministic for a ``torch.Generator``) and rendered as one batch of tensor
-operations on any device, so training draws fresh images on the fly. `faithfulness` scores images against captions by
-colour, position and size, never shape: a blurry 64x64 diffusion sample rarely draws crisp corners.
+operations on any device, so training draws fresh images on the fly. A scene is laid out in the px of a 64x64 image
+(`IMAGE_SIZE`); `render` draws it at any size (``size=128`` for the 4096-token model): the same scene, geometry scaled,
+shape edges anti-aliased over one output pixel, the stripe and checker textures upscaled by nearest neighbour (64 px:
+exactly as before the ``size`` argument existed). `faithfulness` scores images against captions by colour, position
+and size, never shape: a blurry 64x64 diffusion sample rarely draws crisp corners.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IMAGE_SIZE = 64
+IMAGE_SIZE = 64  # the px every geometric constant below is in (render(..., size=s) scales them by s / 64)
 CELL = IMAGE_SIZE / 3  # grid cell width in px; cell centres at about 11, 32 and 53 px
 #: colour name -> RGB in [0, 1]: saturated, pairwise at least 0.35 apart, every one far from the backgrounds
 COLORS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.15, 0.3, 1.0), "yellow": (1.0, 0.9, 0.1),
@@ -158,29 +161,33 @@ def _hash01(key: torch.Tensor) -> torch.Tensor:
     return h.float() / 2**32
 
 
-def _backgrounds(scenes: list[Scene], device) -> torch.Tensor:
-    """Background tone plus texture, [N, 3, 64, 64] in [0, 1]."""
+def _backgrounds(scenes: list[Scene], device, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Background tone plus texture, [N, 3, size, size] in [0, 1]."""
     tone = torch.tensor([BACKGROUNDS[s.background] for s in scenes], device=device)[:, :, None, None]
     kind = torch.tensor([TEXTURES.index(s.texture) for s in scenes], device=device)[:, None, None]
     seed = torch.tensor([s.texture_seed for s in scenes], device=device)[:, None, None]
-    ys, xs = torch.meshgrid(torch.arange(IMAGE_SIZE, device=device), torch.arange(IMAGE_SIZE, device=device),
-                            indexing="ij")
-    period, phase = 4 + seed % 7, seed // 7  # stripes and checker squares 4-10 px wide
+    ys, xs = torch.meshgrid(torch.arange(size, device=device), torch.arange(size, device=device), indexing="ij")
+    if size != IMAGE_SIZE:  # the 64 px pixel each pixel lies in: stripes and checker upscaled by nearest neighbour
+        ys, xs = ys * IMAGE_SIZE // size, xs * IMAGE_SIZE // size
+    period, phase = 4 + seed % 7, seed // 7  # stripes and checker squares 4-10 px (of 64) wide
     rows, cols = (ys + phase) // period, (xs + phase) // period
     lattice = _hash01(seed[..., None] * 64 + torch.arange(25, device=device).view(1, 1, 5, 5))  # [N, 1, 5, 5]
-    noise = F.interpolate(lattice * 2 - 1, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=True)
+    noise = F.interpolate(lattice * 2 - 1, size=(size, size), mode="bilinear", align_corners=True)
     pattern = torch.stack([torch.zeros_like(noise[:, 0]), 1 - 2 * (rows % 2).float(), 1 - 2 * (cols % 2).float(),
-                           1 - 2 * ((rows + cols) % 2).float(), noise[:, 0]], dim=1)  # [N, textures, 64, 64]
-    return tone + TEXTURE_CONTRAST * pattern.gather(1, kind[:, None].expand(-1, 1, IMAGE_SIZE, IMAGE_SIZE))
+                           1 - 2 * ((rows + cols) % 2).float(), noise[:, 0]], dim=1)  # [N, textures, size, size]
+    return tone + TEXTURE_CONTRAST * pattern.gather(1, kind[:, None].expand(-1, 1, size, size))
 
 
-def render(scenes: list[Scene], device: str | torch.device | None = None) -> torch.Tensor:
-    """Images of ``scenes``, [N, 3, 64, 64] float32 in [-1, 1], rendered as one batch on ``device``.
+def render(scenes: list[Scene], device: str | torch.device | None = None, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Images of ``scenes``, [N, 3, size, size] float32 in [-1, 1], rendered as one batch on ``device``.
 
     Objects are padded to three per scene with a validity mask; each shape is an approximate signed distance (px,
     negative inside) turned into a coverage with a 1 px anti-aliased edge, composited over the background in order
-    (later objects over earlier ones).
+    (later objects over earlier ones). At another ``size`` than 64 every centre and half-extent is scaled by
+    ``size / 64`` (the same scene, drawn finer); the edge stays one output pixel wide.
     """
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"size must be a positive number of pixels, got {size!r}")
     slots, rows = 3, []
     for scene in scenes:  # per object: centre x, centre y, half-extent, shape index, r, g, b, valid; padded to 3
         k = len(scene.objects)
@@ -190,7 +197,9 @@ def render(scenes: list[Scene], device: str | torch.device | None = None) -> tor
                     + [(0.0,) * 8] * (slots - k))
     params = torch.tensor(rows, device=device).view(len(scenes), slots, 8, 1, 1)
     cx, cy, radius, shape, valid, rgb = (params[:, :, k] for k in (0, 1, 2, 3, 7, slice(4, 7)))
-    grid = torch.arange(IMAGE_SIZE, device=device, dtype=torch.float32) + 0.5  # pixel centres
+    if size != IMAGE_SIZE:  # geometry in output px
+        cx, cy, radius = (v * (size / IMAGE_SIZE) for v in (cx, cy, radius))
+    grid = torch.arange(size, device=device, dtype=torch.float32) + 0.5  # pixel centres
     dx, dy = grid.view(1, 1, 1, -1) - cx, grid.view(1, 1, -1, 1) - cy  # [N, slots, 1, W], [N, slots, H, 1]
     ax, ay = dx.abs(), dy.abs()
     distance = torch.stack(torch.broadcast_tensors(  # in the order of SHAPES
@@ -200,24 +209,28 @@ def render(scenes: list[Scene], device: str | torch.device | None = None) -> tor
         (ax + ay - radius) / math.sqrt(2)), dim=2)  # diamond; all [N, slots, shapes, H, W]
     index = shape.long()[:, :, None]
     coverage = (0.5 - torch.take_along_dim(distance, index, dim=2)[:, :, 0]).clamp(0, 1) * valid  # [N, slots, H, W]
-    image = _backgrounds(scenes, device)
+    image = _backgrounds(scenes, device, size)
     for j in range(slots):
         image = image + coverage[:, j, None] * (rgb[:, j] - image)
     return (image * 2 - 1).clamp(-1, 1)
 
 
-def sample_batch(n: int, generator: torch.Generator, device: str | torch.device | None = None
-                 ) -> tuple[torch.Tensor, list[str]]:
-    """``n`` fresh scenes as (images [n, 3, 64, 64] in [-1, 1] on ``device``, captions)."""
+def sample_batch(n: int, generator: torch.Generator, device: str | torch.device | None = None,
+                 size: int = IMAGE_SIZE) -> tuple[torch.Tensor, list[str]]:
+    """``n`` fresh scenes as (images [n, 3, size, size] in [-1, 1] on ``device``, captions).
+
+    The scenes drawn depend only on ``generator``, not on ``size``."""
     scenes = sample_scenes(n, generator)
-    return render(scenes, device), [caption(s) for s in scenes]
+    return render(scenes, device, size), [caption(s) for s in scenes]
 
 
 def faithfulness(images: torch.Tensor, captions: list[str], details: bool = False
                  ) -> torch.Tensor | tuple[torch.Tensor, list[list[dict]]]:
     """The fraction of each caption's objects present in its image: a float tensor [N] in [0, 1] (empty caption: 1).
 
-    ``images`` are [N, 3, H, W] in [-1, 1] (resized to 64x64 when needed). A pixel has colour c when c is its nearest
+    ``images`` are [N, 3, H, W] in [-1, 1]; any other size than 64x64 (the 128 px model's images, say) is first
+    resized to 64x64 (bilinear, antialiased), so every threshold below is in px of 64 and a scene scores the same at
+    every resolution it is rendered at. A pixel has colour c when c is its nearest
     palette colour and lies within `COLOR_TOLERANCE` of it (generous: samples come out blurred and desaturated), and at
     least `DENSITY` of its 3x3 neighbourhood has c too (so noise speckle never adds up to an object). An object is
     present when, within its cell widened by `WINDOW_MARGIN` px, the pixels of its colour cover `AREA_RANGE` times the
