@@ -1,22 +1,26 @@
-"""Compression quality on the trained miniature MMDiT: attention-FLOP cut against image fidelity and faithfulness.
+"""Compression quality on the trained miniature MMDiTs: compute saved against image fidelity, ours and the peers'.
 
-    python benchmarks/quality.py --out docs/benchmarks          # ~3 min on one H100; on CPU use --prompts 16
+    python benchmarks/quality.py --out docs/benchmarks                       # mini-mmdit, ~5 min on one H200
+    python benchmarks/quality.py --out docs/benchmarks --model benchmarks/assets/mini-mmdit-128 --tag 128
+    python benchmarks/quality.py --out /tmp/q --prompts 4 --quick            # CPU smoke run
 
-One calibration (the default config of ``ditfa-optimum optimize``: 8 grammar captions, 20 steps, CFG 4, block 32),
-then three strategies built from the same statistics, each evaluated on held-out captions (disjoint from the
-calibration captions, fixed seeds) against the dense model's images:
+Every plan is evaluated on held-out captions (disjoint from the calibration captions, fixed seeds) against the dense
+model's images: PSNR and SSIM (mean over images), faithfulness, the attention-FLOP cut and the share of
+whole-transformer FLOPs skipped (one counter for everyone: benchmarks/flops.py counts the linear layers and attention
+calls that really run). Strategies:
 
-* head-wise: the product, `search` over a threshold sweep, for budget schedules (constant: the paper's; linear,
-  quadratic and cubic give later steps more budget) and error normalizations (per head: the paper's; per module);
-  every variant is searched on the one calibration (whose choices flowed with the default settings);
-* layer-wise: one method per (module, step), the DiTFastAttn v1 style, `search(granularity="layer")`, same sweep;
-* uniform: one method for every head of every module from a start step on (arrow 1/8, arrow 1/32, cache), the start
-  step swept to vary the cut.
+* **trajectory** (the product's default search): `DiTFastAttnOptimizer`'s calibration (sensitivity + two passes)
+  with ``target_cut`` swept; each point is its own calibration, as a user would run it; plus the default config
+  (``target_snr_db``) as one point;
+* **trajectory, 1 pass**: the same allocation on one dense-flow calibration (shows what the second pass buys);
+* **paper**: the first wave's search (``allocation="local"``, constant budget per step, per-head RSE) over δ;
+* **local quadratic module-norm**: the best first-wave option, over δ;
+* **uniform cache**: every head cached from a start step on;
+* **peers** (``--peers``): diffusers FirstBlockCache / MagCache / TaylorSeer and cache-dit DBCache (± TaylorSeer),
+  each over its own thresholds (benchmarks/peers.py).
 
-Per plan: attention-FLOP cut, PSNR and SSIM of the images against dense (mean over images), faithfulness of the
-compressed images and the dense ones. Writes ``quality.json``, ``quality.png`` (cut vs PSNR, one curve per strategy)
-and prints a markdown table for docs/benchmarks.md. Also prints the attention structure of the model: per layer, the
-share of (step, head) entries whose arrow-1/8 RSE is below 0.05.
+Writes ``quality[-TAG].json``, ``quality[-TAG].png`` (whole-transformer FLOPs skipped vs PSNR) and prints a markdown
+table.
 """
 
 from __future__ import annotations
@@ -37,24 +41,15 @@ from mini_model import generate, held_out_captions  # noqa: E402
 
 from ditfa_optimum import DiTFastAttnConfig, apply, remove  # noqa: E402
 from ditfa_optimum.calibrate import calibrate  # noqa: E402
-from ditfa_optimum.embedded import DEFAULTS  # noqa: E402
+from ditfa_optimum.embedded import defaults_for  # noqa: E402
 from ditfa_optimum.mini import mini_pipeline  # noqa: E402
 from ditfa_optimum.mini.scenes import faithfulness  # noqa: E402
 from ditfa_optimum.plan import CompressionPlan  # noqa: E402
 from ditfa_optimum.search import search  # noqa: E402
 
-THRESHOLDS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.4)
-#: head-wise variants: (budget schedule, error normalization); the first is the paper's (and the default)
-VARIANTS = (("constant", "head"), ("linear", "head"), ("quadratic", "head"), ("constant", "module"),
-            ("quadratic", "module"), ("cubic", "module"))
-
-
-def variant_name(schedule: str, normalization: str) -> str:
-    return " ".join(["head-wise"] + ([schedule] if schedule != "constant" else [])
-                    + (["module-norm"] if normalization != "head" else []))
-UNIFORM_METHODS = ("arrow:1/8", "arrow:1/32", "cache")
-UNIFORM_STARTS = (1, 4, 8, 12, 16)
-STRUCTURE_RSE = 0.05
+THRESHOLDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+TARGET_CUTS = (0.3, 0.45, 0.6, 0.7, 0.8, 0.9)
+UNIFORM_STARTS = (4, 8, 12, 16)
 
 
 def psnr(reference: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -86,13 +81,6 @@ def uniform_from(specs, steps: int, method: str, start: int, block_size: int, mo
     return CompressionPlan.from_methods(specs, table, block_size=block_size, model_class=model_class)
 
 
-def structure(stats) -> dict[str, float]:
-    """Per module: share of (step >= 1, head) entries whose arrow-1/8 relative error is below `STRUCTURE_RSE`."""
-    column = stats.candidates.index("arrow:0.125")
-    return {spec.name: float((stats.rse(spec.name)[1:, :, column] < STRUCTURE_RSE).double().mean())
-            for spec in stats.modules}
-
-
 def interpolate(curve: list[tuple[float, float]], cut: float) -> float | None:
     """The value of a (cut, value) curve at ``cut`` (linear; None outside the curve's range)."""
     points = sorted(curve)
@@ -102,64 +90,127 @@ def interpolate(curve: list[tuple[float, float]], cut: float) -> float | None:
     return None
 
 
-def plot(rows: list[dict], dense_faith: float, prompts: int, path: Path) -> None:
+def plot(rows: list[dict], title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.6, 4.2), dpi=120)
-    markers = {"head-wise": "o", "layer-wise": "s", "uniform": "^"}
-    for i, name in enumerate(dict.fromkeys(r["curve"] for r in rows)):  # every curve, in the order of the table
-        points = sorted((r["flop_cut"] * 100, min(r["psnr"], 60)) for r in rows if r["curve"] == name)
-        ax.plot(*zip(*points), color=f"C{i % 10}", marker=markers[name.split()[0]],
-                ls="-" if i < 10 else "--", label=name)
-    ax.axhline(30, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("attention FLOPs cut (%)")
-    ax.set_ylabel("PSNR vs dense (dB, capped at 60)")
-    ax.set_title(f"mini-mmdit, {prompts} held-out captions (dense faithfulness {dense_faith:.2f})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: the curves fill them
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), dpi=120)
+    for ax, key, label in ((axes[0], "whole_cut", "whole-transformer FLOPs skipped (%)"),
+                           (axes[1], "flop_cut", "attention FLOPs cut (%)")):
+        for i, name in enumerate(dict.fromkeys(r["curve"] for r in rows)):
+            points = sorted((r[key] * 100, min(r["psnr"], 60)) for r in rows if r["curve"] == name
+                            and r.get(key) is not None)
+            if points:
+                ax.plot(*zip(*points), color=f"C{i % 10}", marker="o" if i < 10 else "s",
+                        ls="-" if i < 10 else "--", label=name)
+        ax.axhline(30, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel(label)
+        ax.set_ylabel("PSNR vs dense (dB, capped at 60)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
 
 
+def best_peer_at(rows: list[dict], cut: float) -> tuple[str, float] | None:
+    """The best peer PSNR at a whole-transformer cut (each peer's curve interpolated), or None."""
+    best = None
+    for name in dict.fromkeys(r["curve"] for r in rows if r.get("peer")):
+        value = interpolate([(r["whole_cut"], r["psnr"]) for r in rows if r["curve"] == name], cut)
+        if value is not None and (best is None or value > best[1]):
+            best = (name, value)
+    return best
+
+
 def report(result: dict, png: Path | None = None) -> None:
-    """Print the markdown table (with each row's PSNR against two head-wise curves at the same cut) and the attention
-    structure; draw the plot when matplotlib is there."""
+    """Print the markdown table (each of our rows beside the best peer at its whole-transformer cut); plot."""
     rows = result["rows"]
-    reference, best = variant_name("constant", "head"), variant_name("quadratic", "module")
-
-    def at(curve: str, row: dict) -> str:
-        value = None if row["curve"] == curve else interpolate(
-            [(r["flop_cut"], r["psnr"]) for r in rows if r["curve"] == curve], row["flop_cut"])
-        return "–" if value is None else f"{value:.2f}"
-
-    print(f"dense faithfulness {result['dense_faithfulness']:.3f} on {result['evaluation_prompts']} held-out "
-          f"captions; calibration {result['calibration_seconds']:.1f} s on {result['device']}\n")
-    print(f"| strategy | setting | attention FLOPs cut | PSNR (dB) | SSIM | faithfulness | {reference} PSNR at this cut "
-          f"| {best} PSNR at this cut |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"{result['model']}: dense faithfulness {result['dense_faithfulness']:.3f} on "
+          f"{result['evaluation_prompts']} held-out captions, {result['device']}\n")
+    print("| strategy | setting | attention FLOPs cut | whole FLOPs skipped | PSNR (dB) | predicted PSNR | SSIM "
+          "| faithfulness | best peer at this whole cut |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['curve']} | {r['setting']} | {r['flop_cut']:.1%} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
-              f"{r['faithfulness']:.3f} | {at(reference, r)} | {at(best, r)} |")
-    print("\nattention structure: share of (step, head) with arrow-1/8 RSE < 0.05 per layer: "
-          + ", ".join(f"{k.split('.')[1]}: {v:.0%}" for k, v in result["structure_arrow_1_8_rse_below_0_05"].items()))
+        peer = None if r.get("peer") else best_peer_at(rows, r["whole_cut"])
+        cut = "–" if r.get("flop_cut") is None else f"{r['flop_cut']:.1%}"
+        pred = "–" if r.get("predicted_psnr") is None else f"{r['predicted_psnr']:.1f}"
+        print(f"| {r['curve']} | {r['setting']} | {cut} | {r['whole_cut']:.1%} | {r['psnr']:.2f} | {pred} | "
+              f"{r['ssim']:.3f} | {r['faithfulness']:.3f} | "
+              f"{'–' if peer is None else f'{peer[1]:.2f} ({peer[0]})'} |")
     if png is not None:
         try:
-            plot(rows, result["dense_faithfulness"], result["evaluation_prompts"], png)
+            plot(rows, f"{result['model']}, {result['evaluation_prompts']} held-out captions", png)
         except ImportError:
             print("matplotlib is missing: no plot", file=sys.stderr)
 
 
+class Evaluator:
+    """Generates the held-out images under whatever is installed on the pipeline and scores them against dense."""
+
+    def __init__(self, pipe, captions, config, batch: int):
+        from flops import count_flops
+
+        self.pipe, self.captions, self.config, self.batch = pipe, captions, config, batch
+        self.seeds = list(range(len(captions)))
+        self.count_flops = count_flops
+        self.dense, self.dense_flops = self.images()
+        self.dense_faith = faithfulness(self.dense * 2 - 1, captions).mean().item()
+
+    def images(self, attention_flops=None):
+        with self.count_flops(self.pipe.transformer, attention_flops=attention_flops) as counter:
+            images = generate(self.pipe, self.captions, self.seeds, self.config.num_inference_steps,
+                              self.config.guidance_scale, self.batch)
+        return images, counter.per_image(len(self.captions))
+
+    def score(self, images, flops: float, **row) -> dict:
+        p, s = psnr(self.dense, images), ssim(self.dense, images)
+        row.update(psnr=float(p.clamp(max=99).mean()), psnr_min=float(p.min()), ssim=float(s.mean()),
+                   faithfulness=faithfulness(images * 2 - 1, self.captions).mean().item(),
+                   whole_cut=1 - flops / self.dense_flops)
+        print(f"{row['curve']:28s} {row['setting']:18s} whole {row['whole_cut']:6.1%}  PSNR {row['psnr']:6.2f} dB "
+              f"SSIM {row['ssim']:.4f}  faithfulness {row['faithfulness']:.3f}", flush=True)
+        return row
+
+    def plan_row(self, curve: str, setting: str, plan: CompressionPlan, stats, backend: str) -> dict:
+        runtime = apply(self.pipe, plan, backend=backend)
+        try:
+            images, flops = self.images(attention_flops=plan_attention_flops(runtime, plan, stats))
+        finally:
+            remove(self.pipe)
+        info = plan.metadata.get("search", {})
+        return self.score(images, flops, curve=curve, setting=setting,
+                          flop_cut=plan.flops(stats.image_tokens, stats.text_tokens, cfg=stats.cfg).cut,
+                          predicted_psnr=info.get("predicted_psnr_db"), methods=plan.method_counts())
+
+
+def plan_attention_flops(runtime, plan: CompressionPlan, stats):
+    """For the FLOP counter: the attention FLOPs of a planned module's call at the runtime's current step."""
+    def attention_flops(name, batch, image_tokens, text_tokens, heads, head_dim):
+        if name not in plan.module_names:
+            return None
+        spec = plan.spec(name)
+        layout = spec.layout(image_tokens, text_tokens, plan.block_size)
+        step = runtime.state.step
+        # a method's cost is per row of the transformer batch (cfg_share: half a row's, for both halves)
+        return batch * sum(m.flops(layout, spec.head_dim, bool(stats.cfg)) for m in plan.step_methods(name, step))
+    return attention_flops
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="directory for quality.json and quality.png")
-    parser.add_argument("--report", metavar="JSON", help="only print the table of an earlier run's quality.json")
+    parser.add_argument("--out", help="directory for quality[-TAG].json and .png")
+    parser.add_argument("--report", metavar="JSON", help="only print the table of an earlier run's JSON")
+    parser.add_argument("--model", default="mini-mmdit", help="mini-mmdit or a saved miniature model directory")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--prompts", type=int, default=64, help="held-out evaluation captions")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--backend", default="blocked", help="attention backend of the plans (all are exact)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peers", action="store_true", help="also sweep the peers' block caches")
+    parser.add_argument("--quick", action="store_true", help="a few points per curve (smoke runs)")
     args = parser.parse_args(argv)
     if args.report:
         report(json.loads(Path(args.report).read_text()))
@@ -168,54 +219,61 @@ def main(argv=None) -> int:
         parser.error("--out is required (or --report JSON)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    d = DEFAULTS["mini-mmdit"]
+    d = defaults_for(args.model)
     config = DiTFastAttnConfig(num_inference_steps=d["steps"], height=d["size"], width=d["size"],
                                guidance_scale=d["guidance"], block_size=d["block_size"], backend=args.backend)
-    pipe = mini_pipeline(device=args.device)
-    start = time.perf_counter()
+    pipe = mini_pipeline(None if args.model == "mini-mmdit" else args.model, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
     calibration = pipe.default_prompts(config.num_prompts, config.seed)
-    stats = calibrate(pipe, config, calibration, progress=False)
-    calibration_seconds = time.perf_counter() - start
     captions = held_out_captions(args.prompts, calibration)
-    seeds = list(range(len(captions)))
-
-    def evaluate():
-        return generate(pipe, captions, seeds, config.num_inference_steps, config.guidance_scale, args.batch)
-
-    dense = evaluate()
-    dense_faith = faithfulness(dense * 2 - 1, captions).mean().item()
-    specs, model_class = stats.modules, stats.model_class
-    plans = [(variant_name(b, n), f"δ={t:g}",
-              search(stats, config.replace(budget_schedule=b, error_normalization=n), threshold=t))
-             for b, n in VARIANTS for t in THRESHOLDS]
-    plans += [("layer-wise", f"δ={t:g}", search(stats, config, threshold=t, granularity="layer")) for t in THRESHOLDS]
-    plans += [(f"uniform {m}", f"from step {s}", uniform_from(specs, config.num_inference_steps, m, s,
-                                                               config.block_size, model_class))
-              for m in UNIFORM_METHODS for s in UNIFORM_STARTS]
+    ev = Evaluator(pipe, captions, config, args.batch)
+    targets = TARGET_CUTS[1::2] if args.quick else TARGET_CUTS
+    thresholds = THRESHOLDS[2::2] if args.quick else THRESHOLDS
     rows = []
-    for curve, label, plan in plans:
-        apply(pipe, plan, backend=args.backend)
-        try:
-            images = evaluate()
-        finally:
-            remove(pipe)
-        p, s = psnr(dense, images), ssim(dense, images)
-        rows.append(dict(curve=curve, setting=label, flop_cut=plan.flops(stats.image_tokens, stats.text_tokens,
-                                                                         cfg=stats.cfg).cut,
-                         psnr=float(p.clamp(max=99).mean()), psnr_min=float(p.min()), ssim=float(s.mean()),
-                         faithfulness=faithfulness(images * 2 - 1, captions).mean().item(),
-                         methods=plan.method_counts()))
-        r = rows[-1]
-        print(f"{curve:20s} {label:14s} cut {r['flop_cut']:6.1%}  PSNR {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}  "
-              f"faithfulness {r['faithfulness']:.3f}", flush=True)
 
-    result = dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+    def calibrated(cfg):
+        return calibrate(pipe, cfg, calibration, progress=False)
+
+    start = time.perf_counter()
+    stats = calibrated(config)
+    seconds = time.perf_counter() - start
+    rows.append(ev.plan_row("trajectory (default)", f"snr≥{config.target()[1]:g} dB", search(stats, config), stats,
+                            args.backend))
+    for cut in targets:
+        cfg = config.replace(target_cut=cut)
+        rows.append(ev.plan_row("trajectory", f"target {cut:.0%}", search(calibrated(cfg), cfg), stats, args.backend))
+    one = config.replace(calibration_passes=1)
+    stats1 = calibrated(one)
+    for cut in targets:
+        cfg = one.replace(target_cut=cut)
+        rows.append(ev.plan_row("trajectory, 1 pass", f"target {cut:.0%}", search(stats1, cfg), stats1,
+                                args.backend))
+    for name, cfg in (("paper (local δ)", config.replace(allocation="local", max_head_rse=1e9)),
+                      ("local quadratic module-norm", config.replace(allocation="local", max_head_rse=1e9,
+                                                                     budget_schedule="quadratic",
+                                                                     error_normalization="module"))):
+        local_stats = calibrated(cfg)
+        for t in thresholds:
+            rows.append(ev.plan_row(name, f"δ={t:g}", search(local_stats, cfg, threshold=t), local_stats,
+                                    args.backend))
+    for s in UNIFORM_STARTS[::2] if args.quick else UNIFORM_STARTS:
+        plan = uniform_from(stats.modules, config.num_inference_steps, "cache", s, config.block_size,
+                            stats.model_class)
+        rows.append(ev.plan_row("uniform cache", f"from step {s}", plan, stats, args.backend))
+    if args.peers:
+        from peers import run_peer_sweep
+
+        for row in run_peer_sweep(pipe, captions, ev.seeds, ev.dense, calibration, config.num_inference_steps,
+                                  config.guidance_scale, args.batch, args.device, quick=args.quick):
+            rows.append(dict(row, peer=True, flop_cut=None, faithfulness=row.get("faithfulness", float("nan"))))
+
+    result = dict(model=args.model, device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                   config=config.to_dict(), calibration_prompts=calibration, evaluation_prompts=len(captions),
-                  calibration_seconds=calibration_seconds, dense_faithfulness=dense_faith,
-                  structure_arrow_1_8_rse_below_0_05=structure(stats), rows=rows,
-                  date=time.strftime("%Y-%m-%d"))
-    (out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
-    report(result, out / "quality.png")
+                  calibration_seconds=seconds, dense_faithfulness=ev.dense_faith, rows=rows,
+                  date=time.strftime("%Y-%m-%d"), command=" ".join(["python benchmarks/quality.py", *(argv or sys.argv[1:])]))
+    name = "quality" + (f"-{args.tag}" if args.tag else "")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    report(result, out / f"{name}.png")
     return 0
 
 

@@ -6,10 +6,16 @@ output ``O'`` for every head, and records the local metric
     RSE(head, method) = mean((O' - O)^2) / var(O)       (over batch, tokens and head channels)
 
 as two sums (squared error, squared deviation of ``O``) so that several prompt batches add up. It then chooses one
-method per head with the search's own integer program (`ditfa_optimum.search.solve_heads`, budget from the config's
-threshold) and lets the CHOSEN outputs flow on: later layers and steps see the activations the plan will really
-produce, and `cache` / `arrow_residual` candidates read what the plan would have stored. The first prompt batch makes
-the choices; later batches follow them and only add to the statistics.
+method per head with the search's own chooser (`ditfa_optimum.search.choose_step`) and lets the CHOSEN outputs flow
+on: later layers and steps see the activations the plan will really produce, and `cache` / `arrow_residual`
+candidates read what the plan would have stored. The first prompt batch makes the choices; later batches follow them
+and only add to the statistics.
+
+With the trajectory allocation (the default) calibration first measures the propagation gains
+(`ditfa_optimum.sensitivity`), then runs one pass with every head full flowing (the errors of every candidate against
+the dense trajectory), solves the global allocation on it, and (``calibration_passes=2``) runs a second pass in which
+that allocation's choices flow: the statistics the final search reads are measured along the plan's own trajectory,
+so a head cached at two steps in a row is charged for reusing a reused output.
 
 The result, `CalibrationStats`, is tensors and numbers only (no module references), savable, and what
 `ditfa_optimum.search.search` reads.
@@ -33,10 +39,12 @@ from .methods import AttentionMethod, CfgShare, Full, HeadMemory, make_method
 from .plan import CompressionPlan, ModuleSpec
 from .runtime.backends import check_backend_name, get_backend
 from .runtime.state import StepState
+from .sensitivity import Sensitivity
 
 logger = logging.getLogger(__name__)
 
-STATS_FORMAT_VERSION = 1
+STATS_FORMAT_VERSION = 2
+STATS_READABLE_VERSIONS = (1, 2)
 STATS_JSON = "calibration.json"
 STATS_TENSORS = "calibration.safetensors"
 
@@ -51,6 +59,10 @@ class CalibrationStats:
         err: per module, ``[T, H, C]`` float64 sums of squared errors against full attention (``inf``: the candidate
             was not available there, e.g. `cache` at step 0).
         ref: per module, ``[T, H]`` float64 sums of squared deviations of the full output from its mean.
+        err_guided: per module, ``[T, H, C]``: like ``err``, but of the error that reaches the guided prediction
+            ``(1 - s) e_uncond + s e_cond`` (batched CFG, scale ``s``; without CFG it equals ``err``). The errors of
+            the two halves are strongly correlated (the same approximation of two similar inputs), so the guided
+            error, not the sum of the halves', predicts the damage (trajectory allocation only).
         chosen: per module, ``[T, H]`` int16 index of the candidate whose output flowed during calibration.
         cost_flops: per module, ``[C]`` attention FLOPs of one head for one sample under each candidate.
         cost_seconds: per module, ``[C]`` measured seconds per head (only with ``cost_model="measured"``).
@@ -65,6 +77,7 @@ class CalibrationStats:
     chosen: dict[str, torch.Tensor]
     cost_flops: dict[str, torch.Tensor]
     cost_seconds: dict[str, torch.Tensor] = field(default_factory=dict)
+    err_guided: dict[str, torch.Tensor] = field(default_factory=dict)
     image_tokens: int = 0
     text_tokens: int = 0
     cfg: bool = False
@@ -74,6 +87,11 @@ class CalibrationStats:
     threshold: float = 0.0
     seconds: float = 0.0
     device: str = "cpu"
+    sensitivity: Sensitivity | None = None
+    #: trajectory allocation: the price of damage whose choices flowed in the measuring pass (None: every head full)
+    flow_lambda: float | None = None
+    #: what each calibration pass measured (trajectory allocation: cut and predicted quality of its allocation)
+    passes: list = field(default_factory=list)
 
     def rse(self, module: str, normalization: str = "head") -> torch.Tensor:
         """``[T, H, C]`` relative squared error (``inf`` where unavailable; 0 where full attention is constant),
@@ -100,14 +118,17 @@ class CalibrationStats:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
-        for kind in ("err", "ref", "chosen", "cost_flops", "cost_seconds"):
+        for kind in ("err", "ref", "chosen", "cost_flops", "cost_seconds", "err_guided"):
             for name, t in getattr(self, kind).items():
                 tensors[f"{name}.{kind}"] = t.contiguous()
         save_file(tensors, directory / STATS_TENSORS, metadata={"format": "pt"})
-        info = {k: v for k, v in asdict(self).items() if k not in ("err", "ref", "chosen", "cost_flops",
-                                                                   "cost_seconds", "modules")}
+        info = {k: getattr(self, k) for k in self.__dataclass_fields__
+                if k not in ("err", "ref", "chosen", "cost_flops", "cost_seconds", "err_guided", "modules",
+                             "sensitivity")}
         info.update(format_version=STATS_FORMAT_VERSION, modules=[asdict(s) for s in self.modules])
         (directory / STATS_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        if self.sensitivity is not None:
+            self.sensitivity.save(directory)
         return directory
 
     @classmethod
@@ -123,12 +144,12 @@ class CalibrationStats:
             info = json.loads((directory / STATS_JSON).read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{directory / STATS_JSON} is not valid JSON ({e})") from None
-        if info.pop("format_version", None) != STATS_FORMAT_VERSION:
+        if info.pop("format_version", None) not in STATS_READABLE_VERSIONS:
             raise ValueError(f"{directory / STATS_JSON}: unsupported calibration format; this ditfa_optimum reads "
-                             f"version {STATS_FORMAT_VERSION}")
+                             f"versions {STATS_READABLE_VERSIONS}")
         tensors = load_file(directory / STATS_TENSORS)
         modules = [ModuleSpec(**m) for m in info.pop("modules")]
-        kinds = {kind: {} for kind in ("err", "ref", "chosen", "cost_flops", "cost_seconds")}
+        kinds = {kind: {} for kind in ("err", "ref", "chosen", "cost_flops", "cost_seconds", "err_guided")}
         for key, t in tensors.items():
             name, kind = key.rsplit(".", 1)
             if kind not in kinds:
@@ -138,7 +159,8 @@ class CalibrationStats:
             missing = [s.name for s in modules if s.name not in kinds[kind]]
             if missing:
                 raise ValueError(f"{directory / STATS_TENSORS} lacks {kind!r} for modules {missing[:3]}")
-        return cls(modules=modules, **kinds, **info)
+        sensitivity = Sensitivity.load(directory) if (directory / "sensitivity.json").is_file() else None
+        return cls(modules=modules, **kinds, **info, sensitivity=sensitivity)
 
 
 def relative_error(err: torch.Tensor, ref: torch.Tensor, normalization: str = "head") -> torch.Tensor:
@@ -170,8 +192,11 @@ class _Session:
     """Installed on the transformer like a `PlanRuntime` (``.state``, ``.module(spec)``) while calibration runs."""
 
     def __init__(self, specs: list[ModuleSpec], candidates: list[AttentionMethod], config: DiTFastAttnConfig,
-                 cfg, decided: dict[str, torch.Tensor] | None = None):
+                 cfg, decided: dict[str, torch.Tensor] | None = None, sensitivity: Sensitivity | None = None,
+                 lam: float | None = None):
         self.specs = specs
+        self.sensitivity = sensitivity
+        self.lam = lam
         self.candidates = candidates
         self.names = [str(m) for m in candidates]
         self.config = config
@@ -180,6 +205,7 @@ class _Session:
         self.state = StepState(config.num_inference_steps, cfg=cfg)
         T, C = config.num_inference_steps, len(candidates)
         self.err = {s.name: torch.zeros(T, s.num_heads, C, dtype=torch.float64) for s in specs}
+        self.err_guided = {s.name: torch.zeros(T, s.num_heads, C, dtype=torch.float64) for s in specs}
         self.ref = {s.name: torch.zeros(T, s.num_heads, dtype=torch.float64) for s in specs}
         self.calls = {s.name: torch.zeros(T, dtype=torch.int64) for s in specs}
         self.fixed = decided is not None
@@ -201,18 +227,28 @@ class _Session:
             self._memory.pop((module, self.state.branch), None)
         return self._memory.setdefault((module, self.state.branch), _Memory())
 
-    def choose(self, spec: ModuleSpec, step: int, rse: torch.Tensor) -> torch.Tensor:
-        from .search import solve_heads
+    def guidance(self, cfg: bool) -> float | None:
+        """The CFG scale of the guided error (None without batched CFG)."""
+        if not cfg:
+            return None
+        return self.sensitivity.guidance_scale if self.sensitivity is not None else self.config.guidance_scale
+
+    def choose(self, spec: ModuleSpec, step: int, err: torch.Tensor, ref: torch.Tensor, samples: int,
+               guided: torch.Tensor) -> torch.Tensor:
+        """The methods whose outputs flow at this step: the plan's (held-out evaluation), or `choose_step`'s."""
+        from .search import choose_step
 
         decided = self.decided[spec.name][step]
         if bool((decided >= 0).all()):
             return decided
-        if step < self.config.full_steps:
-            choice = torch.zeros(spec.num_heads, dtype=torch.int64)
-        else:
-            saved = self.saved(spec.name)
-            budget = self.step_thresholds[step] * spec.num_heads
-            choice = torch.from_numpy(solve_heads(rse.numpy(), saved.numpy(), budget))
+        trajectory = self.config.allocation == "trajectory"
+        rse = relative_error(err, ref, "head" if trajectory else self.config.error_normalization)
+        damage = None
+        if trajectory and self.sensitivity is not None:
+            gain = self.sensitivity.damage_gain(spec.name, step)[:, None]
+            damage = (gain * torch.where(torch.isfinite(guided), guided, 0.0) / samples).numpy()
+        choice = torch.from_numpy(choose_step(rse.numpy(), self.saved(spec.name).numpy(), self.config, step,
+                                              damage=damage, lam=self.lam))
         self.decided[spec.name][step] = choice
         return choice
 
@@ -268,6 +304,8 @@ class _ModuleCalibration:
         C = len(session.candidates)
         err = torch.full((H, C), torch.inf, dtype=torch.float64)
         err[:, 0] = 0.0
+        guided = err.clone()
+        scale = session.guidance(cfg)
         outputs: list[torch.Tensor | None] = [full] + [None] * (C - 1)
         computed: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -291,10 +329,16 @@ class _ModuleCalibration:
                 out = method.finalize(raw(method.kernel_widths(layout, B, cfg)),
                                       HeadMemory(previous_output=mem.previous, residual=mem.residual), cfg)
                 outputs[ci] = out
-                e = ((out.float() - full32) ** 2).sum(dim=(0, 2, 3)).double().cpu()
+                diff = out.float() - full32
+                e = (diff ** 2).sum(dim=(0, 2, 3)).double().cpu()
                 err[available, ci] = e[available]
+                if scale is not None:
+                    u, c = diff.chunk(2)
+                    diff = (1 - scale) * u + scale * c
+                    e = (diff ** 2).sum(dim=(0, 2, 3)).double().cpu()
+                guided[available, ci] = e[available]
 
-        choice = session.choose(spec, step, relative_error(err, ref, session.config.error_normalization))
+        choice = session.choose(spec, step, err, ref, samples=B // 2 if cfg else B, guided=guided)
         out = full.clone()
         for ci in choice.unique().tolist():
             if ci == 0:
@@ -319,6 +363,7 @@ class _ModuleCalibration:
                 mem.has_residual = mem.has_residual | heads
 
         session.err[spec.name][step] += err
+        session.err_guided[spec.name][step] += guided
         session.ref[spec.name][step] += ref
         session.calls[spec.name][step] += 1
         return out
@@ -399,28 +444,67 @@ def progress_bars(pipeline, enabled: bool):
 
 def calibrate(pipeline, config: DiTFastAttnConfig, prompts: list[str], *, prompt_encoder=None,
               plan: CompressionPlan | None = None, progress: bool = True) -> CalibrationStats:
-    """Run ``pipeline`` on ``prompts`` once, measuring every candidate method on every head (see module docstring).
+    """Measure every candidate method on every head along the pipeline's own denoising loop (module docstring).
 
     Args:
         pipeline: a diffusers pipeline whose ``.transformer`` an adapter knows (SD3, SD3.5, FLUX, ...).
-        config: steps, resolution, guidance, seed, candidate methods, threshold (for the choices that flow on).
+        config: steps, resolution, guidance, seed, candidate methods, allocation and its target.
         prompts: calibration captions (at least one).
         prompt_encoder: for pipelines without text encoders: ``prompts -> pipeline kwargs`` (``prompt_embeds``, ...).
         plan: instead of choosing, follow this plan and measure the error of its methods (held-out evaluation).
         progress: show progress bars.
 
     Returns:
-        `CalibrationStats`.
+        `CalibrationStats` (with the `Sensitivity` for the trajectory allocation).
     """
-    from tqdm.auto import tqdm
-
-    from .apply import _prepare, _split, cfg_source, install, remove
+    from .apply import _split
+    from .sensitivity import measure_sensitivity
 
     prompts = check_prompts(prompts)
     transformer, _ = _split(pipeline)
     if transformer is pipeline:
         raise ValueError("calibration runs a pipeline's denoising loop; pass the diffusers pipeline, not its "
                          "transformer")
+    if plan is not None or config.allocation == "local":
+        return _calibration_pass(pipeline, config, prompts, prompt_encoder, plan, progress)
+
+    from .search import TrajectoryProblem
+
+    start = time.perf_counter()
+    sensitivity = measure_sensitivity(pipeline, config, prompts[:config.sensitivity_prompts],
+                                      prompt_encoder=prompt_encoder, seed=config.seed, progress=progress)
+    stats = _calibration_pass(pipeline, config, prompts, prompt_encoder, None, progress, sensitivity=sensitivity,
+                              desc="ditfa calibration (dense flow)")
+    passes = []
+    for _ in range(config.calibration_passes - 1):
+        problem = TrajectoryProblem.from_stats(stats, config, _all_candidates(stats, config))
+        lam, choices = problem.solve(config)
+        passes.append(problem.describe(choices, lam, config))
+        stats = _calibration_pass(pipeline, config, prompts, prompt_encoder, None, progress, sensitivity=sensitivity,
+                                  lam=lam, desc="ditfa calibration (plan flow)")
+    stats.passes = passes
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _all_candidates(stats: CalibrationStats, config: DiTFastAttnConfig):
+    import numpy as np
+
+    unused = np.full(len(stats.candidates), np.inf)
+    unused[[stats.candidates.index(str(m)) for m in config.candidates()]] = 0.0
+    return unused
+
+
+def _calibration_pass(pipeline, config: DiTFastAttnConfig, prompts: list[str], prompt_encoder,
+                      plan: CompressionPlan | None, progress: bool, *, sensitivity: Sensitivity | None = None,
+                      lam: float | None = None, desc: str = "ditfa calibration") -> CalibrationStats:
+    """One pass over the prompts; choices flow from ``plan``, or from `choose_step` (price ``lam`` for the
+    trajectory allocation: None = every head full)."""
+    from tqdm.auto import tqdm
+
+    from .apply import _prepare, _split, cfg_source, install, remove
+
+    transformer, _ = _split(pipeline)
     adapter, modules = _prepare(transformer)
     specs = [spec for spec, _ in modules]
     candidates = config.candidates()
@@ -438,13 +522,14 @@ def calibrate(pipeline, config: DiTFastAttnConfig, prompts: list[str], *, prompt
                                          for t in range(config.num_inference_steps)]) for s in specs}
         if plan.block_size != config.block_size:
             config = config.replace(block_size=plan.block_size)
-    session = _Session(specs, candidates, config, cfg_source(None, adapter, pipeline), decided)
+    session = _Session(specs, candidates, config, cfg_source(None, adapter, pipeline), decided,
+                       sensitivity=sensitivity, lam=lam)
     install(transformer, adapter, modules, session)
     start = time.perf_counter()
     try:
         batches = [(i, prompts[i:i + config.batch_size]) for i in range(0, len(prompts), config.batch_size)]
         with torch.inference_mode(), progress_bars(pipeline, progress):
-            for first, batch in tqdm(batches, desc="ditfa calibration", unit="batch", disable=not progress):
+            for first, batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
                 session.state.reset()
                 run_pipeline(pipeline, batch, config, prompt_encoder=prompt_encoder, first=first)
     finally:
@@ -459,11 +544,11 @@ def calibrate(pipeline, config: DiTFastAttnConfig, prompts: list[str], *, prompt
     return CalibrationStats(
         modules=specs, candidates=session.names, num_steps=config.num_inference_steps, err=session.err,
         ref=session.ref, chosen={n: c.to(torch.int16) for n, c in session.decided.items()},
-        cost_flops=session.cost_flops, cost_seconds=session.cost_seconds,
+        cost_flops=session.cost_flops, cost_seconds=session.cost_seconds, err_guided=session.err_guided,
         image_tokens=layout.num_image_tokens, text_tokens=_joint_text_tokens(session, specs),
         cfg=bool(session.cfg_seen), block_size=config.block_size, model_class=adapter.model_class,
         num_prompts=len(prompts), threshold=config.threshold, seconds=time.perf_counter() - start,
-        device=str(next(transformer.parameters()).device))
+        device=str(next(transformer.parameters()).device), sensitivity=sensitivity, flow_lambda=lam)
 
 
 def _joint_text_tokens(session: _Session, specs: list[ModuleSpec]) -> int:

@@ -25,6 +25,12 @@ BUDGET_SCHEDULES = {"constant": 0, "linear": 1, "quadratic": 2, "cubic": 3}
 #: what a head's squared error is divided by: its own output variance (the paper's local metric) or the mean output
 #: variance of the module's heads (a head whose output is small then spends less of the budget)
 ERROR_NORMALIZATIONS = ("head", "module")
+#: how the error budget is spent: "trajectory" (one global allocation over every module, step and head, weighted by
+#: how much an error there moves the final image: `ditfa_optimum.sensitivity`) or "local" (the paper's: one integer
+#: program per module and step under ``threshold``)
+ALLOCATIONS = ("trajectory", "local")
+#: the quality the default search aims for: predicted signal-to-noise ratio of the final latents (dB)
+DEFAULT_TARGET_SNR_DB = 30.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,21 @@ class DiTFastAttnConfig:
         error_normalization: "head" (RSE relative to the head's own output variance, as in the paper) or "module"
             (relative to the mean output variance of the module's heads, so quiet heads spend less of the budget).
         backend: attention backend used while calibrating ("auto", "reference", "flex", ...; None = auto).
+        allocation: "trajectory" (default): measure how an error at each (module, step, head) reaches the final
+            latents (`ditfa_optimum.sensitivity`) and choose every head's method in one global allocation that meets
+            ``target_cut`` or ``target_snr_db``; "local": the paper's search, one integer program per (module, step)
+            under ``threshold`` (with ``budget_schedule`` and ``error_normalization``).
+        target_cut: trajectory allocation: the attention-FLOP cut to reach (0..1) with the least predicted error.
+        target_snr_db: trajectory allocation: the predicted signal-to-noise ratio of the final latents (dB) to keep
+            while saving the most; the default when neither target is given is `DEFAULT_TARGET_SNR_DB`.
+        max_head_rse: per-head cap on the local error (both allocations): no head takes a method whose RSE exceeds
+            it at that step. The reference implementation's budget is ``sum_h RSE_h <= delta`` per layer, so each of
+            its heads is capped at its delta; ``local`` here budgets ``sum_h RSE_h <= threshold * H`` (``threshold``
+            = the reference's delta / H), and this cap bounds any single head.
+        sensitivity_prompts: prompts (the first of the calibration prompts) of the sensitivity measurement.
+        calibration_passes: trajectory allocation: 1 = measure with every head full flowing; 2 (default) = then
+            measure again with the choices of the first pass's allocation flowing, so errors that compound over
+            steps (a head cached twice in a row) are measured as the plan makes them.
 
     Example:
         >>> cfg = DiTFastAttnConfig(threshold=0.1, num_inference_steps=28, height=1024, width=1024)
@@ -78,6 +99,12 @@ class DiTFastAttnConfig:
     budget_schedule: str = "constant"
     error_normalization: str = "head"
     backend: str | None = None
+    allocation: str = "trajectory"
+    target_cut: float | None = None
+    target_snr_db: float | None = None
+    max_head_rse: float = 0.5
+    sensitivity_prompts: int = 2
+    calibration_passes: int = 2
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
@@ -107,6 +134,31 @@ class DiTFastAttnConfig:
         if self.error_normalization not in ERROR_NORMALIZATIONS:
             raise ValueError(f"error_normalization must be one of {ERROR_NORMALIZATIONS}, got "
                              f"{self.error_normalization!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.target_cut is not None and (isinstance(self.target_cut, bool)
+                                            or not isinstance(self.target_cut, (int, float))
+                                            or not 0 < self.target_cut < 1):
+            raise ValueError(f"target_cut must be a number in (0, 1) (e.g. 0.6 for a 60% attention-FLOP cut) or "
+                             f"None, got {self.target_cut!r}")
+        if self.target_snr_db is not None and (isinstance(self.target_snr_db, bool)
+                                               or not isinstance(self.target_snr_db, (int, float))
+                                               or not math.isfinite(self.target_snr_db)):
+            raise ValueError(f"target_snr_db must be a finite number of dB (e.g. 30) or None, got "
+                             f"{self.target_snr_db!r}")
+        if self.target_cut is not None and self.target_snr_db is not None:
+            raise ValueError(f"give one target, target_cut ({self.target_cut}) or target_snr_db "
+                             f"({self.target_snr_db}), not both")
+        if (self.target_cut is not None or self.target_snr_db is not None) and self.allocation != "trajectory":
+            raise ValueError("target_cut / target_snr_db need allocation='trajectory'; the 'local' allocation is "
+                             "steered by threshold")
+        if isinstance(self.max_head_rse, bool) or not isinstance(self.max_head_rse, (int, float)) \
+                or not math.isfinite(self.max_head_rse) or not self.max_head_rse > 0:
+            raise ValueError(f"max_head_rse must be a finite number > 0 (e.g. 0.5; 1e9 for no cap), got "
+                             f"{self.max_head_rse!r}")
+        _positive_int("sensitivity_prompts", self.sensitivity_prompts)
+        if self.calibration_passes not in (1, 2):
+            raise ValueError(f"calibration_passes must be 1 or 2, got {self.calibration_passes!r}")
         if self.cost_model not in COST_MODELS:
             raise ValueError(f"cost_model must be one of {COST_MODELS}, got {self.cost_model!r}")
         if self.version != CONFIG_VERSION:
@@ -143,6 +195,12 @@ class DiTFastAttnConfig:
         mean = sum(weights) / len(weights) if weights else 1.0
         return [0.0] * self.full_steps + [self.threshold * w / mean for w in weights]
 
+    def target(self) -> tuple[str, float]:
+        """``("cut", value)`` or ``("snr_db", value)``: what the trajectory allocation aims for."""
+        if self.target_cut is not None:
+            return "cut", float(self.target_cut)
+        return "snr_db", float(self.target_snr_db if self.target_snr_db is not None else DEFAULT_TARGET_SNR_DB)
+
     def replace(self, **changes) -> "DiTFastAttnConfig":
         return dataclasses.replace(self, **changes)
 
@@ -161,6 +219,8 @@ class DiTFastAttnConfig:
         if unknown:
             raise ValueError(f"unknown DiTFastAttnConfig fields {unknown}; known: {sorted(known)}")
         data = dict(data)
+        # configs written before the trajectory allocation existed were searched the paper's way
+        data.setdefault("allocation", "local")
         if "methods" in data and isinstance(data["methods"], list):
             data["methods"] = tuple(data["methods"])
         return cls(**data)

@@ -1,6 +1,20 @@
-"""Plan search: per (attention module, step), one method per head by a small integer program.
+"""Plan search: one attention method per (module, step, head), from calibration statistics.
 
-For one module at one step with heads ``h`` and candidate methods ``c`` (``full`` always among them)::
+Two allocations of the error budget (`DiTFastAttnConfig.allocation`):
+
+**trajectory** (default). Every candidate ``c`` of head ``h`` of module ``m`` at step ``t`` has a local squared error
+``err`` (from calibration) and the head has a propagation gain ``g`` (`ditfa_optimum.sensitivity`: how much a unit of
+squared error there moves the final latents). Its predicted damage to the final latents is ``g * err``. One global
+allocation over the whole trajectory::
+
+    maximise   sum saved[c]                   subject to   sum g * err[c] <= E     (or: saving >= target, least damage)
+
+is solved through its Lagrangian: each head independently takes ``argmax_c saved[c] - lam * g * err[c]`` among its
+available candidates (local RSE within ``max_head_rse``), and ``lam`` is found by bisection so that the plan meets
+``target_cut`` or ``target_snr_db``. Exact for the Lagrangian relaxation (the plans it returns are the optimal ones at
+their own damage), milliseconds for a whole model.
+
+**local** (the paper's). For one module at one step with heads ``h`` and candidate methods ``c`` (``full`` always among them)::
 
     maximise   sum_{h,c} saved[c] * x[h,c]
     subject to sum_c x[h,c] = 1                        for every head h   (exactly one method per head)
@@ -98,6 +112,66 @@ def solve_heads(rse, saved, budget: float, full_index: int = 0) -> np.ndarray:
     raise RuntimeError(f"the integer program's solution exceeds the budget ({total} > {budget}) after tightening")
 
 
+def lagrangian_choice(damage, saved, allowed, lam: float, full_index: int = 0) -> np.ndarray:
+    """Per head, the candidate maximising ``saved - lam * damage`` among the allowed ones (ties: less damage).
+
+    Args:
+        damage: ``[..., H, C]`` predicted damage of each candidate (``gain * squared error``).
+        saved: ``[C]`` (or broadcastable) cost each candidate saves.
+        allowed: ``[..., H, C]`` bool; the `full` column is always allowed.
+        lam: the price of damage in units of saved cost (``inf``: every head full).
+
+    Example:
+        >>> lagrangian_choice([[0.0, 1.0, 4.0]], [0.0, 1.0, 2.0], [[True, True, True]], lam=0.4).tolist()
+        [1]
+    """
+    damage = np.asarray(damage, dtype=np.float64)
+    allowed = np.array(allowed, dtype=bool, copy=True)
+    allowed[..., full_index] = True
+    if np.isinf(lam):
+        return np.full(damage.shape[:-1], full_index, dtype=np.int64)
+    value = np.where(allowed, np.asarray(saved, dtype=np.float64) - lam * np.where(allowed, damage, 0.0), -np.inf)
+    best = value.max(-1, keepdims=True)
+    ties = allowed & (value >= best - 1e-12 * np.maximum(1.0, np.abs(best)))
+    return np.where(ties, damage, np.inf).argmin(-1)
+
+
+def allowed_candidates(rse, saved, max_head_rse: float, full_index: int = 0) -> np.ndarray:
+    """``[..., H, C]`` bool: measured, within the per-head cap and saving something (plus `full`)."""
+    rse = np.asarray(rse, dtype=np.float64)
+    allowed = np.isfinite(rse) & (rse <= max_head_rse) & (np.asarray(saved)[None, :] > 0)
+    allowed[..., full_index] = True
+    return allowed
+
+
+def choose_step(rse, saved, config: DiTFastAttnConfig, step: int, *, damage=None, lam: float | None = None,
+                full_index: int = 0) -> np.ndarray:
+    """The one chooser of a step's methods, shared by calibration (while choices flow) and `search`.
+
+    Args:
+        rse: ``[H, C]`` local relative error of each candidate (``inf``: unavailable).
+        saved: ``[C]`` cost saved per head.
+        config: allocation, per-head cap, full steps and (local) the step's threshold.
+        step: the denoising step.
+        damage: ``[H, C]`` predicted damage (trajectory allocation).
+        lam: the price of damage (trajectory allocation; None or inf: every head full).
+
+    Returns:
+        ``[H]`` candidate index per head.
+    """
+    rse = np.asarray(rse, dtype=np.float64)
+    H = rse.shape[0]
+    if step < config.full_steps:
+        return np.full(H, full_index, dtype=np.int64)
+    allowed = allowed_candidates(rse, saved, config.max_head_rse, full_index)
+    if config.allocation == "local":
+        budget = config.step_thresholds()[step] * H
+        return solve_heads(np.where(allowed, rse, np.inf), saved, budget, full_index)
+    if lam is None or damage is None:
+        return np.full(H, full_index, dtype=np.int64)
+    return lagrangian_choice(damage, saved, allowed, lam, full_index)
+
+
 def solve_layer(rse, saved, budget: float, full_index: int = 0) -> np.ndarray:
     """One method for every head (layer-wise, DiTFastAttn v1): the largest saving whose summed error fits the budget.
 
@@ -114,26 +188,27 @@ SOLVERS = {"head": solve_heads, "layer": solve_layer}
 
 def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: float | None = None,
            granularity: str = "head") -> CompressionPlan:
-    """The plan maximising the saved cost within ``config.threshold`` on ``stats``; pure and deterministic.
+    """The plan for ``config`` on ``stats``; pure and deterministic (see the module docstring).
 
     Args:
-        stats: from `ditfa_optimum.calibrate.calibrate`.
-        config: threshold, candidate methods (a subset of the calibrated ones), cost model, full steps.
-        threshold: override ``config.threshold`` (for sweeps over the same statistics).
+        stats: from `ditfa_optimum.calibrate.calibrate` (with a sensitivity for the trajectory allocation).
+        config: allocation and its target (``target_cut`` / ``target_snr_db``, or ``threshold`` for "local"),
+            candidate methods (a subset of the calibrated ones), per-head cap, cost model, full steps.
+        threshold: override ``config.threshold`` (local allocation; for sweeps over the same statistics).
         granularity: "head" (one method per head: the product) or "layer" (one per module and step: the DiTFastAttn
-            v1 baseline the quality benchmark compares against).
+            v1 baseline the quality benchmark compares against; local allocation only).
 
     Returns:
         A `CompressionPlan` whose ``metadata["search"]`` holds the config, the predicted mean RSE per module and step
-        (``predicted_rse``), the attention-FLOP cut and the search time.
+        (``predicted_rse``), the attention-FLOP cut, the search time and, for the trajectory allocation, the
+        predicted quality (``predicted_snr_db``, ``predicted_psnr_db`` for pixel-space models) and ``lambda``.
 
     Example:
-        >>> plan = search(stats, DiTFastAttnConfig(threshold=0.1))          # doctest: +SKIP
+        >>> plan = search(stats, DiTFastAttnConfig(target_cut=0.6))          # doctest: +SKIP
     """
     start = time.perf_counter()
     if granularity not in SOLVERS:
         raise ValueError(f"granularity must be one of {sorted(SOLVERS)}, got {granularity!r}")
-    solve = SOLVERS[granularity]
     if threshold is not None:
         config = config.replace(threshold=threshold)
     if config.num_inference_steps != stats.num_steps:
@@ -145,21 +220,36 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
     if missing:
         raise ValueError(f"candidate methods {missing} were not calibrated (the statistics have {stats.candidates}); "
                          "calibrate with them or leave them out of config.methods")
-    use = [stats.candidates.index(n) for n in names]
+    unused = np.full(len(stats.candidates), np.inf)
+    unused[[stats.candidates.index(n) for n in names]] = 0.0
     full_index = stats.candidates.index("full")
     methods = [make_method(n) for n in stats.candidates]
-    thresholds = config.step_thresholds()
+    problem = TrajectoryProblem.from_stats(stats, config, unused) if config.allocation == "trajectory" else None
+    if problem is not None and granularity != "head":
+        raise ValueError("granularity='layer' is the paper-style baseline; use it with allocation='local'")
+
+    extra = {}
+    if problem is not None:
+        lam, choices = problem.solve(config)
+        extra = problem.describe(choices, lam, config)
+    else:
+        choices = {}
+        for spec in stats.modules:
+            rse = stats.rse(spec.name, config.error_normalization).numpy() + unused  # [T, H, C]
+            saved = stats.saved(spec.name, config.cost_model).numpy()  # [C]
+            choice = np.full(rse.shape[:2], full_index, dtype=np.int64)
+            for step in range(config.full_steps, stats.num_steps):
+                if granularity == "layer":
+                    choice[step] = solve_layer(rse[step], saved, config.step_thresholds()[step] * spec.num_heads,
+                                               full_index)
+                else:
+                    choice[step] = choose_step(rse[step], saved, config, step, full_index=full_index)
+            choices[spec.name] = choice
 
     ids, params, predicted = {}, {}, {}
     for spec in stats.modules:
-        rse = stats.rse(spec.name, config.error_normalization).numpy()  # [T, H, C]
-        saved = stats.saved(spec.name, config.cost_model).numpy()  # [C]
-        mask = np.full(len(stats.candidates), np.inf)
-        mask[use] = 0.0
-        choice = np.full(rse.shape[:2], full_index, dtype=np.int64)
-        for step in range(config.full_steps, stats.num_steps):
-            budget = thresholds[step] * spec.num_heads
-            choice[step] = solve(rse[step] + mask, saved, budget, full_index)
+        choice = choices[spec.name]
+        rse = stats.rse(spec.name, config.error_normalization).numpy()
         chosen_rse = np.where(choice == full_index, 0.0, np.take_along_axis(rse, choice[..., None], axis=2)[..., 0])
         predicted[spec.name] = chosen_rse.mean(1).tolist()
         ids[spec.name] = torch.tensor([[methods[c].method_id for c in row] for row in choice], dtype=torch.int16)
@@ -167,12 +257,16 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
 
     plan = CompressionPlan(stats.modules, ids, params, block_size=stats.block_size, model_class=stats.model_class)
     report = plan.flops(stats.image_tokens, stats.text_tokens, cfg=stats.cfg)
+    budget = ("one global allocation: per head argmax saved - lambda * gain * squared error, lambda meeting the "
+              "target" if problem is not None else
+              "sum over heads of RSE <= step threshold * num_heads, per module and step")
     plan.metadata["search"] = {
         "config": config.to_dict(),
+        "allocation": config.allocation,
         "threshold": config.threshold,
         "granularity": granularity,
-        "budget": "sum over heads of RSE <= step threshold * num_heads, per module and step",
-        "step_thresholds": thresholds,
+        "budget": budget,
+        "step_thresholds": config.step_thresholds(),
         "image_tokens": stats.image_tokens,
         "text_tokens": stats.text_tokens,
         "cfg": stats.cfg,
@@ -180,6 +274,110 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
         "predicted_rse": predicted,
         "flop_cut": report.cut,
         "calibration_seconds": stats.seconds,
+        **extra,
         "search_seconds": time.perf_counter() - start,
     }
     return plan
+
+
+class TrajectoryProblem:
+    """The global allocation's data, flattened over (module, step, head): damage, savings, what is allowed."""
+
+    def __init__(self, names, damage, saved, allowed, dense_cost, sensitivity, full_index):
+        self.names = names  # module names, in order
+        self.damage = damage  # per module [T, H, C]
+        self.saved = saved  # per module [C]
+        self.allowed = allowed  # per module [T, H, C]
+        self.dense_cost = dense_cost  # total cost of the dense model (all modules, steps, heads)
+        self.sensitivity = sensitivity
+        self.full_index = full_index
+
+    @classmethod
+    def from_stats(cls, stats: CalibrationStats, config: DiTFastAttnConfig, unused: np.ndarray) -> "TrajectoryProblem":
+        sens = stats.sensitivity
+        if sens is None:
+            raise ValueError("these statistics hold no sensitivity measurement, which the trajectory allocation "
+                             "needs; calibrate with allocation='trajectory' or search with allocation='local'")
+        full_index = stats.candidates.index("full")
+        names, damage, saved, allowed, dense = [], {}, {}, {}, 0.0
+        for spec in stats.modules:
+            err = stats.err[spec.name].numpy()
+            guided = stats.err_guided.get(spec.name, stats.err[spec.name]).numpy() / max(stats.num_prompts, 1)
+            gain = np.stack([sens.damage_gain(spec.name, t).numpy() for t in range(stats.num_steps)])[..., None]
+            rse = stats.rse(spec.name, "head").numpy() + unused
+            cost = stats.cost(spec.name, config.cost_model).numpy()
+            s = stats.saved(spec.name, config.cost_model).numpy()
+            ok = allowed_candidates(rse, s, config.max_head_rse, full_index)
+            ok[:config.full_steps] = False
+            ok[..., full_index] = True
+            names.append(spec.name)
+            damage[spec.name] = np.where(ok, gain * np.where(np.isfinite(guided), guided, 0.0), 0.0)
+            saved[spec.name] = s
+            allowed[spec.name] = ok
+            dense += float(cost[full_index]) * err.shape[0] * err.shape[1]
+        return cls(names, damage, saved, allowed, dense, sens, full_index)
+
+    def choose(self, lam: float) -> dict[str, np.ndarray]:
+        return {n: lagrangian_choice(self.damage[n], self.saved[n], self.allowed[n], lam, self.full_index)
+                for n in self.names}
+
+    def totals(self, choices: dict[str, np.ndarray]) -> tuple[float, float]:
+        """(cut of the cost model, predicted squared change of one sample's final latents)."""
+        saved = sum(float(self.saved[n][c].sum()) for n, c in choices.items())
+        damage = sum(float(np.take_along_axis(self.damage[n], c[..., None], -1).sum()) for n, c in choices.items())
+        return saved / self.dense_cost, damage
+
+    def snr_db(self, damage: float) -> float:
+        return self.sensitivity.snr_db(self.sensitivity.predicted_mse(damage))
+
+    def solve(self, config: DiTFastAttnConfig) -> tuple[float, dict[str, np.ndarray]]:
+        """``lam`` and the choices meeting the config's target (the closest plan when it cannot be met)."""
+        kind, value = config.target()
+        if kind == "cut":
+            def meets(lam):  # the largest lam still cutting enough: least damage at that cut
+                return self.totals(self.choose(lam))[0] >= value
+            search_largest = True
+        else:
+            def meets(lam):  # the smallest lam still predicted good enough: most saving at that quality
+                return self.snr_db(self.totals(self.choose(lam))[1]) >= value
+            search_largest = False
+        lo, hi = -80.0, 80.0  # log10(lam), lam in units of saved cost per unit damage (scaled below)
+        scale = self._scale()
+        if search_largest:
+            if not meets(0.0):
+                logger.warning("ditfa: target_cut %.3f cannot be reached with these candidates and max_head_rse; "
+                               "the plan saves the most it can", value)
+                return 0.0, self.choose(0.0)
+            if meets(scale * 10 ** hi):
+                return scale * 10 ** hi, self.choose(scale * 10 ** hi)
+            for _ in range(100):  # invariant: meets(10^lo), not meets(10^hi)
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if meets(scale * 10 ** mid) else (lo, mid)
+            lam = scale * 10 ** lo
+        else:
+            if meets(0.0):
+                return 0.0, self.choose(0.0)
+            for _ in range(100):  # invariant: not meets(10^lo), meets(10^hi) (lam = inf keeps every head full)
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if meets(scale * 10 ** mid) else (mid, hi)
+            lam = scale * 10 ** hi
+        return lam, self.choose(lam)
+
+    def _scale(self) -> float:
+        saved = sum(float(np.abs(s).max()) for s in self.saved.values())
+        damage = sum(float(d[a].max()) if a.any() else 0.0 for d, a in zip(self.damage.values(),
+                                                                          self.allowed.values()))
+        return saved / damage if damage > 0 else 1.0
+
+    def describe(self, choices: dict[str, np.ndarray], lam: float, config: DiTFastAttnConfig) -> dict:
+        cut, damage = self.totals(choices)
+        mse = self.sensitivity.predicted_mse(damage)
+        kind, value = config.target()
+        return {"target": {kind: value}, "lambda": lam, "predicted_cut": cut,
+                "predicted_final_mse": mse, "predicted_snr_db": _finite(self.snr_db(damage)),
+                "predicted_psnr_db": _finite(self.sensitivity.psnr_db(mse))}
+
+
+def _finite(value):
+    """JSON has no infinity: None for 'no error predicted'."""
+    return None if value is None or not np.isfinite(value) else float(value)

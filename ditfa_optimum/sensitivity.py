@@ -1,0 +1,374 @@
+"""How much an error injected at (attention module, denoising step, head) moves the final image: a linearised estimate.
+
+The local metric (a head's relative squared error against full attention) says how wrong one head is at one step; it
+does not say how much of that error survives to the final latents. An error at step 1 is carried and amplified by every
+later step, an error at the last step lands almost as it is, and classifier-free guidance scales both. This module
+measures that propagation once, on the dense model, so the search can spend one error budget over the whole trajectory.
+
+Method (adjoint sensitivity with a Hutchinson trace estimate, all in one backward sweep):
+
+* The pipeline runs once, dense, on a few prompts; every transformer call's inputs are recorded.
+* The flow-matching Euler sampler of SD3 / SD3.5 / FLUX.1 (and the miniature model) is
+  ``x[t+1] = x[t] + (sigma[t+1] - sigma[t]) * v(x[t])``, ``v`` the guided velocity
+  (``v_u + s (v_c - v_u)`` when CFG is batched as [uncond, cond]).
+* Draw ``z ~ N(0, I)`` shaped like one sample's final latents and walk the steps backwards: at step ``t`` the recorded
+  call is re-run with autograd, and the vector-Jacobian product with ``(sigma[t+1] - sigma[t]) * lambda[t+1]`` gives
+  ``lambda[t]`` (the adjoint of ``z . x_final`` w.r.t. ``x[t]``) and, at the same time, ``u = J^T z`` at the output
+  of every attention head of that step (``J``: final latents w.r.t. that head's output, ``[S, D]`` per CFG half).
+* ``E_z ||J^T z||^2 = ||J||_F^2``, so ``gain = ||J^T z||^2 / (S * D)`` (mean over prompts) is the expected squared
+  change of the final latents per unit squared error at that head, for an error whose direction is isotropic. With
+  batched CFG the gradient reaching the uncond / cond half carries the factor ``1 - s`` / ``s``; the gain is taken per
+  unit of the GUIDED error ``(1 - s) e_u + s e_c`` (each half's gradient divided by its factor, the two averaged),
+  because the two halves' errors are nearly the same vector and must be added before squaring, not after.
+* The linear model holds late in the trajectory and fails early, where a small change flips what the image becomes
+  (measured on the miniature model: caching one module at step 1 moved the image 100-2500x more than predicted;
+  late steps 0.1-1x). So each step's gains are scaled by a measured factor: one more generation in which batch
+  element ``t`` has every attention output at step ``t`` replaced by its previous step's output (a realistic error,
+  the cheapest method's), and the measured change of its final latents is divided by the prediction.
+
+A plan whose heads make guided errors ``e`` is then predicted to move the final latents by
+``sum factor[t] * gain * ||e||^2``: errors of different (module, step, head) are assumed independent, so their
+energies add (errors that compound over steps are measured along the plan's own trajectory by the calibration's
+second pass). benchmarks/sensitivity_check.py measures how well this predicts single injections. Cost: one dense
+generation and one forward and backward per step on ``num_prompts`` prompts (default 2), plus one generation of
+``num_steps + 1`` copies of the first prompt.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .plan import ModuleSpec
+
+SENSITIVITY_FORMAT_VERSION = 1
+
+
+@dataclass
+class Sensitivity:
+    """Per attention module: ``[T, H]`` gain of each head at each step (see module docstring).
+
+    Attributes:
+        gain: per module, ``[T, H]`` float64: expected squared change of one sample's final latents per unit squared
+            error (summed over the head's tokens, channels and CFG halves) at that head's attention output.
+        final_numel: elements of one sample's final latents (MSE = squared change / final_numel).
+        final_variance: variance of the dense final latents (for a signal-to-noise ratio).
+        pixel_scale: pixels = latents * pixel_scale + offset for pipelines without a VAE (the miniature model: 0.5);
+            None when the latents are decoded by a VAE (quality is then predicted in latent space only).
+        num_prompts, seconds: what the measurement cost.
+    """
+
+    modules: list[ModuleSpec]
+    num_steps: int
+    gain: dict[str, torch.Tensor]
+    final_numel: int
+    final_variance: float
+    pixel_scale: float | None = None
+    num_prompts: int = 0
+    seconds: float = 0.0
+    method: str = "adjoint (vector-Jacobian products through the Euler sampler), Hutchinson trace estimate"
+    block_gain: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the CFG scale the gains are normalised to (None: no batched CFG)
+    guidance_scale: float | None = None
+    #: per step: measured / linearly predicted change of the final latents for a cache-everything injection
+    step_factor: list = field(default_factory=list)
+
+    def damage_gain(self, module: str, step: int) -> torch.Tensor:
+        """``[H]``: predicted squared change of the final latents per unit guided squared error at ``step``."""
+        factor = self.step_factor[step] if self.step_factor else 1.0
+        return self.gain[module][step] * factor
+
+    def predicted_mse(self, squared_change: float) -> float:
+        """Mean squared error per element of the final latents for a predicted squared change of one sample."""
+        return squared_change / self.final_numel
+
+    def snr_db(self, mse: float) -> float:
+        """Signal-to-noise ratio of the final latents in dB (inf for no error)."""
+        import math
+
+        return math.inf if mse <= 0 else 10 * math.log10(self.final_variance / mse)
+
+    def psnr_db(self, mse: float) -> float | None:
+        """PSNR of the images ([0, 1] pixels, peak 1) for pixel-space pipelines; None when a VAE decodes."""
+        import math
+
+        if self.pixel_scale is None:
+            return None
+        return math.inf if mse <= 0 else 10 * math.log10(1.0 / (mse * self.pixel_scale ** 2))
+
+    # ---------------------------------------------------------------- serialization (part of CalibrationStats)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"{name}.gain": g.contiguous() for name, g in self.gain.items()}
+        out.update({f"{name}.block_gain": g.contiguous() for name, g in self.block_gain.items()})
+        return out
+
+    def info(self) -> dict:
+        info = {k: v for k, v in asdict(self).items() if k not in ("gain", "block_gain", "modules")}
+        info["format_version"] = SENSITIVITY_FORMAT_VERSION
+        return info
+
+    @classmethod
+    def from_parts(cls, modules: list[ModuleSpec], info: dict, tensors: dict[str, torch.Tensor]) -> "Sensitivity":
+        info = dict(info)
+        if info.pop("format_version", None) != SENSITIVITY_FORMAT_VERSION:
+            raise ValueError(f"unsupported sensitivity format; this ditfa_optimum reads version "
+                             f"{SENSITIVITY_FORMAT_VERSION}")
+        gain = {k[:-len(".gain")]: t for k, t in tensors.items() if k.endswith(".gain")}
+        block = {k[:-len(".block_gain")]: t for k, t in tensors.items() if k.endswith(".block_gain")}
+        missing = [s.name for s in modules if s.name not in gain]
+        if missing:
+            raise ValueError(f"the sensitivity lacks gains for modules {missing[:3]}")
+        return cls(modules=modules, gain=gain, block_gain=block, **info)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors(), directory / "sensitivity.safetensors", metadata={"format": "pt"})
+        info = self.info()
+        info["modules"] = [asdict(s) for s in self.modules]
+        (directory / "sensitivity.json").write_text(json.dumps(info, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Sensitivity":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        info = json.loads((directory / "sensitivity.json").read_text())
+        modules = [ModuleSpec(**m) for m in info.pop("modules")]
+        return cls.from_parts(modules, info, load_file(directory / "sensitivity.safetensors"))
+
+
+# ==================================================================================================== measuring it
+class _Recorder:
+    """Forward pre-hook on the transformer: keeps a detached copy of every call's arguments."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.signature = inspect.signature(transformer.forward)
+        self.calls: list[inspect.BoundArguments] = []
+        self.handle = transformer.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, _module, args, kwargs):
+        bound = self.signature.bind_partial(*args, **kwargs)
+        bound.arguments = {k: _detached(v) for k, v in bound.arguments.items()}
+        self.calls.append(bound)
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v) for v in value)
+    return value
+
+
+class _ProbeModule:
+    """Full attention (differentiable) whose output's gradient is kept per head."""
+
+    def __init__(self, probe: "_Probe", spec: ModuleSpec):
+        self.runtime = probe  # the FLUX processor reads runtime.state for single-stream text lengths
+        self.probe = probe
+        self.spec = spec
+
+    def __call__(self, q, k, v, num_text_tokens):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        if out.requires_grad:
+            name = self.spec.name
+
+            def keep(grad):
+                self.probe.grads[name] = grad.detach()
+
+            out.register_hook(keep)
+        return out
+
+
+class _Probe:
+    def __init__(self, num_steps: int):
+        from .runtime.state import StepState
+
+        self.state = StepState(num_steps + 1)
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def module(self, spec: ModuleSpec) -> _ProbeModule:
+        return _ProbeModule(self, spec)
+
+
+def _output(result) -> torch.Tensor:
+    if isinstance(result, (tuple, list)):
+        return result[0]
+    return result.sample
+
+
+def _guidance(pipeline) -> float:
+    for name in ("guidance_scale", "_guidance_scale"):
+        value = getattr(pipeline, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    raise ValueError(f"cannot read the CFG scale of {type(pipeline).__name__} (no guidance_scale attribute)")
+
+
+def measure_sensitivity(pipeline, config, prompts: list[str], *, prompt_encoder=None, seed: int = 0,
+                        progress: bool = True) -> Sensitivity:
+    """Measure the propagation gain of every attention head at every step (see the module docstring).
+
+    Args:
+        pipeline: a diffusers pipeline with a flow-matching Euler scheduler (SD3, SD3.5, FLUX.1, the miniature model).
+        config: a `DiTFastAttnConfig` (steps, resolution, guidance, seed).
+        prompts: the prompts to measure on (2 are enough: the estimate averages over heads' many elements).
+        prompt_encoder: for pipelines without text encoders (the tiny test models).
+        seed: seed of the Hutchinson probe vectors.
+
+    Returns:
+        `Sensitivity`.
+    """
+    from tqdm.auto import tqdm
+
+    from .apply import _prepare, _split, install, remove
+    from .calibrate import pipeline_kwargs, progress_bars
+
+    start = time.perf_counter()
+    transformer, _ = _split(pipeline)
+    scheduler = getattr(pipeline, "scheduler", None)
+    if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler" \
+            or getattr(scheduler.config, "stochastic_sampling", False):
+        raise ValueError(f"the trajectory-aware search needs the flow-matching Euler sampler of SD3 / FLUX "
+                         f"(FlowMatchEulerDiscreteScheduler, deterministic); this pipeline uses "
+                         f"{type(scheduler).__name__}. Use DiTFastAttnConfig(allocation='local') instead")
+    adapter, modules = _prepare(transformer)
+    specs = [spec for spec, _ in modules]
+    T = config.num_inference_steps
+
+    # 1. one dense generation, recording every transformer call
+    recorder = _Recorder(transformer)
+    try:
+        with torch.no_grad(), progress_bars(pipeline, False):
+            kwargs = pipeline_kwargs(pipeline, prompts, config, prompt_encoder=prompt_encoder)
+            final = pipeline(**kwargs, output_type="latent").images
+    finally:
+        recorder.handle.remove()
+    if len(recorder.calls) != T:
+        raise ValueError(f"the pipeline called the transformer {len(recorder.calls)} times for {T} steps; the "
+                         "trajectory-aware search supports one call per step (batched CFG or none). Use "
+                         "DiTFastAttnConfig(allocation='local') for this pipeline")
+    cfg = bool(adapter.batched_cfg(pipeline))
+    scale = _guidance(pipeline) if cfg else 1.0
+    sigmas = scheduler.sigmas.detach().double().cpu()
+    if sigmas.numel() < T + 1:
+        raise ValueError(f"the scheduler holds {sigmas.numel()} sigmas for {T} steps")
+
+    # 2. one backward sweep through the steps
+    probe = _Probe(T)
+    install(transformer, adapter, modules, probe)
+    gain = {s.name: torch.zeros(T, s.num_heads, dtype=torch.float64) for s in specs}
+    generator = torch.Generator().manual_seed(seed)
+    lam = None
+    try:
+        for t in tqdm(range(T - 1, -1, -1), desc="ditfa sensitivity", unit="step", disable=not progress):
+            bound = recorder.calls[t]
+            hidden = bound.arguments["hidden_states"]
+            n = hidden.shape[0] // 2 if cfg else hidden.shape[0]
+            if lam is None:
+                lam = torch.randn(hidden[:n].shape, generator=generator, dtype=torch.float32).to(hidden.device)
+            x = hidden[:n].detach().float().requires_grad_(True)
+            model_in = torch.cat([x, x]) if cfg else x
+            args = dict(bound.arguments)
+            args["hidden_states"] = model_in.to(hidden.dtype)
+            probe.grads.clear()
+            with torch.enable_grad():
+                out = _output(transformer(**args)).float()
+                v = out[:n] + scale * (out[n:] - out[:n]) if cfg else out
+                step = float(sigmas[t + 1] - sigmas[t])
+                (grad_x,) = torch.autograd.grad((v * lam).sum() * step, x, allow_unused=False)
+            for spec in specs:
+                g = probe.grads.get(spec.name)
+                if g is None:
+                    raise RuntimeError(f"module {spec.name!r} received no gradient at step {t}")
+                # g: [B (x2 with CFG), H, S, D]; per unit of the guided error: each half / its factor, averaged
+                per = g.double().pow(2).sum(dim=(2, 3)) / (g.shape[2] * g.shape[3])
+                if cfg:
+                    halves = [h / w ** 2 for h, w in zip(per.chunk(2), (1 - scale, scale)) if w != 0]
+                    per = torch.cat(halves)
+                gain[spec.name][t] = per.mean(0).cpu()
+            lam = (lam + grad_x.detach()).detach()
+    finally:
+        remove(transformer)
+    final = final.float()
+    pixel = getattr(pipeline, "latent_pixel_scale", None)
+    sens = Sensitivity(modules=specs, num_steps=T, gain=gain, final_numel=int(final[0].numel()),
+                       final_variance=float(final.var()), pixel_scale=pixel, num_prompts=len(prompts),
+                       guidance_scale=scale if cfg else None)
+    sens.step_factor = _step_factors(pipeline, transformer, adapter, modules, config, prompts[0], sens, cfg,
+                                     prompt_encoder, progress)
+    sens.seconds = time.perf_counter() - start
+    return sens
+
+
+class _Injector:
+    """Full attention everywhere; at step ``t`` batch element ``t`` (both CFG halves) gets every head's output of the
+    previous step instead, and element 0 (untouched) records the predicted change of that injection."""
+
+    def __init__(self, num_steps: int, copies: int, cfg: bool, sens: Sensitivity):
+        from .runtime.state import StepState
+
+        self.state = StepState(num_steps)
+        self.copies, self.cfg, self.sens = copies, cfg, sens
+        self.previous: dict[str, torch.Tensor] = {}
+        self.predicted = torch.zeros(num_steps, dtype=torch.float64)
+
+    def module(self, spec: ModuleSpec):
+        def attend(q, k, v, num_text_tokens):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            step = self.state.current_step()
+            prev = self.previous.get(spec.name)
+            self.previous[spec.name] = out.clone()
+            if step == 0 or prev is None:
+                return out
+            rows = [step, self.copies + step] if self.cfg else [step]
+            error = (prev - out).float()
+            if self.cfg:  # the guided error of the untouched element 0
+                s = self.sens.guidance_scale
+                guided = (1 - s) * error[0] + s * error[self.copies]
+            else:
+                guided = error[0]
+            gain = self.sens.gain[spec.name][step].to(guided.device)
+            self.predicted[step] += float((gain * guided.double().pow(2).sum(dim=(1, 2))).sum())
+            out[rows] = prev[rows]
+            return out
+
+        attend.runtime = self  # the FLUX processor reads runtime.state for single-stream text lengths
+        return attend
+
+
+def _step_factors(pipeline, transformer, adapter, modules, config, prompt: str, sens: Sensitivity, cfg: bool,
+                  prompt_encoder, progress: bool) -> list[float]:
+    """Measured / predicted change of the final latents, per step (1.0 for step 0, which is never compressed)."""
+    from .apply import install, remove
+    from .calibrate import pipeline_kwargs, progress_bars
+
+    T = config.num_inference_steps
+    copies = T  # element 0 untouched, element t injected at step t
+    injector = _Injector(T, copies, cfg, sens)
+    install(transformer, adapter, modules, injector)
+    try:
+        with torch.no_grad(), progress_bars(pipeline, progress):
+            kwargs = pipeline_kwargs(pipeline, [prompt] * copies, config, prompt_encoder=prompt_encoder)
+            kwargs["generator"] = [torch.Generator().manual_seed(config.seed) for _ in range(copies)]
+            final = pipeline(**kwargs, output_type="latent").images.float()
+    finally:
+        remove(transformer)
+    measured = (final - final[:1]).flatten(1).pow(2).sum(1).double().cpu()
+    factors = [1.0]
+    for t in range(1, T):
+        predicted = float(injector.predicted[t])
+        factors.append(float(measured[t]) / predicted if predicted > 0 else 1.0)
+    return factors
