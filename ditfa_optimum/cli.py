@@ -6,7 +6,8 @@ picture of the plan.
 
 ``ditfa-optimum demo`` runs a round-robin head-wise plan on a tiny random-weight transformer inside a real diffusers
 `StableDiffusion3Pipeline` denoising loop (CPU, offline) and reports the attention-FLOP cut, the time per step and the
-error against dense attention; ``--out`` saves the plan.
+error against dense attention; ``--out`` saves the plan (never into an artifact; over an existing plan only with
+``--overwrite``).
 
 ``generate``, ``inspect`` (table + ``--png`` plan picture), ``bench`` and ``verify`` work on an artifact directory or
 Hub repo id.
@@ -51,11 +52,15 @@ def demo_plan(transformer, num_steps: int, methods: list[str], block_size: int):
 
 def run_demo(family: str = "sd3", methods: list[str] | None = None, steps: int = 8, latent_size: int = 32,
              block_size: int = 128, guidance: float = 5.0, backend: str | None = None, seed: int = 0,
-             out: str | None = None, repeats: int = 2) -> dict:
+             out: str | None = None, repeats: int = 2, overwrite: bool = False) -> dict:
     """Run the demo; returns the numbers it prints (see module docstring)."""
     from .apply import apply, remove
     from .runtime import get_backend
+    from .serialization import check_plan_target
     from .tiny import tiny_pipeline
+
+    if out:
+        check_plan_target(out, overwrite, hint="pass --overwrite")  # before the work, and again when saving
 
     methods = list(methods or DEMO_MIX)
     pipe = tiny_pipeline(family, seed=seed)
@@ -95,14 +100,14 @@ def run_demo(family: str = "sd3", methods: list[str] | None = None, steps: int =
                   planned_ms_per_step=planned_time * 1e3, latent_rse=rse,
                   backend=get_backend(runtime.backend_name, dense.device).name)
     if out:
-        result["saved"] = str(plan.save(out))
+        result["saved"] = str(plan.save(check_plan_target(out, overwrite, hint="pass --overwrite")))
     return result
 
 
 def _cmd_demo(args) -> int:
     try:
         result = run_demo(args.family, args.method, args.steps, args.latent_size, args.block_size, args.guidance,
-                          args.backend, args.seed, args.out)
+                          args.backend, args.seed, args.out, overwrite=args.overwrite)
     except ValueError as e:
         raise UserError(str(e)) from None
     print(f"\n{result['plan']}")
@@ -367,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--device", help="run on this device (e.g. cuda)")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--out", default="ditfa-artifact", help="artifact directory (default ./ditfa-artifact)")
-    opt.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    opt.add_argument("--overwrite", action="store_true",
+                     help="replace an existing ditfa artifact in --out (never any other non-empty directory)")
     opt.add_argument("--repro-prompts", type=int, default=2,
                      help="generations recorded for `verify` (default 2; 0: none)")
     opt.add_argument("--no-picture", dest="plan_picture", action="store_false",
@@ -428,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--guidance", type=float, default=5.0)
     demo.add_argument("--backend", default=None, help="auto (default), reference or flex")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default=None, help="directory to save the plan in")
+    demo.add_argument("--out", default=None, help="directory to save the plan in (not an artifact directory)")
+    demo.add_argument("--overwrite", action="store_true", help="replace a plan already saved in --out")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

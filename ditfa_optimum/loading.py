@@ -24,7 +24,9 @@ def load_pipeline(artifact: str | os.PathLike | Artifact, base_model=None, *, to
         device: move the pipeline there.
         backend: attention backend of the plan runtime ("auto", "reference", "flex", ...).
         revision, token: of the artifact's Hub repo.
-        components: passed to ``DiffusionPipeline.from_pretrained`` of the base model (e.g. ``text_encoder_3=None``).
+        components: passed to ``DiffusionPipeline.from_pretrained`` of the base model (e.g. ``text_encoder_3=None``),
+            which loads safetensors weights only (``use_safetensors=True`` unless passed: pickled ``.bin`` weights
+            are not read).
 
     Returns:
         The pipeline (``pipeline.ditfa_artifact`` is the `Artifact`; `ditfa_optimum.remove(pipeline)` gives dense).
@@ -72,14 +74,15 @@ def base_pipeline(art: Artifact, base_model, transformer: torch.nn.Module, torch
 
     revision = record.get("revision") if base_model is None else None
     _check_base_transformer_config(art, base_id, revision)
-    kwargs = dict(components)
+    kwargs = {"use_safetensors": True, **components}  # never unpickle a base component's .bin weights
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     try:
         return DiffusionPipeline.from_pretrained(base_id, transformer=transformer, revision=revision, **kwargs)
     except (OSError, ValueError) as e:
-        raise ArtifactError(f"cannot load the base model {base_id!r}{offline_hint()}: {e}. Pass base_model= (an id, a "
-                            "directory or a loaded pipeline)") from e
+        raise ArtifactError(f"cannot load the base model {base_id!r}{offline_hint()}: {e}. Only safetensors weights "
+                            "are loaded (use_safetensors=True). Pass base_model= (an id, a directory or a loaded "
+                            "pipeline)") from e
 
 
 def _check_base_transformer_config(art: Artifact, base_id: str, revision: str | None) -> None:

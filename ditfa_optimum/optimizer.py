@@ -51,7 +51,8 @@ class DiTFastAttnOptimizer:
         "mini-mmdit"), or an already loaded pipeline.
 
         Ids and paths load with ``diffusers.DiffusionPipeline.from_pretrained(model, **load_kwargs)`` (e.g.
-        ``torch_dtype=torch.bfloat16``); ``HF_HUB_OFFLINE=1`` loads from the local cache only. Embedded models and
+        ``torch_dtype=torch.bfloat16``; ``use_safetensors=True`` unless given: pickled weights are not read);
+        ``HF_HUB_OFFLINE=1`` loads from the local cache only. Embedded models and
         saved miniature-model directories are built by the package and take ``torch_dtype`` only.
 
         Example:
@@ -77,8 +78,9 @@ class DiTFastAttnOptimizer:
 
             from .serialization import offline_hint
 
-            try:
-                pipeline = DiffusionPipeline.from_pretrained(os.fspath(model), **load_kwargs)
+            try:  # safetensors only unless asked: a pickled .bin is never unpickled by default
+                pipeline = DiffusionPipeline.from_pretrained(os.fspath(model), **{"use_safetensors": True,
+                                                                                  **load_kwargs})
             except (OSError, ValueError, EnvironmentError) as e:
                 where = "the local directory" if Path(model).exists() else "the Hugging Face Hub id"
                 raise ValueError(f"could not load a diffusers pipeline from {where} {os.fspath(model)!r}"
@@ -90,13 +92,16 @@ class DiTFastAttnOptimizer:
         return cls(model, prompt_encoder=prompt_encoder)
 
     def optimize(self, config: DiTFastAttnConfig | None = None, calibration_prompts: list[str] | None = None,
-                 save_dir: str | os.PathLike | None = None, *, progress: bool = True) -> CompressionPlan:
+                 save_dir: str | os.PathLike | None = None, *, overwrite: bool = False,
+                 progress: bool = True) -> CompressionPlan:
         """Calibrate on prompts, search the plan, and optionally save it.
 
         Args:
             config: threshold, candidate methods, steps, resolution, guidance, seed, cost model, batch size.
             calibration_prompts: captions to calibrate on; None = ``config.num_prompts`` built-in captions.
-            save_dir: write the artifact there (`save_pretrained`).
+            save_dir: write the artifact there (`save_pretrained`); checked before calibrating
+                (`ditfa_optimum.serialization.check_target`), so a path that cannot be written fails at once.
+            overwrite: replace an existing artifact in ``save_dir`` (never anything else).
             progress: progress bars and the final summary on stderr.
 
         Returns:
@@ -109,6 +114,10 @@ class DiTFastAttnOptimizer:
             prompts = self.default_prompts(config.num_prompts, config.seed)
         else:
             prompts = check_prompts(calibration_prompts)
+        if save_dir is not None:
+            from .serialization import check_target
+
+            check_target(save_dir, overwrite)  # before the long calibration, not after
         self.stats = calibrate(self.pipeline, config, prompts, prompt_encoder=self.prompt_encoder, progress=progress)
         self.plan = search(self.stats, config)
         self.plan.metadata["search"]["base_model"] = self.source
@@ -118,7 +127,7 @@ class DiTFastAttnOptimizer:
 
             print(self.summary(), file=sys.stderr)
         if save_dir is not None:
-            self.save_pretrained(save_dir)
+            self.save_pretrained(save_dir, overwrite=overwrite)
         return self.plan
 
     def default_prompts(self, n: int, seed: int) -> list[str]:
@@ -146,8 +155,10 @@ class DiTFastAttnOptimizer:
         """Write the artifact: transformer weights, plan, config with checksums, model card, reproducibility record.
 
         Args:
-            directory: the artifact directory (created; an existing non-empty one needs ``overwrite=True``, and is only
-                replaced once the new artifact is complete).
+            directory: the artifact directory (created; an empty one is used).
+            overwrite: replace an existing ditfa artifact there, once the new one is complete. Anything else that is
+                not empty is never replaced (see `ditfa_optimum.serialization.write_artifact` for the guarantees:
+                one writer at a time, no window without a recoverable artifact).
             reproducibility_prompts: how many generations to record for `ditfa-optimum verify` (0: none).
 
         Example:
@@ -212,11 +223,14 @@ class DiTFastAttnOptimizer:
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
                                      repo_type="model")
 
-    def save_plan(self, directory: str | os.PathLike) -> Path:
-        """Write the plan (and the calibration statistics under ``calibration/``) into ``directory``."""
+    def save_plan(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the plan (and the calibration statistics under ``calibration/``) into ``directory``; an existing plan
+        there is replaced only with ``overwrite``, an artifact directory never."""
+        from .serialization import check_plan_target
+
         if self.plan is None:
             raise ValueError("no plan to save yet; call optimize() first")
-        directory = Path(directory)
+        directory = check_plan_target(directory, overwrite)
         self.plan.save(directory)
         if self.stats is not None:
             self.stats.save(directory / "calibration")

@@ -11,7 +11,9 @@
 
 Nothing is pickled and loading executes nothing from the artifact: JSON is parsed, tensors come from safetensors, the
 transformer class is looked up in an allowlist (the classes an adapter supports) and loaded with
-``use_safetensors=True``. See docs/artifact-format.md.
+``use_safetensors=True``; loading reads only listed, checksummed files inside the artifact (`check_files`). Saving
+replaces only an artifact, one writer at a time, and never leaves the path without a complete artifact that cannot be
+recovered (`write_artifact`). See docs/artifact-format.md.
 """
 
 from __future__ import annotations
@@ -19,11 +21,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
+import reprlib
 import shutil
-import tempfile
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 import torch
 
@@ -96,66 +108,341 @@ def write_artifact(directory: str | os.PathLike, *, transformer: torch.nn.Module
                    base_model: dict, search_config: dict | None = None, calibration: dict | None = None,
                    prompt_encoder: dict | None = None, reproducibility: tuple[dict, dict] | None = None,
                    overwrite: bool = False) -> Path:
-    """Write an artifact directory atomically (a temporary sibling, renamed into place when complete).
+    """Write an artifact directory; never lose an artifact, never delete anything else.
 
-    An existing non-empty ``directory`` is only replaced with ``overwrite=True``, and then only after the new artifact
-    is complete, so a failure never leaves a half-written artifact or loses the old one.
+    What is guaranteed (the names are of ``NAME``, the last part of ``directory``, in its parent directory):
+
+    * ``directory`` may be absent or an empty directory. An existing ditfa artifact (`is_artifact`) is replaced only
+      with ``overwrite=True``; anything else (a file, a link, a non-empty directory that is not an artifact) is refused,
+      ``overwrite`` or not (`check_target`).
+    * One writer at a time: ``.NAME.ditfa-lock`` (``flock``; the kernel releases it when its process dies, so a lock
+      never outlives its writer) refuses a concurrent writer. The target is checked again under the lock and right
+      before the swap, so an artifact that appeared meanwhile is never silently replaced.
+    * The new artifact is written completely into ``.NAME.ditfa-tmp-<pid>``, then renamed into place. Replacing an
+      artifact is two renames: the old one to ``.NAME.ditfa-old-<pid>``, the new one in (a directory cannot be renamed
+      onto a non-empty one). SIGTERM and SIGINT are held back between the two; a process killed there (SIGKILL) leaves
+      the complete old artifact in the backup, and the next save or read of ``directory`` renames it back (`recover`)
+      and removes the temporary and backup directories that writers which died left behind. Files and directory
+      entries are flushed to disk (fsync) before the old artifact is removed.
+    * On an exception, or SIGTERM while saving from the main thread (raised as ``SystemExit(143)`` there), the
+      temporary directory is removed and the old artifact is untouched.
     """
-    from safetensors.torch import save_file
-
-    directory = check_target(directory, overwrite)
+    directory = check_target(directory, overwrite)  # quick feedback; repeated under the lock
     adapter = get_adapter(transformer)
     plan.validate(adapter.module_specs(transformer), model_class=adapter.model_class)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        save_file(plan.state_dict(), tmp / PLAN_FILE, metadata={"format": "pt"})
-        save_file({}, tmp / SCALES_FILE, metadata={"format": "pt", "contents": "reserved for quantization scales"})
-        transformer.save_pretrained(tmp / TRANSFORMER_DIR, safe_serialization=True)
-        repro_info = None
-        if reproducibility is not None:
-            repro_info, repro_tensors = reproducibility
-            save_file({k: v.contiguous().cpu() for k, v in repro_tensors.items()}, tmp / REPRO_FILE,
-                      metadata={"format": "pt"})
-        flops = plan.flops(plan.metadata.get("search", {}).get("image_tokens", 4096),
-                           plan.metadata.get("search", {}).get("text_tokens", 333),
-                           plan.metadata.get("search", {}).get("cfg", False))
-        config = {
-            "format_version": ARTIFACT_FORMAT_VERSION,
-            "package_version": __version__,
-            "base_model": base_model,
-            "transformer": {"class_name": type(transformer).__name__, "fingerprint": fingerprint(transformer)},
-            "plan": plan.to_json_dict(),
-            "search_config": search_config,
-            "calibration": calibration,
-            "attention_flop_cut": flops.cut,
-            "prompt_encoder": prompt_encoder,
-            "reproducibility": repro_info,
-        }
-        (tmp / CARD_FILE).write_text(model_card(config, plan))
-        config["files"] = {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            old.rmdir()
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _writer_lock(directory), _sigterm_raises():
+        _recover_locked(directory)
+        check_target(directory, overwrite)
+        tmp = _sibling(directory, f"{TMP_TAG}-{os.getpid()}")
+        try:
+            tmp.mkdir()
+            _write_contents(tmp, transformer, plan, base_model, search_config, calibration, prompt_encoder,
+                            reproducibility)
+            _swap_in(tmp, directory, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return directory
+
+
+def _write_contents(tmp: Path, transformer, plan: CompressionPlan, base_model, search_config, calibration,
+                    prompt_encoder, reproducibility) -> None:
+    from safetensors.torch import save_file
+
+    save_file(plan.state_dict(), tmp / PLAN_FILE, metadata={"format": "pt"})
+    save_file({}, tmp / SCALES_FILE, metadata={"format": "pt", "contents": "reserved for quantization scales"})
+    transformer.save_pretrained(tmp / TRANSFORMER_DIR, safe_serialization=True)
+    repro_info = None
+    if reproducibility is not None:
+        repro_info, repro_tensors = reproducibility
+        save_file({k: v.contiguous().cpu() for k, v in repro_tensors.items()}, tmp / REPRO_FILE,
+                  metadata={"format": "pt"})
+    search = plan.metadata.get("search", {})
+    flops = plan.flops(search.get("image_tokens", 4096), search.get("text_tokens", 333), search.get("cfg", False))
+    config = {
+        "format_version": ARTIFACT_FORMAT_VERSION,
+        "package_version": __version__,
+        "base_model": base_model,
+        "transformer": {"class_name": type(transformer).__name__, "fingerprint": fingerprint(transformer)},
+        "plan": plan.to_json_dict(),
+        "search_config": search_config,
+        "calibration": calibration,
+        "attention_flop_cut": flops.cut,
+        "prompt_encoder": prompt_encoder,
+        "reproducibility": repro_info,
+    }
+    (tmp / CARD_FILE).write_text(model_card(config, plan))
+    config["files"] = {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    for path in [*tmp.rglob("*"), tmp]:  # on disk before a rename makes them the artifact
+        _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk (POSIX; elsewhere a no-op)."""
+    if os.name != "posix":  # pragma: no cover
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_in(new: Path, target: Path, overwrite: bool) -> None:
+    """Rename the complete artifact ``new`` to ``target``, moving an artifact there aside first (see `write_artifact`).
+    """
+    check_target(target, overwrite)  # the last look: something may have appeared at the path while we wrote
+    if not is_artifact(target):
+        new.rename(target)  # absent or empty: atomic; fails if a non-empty directory appeared in the meantime
+        return
+    old = _sibling(target, f"{OLD_TAG}-{os.getpid()}")
+    with _signals_held():
+        target.rename(old)
+        try:
+            new.rename(target)
+        except BaseException:
+            old.rename(target)
+            raise
+    _fsync(target.parent)  # the renames on disk before the only other copy goes
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def check_target(directory: str | os.PathLike, overwrite: bool, hint: str = "pass overwrite=True") -> Path:
-    """Refuse to write an artifact over an existing non-empty path unless ``overwrite`` (``hint`` says how)."""
+    """Check that an artifact may be written to ``directory``; call it before long work (``hint`` says how to ask
+    for ``overwrite``).
+
+    Absent paths and empty directories are fine; an existing ditfa artifact only with ``overwrite``; anything else
+    (a file, a symbolic link, a non-empty directory that is not an artifact) never. The nearest existing parent must
+    be a directory this process can write to.
+
+    Example:
+        >>> check_target("sd3-ditfa", overwrite=False)   # doctest: +SKIP
+        PosixPath('sd3-ditfa')
+    """
     directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
-        raise ArtifactError(f"{directory} already exists and is not empty; choose a new directory or {hint} (the old "
-                            "contents are replaced only once the new artifact is complete)")
+    if directory.name in ("", ".."):
+        raise ArtifactError(f"{directory} names no directory of its own; give the artifact directory's path (e.g. "
+                            "./sd3-ditfa)")
+    try:
+        if directory.is_symlink():
+            raise ArtifactError(f"{directory} is a symbolic link (to {os.readlink(directory)}); an artifact is written "
+                                "to a real directory: give that path, or a new one")
+        if directory.exists():
+            if not directory.is_dir():
+                raise ArtifactError(f"{directory} exists and is a file, not a directory; choose a new or empty "
+                                    "directory")
+            if is_artifact(directory):
+                if not overwrite:
+                    raise ArtifactError(f"{directory} already exists and is not empty (a ditfa artifact); choose a new "
+                                        f"directory or {hint} (the old artifact is replaced only once the new one is "
+                                        "complete)")
+            elif any(directory.iterdir()):
+                raise ArtifactError(f"{directory} is not empty and is not a ditfa artifact (no {CONFIG_NAME} with a "
+                                    "format_version), so nothing is written there, overwrite or not: choose a new or "
+                                    "empty directory")
+        parent = directory.absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ArtifactError(f"cannot create {directory}: {parent} is a file, not a directory; choose another path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ArtifactError(f"cannot write {directory}: {parent} is not writable by this user; choose a directory "
+                                "you can write to")
+    except OSError as e:
+        raise ArtifactError(f"cannot write an artifact to {directory}: {e.strerror or e}; choose another "
+                            "path") from None
     return directory
+
+
+def is_artifact(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a ditfa artifact: a regular ``ditfa_config.json`` with a JSON object holding
+    ``format_version`` and ``files`` (the marker `check_target` relies on; the contents are not validated here)."""
+    config = Path(directory) / CONFIG_NAME
+    try:
+        if config.is_symlink() or not config.is_file():
+            return False
+        data = json.loads(config.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "format_version" in data and "files" in data
+
+
+def check_plan_target(directory: str | os.PathLike, overwrite: bool, hint: str = "pass overwrite=True") -> Path:
+    """Check that a bare plan (``CompressionPlan.save``: plan.json + plan.safetensors) may be written to ``directory``:
+    never into an artifact (its plan is checksummed), over an existing plan only with ``overwrite``."""
+    from .plan import PLAN_JSON, PLAN_TENSORS
+
+    directory = Path(directory)
+    try:
+        if (directory / CONFIG_NAME).exists():
+            raise ArtifactError(f"{directory} is a ditfa artifact ({CONFIG_NAME}); a plan written into it would break "
+                                "its checksums, overwrite or not: choose another directory")
+        existing = [name for name in (PLAN_JSON, PLAN_TENSORS) if (directory / name).exists()]
+    except OSError as e:
+        raise ArtifactError(f"cannot write a plan to {directory}: {e.strerror or e}; choose another path") from None
+    if existing and not overwrite:
+        raise ArtifactError(f"{directory} already holds a plan ({', '.join(existing)}); choose another directory or "
+                            f"{hint}")
+    return directory
+
+
+# ------------------------------------------------------------------------------------------- one writer, leftovers
+LOCK_TAG, TMP_TAG, OLD_TAG = "ditfa-lock", "ditfa-tmp", "ditfa-old"
+_LEFTOVER = re.compile(rf"({TMP_TAG}|{OLD_TAG})-\d+")
+
+
+def _sibling(directory: Path, tag: str) -> Path:
+    return directory.parent / f".{directory.name}.{tag}"
+
+
+def _try_lock(directory: Path) -> int | None:
+    """Take the writer's lock of ``directory``: an open descriptor, or None while another writer holds it. Raises
+    OSError where the parent cannot be written."""
+    path = _sibling(directory, LOCK_TAG)
+    while True:
+        # O_NOFOLLOW: a link planted at the lock's name must not make us truncate its target
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:  # else its previous holder removed the file between our open and flock: take the new one
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def _unlock(directory: Path, fd: int) -> None:
+    try:
+        os.unlink(_sibling(directory, LOCK_TAG))
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+@contextmanager
+def _writer_lock(directory: Path):
+    if fcntl is None:  # pragma: no cover - Windows: no flock; concurrent writers of one directory are not detected
+        yield
+        return
+    try:
+        fd = _try_lock(directory)
+    except OSError as e:
+        raise ArtifactError(f"cannot write {directory}: {e.strerror or e} (the lock file "
+                            f"{_sibling(directory, LOCK_TAG)}); choose a directory you can write to") from None
+    if fd is None:
+        try:
+            owner = "pid " + _sibling(directory, LOCK_TAG).read_text().strip()
+        except OSError:
+            owner = "unknown pid"
+        raise ArtifactError(f"another process ({owner}) is writing {directory} right now (lock "
+                            f"{_sibling(directory, LOCK_TAG)}); wait for it to finish, or choose another directory")
+    try:
+        yield
+    finally:
+        _unlock(directory, fd)
+
+
+def _leftovers(directory: Path) -> list[Path]:
+    prefix = f".{directory.name}."
+    try:
+        names = os.listdir(directory.parent)
+    except (OSError, ValueError):
+        return []
+    found = [directory.parent / n for n in names if n.startswith(prefix) and _LEFTOVER.fullmatch(n[len(prefix):])]
+    return sorted(p for p in found if not p.is_symlink())  # writers make directories, never links
+
+
+def recover(directory: str | os.PathLike) -> None:
+    """Repair what an interrupted save of ``directory`` left beside it (see `write_artifact`): if ``directory`` is
+    missing, its complete backup ``.NAME.ditfa-old-<pid>`` is renamed back; the other temporary and backup directories
+    of ``directory`` are removed. Nothing happens while another process is writing it, or where nothing can be
+    written. `write_artifact` and `read_artifact` call it.
+    """
+    directory = Path(directory)
+    if fcntl is None or not _leftovers(directory):
+        return
+    try:
+        fd = _try_lock(directory)
+    except OSError:
+        return  # a read-only place: leave it as it is
+    if fd is None:
+        return  # a live writer: its directories are not leftovers
+    try:
+        _recover_locked(directory)
+    finally:
+        _unlock(directory, fd)
+
+
+def _recover_locked(directory: Path) -> None:
+    """With the lock held, every temporary or backup directory of ``directory`` is stale: writers make them only
+    while holding the lock, so their writer has died (whatever process has their pid now)."""
+    leftovers = _leftovers(directory)
+    tag_at = len(directory.name) + 2  # after ".NAME."
+    backups = [p for p in leftovers if p.name[tag_at:].startswith(OLD_TAG) and _complete(p)]
+    if backups and not os.path.lexists(directory):
+        newest = max(backups, key=lambda p: p.stat().st_mtime)
+        newest.rename(directory)
+        leftovers.remove(newest)
+        logger.warning("ditfa: restored %s from %s, left by a save that was interrupted while swapping it",
+                       directory, newest.name)
+    keep = [] if is_artifact(directory) else backups  # never remove the only complete copy
+    for path in leftovers:
+        if path in keep:
+            logger.warning("ditfa: kept %s, a complete backup of %s (which holds no artifact)", path, directory)
+        else:
+            logger.warning("ditfa: removing %s, left by an interrupted save", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _complete(directory: Path) -> bool:
+    """Whether ``directory`` holds an artifact config and every file it lists (a backup is complete until its removal
+    starts, which only happens once the new artifact is in place)."""
+    try:
+        files = json.loads((directory / CONFIG_NAME).read_bytes())["files"]
+        return isinstance(files, dict) and all((directory / name).is_file() for name in files)
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
+        return False
+
+
+@contextmanager
+def _signals_held():
+    """Hold SIGTERM and SIGINT back (delivered when the block ends), so no handler runs between two renames."""
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+@contextmanager
+def _sigterm_raises():
+    """While saving, SIGTERM raises ``SystemExit(143)`` in the main thread instead of ending the process on the spot,
+    so the temporary directory is removed on the way out. Only where SIGTERM has its default action."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def model_card(config: dict, plan: CompressionPlan) -> str:
@@ -240,13 +527,25 @@ class Artifact:
         return cls
 
     def load_transformer(self, torch_dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """The transformer, in ``torch_dtype`` (default: as saved). Its tensors must be exactly the class's: a missing,
+        unexpected or misshapen one is refused by name (never left uninitialised)."""
         kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        weights, name = self.path / TRANSFORMER_DIR, self.config["transformer"]["class_name"]
         try:
-            transformer = self.transformer_class.from_pretrained(self.path / TRANSFORMER_DIR, use_safetensors=True,
-                                                                 low_cpu_mem_usage=False, **kwargs)
+            transformer, info = self.transformer_class.from_pretrained(
+                weights, use_safetensors=True, low_cpu_mem_usage=False, output_loading_info=True, **kwargs)
         except (OSError, ValueError, RuntimeError) as e:
-            raise ArtifactError(f"{self.path / TRANSFORMER_DIR} does not load as a "
-                                f"{self.config['transformer']['class_name']}: {e}") from None
+            raise ArtifactError(f"{weights} does not load as a {name}: {e}") from None
+        kinds = {"missing": "missing_keys", "unexpected": "unexpected_keys", "misshapen": "mismatched_keys"}
+        wrong = {what: sorted(k if isinstance(k, str) else k[0] for k in info[key])  # mismatched: (name, shapes)
+                 for what, key in kinds.items() if info.get(key)}
+        if wrong:
+            detail = "; ".join(f"{what} tensors {', '.join(keys[:5])}{', …' if len(keys) > 5 else ''}"
+                               for what, keys in wrong.items())
+            raise ArtifactError(f"{weights}: the weights do not fit a {name} ({detail}); the file was edited or "
+                                "belongs to another model: download or save the artifact again")
+        if torch_dtype is not None:  # diffusers 0.42 without low_cpu_mem_usage keeps the file's dtype
+            transformer = transformer.to(torch_dtype)
         check_fingerprint(transformer, self.config["transformer"]["fingerprint"],
                           f"the transformer in {self.path / TRANSFORMER_DIR}")
         self.plan.validate(get_adapter(transformer).module_specs(transformer),
@@ -284,11 +583,15 @@ def check_fingerprint(transformer: torch.nn.Module, recorded: dict, what: str) -
 def resolve(path_or_repo: str | os.PathLike, revision: str | None = None, token=None) -> Path:
     """A local artifact directory, or a Hub repo id fetched with `snapshot_download` (HF cache; offline-safe)."""
     path = Path(path_or_repo)
-    if path.is_dir():
-        return path
     text = os.fspath(path_or_repo)
-    if path.exists() or text.startswith((".", "/")) or text.count("/") != 1:
-        raise ArtifactError(f"{text!r} is neither an artifact directory nor a Hub repo id (user/name)")
+    try:
+        if path.is_dir():
+            return path
+        exists = path.exists()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte, no permission
+        raise ArtifactError(f"{_short(text)} is not a readable directory ({_short(e, 200)})") from None
+    if exists or text.startswith((".", "/")) or text.count("/") != 1:
+        raise ArtifactError(f"{_short(text)} is neither an artifact directory nor a Hub repo id (user/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -305,6 +608,12 @@ def read_artifact(path_or_repo: str | os.PathLike, *, strict: bool = True, revis
                   token=None) -> Artifact:
     """Read and validate an artifact (without loading the transformer weights).
 
+    Every problem raises `ArtifactError`. Refused whatever ``strict`` says: a malformed ``ditfa_config.json``; a
+    listed name outside the artifact; a symbolic link inside it (except the Hugging Face cache's own links into its
+    ``blobs/``); a file under ``transformer/`` that is not listed (diffusers would read it unchecked: a sharded index
+    replaces the listed weights); a config that lists no transformer weights. A local directory is first repaired
+    from an interrupted save (`recover`).
+
     Args:
         strict: raise on a checksum mismatch; with False, mismatches are listed in ``Artifact.problems`` (used by
             `verify_artifact`, which then shows what the change does to the images).
@@ -312,45 +621,40 @@ def read_artifact(path_or_repo: str | os.PathLike, *, strict: bool = True, revis
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    recover(path_or_repo)
     path = resolve(path_or_repo, revision=revision, token=token)
     config_path = path / CONFIG_NAME
-    if not config_path.is_file():
-        raise ArtifactError(f"{path} has no {CONFIG_NAME}: not a ditfa artifact (made by "
-                            "DiTFastAttnOptimizer.save_pretrained), or an incomplete copy")
     try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{config_path} is not valid JSON ({e}); the file is damaged: download or save the "
-                            "artifact again") from None
+        if not config_path.is_file():
+            raise ArtifactError(f"{path} has no {CONFIG_NAME}: not a ditfa artifact (made by "
+                                "DiTFastAttnOptimizer.save_pretrained), or an incomplete copy")
+        text = config_path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"cannot read {config_path}: {e.strerror or e}") from None
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits; deep nesting
+        raise ArtifactError(f"{config_path} is not valid JSON ({_short(e, 200)}); the file is damaged: download or "
+                            "save the artifact again") from None
     if not isinstance(config, dict):
         raise ArtifactError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     config = upgrade(config, config_path)
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise ArtifactError(f"{config_path} lacks {missing}; the file is incomplete or edited by hand")
-
-    transformer = config["transformer"]
-    if not isinstance(transformer, dict) or transformer.get("class_name") not in adapter_names():
-        name = transformer.get("class_name") if isinstance(transformer, dict) else transformer
-        raise ArtifactError(f"{config_path}: transformer class {name!r} is not one ditfa_optimum supports "
-                            f"({adapter_names()}); the artifact is from a newer version or not a ditfa artifact")
+    check_fields(config, config_path)
 
     problems = []
     files = config["files"]
-    if not isinstance(files, dict):
-        raise ArtifactError(f"{config_path}: 'files' must map file names to sha256 digests")
-    for name in (PLAN_FILE, SCALES_FILE, f"{TRANSFORMER_DIR}/config.json"):
-        if name not in files:
-            raise ArtifactError(f"{config_path} does not list {name}; the artifact is incomplete")
+    check_files(path, files, config_path)
     for name, digest in files.items():
         file = path / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ArtifactError(f"{config_path} lists a file outside the artifact: {name!r}")
-        if not file.is_file():
-            raise ArtifactError(f"{file} is missing; the artifact is incomplete (re-download it, or save it again)")
-        actual = sha256(file)
+        try:
+            actual = sha256(file)
+        except OSError as e:
+            raise ArtifactError(f"cannot read {file}: {e.strerror or e}") from None
         if actual != digest:
-            message = (f"{file} has sha256 {actual[:12]}…, but {CONFIG_NAME} records {str(digest)[:12]}…: the file "
+            message = (f"{file} has sha256 {actual[:12]}…, but {CONFIG_NAME} records {digest[:12]}…: the file "
                        "was truncated or edited after saving; re-download it, or save the artifact again")
             if name in SOFT_CHECKSUM_FILES:
                 logger.warning("ditfa: %s (documentation only; loading goes on)", message)
@@ -362,16 +666,143 @@ def read_artifact(path_or_repo: str | os.PathLike, *, strict: bool = True, revis
     try:
         tensors = load_file(path / PLAN_FILE)
         scales = load_file(path / SCALES_FILE)
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"{path / PLAN_FILE} or {SCALES_FILE} is not a readable safetensors file ({e})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{path / PLAN_FILE} or {SCALES_FILE} is not a readable safetensors file "
+                            f"({_short(e, 200)})") from None
     try:
         plan = CompressionPlan.from_json_and_tensors(config["plan"], tensors)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ArtifactError(f"{path / PLAN_FILE}: {e}") from None
-    if plan.model_class and plan.model_class != config["transformer"].get("class_name"):
-        raise ArtifactError(f"{config_path}: the plan is for a {plan.model_class} but the transformer is a "
-                            f"{config['transformer'].get('class_name')}")
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError, RecursionError,
+            NotImplementedError, RuntimeError) as e:  # a malformed "plan" entry, in whatever way it fails
+        raise ArtifactError(f"{config_path} 'plan' or {path / PLAN_FILE}: {_short(e, 300)} ({type(e).__name__}); "
+                            "the artifact is damaged or edited: download or save it again") from None
+    if plan.model_class and plan.model_class != config["transformer"]["class_name"]:
+        raise ArtifactError(f"{config_path}: the plan is for a {_short(plan.model_class)} but the transformer is a "
+                            f"{config['transformer']['class_name']}")
     return Artifact(path, config, plan, scales, problems)
+
+
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, 80, 40, 80
+
+
+def _short(value, limit: int = 80) -> str:
+    """A value read from a file (its repr; an exception's text) for a message, shortened: names and numbers there may
+    be huge, lists deeply nested."""
+    text = str(value) if isinstance(value, BaseException) else _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
+
+
+#: JSON types each top-level entry may hold (NoneType: null); checked before anything reads them
+FIELD_TYPES = {"package_version": (str,), "base_model": (dict, type(None)), "transformer": (dict,), "plan": (dict,),
+               "files": (dict,), "search_config": (dict, type(None)), "calibration": (dict, type(None)),
+               "attention_flop_cut": (int, float), "prompt_encoder": (dict, type(None)),
+               "reproducibility": (dict, type(None))}
+
+
+def check_fields(config: dict, where: Path) -> None:
+    """Refuse entries of the wrong JSON type, before code that trusts them (``.get`` on a list, ``int`` of a huge or
+    infinite number) fails with something other than `ArtifactError`."""
+    def refuse(key, value, expected):
+        raise ArtifactError(f"{where}: {key} must be {expected}, got {_short(value)}; the file is damaged or edited: "
+                            "download or save the artifact again")
+
+    for key, types in FIELD_TYPES.items():
+        if key in config and (not isinstance(config[key], types) or isinstance(config[key], bool)):
+            refuse(key, config[key], " or ".join("null" if t is type(None) else t.__name__ for t in types))
+    transformer = config["transformer"]
+    name = transformer.get("class_name")
+    if not isinstance(name, str) or name not in adapter_names():
+        raise ArtifactError(f"{where}: transformer class {_short(name)} is not one ditfa_optimum supports "
+                            f"({adapter_names()}); the artifact is from a newer version or not a ditfa artifact")
+    if not isinstance(transformer.get("fingerprint"), dict):
+        refuse("transformer.fingerprint", transformer.get("fingerprint"), "an object")
+    for key in ("id", "revision"):
+        value = (config["base_model"] or {}).get(key)
+        if not isinstance(value, (str, type(None))):
+            refuse(f"base_model.{key}", value, "a string or null")
+    if not isinstance(config["plan"].get("metadata"), (dict, type(None))):
+        refuse("plan.metadata", config["plan"].get("metadata"), "an object")
+    encoder = config.get("prompt_encoder")
+    if encoder:
+        tokens, scale = encoder.get("text_tokens"), encoder.get("scale", 1.0)
+        if not isinstance(encoder.get("name"), str):
+            refuse("prompt_encoder.name", encoder.get("name"), "a string")
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 < tokens <= 1 << 16:
+            refuse("prompt_encoder.text_tokens", tokens, "an integer in [1, 65536]")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            refuse("prompt_encoder.scale", scale, "a finite number")
+
+
+#: what diffusers reads as the transformer's weights: one file, or an index and its shards
+WEIGHTS_NAMES = (f"{TRANSFORMER_DIR}/diffusion_pytorch_model.safetensors",
+                 f"{TRANSFORMER_DIR}/diffusion_pytorch_model.safetensors.index.json")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def check_files(path: Path, files: dict, where: Path) -> None:
+    """Make sure loading reads only listed, checksummed files that lie inside the artifact.
+
+    Refuses: names that are not plain relative paths inside the artifact, or not sha256 digests; symbolic links
+    (except those of a Hugging Face cache snapshot into its ``blobs/``); unlisted files under ``transformer/`` or
+    unlisted files ditfa reads (``reproducibility.safetensors``); a config that does not list the plan, the scales,
+    the transformer config and its weights; listed files that are missing.
+    """
+    for name, digest in files.items():
+        parts = name.split("/")
+        if not name or name.startswith("/") or "\\" in name or "\0" in name or ".." in parts or "" in parts:
+            raise ArtifactError(f"{where} lists a file outside the artifact: {_short(name)}")
+        if len(name) > 1024 or any(len(part.encode()) > 255 for part in parts):
+            raise ArtifactError(f"{where} lists a file name too long to be one of an artifact's: {_short(name)}")
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+            raise ArtifactError(f"{where}: files[{_short(name)}] must be a sha256 digest (64 hex digits), got "
+                                f"{_short(digest)}; the file is damaged or edited: download or save the artifact again")
+    for name in (PLAN_FILE, SCALES_FILE, f"{TRANSFORMER_DIR}/config.json"):
+        if name not in files:
+            raise ArtifactError(f"{where} does not list {name}; the artifact is incomplete")
+    if not any(name in files for name in WEIGHTS_NAMES):
+        raise ArtifactError(f"{where} lists no transformer weights ({' or '.join(WEIGHTS_NAMES)}), so no checksum "
+                            "would cover them; the artifact is incomplete or edited: download or save it again")
+
+    try:
+        root = path.resolve()
+        blobs = _hf_cache_blobs(root)
+        for folder, dirs, names in os.walk(root):  # does not enter linked directories
+            for entry in dirs + names:
+                file = Path(folder) / entry
+                if file.is_symlink() and (blobs is None or not _inside(file.resolve(), blobs)):
+                    raise ArtifactError(f"{path / file.relative_to(root)} is a symbolic link (to "
+                                        f"{_short(os.readlink(file))}); an artifact holds regular files only, a link "
+                                        "could point anywhere: replace it with a copy of the file (cp -L), or save "
+                                        "the artifact again")
+            inside_weights = _inside(Path(folder), root / TRANSFORMER_DIR)
+            for entry in names:
+                name = (Path(folder) / entry).relative_to(root).as_posix()
+                if (inside_weights or name == REPRO_FILE) and name not in files:
+                    raise ArtifactError(f"{path / name} is not listed in {where.name} 'files', so no checksum covers "
+                                        "it, yet loading would read it (diffusers prefers a sharded index over the "
+                                        "listed weights): remove it, or save the artifact again")
+        for name in files:
+            file = path / name
+            if not _inside(file.resolve(), blobs if file.is_symlink() else root):
+                raise ArtifactError(f"{where} lists {_short(name)}, which resolves outside the artifact")
+            if not file.is_file():
+                raise ArtifactError(f"{file} is missing; the artifact is incomplete (re-download it, or save it "
+                                    "again)")
+    except (OSError, RuntimeError) as e:  # unreadable entries; RuntimeError: a symlink loop (Python < 3.13)
+        raise ArtifactError(f"cannot check the files of {path}: {_short(e, 200)}") from None
+
+
+def _inside(path: Path, root: Path | None) -> bool:
+    return root is not None and (path == root or root in path.parents)
+
+
+def _hf_cache_blobs(snapshot: Path) -> Path | None:
+    """``<repo>/blobs`` when ``snapshot`` is a Hugging Face cache snapshot (``<repo>/snapshots/<commit>``), whose
+    files are links there; else None."""
+    repo = snapshot.parents[1] if len(snapshot.parents) > 1 else None
+    if repo is None or snapshot.parent.name != "snapshots" or not (repo / "blobs").is_dir():
+        return None
+    return repo / "blobs"
 
 
 #: upgrade functions: version N -> N + 1, applied in order. Version 1 is the first; a future version 2 adds
@@ -382,7 +813,7 @@ _UPGRADES: dict[int, callable] = {}
 def upgrade(config: dict, where: Path) -> dict:
     version = config.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
-        raise ArtifactError(f"{where}: format_version must be an integer, got {version!r}")
+        raise ArtifactError(f"{where}: format_version must be an integer, got {_short(version)}")
     if version > ARTIFACT_FORMAT_VERSION:
         raise ArtifactError(f"{where}: artifact format version {version} is newer than this ditfa_optimum "
                             f"{__version__} reads (up to {ARTIFACT_FORMAT_VERSION}); upgrade ditfa-optimum")
