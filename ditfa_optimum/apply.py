@@ -80,12 +80,49 @@ def apply(model, plan: CompressionPlan, *, backend: str | None = None, cfg: bool
     return runtime
 
 
+#: diffusers hooks that skip or replace computation across steps; a plan's per-head state cannot follow them
+_SKIPPING_HOOKS = ("fbc_", "mag_cache", "taylorseer", "pyramid_attention_broadcast", "faster_cache", "sea_cache",
+                   "layer_skip")
+
+
+def foreign_caches(modules) -> list[str]:
+    """The step-skipping caches installed on ``modules`` (diffusers hooks by name, cache-dit by its marker)."""
+    found = []
+    for module in modules:
+        registry = getattr(module, "_diffusers_hook", None)
+        for name in getattr(registry, "hooks", {}):
+            if name.startswith(_SKIPPING_HOOKS):
+                found.append(f"diffusers hook {name!r}")
+        if getattr(module, "_is_cached", False):
+            found.append("cache-dit (enable_cache)")
+    return sorted(set(found))
+
+
+def check_no_foreign_cache(transformer: torch.nn.Module, modules) -> None:
+    """Refuse to run a plan (or calibrate) under another step cache: it would skip blocks whose heads the plan
+    caches or measures, and the two would each assume they own the step-to-step state."""
+    found = foreign_caches(modules)
+    if found:
+        raise ValueError(f"the transformer also runs {', '.join(found)}, which skips transformer blocks across "
+                         "steps; a ditfa plan keeps per-head (and per-block) outputs from step to step and cannot "
+                         "follow blocks another cache skips. Use one of them: remove the other cache "
+                         "(diffusers: transformer.disable_cache() or HookRegistry.remove_hook; cache-dit: "
+                         "cache_dit.disable_cache(pipe)), or ditfa_optimum.remove(pipe). A plan can itself skip "
+                         "blocks (block methods, docs/runtime.md)")
+
+
+def _watched(transformer: torch.nn.Module, adapter: Adapter, modules: list) -> list[torch.nn.Module]:
+    """The modules where step caches install themselves: the transformer, its blocks and attention modules."""
+    return [transformer, *(module for _, module in adapter.blocks(transformer)), *(m for _, m in modules)]
+
+
 def _prepare(transformer: torch.nn.Module) -> tuple[Adapter, list]:
     """The transformer's adapter and planned modules, after checking nothing else already runs there."""
     if getattr(transformer, _ATTR, None) is not None:
         raise ValueError("this transformer already runs a ditfa plan (or a calibration); call "
                          "ditfa_optimum.remove(...) first")
     adapter = get_adapter(transformer)
+    check_no_foreign_cache(transformer, list(transformer.modules()))
     modules = adapter.attention_modules(transformer)
     for spec, module in modules:
         adapter.check_processor(spec.name, module)
@@ -107,8 +144,10 @@ def install(transformer: torch.nn.Module, adapter: Adapter, modules: list, runti
         module.set_processor(adapter.make_processor(spec, runtime.module(spec)))
 
     signature = inspect.signature(transformer.forward)
+    watched = _watched(transformer, adapter, modules)
 
     def advance_step(_module, args, kwargs):
+        check_no_foreign_cache(transformer, watched)  # a cache enabled after apply() would break the plan silently
         runtime.state.on_transformer_call(*adapter.read_call(signature, args, kwargs))
 
     hook = transformer.register_forward_pre_hook(advance_step, with_kwargs=True)

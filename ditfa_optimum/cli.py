@@ -164,7 +164,9 @@ def _cmd_optimize(args) -> int:
             guidance_scale=args.guidance if args.guidance is not None else defaults["guidance"], seed=args.seed,
             cost_model=args.cost_model, num_prompts=args.num_prompts, batch_size=args.batch_size,
             block_size=args.block_size or defaults["block_size"], backend=args.backend,
-            budget_schedule=args.budget_schedule, error_normalization=args.error_normalization)
+            budget_schedule=args.budget_schedule, error_normalization=args.error_normalization,
+            allocation=args.allocation, target_cut=args.target_cut, target_snr_db=args.target_snr,
+            max_head_rse=args.max_head_rse, calibration_passes=args.calibration_passes)
         prompts = _read_prompts(args.prompts)
         out = check_target(args.out, args.overwrite, hint="pass --overwrite")  # before the work, not after
         opt = _load_optimizer(args.model, args.dtype, args.device)
@@ -346,7 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                      help="a Hub model id or local pipeline directory, or an embedded model: "
                           f"{', '.join(EMBEDDED_MODELS)} (default {DEFAULT_MODEL}: the trained miniature MMDiT)")
-    opt.add_argument("--threshold", type=float, default=0.1, help="error budget: mean RSE per head (default 0.1)")
+    opt.add_argument("--target-cut", type=float, default=None,
+                     help="attention-FLOP cut to reach with the least predicted error, e.g. 0.6 (trajectory search)")
+    opt.add_argument("--target-snr", type=float, default=None,
+                     help="predicted SNR of the final latents in dB to keep while saving the most (default 30; "
+                          "trajectory search)")
+    opt.add_argument("--allocation", choices=["trajectory", "local"], default="trajectory",
+                     help="trajectory (default): one error budget over every module, step and head, weighted by how "
+                          "much each moves the final image; local: the paper's per-(module, step) budget --threshold")
+    opt.add_argument("--max-head-rse", type=float, default=0.5, help="per-head cap on the local error (default 0.5)")
+    opt.add_argument("--calibration-passes", type=int, default=2, choices=[1, 2, 3],
+                     help="trajectory search: measuring passes (2: the second along the first's plan)")
+    opt.add_argument("--threshold", type=float, default=0.1,
+                     help="local search only: error budget, mean RSE per head (default 0.1)")
     opt.add_argument("--method", action="append", metavar="METHOD",
                      help="a candidate method besides full; repeat for several (default: arrow:1/8 arrow:1/16 "
                           "arrow:1/32 cache cfg_share)")

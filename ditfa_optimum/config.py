@@ -76,7 +76,7 @@ class DiTFastAttnConfig:
         sensitivity_prompts: prompts (the first of the calibration prompts) of the sensitivity measurement.
         calibration_passes: trajectory allocation: 1 = measure with every head full flowing; 2 (default) = then
             measure again with the choices of the first pass's allocation flowing, so errors that compound over
-            steps (a head cached twice in a row) are measured as the plan makes them.
+            steps (a head cached twice in a row) are measured as the plan makes them; 3 = once more.
 
     Example:
         >>> cfg = DiTFastAttnConfig(threshold=0.1, num_inference_steps=28, height=1024, width=1024)
@@ -157,8 +157,8 @@ class DiTFastAttnConfig:
             raise ValueError(f"max_head_rse must be a finite number > 0 (e.g. 0.5; 1e9 for no cap), got "
                              f"{self.max_head_rse!r}")
         _positive_int("sensitivity_prompts", self.sensitivity_prompts)
-        if self.calibration_passes not in (1, 2):
-            raise ValueError(f"calibration_passes must be 1 or 2, got {self.calibration_passes!r}")
+        if self.calibration_passes not in (1, 2, 3):
+            raise ValueError(f"calibration_passes must be 1, 2 or 3, got {self.calibration_passes!r}")
         if self.cost_model not in COST_MODELS:
             raise ValueError(f"cost_model must be one of {COST_MODELS}, got {self.cost_model!r}")
         if self.version != CONFIG_VERSION:

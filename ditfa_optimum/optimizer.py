@@ -142,8 +142,17 @@ class DiTFastAttnOptimizer:
         counts = self.plan.method_counts()
         total = sum(counts.values())
         shares = ", ".join(f"{name} {n} ({n / total:.1%})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-        return (f"ditfa: searched {len(self.plan.modules)} attention modules x {self.plan.num_steps} steps at "
-                f"threshold {info['threshold']:g}\n"
+        if info.get("allocation") == "trajectory":
+            (kind, value), = info["target"].items()
+            how = f"target {'cut' if kind == 'cut' else 'predicted SNR'} {value:g}{'' if kind == 'cut' else ' dB'}"
+            quality = [f"predicted SNR of the final latents {info['predicted_snr_db']:.1f} dB"
+                       if info.get("predicted_snr_db") is not None else "no error predicted"]
+            if info.get("predicted_psnr_db") is not None:
+                quality.append(f"image PSNR {info['predicted_psnr_db']:.1f} dB")
+            how += "\n  " + ", ".join(quality) + " (the error model is optimistic: docs/search.md)"
+        else:
+            how = f"threshold {info['threshold']:g} (local allocation)"
+        return (f"ditfa: searched {len(self.plan.modules)} attention modules x {self.plan.num_steps} steps, {how}\n"
                 f"  attention FLOPs cut {info['flop_cut']:.1%} ({info['image_tokens']} image + {info['text_tokens']} "
                 f"text tokens{', batched CFG' if info['cfg'] else ''})\n"
                 f"  (module, step, head) entries: {shares}\n"

@@ -23,15 +23,16 @@ Method (adjoint sensitivity with a Hutchinson trace estimate, all in one backwar
 * The linear model holds late in the trajectory and fails early, where a small change flips what the image becomes
   (measured on the miniature model: caching one module at step 1 moved the image 100-2500x more than predicted;
   late steps 0.1-1x). So each step's gains are scaled by a measured factor: one more generation in which batch
-  element ``t`` has every attention output at step ``t`` replaced by its previous step's output (a realistic error,
-  the cheapest method's), and the measured change of its final latents is divided by the prediction.
+  element ``i`` has every attention output at probe step ``t_i`` replaced by its previous step's output (a realistic
+  error, the cheapest method's), and the measured change of its final latents is divided by the prediction; eight
+  probe steps (`PROBE_STEPS`), factors between them interpolated geometrically.
 
 A plan whose heads make guided errors ``e`` is then predicted to move the final latents by
 ``sum factor[t] * gain * ||e||^2``: errors of different (module, step, head) are assumed independent, so their
 energies add (errors that compound over steps are measured along the plan's own trajectory by the calibration's
 second pass). benchmarks/sensitivity_check.py measures how well this predicts single injections. Cost: one dense
 generation and one forward and backward per step on ``num_prompts`` prompts (default 2), plus one generation of
-``num_steps + 1`` copies of the first prompt.
+nine copies of the first prompt.
 """
 
 from __future__ import annotations
@@ -313,15 +314,27 @@ def measure_sensitivity(pipeline, config, prompts: list[str], *, prompt_encoder=
     return sens
 
 
-class _Injector:
-    """Full attention everywhere; at step ``t`` batch element ``t`` (both CFG halves) gets every head's output of the
-    previous step instead, and element 0 (untouched) records the predicted change of that injection."""
+#: steps (of 20; scaled to the step count) where the step factor is measured; factors between are interpolated
+PROBE_STEPS = (1, 2, 3, 5, 8, 12, 16, 19)
 
-    def __init__(self, num_steps: int, copies: int, cfg: bool, sens: Sensitivity):
+
+def probe_steps(num_steps: int) -> list[int]:
+    """The steps whose factor is measured (each a batch element of one generation): `PROBE_STEPS` scaled."""
+    if num_steps <= len(PROBE_STEPS) + 1:
+        return list(range(1, num_steps))
+    return sorted({min(num_steps - 1, max(1, round(t * (num_steps - 1) / 19))) for t in PROBE_STEPS})
+
+
+class _Injector:
+    """Full attention everywhere; at probe step ``steps[i]`` batch element ``i + 1`` (both CFG halves) gets every
+    head's output of the previous step instead, and element 0 (untouched) records the predicted change."""
+
+    def __init__(self, num_steps: int, steps: list[int], cfg: bool, sens: Sensitivity):
         from .runtime.state import StepState
 
         self.state = StepState(num_steps)
-        self.copies, self.cfg, self.sens = copies, cfg, sens
+        self.steps, self.cfg, self.sens = steps, cfg, sens
+        self.copies = len(steps) + 1
         self.previous: dict[str, torch.Tensor] = {}
         self.predicted = torch.zeros(num_steps, dtype=torch.float64)
 
@@ -331,9 +344,10 @@ class _Injector:
             step = self.state.current_step()
             prev = self.previous.get(spec.name)
             self.previous[spec.name] = out.clone()
-            if step == 0 or prev is None:
+            if step not in self.steps or prev is None:
                 return out
-            rows = [step, self.copies + step] if self.cfg else [step]
+            element = self.steps.index(step) + 1
+            rows = [element, self.copies + element] if self.cfg else [element]
             error = (prev - out).float()
             if self.cfg:  # the guided error of the untouched element 0
                 s = self.sens.guidance_scale
@@ -351,24 +365,39 @@ class _Injector:
 
 def _step_factors(pipeline, transformer, adapter, modules, config, prompt: str, sens: Sensitivity, cfg: bool,
                   prompt_encoder, progress: bool) -> list[float]:
-    """Measured / predicted change of the final latents, per step (1.0 for step 0, which is never compressed)."""
+    """Measured / predicted change of the final latents per step: measured at `probe_steps`, interpolated
+    geometrically between them (1.0 for step 0, which is never compressed)."""
+    import math
+
     from .apply import install, remove
     from .calibrate import pipeline_kwargs, progress_bars
 
     T = config.num_inference_steps
-    copies = T  # element 0 untouched, element t injected at step t
-    injector = _Injector(T, copies, cfg, sens)
+    steps = probe_steps(T)
+    if not steps:
+        return [1.0] * T
+    injector = _Injector(T, steps, cfg, sens)
     install(transformer, adapter, modules, injector)
     try:
         with torch.no_grad(), progress_bars(pipeline, progress):
-            kwargs = pipeline_kwargs(pipeline, [prompt] * copies, config, prompt_encoder=prompt_encoder)
-            kwargs["generator"] = [torch.Generator().manual_seed(config.seed) for _ in range(copies)]
+            kwargs = pipeline_kwargs(pipeline, [prompt] * injector.copies, config, prompt_encoder=prompt_encoder)
+            kwargs["generator"] = [torch.Generator().manual_seed(config.seed) for _ in range(injector.copies)]
             final = pipeline(**kwargs, output_type="latent").images.float()
     finally:
         remove(transformer)
     measured = (final - final[:1]).flatten(1).pow(2).sum(1).double().cpu()
+    logs = {}
+    for i, t in enumerate(steps):
+        predicted = float(injector.predicted[t])
+        if predicted > 0 and float(measured[i + 1]) > 0:
+            logs[t] = math.log(float(measured[i + 1]) / predicted)
+    if not logs:
+        return [1.0] * T
+    known = sorted(logs)
     factors = [1.0]
     for t in range(1, T):
-        predicted = float(injector.predicted[t])
-        factors.append(float(measured[t]) / predicted if predicted > 0 else 1.0)
+        lo = max([k for k in known if k <= t], default=known[0])
+        hi = min([k for k in known if k >= t], default=known[-1])
+        w = 0.0 if hi == lo else (t - lo) / (hi - lo)
+        factors.append(math.exp((1 - w) * logs[lo] + w * logs[hi]))
     return factors
