@@ -1,0 +1,58 @@
+"""The quality gate: the default search on the trained miniature model, at a fixed attention-FLOP cut, must keep the
+images it keeps today. A change that costs quality fails here (CPU, a few captions, fixed seeds).
+
+The floor is the PSNR recorded on 2026-12-01 minus a margin for CPU thread-count differences; the full benchmark
+with every baseline and peer is benchmarks/quality.py (docs/benchmarks.md).
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ditfa_optimum import DiTFastAttnConfig, apply, remove
+from ditfa_optimum.calibrate import calibrate
+from ditfa_optimum.embedded import DEFAULTS
+from ditfa_optimum.mini import mini_pipeline
+from ditfa_optimum.search import search
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+#: the cut the gate runs at, the PSNR measured on 2026-12-01 (CPU, 2 captions) and the margin below it
+GATE_CUT = 0.45
+RECORDED_PSNR = 30.96
+MARGIN_DB = 1.5
+
+
+def test_default_search_keeps_its_quality_at_a_fixed_cut():
+    from mini_model import generate, held_out_captions
+    from quality import psnr
+
+    d = DEFAULTS["mini-mmdit"]
+    config = DiTFastAttnConfig(num_inference_steps=d["steps"], height=d["size"], width=d["size"],
+                               guidance_scale=d["guidance"], block_size=d["block_size"], backend="blocked",
+                               target_cut=GATE_CUT, num_prompts=2, batch_size=2)
+    torch.manual_seed(0)
+    pipe = mini_pipeline()
+    prompts = pipe.default_prompts(2, config.seed)
+    plan = search(calibrate(pipe, config, prompts, progress=False), config)
+    assert plan.metadata["search"]["flop_cut"] >= GATE_CUT
+    captions = held_out_captions(2, prompts)
+    seeds = [0, 1]
+
+    def images():
+        return generate(pipe, captions, seeds, config.num_inference_steps, config.guidance_scale, batch=2)
+
+    dense = images()
+    apply(pipe, plan, backend="blocked")
+    try:
+        planned = images()
+    finally:
+        remove(pipe)
+    value = float(psnr(dense, planned).clamp(max=99).mean())
+    print(f"quality gate: PSNR {value:.2f} dB at a {plan.metadata['search']['flop_cut']:.1%} attention-FLOP cut")
+    assert value >= RECORDED_PSNR - MARGIN_DB, (
+        f"the default search lost quality: {value:.2f} dB at a {GATE_CUT:.0%} cut, recorded {RECORDED_PSNR:.2f} dB "
+        f"(floor {RECORDED_PSNR - MARGIN_DB:.2f}); if the change is intended, re-measure and update RECORDED_PSNR "
+        "with the new number in the CHANGELOG")
