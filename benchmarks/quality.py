@@ -49,6 +49,10 @@ from ditfa_optimum.search import search  # noqa: E402
 
 THRESHOLDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 TARGET_CUTS = (0.3, 0.45, 0.6, 0.7, 0.8, 0.9)
+#: whole-transformer FLOP cuts asked of the plans with block methods
+WHOLE_TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+BLOCK_METHODS = ("block_cache", "block_taylor")
+CURVES = ("default", "trajectory", "blocks", "one-pass", "paper", "local-quadratic", "uniform", "peers")
 UNIFORM_STARTS = (4, 8, 12, 16)
 
 
@@ -211,6 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peers", action="store_true", help="also sweep the peers' block caches")
     parser.add_argument("--quick", action="store_true", help="a few points per curve (smoke runs)")
+    parser.add_argument("--curves", default=",".join(c for c in CURVES if c != "peers"),
+                        help=f"comma-separated subset of {','.join(CURVES)} (--peers adds peers)")
+    parser.add_argument("--max-head-rse", type=float, default=None, help="override the per-head (and block) cap")
     args = parser.parse_args(argv)
     if args.report:
         report(json.loads(Path(args.report).read_text()))
@@ -222,6 +229,12 @@ def main(argv=None) -> int:
     d = defaults_for(args.model)
     config = DiTFastAttnConfig(num_inference_steps=d["steps"], height=d["size"], width=d["size"],
                                guidance_scale=d["guidance"], block_size=d["block_size"], backend=args.backend)
+    if args.max_head_rse is not None:
+        config = config.replace(max_head_rse=args.max_head_rse)
+    curves = set(args.curves.split(",")) | ({"peers"} if args.peers else set())
+    unknown = curves - set(CURVES)
+    if unknown:
+        parser.error(f"unknown curves {sorted(unknown)}; choose from {CURVES}")
     pipe = mini_pipeline(None if args.model == "mini-mmdit" else args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     calibration = pipe.default_prompts(config.num_prompts, config.seed)
@@ -237,30 +250,42 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     stats = calibrated(config)
     seconds = time.perf_counter() - start
-    rows.append(ev.plan_row("trajectory (default)", f"snr≥{config.target()[1]:g} dB", search(stats, config), stats,
-                            args.backend))
-    for cut in targets:
-        cfg = config.replace(target_cut=cut)
-        rows.append(ev.plan_row("trajectory", f"target {cut:.0%}", search(calibrated(cfg), cfg), stats, args.backend))
-    one = config.replace(calibration_passes=1)
-    stats1 = calibrated(one)
-    for cut in targets:
-        cfg = one.replace(target_cut=cut)
-        rows.append(ev.plan_row("trajectory, 1 pass", f"target {cut:.0%}", search(stats1, cfg), stats1,
-                                args.backend))
-    for name, cfg in (("paper (local δ)", config.replace(allocation="local", max_head_rse=1e9)),
-                      ("local quadratic module-norm", config.replace(allocation="local", max_head_rse=1e9,
-                                                                     budget_schedule="quadratic",
-                                                                     error_normalization="module"))):
+    if "default" in curves:
+        rows.append(ev.plan_row("trajectory (default)", f"snr≥{config.target()[1]:g} dB", search(stats, config),
+                                stats, args.backend))
+    if "trajectory" in curves:
+        for cut in targets:
+            cfg = config.replace(target_cut=cut)
+            rows.append(ev.plan_row("trajectory", f"target {cut:.0%}", search(calibrated(cfg), cfg), stats,
+                                    args.backend))
+    if "blocks" in curves:
+        for cut in WHOLE_TARGETS[1::2] if args.quick else WHOLE_TARGETS:
+            cfg = config.replace(target_cut=cut, block_methods=BLOCK_METHODS)
+            plan = search(calibrated(cfg), cfg)
+            rows.append(ev.plan_row("trajectory + blocks", f"whole target {cut:.0%}", plan, stats, args.backend))
+    if "one-pass" in curves:
+        one = config.replace(calibration_passes=1)
+        stats1 = calibrated(one)
+        for cut in targets:
+            cfg = one.replace(target_cut=cut)
+            rows.append(ev.plan_row("trajectory, 1 pass", f"target {cut:.0%}", search(stats1, cfg), stats1,
+                                    args.backend))
+    for key, name, cfg in (("paper", "paper (local δ)", config.replace(allocation="local", max_head_rse=1e9)),
+                           ("local-quadratic", "local quadratic module-norm",
+                            config.replace(allocation="local", max_head_rse=1e9, budget_schedule="quadratic",
+                                           error_normalization="module"))):
+        if key not in curves:
+            continue
         local_stats = calibrated(cfg)
         for t in thresholds:
             rows.append(ev.plan_row(name, f"δ={t:g}", search(local_stats, cfg, threshold=t), local_stats,
                                     args.backend))
-    for s in UNIFORM_STARTS[::2] if args.quick else UNIFORM_STARTS:
-        plan = uniform_from(stats.modules, config.num_inference_steps, "cache", s, config.block_size,
-                            stats.model_class)
-        rows.append(ev.plan_row("uniform cache", f"from step {s}", plan, stats, args.backend))
-    if args.peers:
+    if "uniform" in curves:
+        for s in UNIFORM_STARTS[::2] if args.quick else UNIFORM_STARTS:
+            plan = uniform_from(stats.modules, config.num_inference_steps, "cache", s, config.block_size,
+                                stats.model_class)
+            rows.append(ev.plan_row("uniform cache", f"from step {s}", plan, stats, args.backend))
+    if "peers" in curves:
         from peers import PEERS, run_peer_sweep
 
         chosen = {k: v[::2] for k, v in PEERS.items()} if args.quick else None

@@ -36,7 +36,7 @@ import torch
 
 from .config import DiTFastAttnConfig
 from .methods import AttentionMethod, CfgShare, Full, HeadMemory, make_method
-from .plan import CompressionPlan, ModuleSpec
+from .plan import BlockSpec, CompressionPlan, ModuleSpec
 from .runtime.backends import check_backend_name, get_backend
 from .runtime.state import StepState
 from .sensitivity import Sensitivity
@@ -78,6 +78,16 @@ class CalibrationStats:
     cost_flops: dict[str, torch.Tensor]
     cost_seconds: dict[str, torch.Tensor] = field(default_factory=dict)
     err_guided: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: block level (trajectory allocation with block_methods): the blocks, their candidates ("compute" first), per
+    #: block ``[T, Cb]`` squared errors of the outputs (and guided), ``[T]`` residual deviations, ``[T]`` the flowed
+    #: choice, ``[3]`` dense cost per row (attention, projections, MLP)
+    blocks: list = field(default_factory=list)
+    block_candidates: list = field(default_factory=list)
+    block_err: dict[str, torch.Tensor] = field(default_factory=dict)
+    block_err_guided: dict[str, torch.Tensor] = field(default_factory=dict)
+    block_ref: dict[str, torch.Tensor] = field(default_factory=dict)
+    block_chosen: dict[str, torch.Tensor] = field(default_factory=dict)
+    block_cost: dict[str, torch.Tensor] = field(default_factory=dict)
     image_tokens: int = 0
     text_tokens: int = 0
     cfg: bool = False
@@ -92,6 +102,9 @@ class CalibrationStats:
     flow_lambda: float | None = None
     #: what each calibration pass measured (trajectory allocation: cut and predicted quality of its allocation)
     passes: list = field(default_factory=list)
+    #: measured / predicted change of the final latents of the searched plan on the sensitivity prompts (the error
+    #: model's level, checked by one generation with the plan; the search multiplies every damage by it)
+    damage_scale: float = 1.0
 
     def rse(self, module: str, normalization: str = "head") -> torch.Tensor:
         """``[T, H, C]`` relative squared error (``inf`` where unavailable; 0 where full attention is constant),
@@ -118,14 +131,14 @@ class CalibrationStats:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
-        for kind in ("err", "ref", "chosen", "cost_flops", "cost_seconds", "err_guided"):
+        for kind in _TENSOR_KINDS:
             for name, t in getattr(self, kind).items():
                 tensors[f"{name}.{kind}"] = t.contiguous()
         save_file(tensors, directory / STATS_TENSORS, metadata={"format": "pt"})
         info = {k: getattr(self, k) for k in self.__dataclass_fields__
-                if k not in ("err", "ref", "chosen", "cost_flops", "cost_seconds", "err_guided", "modules",
-                             "sensitivity")}
-        info.update(format_version=STATS_FORMAT_VERSION, modules=[asdict(s) for s in self.modules])
+                if k not in (*_TENSOR_KINDS, "modules", "blocks", "sensitivity")}
+        info.update(format_version=STATS_FORMAT_VERSION, modules=[asdict(s) for s in self.modules],
+                    blocks=[asdict(b) for b in self.blocks])
         (directory / STATS_JSON).write_text(json.dumps(info, indent=2) + "\n")
         if self.sensitivity is not None:
             self.sensitivity.save(directory)
@@ -149,7 +162,8 @@ class CalibrationStats:
                              f"versions {STATS_READABLE_VERSIONS}")
         tensors = load_file(directory / STATS_TENSORS)
         modules = [ModuleSpec(**m) for m in info.pop("modules")]
-        kinds = {kind: {} for kind in ("err", "ref", "chosen", "cost_flops", "cost_seconds", "err_guided")}
+        blocks = [BlockSpec(**b) for b in info.pop("blocks", [])]
+        kinds = {kind: {} for kind in _TENSOR_KINDS}
         for key, t in tensors.items():
             name, kind = key.rsplit(".", 1)
             if kind not in kinds:
@@ -160,7 +174,11 @@ class CalibrationStats:
             if missing:
                 raise ValueError(f"{directory / STATS_TENSORS} lacks {kind!r} for modules {missing[:3]}")
         sensitivity = Sensitivity.load(directory) if (directory / "sensitivity.json").is_file() else None
-        return cls(modules=modules, **kinds, **info, sensitivity=sensitivity)
+        return cls(modules=modules, blocks=blocks, **kinds, **info, sensitivity=sensitivity)
+
+
+_TENSOR_KINDS = ("err", "ref", "chosen", "cost_flops", "cost_seconds", "err_guided", "block_err", "block_err_guided",
+                 "block_ref", "block_chosen", "block_cost")
 
 
 def relative_error(err: torch.Tensor, ref: torch.Tensor, normalization: str = "head") -> torch.Tensor:
@@ -197,6 +215,8 @@ class _Session:
         self.specs = specs
         self.sensitivity = sensitivity
         self.lam = lam
+        self.head_value: dict[tuple[str, int], float] = {}  # Lagrangian value of the flowed head choices
+        self.blocks: "_BlockCalibration | None" = None
         self.candidates = candidates
         self.names = [str(m) for m in candidates]
         self.config = config
@@ -247,10 +267,16 @@ class _Session:
         if trajectory and self.sensitivity is not None:
             gain = self.sensitivity.damage_gain(spec.name, step)[:, None]
             damage = (gain * torch.where(torch.isfinite(guided), guided, 0.0) / samples).numpy()
-        choice = torch.from_numpy(choose_step(rse.numpy(), self.saved(spec.name).numpy(), self.config, step,
-                                              damage=damage, lam=self.lam))
+        saved = self.saved(spec.name).numpy()
+        choice = torch.from_numpy(choose_step(rse.numpy(), saved, self.config, step, damage=damage, lam=self.lam))
+        if damage is not None and self.lam is not None:
+            rows = torch.arange(len(choice))
+            self.head_value[(spec.name, step)] = float((saved[choice] - self.lam * damage[rows, choice]).sum())
         self.decided[spec.name][step] = choice
         return choice
+
+    def block_skipped(self, module: str, step: int) -> bool:
+        return self.blocks is not None and self.blocks.skipped(module, step)
 
     def saved(self, module: str) -> torch.Tensor:
         cost = self.cost_seconds[module] if self.config.cost_model == "measured" else self.cost_flops[module]
@@ -320,8 +346,8 @@ class _ModuleCalibration:
         if step >= session.config.full_steps or session.fixed:
             for ci, method in enumerate(session.candidates[1:], start=1):
                 available = torch.ones(H, dtype=torch.bool)
-                if method.needs_previous_output and mem.previous is None:
-                    continue
+                if method.needs_previous_output and (mem.previous is None or session.block_skipped(spec.name, step - 1)):
+                    continue  # nothing to reuse (the plan never caches a head whose block skipped the last step)
                 if method.needs_residual:
                     if mem.residual is None:
                         continue
@@ -367,6 +393,123 @@ class _ModuleCalibration:
         session.ref[spec.name][step] += ref
         session.calls[spec.name][step] += 1
         return out
+
+
+class _BlockCalibration:
+    """The calibration's block handler (`ditfa_optimum.runtime.blocks.install_blocks`): runs every block (its heads
+    flow their choices), measures what each block candidate would have returned instead, and chooses between running
+    the block and skipping it with the same Lagrangian price as the heads."""
+
+    def __init__(self, session: _Session, adapter, blocks: list[BlockSpec]):
+        from .methods import make_block_method
+
+        self.session, self.adapter, self.specs = session, adapter, blocks
+        self.methods = [make_block_method(n) for n in ("compute", *session.config.block_methods)]
+        T, C = session.config.num_inference_steps, len(self.methods)
+        self.err = {b.name: torch.zeros(T, C, dtype=torch.float64) for b in blocks}
+        self.err_guided = {b.name: torch.zeros(T, C, dtype=torch.float64) for b in blocks}
+        self.ref = {b.name: torch.zeros(T, dtype=torch.float64) for b in blocks}
+        self.decided = {b.name: torch.full((T,), -1, dtype=torch.int64) for b in blocks}
+        self.cost: dict[str, torch.Tensor] = {}
+        self.block_of = {m: b.name for b in blocks for m in b.attention}
+        self._memory: dict[tuple[str, int], dict] = {}
+
+    def skipped(self, module: str, step: int) -> bool:
+        block = self.block_of.get(module)
+        if block is None or step < 0:
+            return False
+        memory = self._memory.get((block, self.session.state.branch))
+        return memory is not None and step in memory["skipped"]
+
+    def block(self, spec: BlockSpec):
+        def call(module, forward, args, kwargs):
+            return self._call(spec, module, forward, args, kwargs)
+        return call
+
+    def _call(self, spec: BlockSpec, module, forward, args, kwargs):
+        from .methods import Streams, residual
+
+        session, adapter = self.session, self.adapter
+        state = session.state
+        step = state.current_step()
+        inputs = adapter.block_inputs(spec, module, args, kwargs)
+        out = forward(*args, **kwargs)
+        streams = adapter.block_output_streams(spec, out)
+        if step == 0:
+            self._memory.pop((spec.name, state.branch), None)
+        memory = self._memory.setdefault((spec.name, state.branch), {"ran": [], "residuals": {}, "skipped": set()})
+        r = residual(streams, inputs)
+        B = inputs.image.shape[0]
+        scale = session.guidance(state.cfg(needed=False) and B % 2 == 0)
+        if spec.name not in self.cost:
+            n_img = inputs.image.shape[1]
+            n_txt = 0 if inputs.text is None else inputs.text.shape[1]
+            attention = sum(float(session.cost_flops[s.name][0]) * s.num_heads
+                            for s in session.specs if s.name in spec.attention)
+            self.cost[spec.name] = torch.tensor([attention, spec.projection_flops(n_img, n_txt),
+                                                 spec.mlp_flops(n_img, n_txt)], dtype=torch.float64)
+
+        def parts(x: Streams):
+            return [t for t in (x.image, x.text) if t is not None]
+
+        ref = sum(float(((t.float() - t.float().mean(dim=(0, 1), keepdim=True)) ** 2).sum()) for t in parts(r))
+        C = len(self.methods)
+        err = torch.full((C,), torch.inf, dtype=torch.float64)
+        err[0] = 0.0
+        guided = err.clone()
+        outputs: list = [streams] + [None] * (C - 1)
+        for ci, method in enumerate(self.methods[1:], start=1):
+            try:
+                sources = method.sources(step, memory["ran"], [], spec.mlps)
+            except ValueError:
+                continue
+            if step == 0 or not memory["ran"]:
+                continue
+            candidate = method.skip(inputs, step, memory["residuals"], sources)
+            outputs[ci] = candidate
+            diffs = [(c.float() - o.float()) for c, o in zip(parts(candidate), parts(streams))]
+            err[ci] = sum(float((d ** 2).sum()) for d in diffs)
+            if scale is not None:
+                diffs = [(1 - scale) * u + scale * c for u, c in (d.chunk(2) for d in diffs)]
+            guided[ci] = sum(float((d ** 2).sum()) for d in diffs)
+
+        run = 0
+        while step - 1 - run in memory["skipped"]:
+            run += 1
+        choice = self._choose(spec, step, err, guided, ref, B // 2 if scale is not None else B,
+                              may_skip=run < session.config.max_skip_run)
+        self.err[spec.name][step] += err
+        self.err_guided[spec.name][step] += guided
+        self.ref[spec.name][step] += ref
+        if choice == 0:
+            memory["ran"].append(step)
+            memory["residuals"][step] = r
+            for old in [k for k in memory["residuals"] if k not in memory["ran"][-2:]]:
+                del memory["residuals"][old]
+            return out
+        memory["skipped"].add(step)
+        return adapter.block_output(spec, outputs[choice])
+
+    def _choose(self, spec: BlockSpec, step: int, err, guided, ref: float, samples: int, may_skip: bool) -> int:
+        session = self.session
+        decided = int(self.decided[spec.name][step])
+        if decided >= 0:
+            return decided
+        choice = 0
+        sens, lam = session.sensitivity, session.lam
+        if step >= session.config.full_steps and sens is not None and lam is not None and may_skip:
+            compute = sum(session.head_value.get((m, step), 0.0) for m in spec.attention)
+            saved = float(self.cost[spec.name].sum())
+            rse = err / ref if ref > 0 else torch.where(err > 0, torch.inf, 0.0)
+            best = compute
+            for ci in range(1, len(self.methods)):
+                if not (torch.isfinite(guided[ci]) and rse[ci] <= session.config.max_head_rse):
+                    continue
+                value = saved - lam * sens.block_damage_gain(spec.name, step) * float(guided[ci]) / samples
+                if value > best:
+                    best, choice = value, ci
+        self.decided[spec.name][step] = choice
+        return choice
 
 
 def measure_costs(candidates: list[AttentionMethod], like: torch.Tensor, layout, cfg: bool, backend,
@@ -483,8 +626,34 @@ def calibrate(pipeline, config: DiTFastAttnConfig, prompts: list[str], *, prompt
         stats = _calibration_pass(pipeline, config, prompts, prompt_encoder, None, progress, sensitivity=sensitivity,
                                   lam=lam, desc="ditfa calibration (plan flow)")
     stats.passes = passes
+    stats.damage_scale = _damage_scale(pipeline, stats, config, prompts[:config.sensitivity_prompts], prompt_encoder,
+                                       sensitivity)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _damage_scale(pipeline, stats: CalibrationStats, config: DiTFastAttnConfig, prompts: list[str], prompt_encoder,
+                  sensitivity: Sensitivity) -> float:
+    """Run the searched plan once on the sensitivity prompts and compare its final latents with the dense ones:
+    measured / predicted change (1.0 when the plan predicts no change)."""
+    from .apply import apply, remove
+    from .search import search
+
+    plan = search(stats, config)
+    predicted = plan.metadata["search"].get("predicted_final_mse") or 0.0
+    reference = getattr(sensitivity, "reference_final", None)
+    if predicted <= 0 or reference is None:
+        return 1.0
+    apply(pipeline, plan, backend=config.backend)
+    try:
+        with torch.inference_mode(), progress_bars(pipeline, False):
+            final = run_pipeline(pipeline, prompts, config, prompt_encoder=prompt_encoder).float()
+    finally:
+        remove(pipeline)
+    measured = float(((final - reference.to(final.device)) ** 2).mean())
+    logger.info("ditfa: the searched plan moved the calibration images' latents by MSE %.3g, %.3g predicted",
+                measured, predicted)
+    return measured / predicted if measured > 0 else 1.0
 
 
 def _all_candidates(stats: CalibrationStats, config: DiTFastAttnConfig):
@@ -525,6 +694,13 @@ def _calibration_pass(pipeline, config: DiTFastAttnConfig, prompts: list[str], p
     session = _Session(specs, candidates, config, cfg_source(None, adapter, pipeline), decided,
                        sensitivity=sensitivity, lam=lam)
     install(transformer, adapter, modules, session)
+    installed_blocks = None
+    if config.block_methods and plan is None:
+        from .runtime.blocks import install_blocks
+
+        blocks = adapter.blocks(transformer)
+        session.blocks = _BlockCalibration(session, adapter, [b for b, _ in blocks])
+        installed_blocks = install_blocks(transformer, adapter, blocks, session.blocks)
     start = time.perf_counter()
     try:
         batches = [(i, prompts[i:i + config.batch_size]) for i in range(0, len(prompts), config.batch_size)]
@@ -533,6 +709,8 @@ def _calibration_pass(pipeline, config: DiTFastAttnConfig, prompts: list[str], p
                 session.state.reset()
                 run_pipeline(pipeline, batch, config, prompt_encoder=prompt_encoder, first=first)
     finally:
+        if installed_blocks is not None:
+            installed_blocks.remove()
         remove(transformer)
 
     for spec in specs:
@@ -548,7 +726,16 @@ def _calibration_pass(pipeline, config: DiTFastAttnConfig, prompts: list[str], p
         image_tokens=layout.num_image_tokens, text_tokens=_joint_text_tokens(session, specs),
         cfg=bool(session.cfg_seen), block_size=config.block_size, model_class=adapter.model_class,
         num_prompts=len(prompts), threshold=config.threshold, seconds=time.perf_counter() - start,
-        device=str(next(transformer.parameters()).device), sensitivity=sensitivity, flow_lambda=lam)
+        device=str(next(transformer.parameters()).device), sensitivity=sensitivity, flow_lambda=lam,
+        **_block_stats(session.blocks))
+
+
+def _block_stats(blocks: "_BlockCalibration | None") -> dict:
+    if blocks is None:
+        return {}
+    return dict(blocks=list(blocks.specs), block_candidates=[str(m) for m in blocks.methods], block_err=blocks.err,
+                block_err_guided=blocks.err_guided, block_ref=blocks.ref,
+                block_chosen={n: c.to(torch.int16) for n, c in blocks.decided.items()}, block_cost=blocks.cost)
 
 
 def _joint_text_tokens(session: _Session, specs: list[ModuleSpec]) -> int:

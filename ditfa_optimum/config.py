@@ -29,6 +29,8 @@ ERROR_NORMALIZATIONS = ("head", "module")
 #: how much an error there moves the final image: `ditfa_optimum.sensitivity`) or "local" (the paper's: one integer
 #: program per module and step under ``threshold``)
 ALLOCATIONS = ("trajectory", "local")
+#: block-level candidates the trajectory search can choose (`ditfa_optimum.methods.block_base`)
+SEARCHED_BLOCK_METHODS = ("block_cache", "block_taylor")
 #: the quality the default search aims for: predicted signal-to-noise ratio of the final latents (dB)
 DEFAULT_TARGET_SNR_DB = 30.0
 
@@ -77,6 +79,12 @@ class DiTFastAttnConfig:
         calibration_passes: trajectory allocation: 1 = measure with every head full flowing; 2 (default) = then
             measure again with the choices of the first pass's allocation flowing, so errors that compound over
             steps (a head cached twice in a row) are measured as the plan makes them; 3 = once more.
+        block_methods: trajectory allocation: block-level candidates searched with the heads, per (transformer
+            block, step): ``"block_cache"`` (reuse the block's residual from its last computed step) and
+            ``"block_taylor"`` (extrapolate it from the last two). With block candidates the costs are whole-
+            transformer FLOPs (attention, projections, MLPs) and ``target_cut`` is the share of those skipped.
+        max_skip_run: the most consecutive steps a block may skip before it runs again (a residual reused or
+            extrapolated over many steps drifts; diffusers' TaylorSeer and cache-dit bound this the same way).
 
     Example:
         >>> cfg = DiTFastAttnConfig(threshold=0.1, num_inference_steps=28, height=1024, width=1024)
@@ -105,6 +113,8 @@ class DiTFastAttnConfig:
     max_head_rse: float = 0.5
     sensitivity_prompts: int = 2
     calibration_passes: int = 2
+    block_methods: tuple[str, ...] = ()
+    max_skip_run: int = 2
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
@@ -157,6 +167,21 @@ class DiTFastAttnConfig:
             raise ValueError(f"max_head_rse must be a finite number > 0 (e.g. 0.5; 1e9 for no cap), got "
                              f"{self.max_head_rse!r}")
         _positive_int("sensitivity_prompts", self.sensitivity_prompts)
+        _positive_int("max_skip_run", self.max_skip_run)
+        if isinstance(self.block_methods, str) or not all(isinstance(m, str) for m in self.block_methods):
+            raise ValueError(f"block_methods must be a list of block method names like ['block_taylor'], got "
+                             f"{self.block_methods!r}")
+        object.__setattr__(self, "block_methods", tuple(dict.fromkeys(self.block_methods)))
+        for name in self.block_methods:
+            if name not in SEARCHED_BLOCK_METHODS:
+                raise ValueError(f"block method {name!r} cannot be searched; choose from {SEARCHED_BLOCK_METHODS} "
+                                 "(mlp_cache runs from a hand-made plan but is not calibrated yet)")
+        if self.block_methods and self.allocation != "trajectory":
+            raise ValueError("block_methods are searched by the trajectory allocation only; use "
+                             "allocation='trajectory'")
+        if self.block_methods and any(make_method(m).needs_residual for m in self.methods):
+            raise ValueError("block_methods and arrow_residual heads cannot be searched together (an arrow_residual "
+                             "head records its residual at steps its block may skip)")
         if self.calibration_passes not in (1, 2, 3):
             raise ValueError(f"calibration_passes must be 1, 2 or 3, got {self.calibration_passes!r}")
         if self.cost_model not in COST_MODELS:
@@ -208,6 +233,7 @@ class DiTFastAttnConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["methods"] = list(self.methods)
+        out["block_methods"] = list(self.block_methods)
         return out
 
     @classmethod
@@ -221,8 +247,9 @@ class DiTFastAttnConfig:
         data = dict(data)
         # configs written before the trajectory allocation existed were searched the paper's way
         data.setdefault("allocation", "local")
-        if "methods" in data and isinstance(data["methods"], list):
-            data["methods"] = tuple(data["methods"])
+        for key in ("methods", "block_methods"):
+            if key in data and isinstance(data[key], list):
+                data[key] = tuple(data[key])
         return cls(**data)
 
 

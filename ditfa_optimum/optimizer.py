@@ -149,7 +149,8 @@ class DiTFastAttnOptimizer:
                        if info.get("predicted_snr_db") is not None else "no error predicted"]
             if info.get("predicted_psnr_db") is not None:
                 quality.append(f"image PSNR {info['predicted_psnr_db']:.1f} dB")
-            how += "\n  " + ", ".join(quality) + " (the error model is optimistic: docs/search.md)"
+            how += ("\n  " + ", ".join(quality) + f" (error model scaled by {info.get('damage_scale', 1.0):.2g} "
+                    "after one checking generation; predictions are estimates: docs/search.md)")
         else:
             how = f"threshold {info['threshold']:g} (local allocation)"
         return (f"ditfa: searched {len(self.plan.modules)} attention modules x {self.plan.num_steps} steps, {how}\n"

@@ -255,8 +255,18 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
         ids[spec.name] = torch.tensor([[methods[c].method_id for c in row] for row in choice], dtype=torch.int16)
         params[spec.name] = torch.tensor([[methods[c].param for c in row] for row in choice], dtype=torch.float64)
 
-    plan = CompressionPlan(stats.modules, ids, params, block_size=stats.block_size, model_class=stats.model_class)
+    blocks = {}
+    if problem is not None and problem.blocks:
+        from .methods import make_block_method
+
+        ids_of = [make_block_method(n).method_id for n in stats.block_candidates]
+        blocks = {b: torch.tensor([ids_of[c] for c in choices[f"block:{b}"]], dtype=torch.int16)
+                  for b in problem.blocks}
+    plan = CompressionPlan(stats.modules, ids, params, block_size=stats.block_size, model_class=stats.model_class,
+                           blocks=stats.blocks if blocks else [], block_methods=blocks)
     report = plan.flops(stats.image_tokens, stats.text_tokens, cfg=stats.cfg)
+    if plan.blocks:
+        extra["whole_cut"] = plan.transformer_flops(stats.image_tokens, stats.text_tokens, cfg=stats.cfg).cut
     budget = ("one global allocation: per head argmax saved - lambda * gain * squared error, lambda meeting the "
               "target" if problem is not None else
               "sum over heads of RSE <= step threshold * num_heads, per module and step")
@@ -283,14 +293,21 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
 class TrajectoryProblem:
     """The global allocation's data, flattened over (module, step, head): damage, savings, what is allowed."""
 
-    def __init__(self, names, damage, saved, allowed, dense_cost, sensitivity, full_index):
+    def __init__(self, names, damage, saved, allowed, dense_cost, sensitivity, full_index, blocks=None,
+                 cache_index=None, full_steps=1, max_skip_run=2):
         self.names = names  # module names, in order
         self.damage = damage  # per module [T, H, C]
         self.saved = saved  # per module [C]
         self.allowed = allowed  # per module [T, H, C]
-        self.dense_cost = dense_cost  # total cost of the dense model (all modules, steps, heads)
+        self.dense_cost = dense_cost  # total cost of the dense model (all modules, steps, heads; + blocks' linears)
         self.sensitivity = sensitivity
         self.full_index = full_index
+        #: block level: name -> (attention module names, skip damage [T, Cb], skip allowed [T, Cb], saved by a skip)
+        self.blocks = blocks or {}
+        self.cache_index = cache_index  # the candidate column that reads the previous step's output
+        self.full_steps = full_steps
+        self.max_skip_run = max_skip_run
+        self.damage_scale = 1.0
 
     @classmethod
     def from_stats(cls, stats: CalibrationStats, config: DiTFastAttnConfig, unused: np.ndarray) -> "TrajectoryProblem":
@@ -311,20 +328,83 @@ class TrajectoryProblem:
             ok[:config.full_steps] = False
             ok[..., full_index] = True
             names.append(spec.name)
-            damage[spec.name] = np.where(ok, gain * np.where(np.isfinite(guided), guided, 0.0), 0.0)
+            damage[spec.name] = np.where(ok, stats.damage_scale * gain * np.where(np.isfinite(guided), guided, 0.0),
+                                         0.0)
             saved[spec.name] = s
             allowed[spec.name] = ok
             dense += float(cost[full_index]) * err.shape[0] * err.shape[1]
-        return cls(names, damage, saved, allowed, dense, sens, full_index)
+        blocks = {}
+        if config.block_methods and stats.blocks:
+            use = [stats.block_candidates.index(m) for m in config.block_methods if m in stats.block_candidates]
+            for b in stats.blocks:
+                cost = stats.block_cost[b.name].numpy()
+                err = stats.block_err[b.name].numpy()
+                ref = stats.block_ref[b.name].numpy()[:, None]
+                rse = np.where(ref > 0, err / np.maximum(ref, 1e-300), np.where(err > 0, np.inf, 0.0))
+                guided = stats.block_err_guided[b.name].numpy() / max(stats.num_prompts, 1)
+                gain = np.array([sens.block_damage_gain(b.name, t) for t in range(stats.num_steps)])[:, None]
+                ok = np.zeros_like(err, dtype=bool)
+                ok[:, use] = np.isfinite(rse[:, use]) & (rse[:, use] <= config.max_head_rse)
+                ok[:config.full_steps] = False
+                damage_b = stats.damage_scale * gain * np.where(np.isfinite(guided), guided, 0.0)
+                blocks[b.name] = (tuple(b.attention), np.where(ok, damage_b, 0.0), ok, float(cost.sum()))
+                dense += float(cost[1:].sum()) * stats.num_steps  # the linears (attention is counted per module)
+        cache = next((i for i, n in enumerate(stats.candidates) if make_method(n).needs_previous_output), None)
+        problem = cls(names, damage, saved, allowed, dense, sens, full_index, blocks, cache, config.full_steps,
+                      config.max_skip_run)
+        problem.damage_scale = stats.damage_scale
+        return problem
 
     def choose(self, lam: float) -> dict[str, np.ndarray]:
-        return {n: lagrangian_choice(self.damage[n], self.saved[n], self.allowed[n], lam, self.full_index)
-                for n in self.names}
+        """Per module ``[T, H]`` head choices; with blocks also ``"block:<name>"`` -> ``[T]`` (0 = compute, else the
+        column of the skip candidate)."""
+        heads = {n: lagrangian_choice(self.damage[n], self.saved[n], self.allowed[n], lam, self.full_index)
+                 for n in self.names}
+        for block, (modules, damage, ok, saved) in self.blocks.items():
+            heads[f"block:{block}"] = self._choose_block(block, modules, damage, ok, saved, lam, heads)
+        return heads
+
+    def _choose_block(self, block, modules, damage, ok, saved, lam, heads) -> np.ndarray:
+        """Run or skip the block at each step, in step order: a skipped step forbids `cache` heads at the next."""
+        T = damage.shape[0]
+        choice = np.zeros(T, dtype=np.int64)
+        skipped, run = False, 0
+        for t in range(T):
+            value = 0.0
+            for m in modules:
+                if skipped and self.cache_index is not None:
+                    allowed = self.allowed[m][t].copy()
+                    allowed[:, self.cache_index] = False
+                    heads[m][t] = lagrangian_choice(self.damage[m][t], self.saved[m], allowed, lam, self.full_index)
+                rows = np.arange(heads[m].shape[1])
+                c = heads[m][t]
+                value += float((self.saved[m][c] - lam * self.damage[m][t][rows, c]).sum())
+            skip = np.where(ok[t], saved - lam * damage[t], -np.inf)
+            best = int(np.argmax(skip)) if ok[t].any() else 0
+            skipped = bool(t >= self.full_steps and ok[t].any() and skip[best] > value and run < self.max_skip_run)
+            run = run + 1 if skipped else 0
+            if skipped:
+                choice[t] = best
+                for m in modules:
+                    heads[m][t] = self.full_index  # the block does not run: its heads' methods do not matter
+        return choice
 
     def totals(self, choices: dict[str, np.ndarray]) -> tuple[float, float]:
         """(cut of the cost model, predicted squared change of one sample's final latents)."""
-        saved = sum(float(self.saved[n][c].sum()) for n, c in choices.items())
-        damage = sum(float(np.take_along_axis(self.damage[n], c[..., None], -1).sum()) for n, c in choices.items())
+        saved = damage = 0.0
+        skipped = {}
+        for block, (modules, block_damage, _, block_saved) in self.blocks.items():
+            c = choices[f"block:{block}"]
+            steps = c > 0
+            saved += block_saved * float(steps.sum())
+            damage += float(block_damage[np.arange(len(c)), c][steps].sum())
+            for m in modules:
+                skipped[m] = steps
+        for n in self.names:
+            c = choices[n]
+            run = ~skipped.get(n, np.zeros(c.shape[0], dtype=bool))
+            saved += float(self.saved[n][c][run].sum())
+            damage += float(np.take_along_axis(self.damage[n], c[..., None], -1)[..., 0][run].sum())
         return saved / self.dense_cost, damage
 
     def snr_db(self, damage: float) -> float:
@@ -373,7 +453,7 @@ class TrajectoryProblem:
         cut, damage = self.totals(choices)
         mse = self.sensitivity.predicted_mse(damage)
         kind, value = config.target()
-        return {"target": {kind: value}, "lambda": lam, "predicted_cut": cut,
+        return {"target": {kind: value}, "lambda": lam, "predicted_cut": cut, "damage_scale": self.damage_scale,
                 "predicted_final_mse": mse, "predicted_snr_db": _finite(self.snr_db(damage)),
                 "predicted_psnr_db": _finite(self.sensitivity.psnr_db(mse))}
 

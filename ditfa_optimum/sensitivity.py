@@ -80,6 +80,11 @@ class Sensitivity:
     #: per step: measured / linearly predicted change of the final latents for a cache-everything injection
     step_factor: list = field(default_factory=list)
 
+    def block_damage_gain(self, block: str, step: int) -> float:
+        """Predicted squared change of the final latents per unit guided squared error of a block's outputs."""
+        factor = self.step_factor[step] if self.step_factor else 1.0
+        return float(self.block_gain[block][step]) * factor
+
     def damage_gain(self, module: str, step: int) -> torch.Tensor:
         """``[H]``: predicted squared change of the final latents per unit guided squared error at ``step``."""
         factor = self.step_factor[step] if self.step_factor else 1.0
@@ -204,6 +209,16 @@ class _Probe:
         return _ProbeModule(self, spec)
 
 
+def _block_grad_hook(adapter, spec, grads: dict):
+    """Forward hook on a block: keep the gradients reaching its output streams."""
+    def hook(module, args, output):
+        for tensor in (adapter.block_output_streams(spec, output).image,
+                       adapter.block_output_streams(spec, output).text):
+            if tensor is not None and tensor.requires_grad:
+                tensor.register_hook(lambda g: grads.setdefault(spec.name, []).append(g.detach()))
+    return hook
+
+
 def _output(result) -> torch.Tensor:
     if isinstance(result, (tuple, list)):
         return result[0]
@@ -267,10 +282,14 @@ def measure_sensitivity(pipeline, config, prompts: list[str], *, prompt_encoder=
     if sigmas.numel() < T + 1:
         raise ValueError(f"the scheduler holds {sigmas.numel()} sigmas for {T} steps")
 
-    # 2. one backward sweep through the steps
+    # 2. one backward sweep through the steps (block outputs too, when block methods are searched)
     probe = _Probe(T)
     install(transformer, adapter, modules, probe)
     gain = {s.name: torch.zeros(T, s.num_heads, dtype=torch.float64) for s in specs}
+    blocks = adapter.blocks(transformer) if getattr(config, "block_methods", ()) else []
+    block_gain = {b.name: torch.zeros(T, dtype=torch.float64) for b, _ in blocks}
+    block_grads: dict[str, list] = {}
+    handles = [module.register_forward_hook(_block_grad_hook(adapter, spec, block_grads)) for spec, module in blocks]
     generator = torch.Generator().manual_seed(seed)
     lam = None
     try:
@@ -285,6 +304,7 @@ def measure_sensitivity(pipeline, config, prompts: list[str], *, prompt_encoder=
             args = dict(bound.arguments)
             args["hidden_states"] = model_in.to(hidden.dtype)
             probe.grads.clear()
+            block_grads.clear()
             with torch.enable_grad():
                 out = _output(transformer(**args)).float()
                 v = out[:n] + scale * (out[n:] - out[:n]) if cfg else out
@@ -300,14 +320,26 @@ def measure_sensitivity(pipeline, config, prompts: list[str], *, prompt_encoder=
                     halves = [h / w ** 2 for h, w in zip(per.chunk(2), (1 - scale, scale)) if w != 0]
                     per = torch.cat(halves)
                 gain[spec.name][t] = per.mean(0).cpu()
+            for spec, _ in blocks:
+                grads = block_grads.get(spec.name, [])
+                if not grads:
+                    raise RuntimeError(f"block {spec.name!r} received no gradient at step {t}")
+                # per row: squared norm over both streams / their elements; per unit of guided error with CFG
+                per = sum(g.double().pow(2).flatten(1).sum(1) for g in grads) / sum(g[0].numel() for g in grads)
+                if cfg:
+                    per = torch.cat([h / w ** 2 for h, w in zip(per.chunk(2), (1 - scale, scale)) if w != 0])
+                block_gain[spec.name][t] = float(per.mean())
             lam = (lam + grad_x.detach()).detach()
     finally:
+        for handle in handles:
+            handle.remove()
         remove(transformer)
     final = final.float()
     pixel = getattr(pipeline, "latent_pixel_scale", None)
     sens = Sensitivity(modules=specs, num_steps=T, gain=gain, final_numel=int(final[0].numel()),
                        final_variance=float(final.var()), pixel_scale=pixel, num_prompts=len(prompts),
-                       guidance_scale=scale if cfg else None)
+                       guidance_scale=scale if cfg else None, block_gain=block_gain)
+    sens.reference_final = final.detach()  # not saved: the calibration's closing check compares a plan with it
     sens.step_factor = _step_factors(pipeline, transformer, adapter, modules, config, prompts[0], sens, cfg,
                                      prompt_encoder, progress)
     sens.seconds = time.perf_counter() - start
