@@ -239,8 +239,10 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
             saved = stats.saved(spec.name, config.cost_model).numpy()  # [C]
             choice = np.full(rse.shape[:2], full_index, dtype=np.int64)
             for step in range(config.full_steps, stats.num_steps):
-                if granularity == "layer":
-                    choice[step] = solve_layer(rse[step], saved, config.step_thresholds()[step] * spec.num_heads,
+                if granularity == "layer":  # the per-head cap applies here too: a capped head rules the method out
+                    capped = np.where(allowed_candidates(rse[step], saved, config.max_head_rse, full_index),
+                                      rse[step], np.inf)
+                    choice[step] = solve_layer(capped, saved, config.step_thresholds()[step] * spec.num_heads,
                                                full_index)
                 else:
                     choice[step] = choose_step(rse[step], saved, config, step, full_index=full_index)

@@ -25,7 +25,7 @@ def make_optimizer(family):
 
 def small_config(family, **changes):
     px = PIXELS[family]
-    return DiTFastAttnConfig(**{**dict(threshold=0.2, num_inference_steps=4, height=px, width=px, block_size=16,
+    return DiTFastAttnConfig(**{**dict(threshold=0.2, allocation="local", num_inference_steps=4, height=px, width=px, block_size=16,
                                        num_prompts=2, guidance_scale=None if family == "flux" else 5.0), **changes})
 
 

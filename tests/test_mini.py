@@ -135,7 +135,7 @@ def test_training_is_deterministic_and_saves_a_loadable_pipeline(tmp_path):
 
 def test_optimizer_calibrates_on_grammar_captions_and_the_artifact_round_trips(pipe, tmp_path):
     opt = DiTFastAttnOptimizer(pipe, source="mini-mmdit")
-    config = DiTFastAttnConfig(threshold=0.1, num_inference_steps=3, height=64, width=64, guidance_scale=4.0,
+    config = DiTFastAttnConfig(threshold=0.1, allocation="local", num_inference_steps=3, height=64, width=64, guidance_scale=4.0,
                                block_size=32, num_prompts=2, batch_size=2)
     plan = opt.optimize(config, progress=False)
     assert plan.metadata["search"]["prompts"] == evaluation_captions(2, 0)  # the pipeline's own default prompts
