@@ -142,6 +142,9 @@ class CalibrationStats:
         (directory / STATS_JSON).write_text(json.dumps(info, indent=2) + "\n")
         if self.sensitivity is not None:
             self.sensitivity.save(directory)
+        else:  # an earlier save's sensitivity must not be read back with these statistics
+            for name in ("sensitivity.json", "sensitivity.safetensors"):
+                (directory / name).unlink(missing_ok=True)
         return directory
 
     @classmethod

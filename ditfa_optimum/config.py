@@ -245,8 +245,10 @@ class DiTFastAttnConfig:
         if unknown:
             raise ValueError(f"unknown DiTFastAttnConfig fields {unknown}; known: {sorted(known)}")
         data = dict(data)
-        # configs written before the trajectory allocation existed were searched the paper's way
-        data.setdefault("allocation", "local")
+        # configs written (by to_dict, which records the version) before the trajectory allocation existed were
+        # searched the paper's way; a hand-written partial config gets today's defaults
+        if "version" in data:
+            data.setdefault("allocation", "local")
         for key in ("methods", "block_methods"):
             if key in data and isinstance(data[key], list):
                 data[key] = tuple(data[key])

@@ -21,8 +21,8 @@ Method (adjoint sensitivity with a Hutchinson trace estimate, all in one backwar
   unit of the GUIDED error ``(1 - s) e_u + s e_c`` (each half's gradient divided by its factor, the two averaged),
   because the two halves' errors are nearly the same vector and must be added before squaring, not after.
 * The linear model holds late in the trajectory and fails early, where a small change flips what the image becomes
-  (measured on the miniature model: caching one module at step 1 moved the image 100-2500x more than predicted;
-  late steps 0.1-1x). So each step's gains are scaled by a measured factor: one more generation in which batch
+  (measured on the miniature model, benchmarks/sensitivity_check.py: caching one module at step 1 moved the image
+  up to ~25,000x more than the linear prediction; most late single injections within 0.1-3x). So each step's gains are scaled by a measured factor: one more generation in which batch
   element ``i`` has every attention output at probe step ``t_i`` replaced by its previous step's output (a realistic
   error, the cheapest method's), and the measured change of its final latents is divided by the prediction; eight
   probe steps (`PROBE_STEPS`), factors between them interpolated geometrically.

@@ -31,8 +31,8 @@ def _head_sums(x):
 def test_local_metric_follows_its_definition():
     """One module, two steps, driven by hand: every recorded error is mean((O' - O)^2) / var(O) of that head."""
     spec = ModuleSpec("m", num_heads=4, head_dim=8, image_first=True, joint=True)
-    config = DiTFastAttnConfig(threshold=0.05, methods=("arrow:1/4", "cache", "cfg_share"), num_inference_steps=2,
-                               block_size=8)
+    config = DiTFastAttnConfig(threshold=0.05, allocation="local", methods=("arrow:1/4", "cache", "cfg_share"),
+                               num_inference_steps=2, block_size=8)
     session = _Session([spec], config.candidates(), config, cfg=True)
     module = session.module(spec)
     layout = TokenLayout(64, 5, True, 8)
@@ -230,3 +230,47 @@ def test_measured_costs_are_shared_by_identical_computations():
                             backend=get_backend("reference", torch.device("cpu")), repeats=3, warmup=1)
     assert seconds[0] > 0 and seconds[1] == seconds[0]  # cfg_share without CFG computes full attention
     assert seconds[2] == seconds[3] and seconds[4] == 0
+
+
+def test_trajectory_calibration_end_to_end(tmp_path):
+    """The default allocation: sensitivity, a dense-flow pass, a plan-flow pass; the search meets the default target;
+    the statistics (guided errors and sensitivity included) survive save / load."""
+    from ditfa_optimum.calibrate import CalibrationStats
+    from ditfa_optimum.config import DEFAULT_TARGET_SNR_DB
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many tiny ops on two shared cores
+    try:
+        pipe, encoder, config = tiny_setup("sd3", allocation="trajectory")  # the library's default allocation
+        assert config.target() == ("snr_db", DEFAULT_TARGET_SNR_DB) and config.calibration_passes == 2
+        stats = calibrate(pipe, config, default_prompts(2), prompt_encoder=encoder, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    sens = stats.sensitivity
+    assert sens is not None and sens.num_steps == config.num_inference_steps and sens.guidance_scale == 5.0
+    assert sens.num_prompts == 2
+    assert len(stats.passes) == 1  # two passes: the first one's allocation flowed in the second
+    assert stats.flow_lambda is not None and stats.flow_lambda == stats.passes[0]["lambda"]
+    assert stats.passes[0]["target"] == {"snr_db": DEFAULT_TARGET_SNR_DB}
+    for spec in stats.modules:
+        guided = stats.err_guided[spec.name]
+        assert guided.shape == stats.err[spec.name].shape
+        assert bool((guided[config.full_steps:, :, 1:] >= 0).all())
+        assert bool(torch.isinf(guided[0, :, 1:]).all()) and bool((guided[:, :, 0] == 0).all())
+
+    plan = search(stats, config)
+    info = plan.metadata["search"]
+    assert info["allocation"] == "trajectory" and info["target"] == {"snr_db": DEFAULT_TARGET_SNR_DB}
+    assert info["predicted_snr_db"] is None or info["predicted_snr_db"] >= DEFAULT_TARGET_SNR_DB
+    assert set(plan.method_counts()) - {"full"}, "the plan compresses nothing; the test would prove nothing"
+
+    stats.save(tmp_path / "stats")
+    again = CalibrationStats.load(tmp_path / "stats")
+    for name, t in stats.err_guided.items():
+        assert torch.equal(again.err_guided[name], t), name
+    for name, g in sens.gain.items():
+        assert torch.equal(again.sensitivity.gain[name], g), name
+    assert again.sensitivity.step_factor == sens.step_factor
+    assert again.sensitivity.guidance_scale == sens.guidance_scale
+    assert again.flow_lambda == stats.flow_lambda and again.passes == stats.passes
+    assert search(again, config) == plan
