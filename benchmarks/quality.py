@@ -113,7 +113,7 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("PSNR vs dense (dB, capped at 60)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
@@ -219,8 +219,9 @@ def main(argv=None) -> int:
                         help=f"comma-separated subset of {','.join(CURVES)} (--peers adds peers)")
     parser.add_argument("--max-head-rse", type=float, default=None, help="override the per-head (and block) cap")
     args = parser.parse_args(argv)
-    if args.report:
-        report(json.loads(Path(args.report).read_text()))
+    if args.report:  # the table again, and the plot beside the JSON (--out: elsewhere)
+        path = Path(args.report)
+        report(json.loads(path.read_text()), (Path(args.out) if args.out else path.parent) / f"{path.stem}.png")
         return 0
     if not args.out:
         parser.error("--out is required (or --report JSON)")

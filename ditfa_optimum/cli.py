@@ -349,10 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a Hub model id or local pipeline directory, or an embedded model: "
                           f"{', '.join(EMBEDDED_MODELS)} (default {DEFAULT_MODEL}: the trained miniature MMDiT)")
     opt.add_argument("--target-cut", type=float, default=None,
-                     help="attention-FLOP cut to reach with the least predicted error, e.g. 0.6 (trajectory search)")
+                     help="attention-FLOP cut to reach with the least predicted error (default 0.3; trajectory search)")
     opt.add_argument("--target-snr", type=float, default=None,
-                     help="predicted SNR of the final latents in dB to keep while saving the most (default 30; "
-                          "trajectory search)")
+                     help="instead of a cut: the predicted SNR of the final latents in dB to keep while saving the "
+                          "most (trajectory search)")
     opt.add_argument("--allocation", choices=["trajectory", "local"], default="trajectory",
                      help="trajectory (default): one error budget over every module, step and head, weighted by how "
                           "much each moves the final image; local: the paper's per-(module, step) budget --threshold")

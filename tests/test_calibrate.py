@@ -236,13 +236,13 @@ def test_trajectory_calibration_end_to_end(tmp_path):
     """The default allocation: sensitivity, a dense-flow pass, a plan-flow pass; the search meets the default target;
     the statistics (guided errors and sensitivity included) survive save / load."""
     from ditfa_optimum.calibrate import CalibrationStats
-    from ditfa_optimum.config import DEFAULT_TARGET_SNR_DB
+    from ditfa_optimum.config import DEFAULT_TARGET_CUT
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many tiny ops on two shared cores
     try:
         pipe, encoder, config = tiny_setup("sd3", allocation="trajectory")  # the library's default allocation
-        assert config.target() == ("snr_db", DEFAULT_TARGET_SNR_DB) and config.calibration_passes == 2
+        assert config.target() == ("cut", DEFAULT_TARGET_CUT) and config.calibration_passes == 2
         stats = calibrate(pipe, config, default_prompts(2), prompt_encoder=encoder, progress=False)
     finally:
         torch.set_num_threads(threads)
@@ -251,7 +251,7 @@ def test_trajectory_calibration_end_to_end(tmp_path):
     assert sens.num_prompts == 2
     assert len(stats.passes) == 1  # two passes: the first one's allocation flowed in the second
     assert stats.flow_lambda is not None and stats.flow_lambda == stats.passes[0]["lambda"]
-    assert stats.passes[0]["target"] == {"snr_db": DEFAULT_TARGET_SNR_DB}
+    assert stats.passes[0]["target"] == {"cut": DEFAULT_TARGET_CUT}
     for spec in stats.modules:
         guided = stats.err_guided[spec.name]
         assert guided.shape == stats.err[spec.name].shape
@@ -260,8 +260,8 @@ def test_trajectory_calibration_end_to_end(tmp_path):
 
     plan = search(stats, config)
     info = plan.metadata["search"]
-    assert info["allocation"] == "trajectory" and info["target"] == {"snr_db": DEFAULT_TARGET_SNR_DB}
-    assert info["predicted_snr_db"] is None or info["predicted_snr_db"] >= DEFAULT_TARGET_SNR_DB
+    assert info["allocation"] == "trajectory" and info["target"] == {"cut": DEFAULT_TARGET_CUT}
+    assert info["flop_cut"] >= DEFAULT_TARGET_CUT - 1e-9
     assert set(plan.method_counts()) - {"full"}, "the plan compresses nothing; the test would prove nothing"
 
     stats.save(tmp_path / "stats")

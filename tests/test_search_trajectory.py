@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 
-from ditfa_optimum.config import DEFAULT_TARGET_SNR_DB, DiTFastAttnConfig
+from ditfa_optimum.config import DEFAULT_TARGET_CUT, DiTFastAttnConfig
 from ditfa_optimum.search import (TrajectoryProblem, allowed_candidates, choose_step, lagrangian_choice, search,
                                   solve_heads)
 
@@ -239,7 +239,7 @@ def test_unreachable_target_cut_warns_and_saves_the_most(stats, caplog):
 
 
 # ------------------------------------------------------------------------------------------ search: target_snr_db
-@pytest.mark.parametrize("target", [15.0, 25.0, DEFAULT_TARGET_SNR_DB, 40.0, 60.0])
+@pytest.mark.parametrize("target", [15.0, 25.0, 30.0, 40.0, 60.0])
 def test_target_snr_is_met(stats, target):
     plan = search(stats, config(target_snr_db=target))
     info = plan.metadata["search"]
@@ -249,10 +249,10 @@ def test_target_snr_is_met(stats, target):
     assert info["predicted_psnr_db"] is None or info["predicted_psnr_db"] > 0
 
 
-def test_default_target_is_the_default_snr_and_lower_targets_save_more(stats):
+def test_default_target_is_the_default_cut_and_lower_snr_targets_save_more(stats):
     default = search(stats, config()).metadata["search"]
-    assert default["target"] == {"snr_db": DEFAULT_TARGET_SNR_DB}
-    assert default["predicted_snr_db"] >= DEFAULT_TARGET_SNR_DB
+    assert default["target"] == {"cut": DEFAULT_TARGET_CUT}
+    assert default["predicted_cut"] >= DEFAULT_TARGET_CUT
     cuts = [search(stats, config(target_snr_db=t)).metadata["search"]["predicted_cut"] for t in (60, 40, 30, 20, 10)]
     assert all(b >= a - 1e-12 for a, b in zip(cuts, cuts[1:])), cuts
     assert cuts[-1] > cuts[0]
@@ -354,7 +354,7 @@ def test_config_rules_for_the_targets():
     with pytest.raises(ValueError, match="calibration_passes"):
         DiTFastAttnConfig(calibration_passes=4)
     assert DiTFastAttnConfig().allocation == "trajectory"
-    assert DiTFastAttnConfig().target() == ("snr_db", DEFAULT_TARGET_SNR_DB)
+    assert DiTFastAttnConfig().target() == ("cut", DEFAULT_TARGET_CUT)
     assert DiTFastAttnConfig(target_cut=0.6).target() == ("cut", 0.6)
 
 
