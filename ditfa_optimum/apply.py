@@ -29,7 +29,7 @@ class _Installed:
     adapter: Adapter
     originals: dict[str, object]
     modules: dict[str, torch.nn.Module]
-    hook: torch.utils.hooks.RemovableHandle
+    hook: "_Handles"  # the step pre-hook and the always-called post-hook
     blocks: InstalledBlocks | None = None  # block hooks, when the plan skips blocks
 
 
@@ -69,7 +69,7 @@ def apply(model, plan: CompressionPlan, *, backend: str | None = None, cfg: bool
     plan.validate([spec for spec, _ in modules], model_class=adapter.model_class,
                   blocks=[spec for spec, _ in blocks] if plan.blocks else None)
     runtime = PlanRuntime(plan, backend=backend, cfg=cfg_source(cfg, adapter, pipeline))
-    install(transformer, adapter, modules, runtime)
+    install(transformer, adapter, modules, runtime, pipeline=pipeline)
     if plan.skips_blocks:
         try:
             _installed(transformer).blocks = install_blocks(transformer, adapter, blocks,
@@ -136,22 +136,73 @@ def cfg_source(cfg: bool | None, adapter: Adapter, pipeline):
     return cfg
 
 
-def install(transformer: torch.nn.Module, adapter: Adapter, modules: list, runtime) -> None:
+def install(transformer: torch.nn.Module, adapter: Adapter, modules: list, runtime, pipeline=None) -> None:
     """Route ``modules``' attention through ``runtime`` (anything with ``.state``, a `StepState`, and
-    ``.module(spec)``, a callable ``(q, k, v, num_text_tokens) -> out``): the plan runtime, or a calibration."""
+    ``.module(spec)``, a callable ``(q, k, v, num_text_tokens) -> out``): the plan runtime, or a calibration.
+
+    Every transformer call first checks that the plan can still run as searched, and raises a clear error otherwise:
+    no other step cache was enabled, no planned processor was replaced (``fuse_qkv_projections``, IP-adapter loading,
+    ``set_attn_processor`` would otherwise silently drop the plan), and (given the ``pipeline`` and a plan) the
+    pipeline runs as many denoising steps as the plan covers. A call that raises resets the step state, so the next
+    generation starts clean."""
     originals = {spec.name: module.processor for spec, module in modules}
     for spec, module in modules:
         module.set_processor(adapter.make_processor(spec, runtime.module(spec)))
+    processors = {spec.name: module.processor for spec, module in modules}
 
     signature = inspect.signature(transformer.forward)
     watched = _watched(transformer, adapter, modules)
+    plan = getattr(runtime, "plan", None)
 
     def advance_step(_module, args, kwargs):
-        check_no_foreign_cache(transformer, watched)  # a cache enabled after apply() would break the plan silently
-        runtime.state.on_transformer_call(*adapter.read_call(signature, args, kwargs))
+        try:
+            check_no_foreign_cache(transformer, watched)  # a cache enabled after apply() would break the plan
+            for spec, module in modules:
+                if module.processor is not processors[spec.name]:
+                    raise ValueError(
+                        f"attention module {spec.name!r} no longer runs the ditfa plan: its processor was replaced by "
+                        f"{type(module.processor).__name__} after apply() (fuse_qkv_projections, an IP-adapter or "
+                        "LoRA loader, set_attn_processor, ...). Call ditfa_optimum.remove(pipe) first, make the "
+                        "change, then apply the plan again")
+            runtime.state.on_transformer_call(*adapter.read_call(signature, args, kwargs))
+            if plan is not None and pipeline is not None and runtime.state.step == 0 and runtime.state.branch == 0:
+                check_step_count(pipeline, plan.num_steps)
+        except Exception:
+            runtime.state.reset()
+            raise
+
+    def after_call(_module, _args, output):
+        if output is None:  # the call raised (always_call hooks see no output then): start the next one clean
+            runtime.state.reset()
 
     hook = transformer.register_forward_pre_hook(advance_step, with_kwargs=True)
-    setattr(transformer, _ATTR, _Installed(runtime, adapter, originals, {s.name: m for s, m in modules}, hook))
+    after = transformer.register_forward_hook(after_call, always_call=True)
+    setattr(transformer, _ATTR, _Installed(runtime, adapter, originals, {s.name: m for s, m in modules},
+                                           _Handles(hook, after)))
+
+
+class _Handles:
+    """Both hooks of an installed runtime, removed together."""
+
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def check_step_count(pipeline, plan_steps: int) -> None:
+    """Refuse a generation whose step count differs from the plan's (read from the scheduler's timesteps, set
+    before the denoising loop starts): a plan runs its step table, and fewer steps would run it silently wrong."""
+    timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
+    if timesteps is None or not hasattr(timesteps, "__len__"):
+        return
+    steps = len(timesteps)
+    if steps and steps != plan_steps:
+        raise ValueError(f"the pipeline runs {steps} denoising steps but the plan was searched for {plan_steps}; "
+                         f"call it with num_inference_steps={plan_steps}, or search a plan for {steps} steps "
+                         "(DiTFastAttnConfig(num_inference_steps=...))")
 
 
 def _installed(model) -> _Installed:
@@ -169,7 +220,9 @@ def remove(model) -> CompressionPlan | None:
     if installed.blocks is not None:
         installed.blocks.remove()
     for name, module in installed.modules.items():
-        module.set_processor(installed.originals[name])
+        if type(module.processor).__name__ == installed.adapter.planned_processor_name(name):
+            module.set_processor(installed.originals[name])
+        # else: replaced after apply (set_attn_processor, an IP-adapter loader): keep what the user set
     installed.hook.remove()
     installed.runtime.state.reset()
     delattr(transformer, _ATTR)

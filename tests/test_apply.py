@@ -153,8 +153,9 @@ def test_sd3_pipeline_with_more_steps_than_the_plan_raises():
     pipe = sd3_pipeline()
     pipe.set_progress_bar_config(disable=True)
     dfa.apply(pipe, dfa.uniform_plan(pipe, num_steps=3, block_size=4))
-    with pytest.raises(ValueError, match="covers only 3 steps; .*num_inference_steps=3"):
-        run_sd3(pipe, steps=5)
+    with pytest.raises(ValueError, match="runs 5 denoising steps but the plan was searched for 3; .*"
+                                         "num_inference_steps=3"):
+        run_sd3(pipe, steps=5)  # refused before the first step, not after three silently planned ones
     run_sd3(pipe, steps=3)  # and the pipeline still works with the right step count afterwards
 
 

@@ -149,6 +149,10 @@ class Adapter:
     def make_processor(self, spec: ModuleSpec, module_runtime):
         raise NotImplementedError
 
+    def planned_processor_name(self, name: str) -> str:
+        """Class name of the processor `make_processor` installs (the last of `stock_processors` by convention)."""
+        return self.stock_processors[-1]
+
     def check_processor(self, name: str, module: torch.nn.Module) -> None:
         current = type(module.processor).__name__
         if current not in self.stock_processors:

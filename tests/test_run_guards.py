@@ -1,0 +1,71 @@
+"""A plan never runs silently wrong: a different step count, a replaced processor or a failed call are caught."""
+
+import pytest
+import torch
+
+from ditfa_optimum import apply, get_runtime, remove, uniform_plan
+from ditfa_optimum.embedded import DEFAULTS, embedded_pipeline
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return embedded_pipeline("tiny-sd3")
+
+
+def _run(pipe, encoder, steps, **extra):
+    d = DEFAULTS["tiny-sd3"]
+    return pipe(**dict(encoder(["a red square"])), num_inference_steps=steps, height=d["size"], width=d["size"],
+                guidance_scale=d["guidance"], output_type="latent", **extra).images
+
+
+def test_fewer_steps_than_the_plan_is_refused_and_the_next_run_is_clean(sd3):
+    pipe, encoder = sd3
+    plan = uniform_plan(pipe, 4, "cache", full_steps=1)
+    apply(pipe, plan)
+    try:
+        with pytest.raises(ValueError, match="runs 3 denoising steps but the plan was searched for 4"):
+            _run(pipe, encoder, 3)
+        assert get_runtime(pipe).state.step == -1  # reset: nothing half-done carries over
+        planned = _run(pipe, encoder, 4)
+    finally:
+        remove(pipe)
+    assert planned.isfinite().all()
+
+
+def test_a_replaced_processor_is_reported_and_kept_by_remove(sd3):
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    pipe, encoder = sd3
+    apply(pipe, uniform_plan(pipe, 4, "arrow:1/2", full_steps=1))
+    mine = JointAttnProcessor2_0()
+    pipe.transformer.transformer_blocks[0].attn.set_processor(mine)
+    try:
+        with pytest.raises(ValueError, match="no longer runs the ditfa plan: its processor was replaced"):
+            _run(pipe, encoder, 4)
+    finally:
+        remove(pipe)
+    assert pipe.transformer.transformer_blocks[0].attn.processor is mine  # what the user set stays
+    pipe.transformer.transformer_blocks[0].attn.set_processor(JointAttnProcessor2_0())
+
+
+def test_a_call_that_fails_in_step_0_does_not_poison_the_next_generation(sd3):
+    pipe, encoder = sd3
+    plan = uniform_plan(pipe, 4, "cache", full_steps=1)
+    apply(pipe, plan)
+    calls = {"n": 0}
+
+    def fail_once(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected failure inside the first transformer call")
+
+    handle = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(fail_once, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            _run(pipe, encoder, 4)
+        planned = _run(pipe, encoder, 4)  # would raise "a cache head found no output" if state leaked
+    finally:
+        handle.remove()
+        remove(pipe)
+    dense = _run(pipe, encoder, 4)
+    assert planned.shape == dense.shape and planned.isfinite().all()
