@@ -156,14 +156,19 @@ def _cmd_optimize(args) -> int:
     from .embedded import defaults_for
 
     defaults = defaults_for(args.model) or MODEL_DEFAULTS
-    size = args.size or defaults["size"]
+
+    def given(value, default):  # 0 is a value to refuse, not "use the default"
+        return default if value is None else value
+
+    size = given(args.size, defaults["size"])
     try:
         config = DiTFastAttnConfig(
             threshold=args.threshold, methods=tuple(args.method or DEFAULT_METHODS),
-            num_inference_steps=args.steps or defaults["steps"], height=args.height or size, width=args.width or size,
+            num_inference_steps=given(args.steps, defaults["steps"]), height=given(args.height, size),
+            width=given(args.width, size),
             guidance_scale=args.guidance if args.guidance is not None else defaults["guidance"], seed=args.seed,
             cost_model=args.cost_model, num_prompts=args.num_prompts, batch_size=args.batch_size,
-            block_size=args.block_size or defaults["block_size"], backend=args.backend,
+            block_size=given(args.block_size, defaults["block_size"]), backend=args.backend,
             budget_schedule=args.budget_schedule, error_normalization=args.error_normalization,
             allocation=args.allocation, target_cut=args.target_cut, target_snr_db=args.target_snr,
             max_head_rse=args.max_head_rse, calibration_passes=args.calibration_passes)

@@ -140,8 +140,9 @@ class DiTFastAttnConfig:
             raise ValueError(f"full_steps must be an int in [1, num_inference_steps={self.num_inference_steps}] "
                              f"(step 0 is always full), got {self.full_steps!r}")
         if self.guidance_scale is not None and (not isinstance(self.guidance_scale, (int, float))
-                                                or isinstance(self.guidance_scale, bool)):
-            raise ValueError(f"guidance_scale must be a number or None, got {self.guidance_scale!r}")
+                                                or isinstance(self.guidance_scale, bool)
+                                                or not math.isfinite(self.guidance_scale)):
+            raise ValueError(f"guidance_scale must be a finite number or None, got {self.guidance_scale!r}")
         if self.budget_schedule not in BUDGET_SCHEDULES:
             raise ValueError(f"budget_schedule must be one of {sorted(BUDGET_SCHEDULES)}, got {self.budget_schedule!r}")
         if self.error_normalization not in ERROR_NORMALIZATIONS:

@@ -97,7 +97,8 @@ class DiTFastAttnOptimizer:
         """Calibrate on prompts, search the plan, and optionally save it.
 
         Args:
-            config: threshold, candidate methods, steps, resolution, guidance, seed, cost model, batch size.
+            config: target, candidate methods, steps, resolution, guidance, seed, cost model, batch size; None:
+                `default_config` (the embedded models' own resolution and steps).
             calibration_prompts: captions to calibrate on; None = ``config.num_prompts`` built-in captions.
             save_dir: write the artifact there (`save_pretrained`); checked before calibrating
                 (`ditfa_optimum.serialization.check_target`), so a path that cannot be written fails at once.
@@ -107,7 +108,7 @@ class DiTFastAttnOptimizer:
         Returns:
             The `CompressionPlan` (also ``self.plan``; the statistics are ``self.stats``).
         """
-        config = config or DiTFastAttnConfig()
+        config = config or self.default_config()
         if not isinstance(config, DiTFastAttnConfig):
             raise ValueError(f"config must be a DiTFastAttnConfig, got {type(config).__name__}")
         if calibration_prompts is None:
@@ -129,6 +130,18 @@ class DiTFastAttnOptimizer:
         if save_dir is not None:
             self.save_pretrained(save_dir, overwrite=overwrite)
         return self.plan
+
+    def default_config(self) -> DiTFastAttnConfig:
+        """The config `optimize` uses when given none: the library defaults, with the resolution, steps, CFG scale
+        and mask block of the model where the package knows them (the embedded models and saved miniature models,
+        as the CLI does); otherwise 1024x1024, 28 steps, the pipeline's CFG."""
+        from .embedded import defaults_for
+
+        d = defaults_for(self.source) if self.source is not None else None
+        if d is None:
+            return DiTFastAttnConfig()
+        return DiTFastAttnConfig(num_inference_steps=d["steps"], height=d["size"], width=d["size"],
+                                 guidance_scale=d["guidance"], block_size=d["block_size"])
 
     def default_prompts(self, n: int, seed: int) -> list[str]:
         """The calibration captions used when none are given: the pipeline's own (``pipeline.default_prompts``, e.g.

@@ -274,3 +274,16 @@ def test_trajectory_calibration_end_to_end(tmp_path):
     assert again.sensitivity.guidance_scale == sens.guidance_scale
     assert again.flow_lambda == stats.flow_lambda and again.passes == stats.passes
     assert search(again, config) == plan
+
+
+def test_optimizer_uses_the_embedded_models_own_defaults():
+    """`optimize()` with no config calibrates the embedded model at its own resolution and steps, as the CLI does."""
+    from ditfa_optimum import DiTFastAttnOptimizer
+    from ditfa_optimum.embedded import DEFAULTS
+
+    opt = DiTFastAttnOptimizer.from_pretrained("tiny-sd3")
+    config = opt.default_config()
+    d = DEFAULTS["tiny-sd3"]
+    assert (config.height, config.num_inference_steps, config.block_size, config.guidance_scale) == (
+        d["size"], d["steps"], d["block_size"], d["guidance"])
+    assert config.allocation == "trajectory"

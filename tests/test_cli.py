@@ -174,3 +174,13 @@ def test_verify_tolerance_mode_across_environments(artifact, tmp_path, monkeypat
     bad = verify_artifact(_perturbed_copy(artifact, tmp_path, "weights"))
     assert not bad.ok and all(r.metric == "psnr" for r in bad.rows)
     assert any(not r.ok and r.value < 30 for r in bad.rows), bad.text()
+
+
+@pytest.mark.parametrize("flag", [["--steps", "0"], ["--size", "0"], ["--block-size", "0"], ["--guidance", "nan"]],
+                         ids=["steps", "size", "block-size", "guidance"])
+def test_optimize_refuses_zero_and_nan_instead_of_using_defaults(flag, tmp_path, capsys):
+    from ditfa_optimum.cli import main
+
+    assert main(["optimize", "tiny-sd3", "--out", str(tmp_path / "a"), "--quiet", *flag]) != 0
+    assert "must be" in capsys.readouterr().err  # the config's own message: the field, the value, what it needs
+    assert not (tmp_path / "a").exists()

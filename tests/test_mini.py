@@ -285,3 +285,22 @@ def test_minutes_fixes_the_step_count_inside_the_warm_up_so_steps_repeat_the_run
         assert [trainer.lr_at(s, planned, 3e-4, 200) for s in range(30)] == [3e-4 * (s + 1) / 200 for s in range(30)]
     with pytest.raises(ValueError, match="warmup >= 2"):
         trainer.train(minutes=1.0, warmup=1, **kwargs)
+
+
+def test_pipeline_takes_diffusers_step_callbacks():
+    """Code written for SD3 pipelines (callback_on_step_end) runs on the offline default model."""
+    import torch
+
+    from ditfa_optimum.mini import mini_pipeline
+
+    pipe = mini_pipeline()
+    seen = []
+
+    def callback(p, step, timestep, tensors):
+        seen.append((step, tuple(tensors["latents"].shape)))
+        return {"latents": tensors["latents"] * 0} if step == 1 else tensors
+
+    out = pipe(["a small red circle in the top left"], num_inference_steps=2, guidance_scale=1.0,
+               generator=torch.Generator().manual_seed(0), output_type="latent", callback_on_step_end=callback)
+    assert [s for s, _ in seen] == [0, 1] and seen[0][1] == (1, 3, 64, 64)
+    assert torch.equal(out.images, torch.zeros_like(out.images))  # the returned latents were used

@@ -67,7 +67,8 @@ class MiniMMDiTPipeline(DiffusionPipeline):
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  pooled_prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True):
+                 return_dict: bool = True, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs: list[str] = ("latents",)):
         """Generate images.
 
         Args:
@@ -78,6 +79,9 @@ class MiniMMDiTPipeline(DiffusionPipeline):
             guidance_scale: CFG scale (``<= 1`` turns CFG off).
             generator: one generator, or one per image, for the initial noise.
             output_type: "pil", "np", "pt" (images in [0, 1]) or "latent" (the raw [-1, 1] pixels).
+            callback_on_step_end: as in diffusers' pipelines: called after every step as
+                ``callback(pipe, step, timestep, {name: tensor})`` with the tensors named in
+                ``callback_on_step_end_tensor_inputs`` (only ``"latents"``); a returned ``"latents"`` replaces them.
 
         Returns:
             `ImagePipelineOutput` (``.images``), or a tuple when ``return_dict=False``.
@@ -124,8 +128,11 @@ class MiniMMDiTPipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device, torch.float32)
 
+        unknown = set(callback_on_step_end_tensor_inputs) - {"latents"}
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs can only name 'latents', got {sorted(unknown)}")
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_in = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
             velocity = self.transformer(hidden_states=model_in.to(dtype), timestep=t.expand(model_in.shape[0]),
                                         encoder_hidden_states=embeds, pooled_projections=pooled,
@@ -134,6 +141,9 @@ class MiniMMDiTPipeline(DiffusionPipeline):
                 uncond, cond = velocity.chunk(2)
                 velocity = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                returned = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                latents = returned.get("latents", latents)
         self.maybe_free_model_hooks()
 
         images = latents if output_type == "latent" else (latents / 2 + 0.5).clamp(0, 1)
