@@ -73,7 +73,7 @@ METHOD_SETS = {
 @pytest.mark.parametrize("family", FAMILIES)
 def test_calibration_flow_is_what_the_runtime_runs(family, methods, monkeypatch):
     """The activations the calibration lets flow are exactly what the applied plan produces."""
-    changes = {"threshold": 0.2}
+    changes = {"threshold": 0.2, "max_head_rse": 1e9}  # uncapped: random weights make `cache` errors large
     if METHOD_SETS[methods]:
         changes["methods"] = METHOD_SETS[methods]
     pipe, encoder, config = tiny_setup(family, **changes)
