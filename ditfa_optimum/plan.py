@@ -113,13 +113,11 @@ class BlockSpec:
         return float(image_tokens * self.mlp_image + text_tokens * self.mlp_text)
 
 
-@dataclass
-class FlopReport:
-    """Attention FLOPs of a plan vs dense attention, per module and step (one sample; CFG halves counted)."""
+class _Cuts:
+    """Dense vs planned FLOPs, ``[rows, steps]`` float64, and the cuts they give (rows: modules or blocks)."""
 
-    module_names: list[str]
-    dense: torch.Tensor  # [M, T] float64
-    planned: torch.Tensor  # [M, T] float64
+    dense: torch.Tensor
+    planned: torch.Tensor
 
     @property
     def dense_total(self) -> float:
@@ -131,18 +129,30 @@ class FlopReport:
 
     @property
     def cut(self) -> float:
-        """Fraction of dense attention FLOPs the plan saves (0 = none, 1 = all)."""
+        """Fraction of the dense FLOPs the plan saves (0 = none, 1 = all)."""
         return 1.0 - self.planned_total / self.dense_total
-
-    def cut_per_module(self) -> dict[str, float]:
-        return {n: 1.0 - float(p.sum() / d.sum()) for n, d, p in zip(self.module_names, self.dense, self.planned)}
 
     def cut_per_step(self) -> torch.Tensor:
         return 1.0 - self.planned.sum(0) / self.dense.sum(0)
 
+    def _cut_per_row(self, names: list[str]) -> dict[str, float]:
+        return {n: 1.0 - float(p.sum() / d.sum()) for n, d, p in zip(names, self.dense, self.planned)}
+
 
 @dataclass
-class TransformerFlopReport:
+class FlopReport(_Cuts):
+    """Attention FLOPs of a plan vs dense attention, per module and step (one sample; CFG halves counted)."""
+
+    module_names: list[str]
+    dense: torch.Tensor  # [M, T] float64
+    planned: torch.Tensor  # [M, T] float64
+
+    def cut_per_module(self) -> dict[str, float]:
+        return self._cut_per_row(self.module_names)
+
+
+@dataclass
+class TransformerFlopReport(_Cuts):
     """FLOPs of the transformer blocks (attention products + linear layers), dense vs planned, per block and step,
     for one sample. The embedders and the final projection outside the blocks are not counted (well under 1% of an
     SD3/FLUX forward)."""
@@ -151,24 +161,8 @@ class TransformerFlopReport:
     dense: torch.Tensor  # [NB, T] float64
     planned: torch.Tensor  # [NB, T] float64
 
-    @property
-    def dense_total(self) -> float:
-        return float(self.dense.sum())
-
-    @property
-    def planned_total(self) -> float:
-        return float(self.planned.sum())
-
-    @property
-    def cut(self) -> float:
-        """Fraction of the dense transformer FLOPs the plan saves (0 = none, 1 = all)."""
-        return 1.0 - self.planned_total / self.dense_total
-
     def cut_per_block(self) -> dict[str, float]:
-        return {n: 1.0 - float(p.sum() / d.sum()) for n, d, p in zip(self.block_names, self.dense, self.planned)}
-
-    def cut_per_step(self) -> torch.Tensor:
-        return 1.0 - self.planned.sum(0) / self.dense.sum(0)
+        return self._cut_per_row(self.block_names)
 
 
 @dataclass
