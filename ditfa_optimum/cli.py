@@ -293,6 +293,8 @@ def _cmd_bench(args) -> int:
     from .apply import apply, remove
     from .calibrate import pipeline_kwargs, progress_bars
 
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be at least 1 (timed runs per variant), got {args.repeats}")
     try:
         art = _read(args.artifact)
         settings = _settings(art, args, seed=0)
@@ -305,11 +307,13 @@ def _cmd_bench(args) -> int:
         def run():  # the same noise every time
             return pipe(**{**kwargs, "generator": [torch.Generator().manual_seed(0)]}, output_type="latent")
 
-        def per_step():
+        def per_step(what: str):
+            from tqdm.auto import tqdm
+
             times = []
             with torch.inference_mode(), progress_bars(pipe, False):
                 run()  # warm-up
-                for _ in range(args.repeats):
+                for _ in tqdm(range(args.repeats), desc=f"ditfa bench ({what})", unit="run", leave=False):
                     sync()
                     start = time.perf_counter()
                     run()
@@ -317,9 +321,9 @@ def _cmd_bench(args) -> int:
                     times.append((time.perf_counter() - start) / steps)
             return sorted(times)[len(times) // 2]
 
-        planned = per_step()
+        planned = per_step("plan")
         plan = remove(pipe)
-        dense = per_step()
+        dense = per_step("dense")
         apply(pipe, plan, backend=args.backend)
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -41,9 +41,11 @@ def environment(pipeline, backend: str) -> dict:
 
 
 def _generate(pipeline, prompts: list[str], seeds: list[int], steps: int, height: int, width: int,
-              guidance_scale, prompt_encoder) -> list[torch.Tensor]:
+              guidance_scale, prompt_encoder, desc: str = "ditfa reference images") -> list[torch.Tensor]:
+    from tqdm.auto import tqdm
+
     images = []
-    for prompt, seed in zip(prompts, seeds):
+    for prompt, seed in tqdm(list(zip(prompts, seeds)), desc=desc, unit="image", leave=False):
         config = DiTFastAttnConfig(num_inference_steps=steps, height=height, width=width, seed=seed,
                                    guidance_scale=guidance_scale)
         with torch.inference_mode(), progress_bars(pipeline, False):

@@ -184,3 +184,10 @@ def test_optimize_refuses_zero_and_nan_instead_of_using_defaults(flag, tmp_path,
     assert main(["optimize", "tiny-sd3", "--out", str(tmp_path / "a"), "--quiet", *flag]) != 0
     assert "must be" in capsys.readouterr().err  # the config's own message: the field, the value, what it needs
     assert not (tmp_path / "a").exists()
+
+
+def test_bench_refuses_zero_repeats_before_loading_anything(capsys):
+    from ditfa_optimum.cli import main
+
+    assert main(["bench", "no-such-artifact", "--repeats", "0"]) != 0
+    assert "--repeats must be at least 1" in capsys.readouterr().err
