@@ -69,3 +69,16 @@ def test_a_call_that_fails_in_step_0_does_not_poison_the_next_generation(sd3):
         remove(pipe)
     dense = _run(pipe, encoder, 4)
     assert planned.shape == dense.shape and planned.isfinite().all()
+
+
+def test_an_image_smaller_than_two_mask_blocks_warns_once(sd3, caplog):
+    pipe, encoder = sd3
+    plan = uniform_plan(pipe, 4, "arrow:1/2", full_steps=1, block_size=256)  # 256 image tokens: one block
+    apply(pipe, plan)
+    try:
+        with caplog.at_level("WARNING", logger="ditfa_optimum.runtime.headwise"):
+            _run(pipe, encoder, 4)
+    finally:
+        remove(pipe)
+    warnings = [r for r in caplog.records if "mask block" in r.getMessage()]
+    assert len(warnings) == 1 and "nothing is saved" in warnings[0].getMessage()

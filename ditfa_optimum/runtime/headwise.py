@@ -12,6 +12,8 @@ callable each attention processor invokes with the joint ``q, k, v`` (``[B, H, S
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,8 @@ from ..methods import AttentionMethod, CfgShare, HeadMemory, make_method
 from ..plan import CompressionPlan, ModuleSpec
 from .backends import check_backend_name, get_backend
 from .state import StepState
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class PlanRuntime:
         self.backend_name = check_backend_name(backend)
         self.state = StepState(plan.num_steps, cfg=cfg)
         self.programs = {spec.name: self._compile(spec) for spec in plan.modules}
+        self.warned_small = False  # one warning when the image is smaller than two mask blocks
 
     def _compile(self, spec: ModuleSpec) -> list[_StepProgram]:
         keeps = self.plan.output_keeps(spec.name)
@@ -79,7 +84,13 @@ class ModuleRuntime:
         return self._widths[key]
 
     def layout(self, num_image_tokens: int, num_text_tokens: int) -> TokenLayout:
-        return self.spec.layout(num_image_tokens, num_text_tokens, self.runtime.plan.block_size)
+        layout = self.spec.layout(num_image_tokens, num_text_tokens, self.runtime.plan.block_size)
+        if layout.num_image_blocks <= 1 and not self.runtime.warned_small:
+            self.runtime.warned_small = True
+            logger.warning("ditfa: %d image tokens make %d mask block(s) of %d tokens: every arrow head computes full "
+                           "attention here (correct, but nothing is saved); plan with a smaller block_size for this "
+                           "resolution", num_image_tokens, layout.num_image_blocks, self.runtime.plan.block_size)
+        return layout
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text_tokens: int) -> torch.Tensor:
         """Attention of the joint sequence ``q, k, v`` (``[B, H, S, D]``) under the plan's current step."""
