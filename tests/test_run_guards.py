@@ -82,3 +82,18 @@ def test_an_image_smaller_than_two_mask_blocks_warns_once(sd3, caplog):
         remove(pipe)
     warnings = [r for r in caplog.records if "mask block" in r.getMessage()]
     assert len(warnings) == 1 and "nothing is saved" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("family", ["tiny-sd3", "tiny-flux"])
+def test_a_loader_recreating_the_processor_class_gets_a_clear_error_not_a_crash(family):
+    """diffusers' IP-adapter / LoRA loaders call ``type(processor)()``: that must work, and running such a processor
+    (or the plan after it replaced ours) must say what to do."""
+    pipe, _ = embedded_pipeline(family)
+    apply(pipe, uniform_plan(pipe, 4, "full"))
+    try:
+        attn = next(m for m in pipe.transformer.modules() if hasattr(m, "processor") and hasattr(m, "set_processor"))
+        recreated = type(attn.processor)()  # what diffusers' loaders do
+        with pytest.raises(ValueError, match="created without one .*remove the plan first"):
+            recreated(attn, torch.zeros(1, 4, attn.query_dim if hasattr(attn, "query_dim") else 8))
+    finally:
+        remove(pipe)

@@ -26,6 +26,14 @@ def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
     return cls
 
 
+def check_runtime(processor) -> None:
+    """Refuse to run a planned processor that was created without a plan (see the processors' ``__init__``)."""
+    if processor.runtime is None:
+        raise ValueError(f"this {type(processor).__name__} runs a ditfa plan but was created without one (diffusers "
+                         "re-creates the current processor class while loading an IP-adapter or LoRA); remove the "
+                         "plan first (ditfa_optimum.remove(pipe)), load, then apply the plan again")
+
+
 def adapter_names() -> list[str]:
     return sorted(_ADAPTERS)
 

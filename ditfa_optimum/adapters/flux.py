@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..plan import BlockSpec, ModuleSpec
-from .base import Adapter, double_stream_block_spec, linear_flops, register_adapter
+from .base import Adapter, check_runtime, double_stream_block_spec, linear_flops, register_adapter
 
 
 def _flux_helpers():
@@ -36,12 +36,15 @@ class FluxPlannedAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, module_runtime):
+    def __init__(self, module_runtime=None):
+        # diffusers' IP-adapter and LoRA loaders re-create the current processor class with no arguments: that must
+        # not crash inside diffusers; such a processor refuses to run (check_runtime) and the plan reports it
         self.runtime = module_runtime
         self._rotary, self._projections = _flux_helpers()
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None) -> torch.Tensor:
+        check_runtime(self)
         if attention_mask is not None:
             raise ValueError("ditfa_optimum's FLUX runtime does not take an attention_mask (text padding masks); "
                              "run without one or remove the plan")

@@ -16,13 +16,15 @@ from __future__ import annotations
 import torch
 
 from ..plan import ModuleSpec
-from .base import Adapter, double_stream_block_spec, register_adapter
+from .base import Adapter, check_runtime, double_stream_block_spec, register_adapter
 
 
 class SD3PlannedAttnProcessor:
     """Drop-in for diffusers' `JointAttnProcessor2_0` / `FusedJointAttnProcessor2_0` that runs the plan."""
 
-    def __init__(self, module_runtime):
+    def __init__(self, module_runtime=None):
+        # diffusers' IP-adapter and LoRA loaders re-create the current processor class with no arguments: that must
+        # not crash inside diffusers; such a processor refuses to run (check_runtime) and the plan reports it
         self.runtime = module_runtime
 
     @staticmethod
@@ -44,6 +46,7 @@ class SD3PlannedAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        check_runtime(self)
         # like the stock processor, attention_mask is not used by SD3's joint attention
         batch, n_img = hidden_states.shape[:2]
         q, k, v = self._qkv(attn, hidden_states, "to_qkv", ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"))
