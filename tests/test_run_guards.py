@@ -97,3 +97,34 @@ def test_a_loader_recreating_the_processor_class_gets_a_clear_error_not_a_crash(
             recreated(attn, torch.zeros(1, 4, attn.query_dim if hasattr(attn, "query_dim") else 8))
     finally:
         remove(pipe)
+
+
+def test_backward_through_a_plan_with_full_heads_and_a_finishing_head():
+    """Training-style use: every computed head full width (16 image tokens are one mask block, so the arrow band is
+    the whole image and the backend returns SDPA's own output) and heads finished in place (`arrow_residual` adds its
+    residual, `cache` fills in) must still give gradients (diffusers' FLUX training tests hit this)."""
+    from ditfa_optimum.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("flux")
+    transformer = pipe.transformer.train()
+    plan = uniform_plan(transformer, 2, "full")
+    for spec in plan.modules:
+        plan.set(spec.name, 1, 0, "arrow_residual:1/8")
+        plan.set(spec.name, 1, 1, "cache")
+    apply(transformer, plan, backend="reference")
+    try:
+        g = torch.Generator().manual_seed(0)
+        d = transformer.config
+        hidden = torch.randn(1, 16, d.in_channels, generator=g)
+        text = torch.randn(1, 4, d.joint_attention_dim, generator=g)
+        kwargs = dict(encoder_hidden_states=text, pooled_projections=torch.randn(1, d.pooled_projection_dim, generator=g),
+                      img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(4, 3), return_dict=False)
+        if d.guidance_embeds:
+            kwargs["guidance"] = torch.tensor([3.5])
+        for t in (1.0, 0.5):  # step 0 full, step 1 with a cached head
+            out = transformer(hidden.requires_grad_(True), timestep=torch.tensor([t]), **kwargs)[0]
+            out.square().mean().backward()
+        assert hidden.grad is not None and hidden.grad.isfinite().all()
+    finally:
+        remove(transformer)
+        transformer.eval()

@@ -112,6 +112,8 @@ class ModuleRuntime:
         out = backend.attend(q, k, v, layout, widths) if bool(widths.any()) else torch.empty_like(q)
 
         memory = state.memory(self.spec.name)
+        if program.finishing and out.requires_grad:
+            out = out.clone()  # a backend may return a tensor autograd saved (SDPA's output): finish a copy
         for h in program.finishing:
             out[:, h] = program.methods[h].finalize(out[:, h], memory.setdefault(h, HeadMemory()), cfg)
         if program.records:
@@ -120,11 +122,11 @@ class ModuleRuntime:
                 arrow_widths[:, h] = arrow.width(layout)
             arrow_out = backend.attend(q, k, v, layout, arrow_widths)
             for h, _ in program.records:
-                memory.setdefault(h, HeadMemory()).residual = out[:, h] - arrow_out[:, h]
+                memory.setdefault(h, HeadMemory()).residual = (out[:, h] - arrow_out[:, h]).detach()
         for h, mem in memory.items():
             mem.previous_output = None
         for h in program.keeps:
-            memory.setdefault(h, HeadMemory()).previous_output = out[:, h].clone()
+            memory.setdefault(h, HeadMemory()).previous_output = out[:, h].detach().clone()  # no graph across steps
         if step == rt.plan.num_steps - 1:
             memory.clear()  # nothing reads past the last step
         return out
