@@ -623,7 +623,7 @@ def calibrate(pipeline, config: DiTFastAttnConfig, prompts: list[str], *, prompt
                               desc="ditfa calibration (dense flow)")
     passes = []
     for _ in range(config.calibration_passes - 1):
-        problem = TrajectoryProblem.from_stats(stats, config, _all_candidates(stats, config))
+        problem = TrajectoryProblem.from_stats(stats, config)
         lam, choices = problem.solve(config)
         passes.append(problem.describe(choices, lam, config))
         stats = _calibration_pass(pipeline, config, prompts, prompt_encoder, None, progress, sensitivity=sensitivity,
@@ -657,14 +657,6 @@ def _damage_scale(pipeline, stats: CalibrationStats, config: DiTFastAttnConfig, 
     logger.info("ditfa: the searched plan moved the calibration images' latents by MSE %.3g, %.3g predicted",
                 measured, predicted)
     return measured / predicted if measured > 0 else 1.0
-
-
-def _all_candidates(stats: CalibrationStats, config: DiTFastAttnConfig):
-    import numpy as np
-
-    unused = np.full(len(stats.candidates), np.inf)
-    unused[[stats.candidates.index(str(m)) for m in config.candidates()]] = 0.0
-    return unused
 
 
 def _calibration_pass(pipeline, config: DiTFastAttnConfig, prompts: list[str], prompt_encoder,

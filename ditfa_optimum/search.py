@@ -215,16 +215,10 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
         raise ValueError(f"the statistics cover {stats.num_steps} steps but the config asks for "
                          f"{config.num_inference_steps}; calibrate again with num_inference_steps="
                          f"{config.num_inference_steps}")
-    names = [str(m) for m in config.candidates()]
-    missing = [n for n in names if n not in stats.candidates]
-    if missing:
-        raise ValueError(f"candidate methods {missing} were not calibrated (the statistics have {stats.candidates}); "
-                         "calibrate with them or leave them out of config.methods")
-    unused = np.full(len(stats.candidates), np.inf)
-    unused[[stats.candidates.index(n) for n in names]] = 0.0
+    unused = unused_candidates(stats, config)
     full_index = stats.candidates.index("full")
     methods = [make_method(n) for n in stats.candidates]
-    problem = TrajectoryProblem.from_stats(stats, config, unused) if config.allocation == "trajectory" else None
+    problem = TrajectoryProblem.from_stats(stats, config) if config.allocation == "trajectory" else None
     if problem is not None and granularity != "head":
         raise ValueError("granularity='layer' is the paper-style baseline; use it with allocation='local'")
 
@@ -292,6 +286,19 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
     return plan
 
 
+def unused_candidates(stats: CalibrationStats, config: DiTFastAttnConfig) -> np.ndarray:
+    """``[C]``: 0 for the calibrated candidates the config searches, ``inf`` for the others (added to an RSE, it rules
+    them out). Raises when the config asks for candidates the statistics do not have."""
+    names = [str(m) for m in config.candidates()]
+    missing = [n for n in names if n not in stats.candidates]
+    if missing:
+        raise ValueError(f"candidate methods {missing} were not calibrated (the statistics have {stats.candidates}); "
+                         "calibrate with them or leave them out of config.methods")
+    unused = np.full(len(stats.candidates), np.inf)
+    unused[[stats.candidates.index(n) for n in names]] = 0.0
+    return unused
+
+
 class TrajectoryProblem:
     """The global allocation's data, flattened over (module, step, head): damage, savings, what is allowed."""
 
@@ -312,12 +319,13 @@ class TrajectoryProblem:
         self.damage_scale = 1.0
 
     @classmethod
-    def from_stats(cls, stats: CalibrationStats, config: DiTFastAttnConfig, unused: np.ndarray) -> "TrajectoryProblem":
+    def from_stats(cls, stats: CalibrationStats, config: DiTFastAttnConfig) -> "TrajectoryProblem":
         sens = stats.sensitivity
         if sens is None:
             raise ValueError("these statistics hold no sensitivity measurement, which the trajectory allocation "
                              "needs; calibrate with allocation='trajectory' or search with allocation='local'")
         full_index = stats.candidates.index("full")
+        unused = unused_candidates(stats, config)
         names, damage, saved, allowed, dense = [], {}, {}, {}, 0.0
         for spec in stats.modules:
             err = stats.err[spec.name].numpy()

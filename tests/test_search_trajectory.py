@@ -35,9 +35,7 @@ def chosen_index(stats, plan):
 
 
 def problem_of(stats, cfg):
-    unused = np.full(len(stats.candidates), np.inf)
-    unused[[stats.candidates.index(str(m)) for m in cfg.candidates()]] = 0.0
-    return TrajectoryProblem.from_stats(stats, cfg, unused)
+    return TrajectoryProblem.from_stats(stats, cfg)
 
 
 def plan_totals(stats, cfg, plan):
