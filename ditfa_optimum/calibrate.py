@@ -39,7 +39,7 @@ from .methods import AttentionMethod, CfgShare, Full, HeadMemory, make_method
 from .plan import BlockSpec, CompressionPlan, ModuleSpec
 from .runtime.backends import check_backend_name, get_backend
 from .runtime.state import StepState
-from .sensitivity import Sensitivity
+from .sensitivity import Sensitivity, guided_error
 
 logger = logging.getLogger(__name__)
 
@@ -362,9 +362,7 @@ class _ModuleCalibration:
                 e = (diff ** 2).sum(dim=(0, 2, 3)).double().cpu()
                 err[available, ci] = e[available]
                 if scale is not None:
-                    u, c = diff.chunk(2)
-                    diff = (1 - scale) * u + scale * c
-                    e = (diff ** 2).sum(dim=(0, 2, 3)).double().cpu()
+                    e = (guided_error(diff, scale) ** 2).sum(dim=(0, 2, 3)).double().cpu()
                 guided[available, ci] = e[available]
 
         choice = session.choose(spec, step, err, ref, samples=B // 2 if cfg else B, guided=guided)
@@ -472,9 +470,7 @@ class _BlockCalibration:
             outputs[ci] = candidate
             diffs = [(c.float() - o.float()) for c, o in zip(parts(candidate), parts(streams))]
             err[ci] = sum(float((d ** 2).sum()) for d in diffs)
-            if scale is not None:
-                diffs = [(1 - scale) * u + scale * c for u, c in (d.chunk(2) for d in diffs)]
-            guided[ci] = sum(float((d ** 2).sum()) for d in diffs)
+            guided[ci] = sum(float((guided_error(d, scale) ** 2).sum()) for d in diffs)
 
         run = 0
         while step - 1 - run in memory["skipped"]:

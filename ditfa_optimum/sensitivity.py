@@ -153,6 +153,23 @@ class Sensitivity:
         return cls.from_parts(modules, info, load_file(directory / "sensitivity.safetensors"))
 
 
+def guided_error(error: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """What an error of the transformer's batch rows adds to the guided prediction: ``(1 - s) e_uncond + s e_cond`` for
+    a batch of [uncond, cond] halves (CFG scale ``s``); the error itself without batched CFG (``scale`` None)."""
+    if scale is None:
+        return error
+    uncond, cond = error.chunk(2)
+    return (1 - scale) * uncond + scale * cond
+
+
+def _per_guided_unit(per_row: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Per-row squared gradient norms made per unit of guided error: each CFG half divided by its factor squared
+    (a half whose factor is 0 carries none of it and is dropped)."""
+    if scale is None:
+        return per_row
+    return torch.cat([h / w ** 2 for h, w in zip(per_row.chunk(2), (1 - scale, scale)) if w != 0])
+
+
 # ==================================================================================================== measuring it
 class _Recorder:
     """Forward pre-hook on the transformer: keeps a detached copy of every call's arguments."""
@@ -212,8 +229,8 @@ class _Probe:
 def _block_grad_hook(adapter, spec, grads: dict):
     """Forward hook on a block: keep the gradients reaching its output streams."""
     def hook(module, args, output):
-        for tensor in (adapter.block_output_streams(spec, output).image,
-                       adapter.block_output_streams(spec, output).text):
+        streams = adapter.block_output_streams(spec, output)
+        for tensor in (streams.image, streams.text):
             if tensor is not None and tensor.requires_grad:
                 tensor.register_hook(lambda g: grads.setdefault(spec.name, []).append(g.detach()))
     return hook
@@ -316,19 +333,14 @@ def measure_sensitivity(pipeline, config, prompts: list[str], *, prompt_encoder=
                     raise RuntimeError(f"module {spec.name!r} received no gradient at step {t}")
                 # g: [B (x2 with CFG), H, S, D]; per unit of the guided error: each half / its factor, averaged
                 per = g.double().pow(2).sum(dim=(2, 3)) / (g.shape[2] * g.shape[3])
-                if cfg:
-                    halves = [h / w ** 2 for h, w in zip(per.chunk(2), (1 - scale, scale)) if w != 0]
-                    per = torch.cat(halves)
-                gain[spec.name][t] = per.mean(0).cpu()
+                gain[spec.name][t] = _per_guided_unit(per, scale if cfg else None).mean(0).cpu()
             for spec, _ in blocks:
                 grads = block_grads.get(spec.name, [])
                 if not grads:
                     raise RuntimeError(f"block {spec.name!r} received no gradient at step {t}")
                 # per row: squared norm over both streams / their elements; per unit of guided error with CFG
                 per = sum(g.double().pow(2).flatten(1).sum(1) for g in grads) / sum(g[0].numel() for g in grads)
-                if cfg:
-                    per = torch.cat([h / w ** 2 for h, w in zip(per.chunk(2), (1 - scale, scale)) if w != 0])
-                block_gain[spec.name][t] = float(per.mean())
+                block_gain[spec.name][t] = float(_per_guided_unit(per, scale if cfg else None).mean())
             lam = (lam + grad_x.detach()).detach()
     finally:
         for handle in handles:
@@ -380,12 +392,7 @@ class _Injector:
                 return out
             element = self.steps.index(step) + 1
             rows = [element, self.copies + element] if self.cfg else [element]
-            error = (prev - out).float()
-            if self.cfg:  # the guided error of the untouched element 0
-                s = self.sens.guidance_scale
-                guided = (1 - s) * error[0] + s * error[self.copies]
-            else:
-                guided = error[0]
+            guided = guided_error((prev - out).float(), self.sens.guidance_scale)[0]  # of the untouched element 0
             gain = self.sens.gain[spec.name][step].to(guided.device)
             self.predicted[step] += float((gain * guided.double().pow(2).sum(dim=(1, 2))).sum())
             out[rows] = prev[rows]
