@@ -287,3 +287,43 @@ def test_optimizer_uses_the_embedded_models_own_defaults():
     assert (config.height, config.num_inference_steps, config.block_size, config.guidance_scale) == (
         d["size"], d["steps"], d["block_size"], d["guidance"])
     assert config.allocation == "trajectory"
+
+
+def test_block_methods_are_calibrated_and_searched_with_the_heads(tmp_path):
+    """Block candidates: measured per (block, step), chosen by the same Lagrangian, a valid plan that runs, cuts whole-
+    transformer FLOPs as asked, and statistics that survive save / load."""
+    from ditfa_optimum.calibrate import CalibrationStats
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe, encoder, config = tiny_setup("sd3", allocation="trajectory", max_head_rse=1e9,
+                                           block_methods=("block_cache", "block_taylor"), target_cut=0.6)
+        stats = calibrate(pipe, config, default_prompts(2), prompt_encoder=encoder, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    names = [b.name for b in stats.blocks]
+    assert names and stats.block_candidates == ["compute", "block_cache", "block_taylor"]
+    for b in names:
+        assert stats.block_err[b].shape == (config.num_inference_steps, 3)
+        assert bool(torch.isinf(stats.block_err[b][0, 1:]).all())  # nothing to reuse at step 0
+        assert bool(torch.isfinite(stats.block_err[b][2:, 1:]).all()) and bool((stats.block_ref[b] > 0).all())
+        assert float(stats.block_cost[b].sum()) > 0
+    plan = search(stats, config)
+    info = plan.metadata["search"]
+    assert plan.skips_blocks and info["whole_cut"] >= 0.6 - 1e-9
+    for b in names:  # never longer skipped runs than max_skip_run
+        run = 0
+        for t in range(plan.num_steps):
+            run = run + 1 if plan.block_method(b, t).name != "compute" else 0
+            assert run <= config.max_skip_run
+    apply(pipe, plan, backend="reference")  # validates: no `cache` head right after a skipped step
+    try:
+        out = run_pipeline(pipe, default_prompts(2), config, prompt_encoder=encoder)
+    finally:
+        remove(pipe)
+    assert out.isfinite().all()
+    stats.save(tmp_path)
+    again = CalibrationStats.load(tmp_path)
+    assert again.blocks == stats.blocks and all(torch.equal(again.block_err[b], stats.block_err[b]) for b in names)
+    assert search(again, config) == plan
