@@ -462,9 +462,7 @@ class _BlockCalibration:
         for ci, method in enumerate(self.methods[1:], start=1):
             try:
                 sources = method.sources(step, memory["ran"], [], spec.mlps)
-            except ValueError:
-                continue
-            if step == 0 or not memory["ran"]:
+            except ValueError:  # the block ran at no earlier step of this generation: nothing to reuse
                 continue
             candidate = method.skip(inputs, step, memory["residuals"], sources)
             outputs[ci] = candidate
