@@ -165,6 +165,17 @@ class TransformerFlopReport(_Cuts):
         return self._cut_per_row(self.block_names)
 
 
+def _check_names(what: str, planned: list[str], model: dict) -> None:
+    """Refuse a plan whose module (or block) names differ from the model's, naming up to five of each side."""
+    missing = [n for n in planned if n not in model]
+    extra = [n for n in model if n not in set(planned)]
+    if missing or extra:
+        raise ValueError(f"the plan does not match the model's {what}: the model lacks {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''} and the plan lacks {extra[:5]}"
+                         f"{' ...' if len(extra) > 5 else ''} ({len(planned)} planned, {len(model)} in the model); "
+                         "was the plan made for another model?")
+
+
 @dataclass
 class CompressionPlan:
     """Per attention module, step and head: which method runs; per transformer block and step (optional): which block
@@ -500,13 +511,7 @@ class CompressionPlan:
         if model_class and self.model_class and model_class != self.model_class:
             raise ValueError(f"the plan was made for a {self.model_class}, but the transformer is a {model_class}")
         theirs = {s.name: s for s in modules}
-        missing = [n for n in self.module_names if n not in theirs]
-        extra = [n for n in theirs if n not in set(self.module_names)]
-        if missing or extra:
-            raise ValueError(f"the plan does not match the model's attention modules: the model lacks {missing[:5]}"
-                             f"{' ...' if len(missing) > 5 else ''} and the plan lacks {extra[:5]}"
-                             f"{' ...' if len(extra) > 5 else ''} ({len(self.modules)} planned, {len(theirs)} in "
-                             "the model); was the plan made for another model?")
+        _check_names("attention modules", self.module_names, theirs)
         for mine in self.modules:
             other = theirs[mine.name]
             if (mine.num_heads, mine.head_dim) != (other.num_heads, other.head_dim):
@@ -524,12 +529,7 @@ class CompressionPlan:
 
     def _validate_blocks(self, blocks: list[BlockSpec]) -> None:
         theirs = {b.name: b for b in blocks}
-        missing = [n for n in self.block_names if n not in theirs]
-        extra = [n for n in theirs if n not in set(self.block_names)]
-        if missing or extra:
-            raise ValueError(f"the plan does not match the model's blocks: the model lacks {missing[:5]} and the plan "
-                             f"lacks {extra[:5]} ({len(self.blocks)} planned, {len(theirs)} in the model); was the "
-                             "plan made for another model?")
+        _check_names("blocks", self.block_names, theirs)
         for mine in self.blocks:
             other = theirs[mine.name]
             if (mine.attention, mine.mlps) != (other.attention, other.mlps):
