@@ -1,3 +1,4 @@
+import contextlib
 import logging
 import os
 
@@ -14,6 +15,31 @@ from ditfa_optimum.masks import TokenLayout
 
 def pytest_configure(config):
     logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for a test: tiny tensors and many small ops run several (up to 100) times slower on two
+    threads of a busy two-core machine."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """`one_thread` for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread_module")``)."""
+    with _torch_threads(1):
+        yield
 
 
 @pytest.fixture

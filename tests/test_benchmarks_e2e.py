@@ -24,15 +24,6 @@ def e2e():
     return module
 
 
-@pytest.fixture
-def one_thread():
-    # as the script's --tiny mode does: tiny tensors run 100x slower on two threads when the machine is busy
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_case(e2e, arch):
     """A tiny model of ``arch``, its inputs per step at the --tiny size, its text tokens, block size and CFG flag."""
     model, text_tokens, block_size = e2e.build_model(arch, tiny=True)

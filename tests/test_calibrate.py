@@ -232,20 +232,15 @@ def test_measured_costs_are_shared_by_identical_computations():
     assert seconds[2] == seconds[3] and seconds[4] == 0
 
 
-def test_trajectory_calibration_end_to_end(tmp_path):
+def test_trajectory_calibration_end_to_end(one_thread, tmp_path):
     """The default allocation: sensitivity, a dense-flow pass, a plan-flow pass; the search meets the default target;
     the statistics (guided errors and sensitivity included) survive save / load."""
     from ditfa_optimum.calibrate import CalibrationStats
     from ditfa_optimum.config import DEFAULT_TARGET_CUT
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many tiny ops on two shared cores
-    try:
-        pipe, encoder, config = tiny_setup("sd3", allocation="trajectory")  # the library's default allocation
-        assert config.target() == ("cut", DEFAULT_TARGET_CUT) and config.calibration_passes == 2
-        stats = calibrate(pipe, config, default_prompts(2), prompt_encoder=encoder, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    pipe, encoder, config = tiny_setup("sd3", allocation="trajectory")  # the library's default allocation
+    assert config.target() == ("cut", DEFAULT_TARGET_CUT) and config.calibration_passes == 2
+    stats = calibrate(pipe, config, default_prompts(2), prompt_encoder=encoder, progress=False)
     sens = stats.sensitivity
     assert sens is not None and sens.num_steps == config.num_inference_steps and sens.guidance_scale == 5.0
     assert sens.num_prompts == 2
@@ -289,19 +284,14 @@ def test_optimizer_uses_the_embedded_models_own_defaults():
     assert config.allocation == "trajectory"
 
 
-def test_block_methods_are_calibrated_and_searched_with_the_heads(tmp_path):
+def test_block_methods_are_calibrated_and_searched_with_the_heads(one_thread, tmp_path):
     """Block candidates: measured per (block, step), chosen by the same Lagrangian, a valid plan that runs, cuts whole-
     transformer FLOPs as asked, and statistics that survive save / load."""
     from ditfa_optimum.calibrate import CalibrationStats
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pipe, encoder, config = tiny_setup("sd3", allocation="trajectory", max_head_rse=1e9,
-                                           block_methods=("block_cache", "block_taylor"), target_cut=0.6)
-        stats = calibrate(pipe, config, default_prompts(2), prompt_encoder=encoder, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    pipe, encoder, config = tiny_setup("sd3", allocation="trajectory", max_head_rse=1e9,
+                                       block_methods=("block_cache", "block_taylor"), target_cut=0.6)
+    stats = calibrate(pipe, config, default_prompts(2), prompt_encoder=encoder, progress=False)
     names = [b.name for b in stats.blocks]
     assert names and stats.block_candidates == ["compute", "block_cache", "block_taylor"]
     for b in names:

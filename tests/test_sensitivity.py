@@ -16,16 +16,9 @@ from ditfa_optimum.sensitivity import SENSITIVITY_FORMAT_VERSION, Sensitivity, m
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
 STEPS = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Many tiny ops: one thread is ~20x faster than two when the two CPU cores are shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def setup(name: str, num_steps: int = STEPS, **changes):

@@ -33,6 +33,9 @@ def load(name: str):
     return module
 
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
 @pytest.fixture(scope="module")
 def flops():
     return load("flops")
@@ -41,15 +44,6 @@ def flops():
 @pytest.fixture(scope="module")
 def peers():
     return load("peers")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # as tests/test_benchmarks_e2e.py: small tensors run several times slower on two threads of a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
