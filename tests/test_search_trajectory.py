@@ -374,3 +374,31 @@ def test_trajectory_search_needs_a_sensitivity():
     search(bare, config(allocation="local"))  # the paper's search reads the same statistics
     with pytest.raises(ValueError, match="granularity='layer'.*allocation='local'"):
         search(attach_sensitivity(bare), config(), granularity="layer")
+
+
+def test_calibration_statistics_of_format_1_still_load(tmp_path):
+    """Statistics saved before format 2 (no sensitivity, guided errors, passes or blocks) load as the local search's;
+    an unknown future format is refused."""
+    import json
+
+    import torch
+
+    from ditfa_optimum.calibrate import STATS_JSON, CalibrationStats
+
+    stats = synthetic_stats()
+    stats.save(tmp_path)
+    info = json.loads((tmp_path / STATS_JSON).read_text())
+    for key in ("sensitivity", "flow_lambda", "passes", "damage_scale", "blocks", "block_candidates"):
+        info.pop(key, None)
+    info["format_version"] = 1
+    (tmp_path / STATS_JSON).write_text(json.dumps(info))
+    old = CalibrationStats.load(tmp_path)
+    assert old.sensitivity is None and old.passes == [] and old.damage_scale == 1.0 and old.blocks == []
+    for spec in stats.modules:
+        assert torch.equal(old.err[spec.name], stats.err[spec.name])
+    local = DiTFastAttnConfig(num_inference_steps=old.num_steps, allocation="local", threshold=0.1)
+    assert search(old, local) == search(stats, local)
+    info["format_version"] = 3
+    (tmp_path / STATS_JSON).write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="unsupported calibration format"):
+        CalibrationStats.load(tmp_path)
