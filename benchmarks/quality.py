@@ -12,6 +12,8 @@ calls that really run). Strategies:
 * **trajectory** (the product's default search): `DiTFastAttnOptimizer`'s calibration (sensitivity + two passes)
   with ``target_cut`` swept; each point is its own calibration, as a user would run it; plus the default config
   (``target_snr_db``) as one point;
+* **trajectory + blocks / + steps / + steps + blocks**: the same search with block methods, whole skipped steps
+  (``skip_steps``) or both; ``target_cut`` on whole-transformer FLOPs;
 * **trajectory, 1 pass**: the same allocation on one dense-flow calibration (shows what the second pass buys);
 * **paper**: the first wave's search (``allocation="local"``, constant budget per step, per-head RSE) over δ;
 * **local quadratic module-norm**: the best first-wave option, over δ;
@@ -52,7 +54,8 @@ TARGET_CUTS = (0.3, 0.45, 0.6, 0.7, 0.8, 0.9)
 #: whole-transformer FLOP cuts asked of the plans with block methods
 WHOLE_TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 BLOCK_METHODS = ("block_cache", "block_taylor")
-CURVES = ("default", "trajectory", "blocks", "one-pass", "paper", "local-quadratic", "uniform", "peers")
+CURVES = ("default", "trajectory", "blocks", "steps", "steps-blocks", "one-pass", "paper", "local-quadratic", "uniform",
+          "peers")
 UNIFORM_STARTS = (4, 8, 12, 16)
 
 
@@ -256,14 +259,23 @@ def main(argv=None) -> int:
                                 stats, args.backend))
     if "trajectory" in curves:
         for cut in targets:
-            cfg = config.replace(target_cut=cut)
-            rows.append(ev.plan_row("trajectory", f"target {cut:.0%}", search(calibrated(cfg), cfg), stats,
-                                    args.backend))
+            cfg = config.replace(target_cut=cut, skip_steps=False)
+            rows.append(ev.plan_row("trajectory (heads only)", f"target {cut:.0%}", search(calibrated(cfg), cfg),
+                                    stats, args.backend))
     if "blocks" in curves:
         for cut in WHOLE_TARGETS[1::2] if args.quick else WHOLE_TARGETS:
-            cfg = config.replace(target_cut=cut, block_methods=BLOCK_METHODS)
+            cfg = config.replace(target_cut=cut, block_methods=BLOCK_METHODS, skip_steps=False)
             plan = search(calibrated(cfg), cfg)
             rows.append(ev.plan_row("trajectory + blocks", f"whole target {cut:.0%}", plan, stats, args.backend))
+    for key, name, extra in (("steps", "trajectory + steps", dict(skip_steps=True)),
+                             ("steps-blocks", "trajectory + steps + blocks",
+                              dict(skip_steps=True, block_methods=BLOCK_METHODS))):
+        if key not in curves:
+            continue
+        for cut in WHOLE_TARGETS[1::2] if args.quick else WHOLE_TARGETS:
+            cfg = config.replace(target_cut=cut, **extra)
+            plan = search(calibrated(cfg), cfg)
+            rows.append(ev.plan_row(name, f"whole target {cut:.0%}", plan, stats, args.backend))
     if "one-pass" in curves:
         one = config.replace(calibration_passes=1)
         stats1 = calibrated(one)
@@ -297,6 +309,8 @@ def main(argv=None) -> int:
     result = dict(model=args.model, device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                   config=config.to_dict(), calibration_prompts=calibration, evaluation_prompts=len(captions),
                   calibration_seconds=seconds, dense_faithfulness=ev.dense_faith, rows=rows,
+                  step_factors=dict(output=stats.sensitivity.output_factor, runs=stats.sensitivity.run_factor)
+                  if stats.sensitivity is not None else None,
                   date=time.strftime("%Y-%m-%d"), command=" ".join(["python benchmarks/quality.py", *(argv or sys.argv[1:])]))
     name = "quality" + (f"-{args.tag}" if args.tag else "")
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")

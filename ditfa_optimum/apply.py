@@ -18,6 +18,7 @@ from .masks import DEFAULT_BLOCK_SIZE
 from .methods import AttentionMethod
 from .plan import CompressionPlan
 from .runtime.blocks import BlockRuntime, InstalledBlocks, install_blocks
+from .runtime.steps import install_steps
 from .runtime.headwise import PlanRuntime
 
 _ATTR = "_ditfa_installed"
@@ -31,6 +32,7 @@ class _Installed:
     modules: dict[str, torch.nn.Module]
     hook: "_Handles"  # the step pre-hook and the always-called post-hook
     blocks: InstalledBlocks | None = None  # block hooks, when the plan skips blocks
+    steps: InstalledBlocks | None = None  # the transformer's step hook, when the plan skips whole steps
 
 
 def _split(model) -> tuple[torch.nn.Module, object | None]:
@@ -70,13 +72,15 @@ def apply(model, plan: CompressionPlan, *, backend: str | None = None, cfg: bool
                   blocks=[spec for spec, _ in blocks] if plan.blocks else None)
     runtime = PlanRuntime(plan, backend=backend, cfg=cfg_source(cfg, adapter, pipeline))
     install(transformer, adapter, modules, runtime, pipeline=pipeline)
-    if plan.skips_blocks:
-        try:
+    try:
+        if plan.skips_blocks:
             _installed(transformer).blocks = install_blocks(transformer, adapter, blocks,
                                                             BlockRuntime(plan, runtime.state, adapter))
-        except Exception:
-            remove(transformer)
-            raise
+        if plan.skipped_steps:
+            _installed(transformer).steps = install_steps(transformer, plan, runtime.state)
+    except Exception:
+        remove(transformer)
+        raise
     return runtime
 
 
@@ -217,6 +221,8 @@ def remove(model) -> CompressionPlan | None:
     """Take the plan off: original processors back, hook removed, caches freed. Returns the removed plan."""
     transformer, _ = _split(model)
     installed = _installed(transformer)
+    if installed.steps is not None:
+        installed.steps.remove()
     if installed.blocks is not None:
         installed.blocks.remove()
     for name, module in installed.modules.items():

@@ -105,6 +105,10 @@ class CalibrationStats:
     #: measured / predicted change of the final latents of the searched plan on the sensitivity prompts (the error
     #: model's level, checked by one generation with the plan; the search multiplies every damage by it)
     damage_scale: float = 1.0
+    #: whole skipped steps (``skip_steps``): ``{"transformer": [T, T, T]}``, entry ``[a, b, e]`` the predicted damage
+    #: (before ``damage_scale``) of skipping steps ``b+1 .. e`` with `step_taylor` from the outputs of steps ``a < b``
+    #: (``a == b``: from step ``b`` alone); ``inf`` where not measured. Measured along the dense flow.
+    step_damage: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def rse(self, module: str, normalization: str = "head") -> torch.Tensor:
         """``[T, H, C]`` relative squared error (``inf`` where unavailable; 0 where full attention is constant),
@@ -181,7 +185,7 @@ class CalibrationStats:
 
 
 _TENSOR_KINDS = ("err", "ref", "chosen", "cost_flops", "cost_seconds", "err_guided", "block_err", "block_err_guided",
-                 "block_ref", "block_chosen", "block_cost")
+                 "block_ref", "block_chosen", "block_cost", "step_damage")
 
 
 def relative_error(err: torch.Tensor, ref: torch.Tensor, normalization: str = "head") -> torch.Tensor:
@@ -614,7 +618,8 @@ def calibrate(pipeline, config: DiTFastAttnConfig, prompts: list[str], *, prompt
     sensitivity = measure_sensitivity(pipeline, config, prompts[:config.sensitivity_prompts],
                                       prompt_encoder=prompt_encoder, seed=config.seed, progress=progress)
     stats = _calibration_pass(pipeline, config, prompts, prompt_encoder, None, progress, sensitivity=sensitivity,
-                              desc="ditfa calibration (dense flow)")
+                              desc="ditfa calibration (dense flow)", record_outputs=config.measures_steps)
+    step_damage = stats.step_damage
     passes = []
     for _ in range(config.calibration_passes - 1):
         problem = TrajectoryProblem.from_stats(stats, config)
@@ -622,6 +627,7 @@ def calibrate(pipeline, config: DiTFastAttnConfig, prompts: list[str], *, prompt
         passes.append(problem.describe(choices, lam, config))
         stats = _calibration_pass(pipeline, config, prompts, prompt_encoder, None, progress, sensitivity=sensitivity,
                                   lam=lam, desc="ditfa calibration (plan flow)")
+        stats.step_damage = step_damage  # skipped steps are priced on the dense flow (see step_skip_damage)
     stats.passes = passes
     stats.damage_scale = _damage_scale(pipeline, stats, config, prompts[:config.sensitivity_prompts], prompt_encoder,
                                        sensitivity)
@@ -655,9 +661,11 @@ def _damage_scale(pipeline, stats: CalibrationStats, config: DiTFastAttnConfig, 
 
 def _calibration_pass(pipeline, config: DiTFastAttnConfig, prompts: list[str], prompt_encoder,
                       plan: CompressionPlan | None, progress: bool, *, sensitivity: Sensitivity | None = None,
-                      lam: float | None = None, desc: str = "ditfa calibration") -> CalibrationStats:
+                      lam: float | None = None, desc: str = "ditfa calibration",
+                      record_outputs: bool = False) -> CalibrationStats:
     """One pass over the prompts; choices flow from ``plan``, or from `choose_step` (price ``lam`` for the
-    trajectory allocation: None = every head full)."""
+    trajectory allocation: None = every head full). ``record_outputs``: also price whole skipped steps
+    (`step_skip_damage`) from the transformer's outputs along this pass."""
     from tqdm.auto import tqdm
 
     from .apply import _prepare, _split, cfg_source, install, remove
@@ -690,6 +698,16 @@ def _calibration_pass(pipeline, config: DiTFastAttnConfig, prompts: list[str], p
         blocks = adapter.blocks(transformer)
         session.blocks = _BlockCalibration(session, adapter, [b for b, _ in blocks])
         installed_blocks = install_blocks(transformer, adapter, blocks, session.blocks)
+    outputs: list[list[torch.Tensor]] = []
+
+    def record(_module, _args, output):
+        sample = (output[0] if isinstance(output, (tuple, list)) else output.sample).detach().float()
+        cfg = session.state.cfg(needed=False) and sample.shape[0] % 2 == 0
+        if session.state.step == 0:
+            outputs.append([])
+        outputs[-1].append(guided_error(sample, session.guidance(cfg)).cpu())
+
+    recorder = transformer.register_forward_hook(record) if record_outputs else None
     start = time.perf_counter()
     try:
         batches = [(i, prompts[i:i + config.batch_size]) for i in range(0, len(prompts), config.batch_size)]
@@ -698,6 +716,8 @@ def _calibration_pass(pipeline, config: DiTFastAttnConfig, prompts: list[str], p
                 session.state.reset()
                 run_pipeline(pipeline, batch, config, prompt_encoder=prompt_encoder, first=first)
     finally:
+        if recorder is not None:
+            recorder.remove()
         if installed_blocks is not None:
             installed_blocks.remove()
         remove(transformer)
@@ -708,7 +728,7 @@ def _calibration_pass(pipeline, config: DiTFastAttnConfig, prompts: list[str], p
             raise RuntimeError(f"module {spec.name!r} never ran at steps {missing[:5]}: the pipeline ran fewer than "
                                f"num_inference_steps={config.num_inference_steps} steps")
     layout = session.layouts[specs[0].name]
-    return CalibrationStats(
+    stats = CalibrationStats(
         modules=specs, candidates=session.names, num_steps=config.num_inference_steps, err=session.err,
         ref=session.ref, chosen={n: c.to(torch.int16) for n, c in session.decided.items()},
         cost_flops=session.cost_flops, cost_seconds=session.cost_seconds, err_guided=session.err_guided,
@@ -717,6 +737,67 @@ def _calibration_pass(pipeline, config: DiTFastAttnConfig, prompts: list[str], p
         num_prompts=len(prompts), threshold=config.threshold, seconds=time.perf_counter() - start,
         device=str(next(transformer.parameters()).device), sensitivity=sensitivity, flow_lambda=lam,
         **_block_stats(session.blocks))
+    if record_outputs:
+        stats.step_damage = {"transformer": step_skip_damage(outputs, sensitivity, max(config.max_skip_run, 4))}
+    if config.measures_steps and not stats.blocks:  # whole-step costs need every block's linear FLOPs
+        stats.blocks = [b for b, _ in adapter.blocks(transformer)]
+        stats.block_cost = {b.name: torch.tensor([
+            sum(float(stats.cost_flops[m][0]) * stats.modules[[s.name for s in specs].index(m)].num_heads
+                for m in b.attention),
+            b.projection_flops(stats.image_tokens, stats.text_tokens),
+            b.mlp_flops(stats.image_tokens, stats.text_tokens)], dtype=torch.float64) for b in stats.blocks}
+    return stats
+
+
+def step_skip_damage(outputs: list[list[torch.Tensor]], sensitivity: Sensitivity | None,
+                     max_run: int) -> torch.Tensor:
+    """The predicted damage of every run of skipped steps the search may choose (`CalibrationStats.step_damage`).
+
+    For anchors ``a < b`` (or ``a == b``: one anchor) and a run of skipped steps ``b+1 .. e`` (at most ``max_run``;
+    anchors at most ``max_run + 1`` apart, as a plan with that bound has them), the error of `step_taylor` at each
+    skipped step ``t`` is ``extrapolate(v_a, v_b, t) - v_t`` on the guided outputs ``v`` of the dense flow. The
+    errors of one run are nearly the same vector growing along the run, so they are added *before* squaring, each
+    weighted by the square root of its step's output gain (`Sensitivity.output_damage_gain`)::
+
+        damage[a, b, e] = run_factor(e - b) * mean over prompts || sum_{t=b+1..e} sqrt(gain[t]) * err[t] ||^2
+
+    where ``run_factor`` is the measured correction for runs of that length (`Sensitivity.run_damage_factor`).
+
+    Args:
+        outputs: per prompt batch, per step, the guided transformer output ``[B, ...]`` (CPU).
+        sensitivity: the propagation gains (with ``output_gain``).
+        max_run: the most consecutive skipped steps.
+
+    Returns:
+        ``[T, T, T]`` float64, ``inf`` where not measured.
+    """
+    import math
+
+    from .methods import step_taylor
+
+    if sensitivity is None or not outputs:
+        raise ValueError("pricing skipped steps needs the sensitivity measurement and a recorded calibration pass")
+    T = len(outputs[0])
+    if any(len(batch) != T for batch in outputs):
+        raise RuntimeError(f"the calibration recorded {[len(b) for b in outputs]} transformer calls per batch; "
+                           "skip_steps needs one call per denoising step")
+    root = [math.sqrt(sensitivity.output_damage_gain(t)) for t in range(T)]
+    samples = sum(batch[0].shape[0] for batch in outputs)
+    damage = torch.full((T, T, T), math.inf, dtype=torch.float64)
+    for b in range(T - 1):
+        for a in range(max(0, b - max_run - 1), b + 1):
+            total = torch.zeros(min(T - 1, b + max_run) - b, dtype=torch.float64)
+            for batch in outputs:
+                history = {a: batch[a], b: batch[b]}
+                anchors = (b,) if a == b else (b, a)
+                acc = torch.zeros_like(batch[b])
+                for i, t in enumerate(range(b + 1, min(T - 1, b + max_run) + 1)):
+                    acc += root[t] * (step_taylor.extrapolate(history, t, anchors) - batch[t])
+                    total[i] += float(acc.double().pow(2).sum())
+            lengths = torch.arange(1, total.numel() + 1)
+            correction = torch.tensor([sensitivity.run_damage_factor(int(L)) for L in lengths], dtype=torch.float64)
+            damage[a, b, b + 1:b + 1 + total.numel()] = total / samples * correction
+    return damage
 
 
 def _block_stats(blocks: "_BlockCalibration | None") -> dict:

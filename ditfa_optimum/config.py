@@ -87,7 +87,14 @@ class DiTFastAttnConfig:
             ``"block_taylor"`` (extrapolate it from the last two). With block candidates the costs are whole-
             transformer FLOPs (attention, projections, MLPs) and ``target_cut`` is the share of those skipped.
         max_skip_run: the most consecutive steps a block may skip before it runs again (a residual reused or
-            extrapolated over many steps drifts; diffusers' TaylorSeer and cache-dit bound this the same way).
+            extrapolated over many steps drifts; diffusers' TaylorSeer and cache-dit bound this the same way);
+            the same bound holds for whole skipped steps.
+        skip_steps: trajectory allocation: also search whole steps where the transformer does not run
+            (``step_taylor``: its output extrapolated from the last two steps where it ran), chosen jointly with
+            the head (and block) methods by one dynamic program over the steps. Costs are then whole-transformer
+            FLOPs and ``target_cut`` is the share of those skipped. None (default): yes with the trajectory
+            allocation whenever the statistics price skipped steps (calibration measures them); True: required;
+            False: never (head and block methods only).
 
     Example:
         >>> cfg = DiTFastAttnConfig(threshold=0.1, num_inference_steps=28, height=1024, width=1024)
@@ -117,7 +124,8 @@ class DiTFastAttnConfig:
     sensitivity_prompts: int = 2
     calibration_passes: int = 2
     block_methods: tuple[str, ...] = ()
-    max_skip_run: int = 2
+    max_skip_run: int = 3
+    skip_steps: bool | None = None
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
@@ -186,6 +194,10 @@ class DiTFastAttnConfig:
         if self.block_methods and any(make_method(m).needs_residual for m in self.methods):
             raise ValueError("block_methods and arrow_residual heads cannot be searched together (an arrow_residual "
                              "head records its residual at steps its block may skip)")
+        if self.skip_steps is not None and not isinstance(self.skip_steps, bool):
+            raise ValueError(f"skip_steps must be True, False or None (auto), got {self.skip_steps!r}")
+        if self.skip_steps and self.allocation != "trajectory":
+            raise ValueError("skip_steps is searched by the trajectory allocation only; use allocation='trajectory'")
         if self.calibration_passes not in (1, 2, 3):
             raise ValueError(f"calibration_passes must be 1, 2 or 3, got {self.calibration_passes!r}")
         if self.cost_model not in COST_MODELS:
@@ -224,6 +236,11 @@ class DiTFastAttnConfig:
         mean = sum(weights) / len(weights) if weights else 1.0
         return [0.0] * self.full_steps + [self.threshold * w / mean for w in weights]
 
+    @property
+    def measures_steps(self) -> bool:
+        """Whether calibration prices skipped steps (``skip_steps`` True, or None with the trajectory allocation)."""
+        return self.allocation == "trajectory" and self.skip_steps is not False
+
     def target(self) -> tuple[str, float]:
         """``("cut", value)`` or ``("snr_db", value)``: what the trajectory allocation aims for."""
         if self.target_cut is not None:
@@ -255,6 +272,8 @@ class DiTFastAttnConfig:
         # searched the paper's way; a hand-written partial config gets today's defaults
         if "version" in data:
             data.setdefault("allocation", "local")
+            data.setdefault("skip_steps", False)  # written before skipped steps existed: searched without them
+            data.setdefault("max_skip_run", 2)
         for key in ("methods", "block_methods"):
             if key in data and isinstance(data[key], list):
                 data[key] = tuple(data[key])

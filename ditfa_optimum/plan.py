@@ -38,7 +38,7 @@ from .methods import (
     method_names,
 )
 
-PLAN_FORMAT_VERSION = 2
+PLAN_FORMAT_VERSION = 3
 PLAN_JSON = "plan.json"
 PLAN_TENSORS = "plan.safetensors"
 
@@ -192,6 +192,9 @@ class CompressionPlan:
             When given, every attention module belongs to exactly one block.
         block_methods: per block name, ``[num_steps]`` integer block method ids (`ditfa_optimum.methods.block_base`);
             blocks left out run `compute` at every step.
+        skipped_steps: the steps where the transformer does not run at all: its output is extrapolated from the last
+            two steps where it ran (`ditfa_optimum.methods.step_taylor`). Step 0 always runs. The head and block
+            methods listed for a skipped step are not used.
 
     Example:
         >>> from ditfa_optimum.plan import CompressionPlan, ModuleSpec
@@ -209,6 +212,7 @@ class CompressionPlan:
     metadata: dict = field(default_factory=dict)
     blocks: list[BlockSpec] = field(default_factory=list)
     block_methods: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         self.methods = {k: torch.as_tensor(v, dtype=torch.int16).cpu() for k, v in self.methods.items()}
@@ -217,6 +221,7 @@ class CompressionPlan:
         self.block_methods = {k: torch.as_tensor(v, dtype=torch.int16).cpu().clone()
                               for k, v in self.block_methods.items()}
         self._check_structure()
+        self.skipped_steps = self._checked_skips(self.skipped_steps)
         for b in self.blocks:  # default: the block runs at every step
             self.block_methods.setdefault(b.name, torch.zeros(self.num_steps, dtype=torch.int16))
         self._check_block_structure()
@@ -324,6 +329,17 @@ class CompressionPlan:
             self.block_methods[block][step] = old
             raise
 
+    def set_skipped_steps(self, steps: Iterable[int]) -> None:
+        """Skip these whole steps (`step_taylor`; re-validates the schedule, rolls back and raises if a rule breaks,
+        e.g. a `cache` head right after a skipped step)."""
+        old = self.skipped_steps
+        self.skipped_steps = self._checked_skips(list(steps))
+        try:
+            self._check_schedule()
+        except ValueError:
+            self.skipped_steps = old
+            raise
+
     def block_counts(self) -> dict[str, int]:
         """How many (block, step) entries use each block method name (empty when the plan has no blocks)."""
         if not self.blocks:
@@ -338,7 +354,7 @@ class CompressionPlan:
 
     def block_runs(self, block: str) -> list[bool]:
         """Per step: whether the block's forward executes (its attention modules run)."""
-        return [self.block_method(block, t).runs_block for t in range(self.num_steps)]
+        return [self.runs_step(t) and self.block_method(block, t).runs_block for t in range(self.num_steps)]
 
     def block_sources(self, block: str) -> list[tuple[MemoryRef, ...]]:
         """Per step: what the block's method reads from earlier steps (``MemoryRef(kind, step)``; ``()`` for none)."""
@@ -361,7 +377,8 @@ class CompressionPlan:
                 and all(torch.equal(self.methods[n], other.methods[n]) and torch.equal(self.params[n], other.params[n])
                         for n in self.module_names)
                 and self.blocks == other.blocks
-                and all(torch.equal(self.block_methods[n], other.block_methods[n]) for n in self.block_names))
+                and all(torch.equal(self.block_methods[n], other.block_methods[n]) for n in self.block_names)
+                and self.skipped_steps == other.skipped_steps)
 
     # ---------------------------------------------------------------- validation
     def _check_structure(self) -> None:
@@ -391,6 +408,38 @@ class CompressionPlan:
                     method_class(mid).from_param(par or None)
                 except ValueError as e:
                     raise ValueError(f"{where}: {e}") from None
+
+    def _checked_skips(self, steps) -> list[int]:
+        try:
+            out = sorted({int(s) for s in steps})
+            exact = all(float(s) == int(s) for s in steps)
+        except (TypeError, ValueError):
+            out, exact = None, False
+        if out is None or not exact:
+            raise ValueError(f"skipped_steps must be a list of step indices, got {steps!r}")
+        bad = [s for s in out if not 1 <= s < self.num_steps]
+        if bad:
+            raise ValueError(f"skipped_steps {bad} are outside 1..{self.num_steps - 1}: step 0 always runs (nothing "
+                             f"earlier to extrapolate from) and the plan covers {self.num_steps} steps")
+        return out
+
+    def runs_step(self, step: int) -> bool:
+        """Whether the transformer runs at ``step`` (False: `step_taylor` extrapolates its output)."""
+        return step not in self.skipped_steps
+
+    def step_sources(self) -> list[tuple[int, ...]]:
+        """Per step: the earlier steps whose transformer outputs a skipped step extrapolates from (``()`` where the
+        transformer runs)."""
+        from .methods import step_taylor
+
+        ran, out = [], []
+        for step in range(self.num_steps):
+            if self.runs_step(step):
+                ran.append(step)
+                out.append(())
+            else:
+                out.append(step_taylor.sources(step, ran))
+        return out
 
     def _check_block_structure(self) -> None:
         names = self.block_names
@@ -430,6 +479,9 @@ class CompressionPlan:
         """Per step, what the block's method reads; raises ValueError for a step whose memory no earlier step makes."""
         ran, mlp_ran, sources = [], [], []
         for step, mid in enumerate(self.block_methods[block.name].tolist()):
+            if not self.runs_step(step):  # the transformer does not run: neither does the block
+                sources.append(())
+                continue
             m = block_method_class(mid)()
             where = f"block {block.name!r} step {step}"
             if step == 0 and not isinstance(m, Compute):
@@ -448,13 +500,14 @@ class CompressionPlan:
     def _check_block_heads(self, block: BlockSpec) -> None:
         """Head methods that read an earlier step of their head need the block to have run then."""
         methods = [block_method_class(i)() for i in self.block_methods[block.name].tolist()]
+        runs = self.block_runs(block.name)
         if all(m.runs_block for m in methods):
             return
         for module in block.attention:
             ids = self.methods[module]
             for step in range(1, self.num_steps):
-                if not methods[step].runs_block or methods[step - 1].runs_block:
-                    continue
+                if not runs[step] or runs[step - 1] or not self.runs_step(step - 1):
+                    continue  # (a skipped step before is checked for every module by _check_schedule)
                 for head, mid in enumerate(ids[step].tolist()):
                     m = method_class(mid)
                     if m.needs_previous_output:
@@ -464,7 +517,7 @@ class CompressionPlan:
                             f"(`{methods[step - 1].name}`); compute the head at step {step} or run the block at step "
                             f"{step - 1}")
             for step, head, _ in self.residual_records(module):
-                if not methods[step].runs_block:
+                if not runs[step]:
                     raise ValueError(
                         f"module {module!r} step {step} head {head}: this `full` step records the residual that the "
                         f"head's later `arrow_residual` steps add, but its block {block.name!r} does not run at step "
@@ -479,8 +532,14 @@ class CompressionPlan:
             for head in range(spec.num_heads):
                 last_full, residual_fraction = None, None
                 for step in range(self.num_steps):
+                    if not self.runs_step(step):
+                        continue
                     m = self.method(spec.name, step, head)
                     where = f"module {spec.name!r} step {step} head {head}"
+                    if m.needs_previous_output and step > 0 and not self.runs_step(step - 1):
+                        raise ValueError(f"{where}: `{m.name}` reuses the head's output of step {step - 1}, but the "
+                                         f"plan skips step {step - 1} (`step_taylor`: the transformer does not run); "
+                                         f"compute the head at step {step} or run step {step - 1}")
                     if m.needs_previous_output and step == 0:
                         raise ValueError(f"{where}: `{m.name}` reuses the previous step's output, but step 0 has none; "
                                          "use `full` (or any computed method) at step 0")
@@ -551,7 +610,7 @@ class CompressionPlan:
         for i, spec in enumerate(self.modules):
             layout = spec.layout(image_tokens, text_tokens, self.block_size)
             dense[i] = spec.num_heads * dense_flops(layout, spec.head_dim)
-            for step in range(self.num_steps):
+            for step in filter(self.runs_step, range(self.num_steps)):
                 planned[i, step] = sum(m.flops(layout, spec.head_dim, cfg) for m in self.step_methods(spec.name, step))
             for step, head, fraction in self.residual_records(spec.name):
                 planned[i, step] += make_method("arrow", fraction).flops(layout, spec.head_dim, cfg)
@@ -585,7 +644,7 @@ class CompressionPlan:
             proj = block.projection_flops(image_tokens, text_tokens)
             mlp = block.mlp_flops(image_tokens, text_tokens)
             dense[i] = attn_dense + proj + mlp
-            for step in range(self.num_steps):
+            for step in filter(self.runs_step, range(self.num_steps)):  # a skipped step costs nothing
                 planned[i, step] = self.block_method(block.name, step).cost(float(attn_planned[step]), proj, mlp)
         return TransformerFlopReport(self.block_names, dense, planned)
 
@@ -597,6 +656,8 @@ class CompressionPlan:
             last_full = None
             recorded = set()
             for step in range(self.num_steps):
+                if not self.runs_step(step):
+                    continue
                 m = self.method(module, step, head)
                 if isinstance(m, Full):
                     last_full = step
@@ -611,9 +672,9 @@ class CompressionPlan:
         for mid in ids.unique().tolist():
             if method_class(mid).needs_previous_output:
                 reads_prev |= ids == mid
-        block = self.block_of(module)
-        if block is not None:  # a head in a block that does not run reads nothing
-            reads_prev &= torch.tensor(self.block_runs(block.name))[:, None]
+        runs = self.block_runs(block.name) if (block := self.block_of(module)) is not None else \
+            [self.runs_step(t) for t in range(self.num_steps)]
+        reads_prev &= torch.tensor(runs)[:, None]  # a head whose block or step does not run reads nothing
         keeps = torch.zeros_like(reads_prev)
         keeps[:-1] = reads_prev[1:]
         return keeps
@@ -629,6 +690,7 @@ class CompressionPlan:
             "modules": [asdict(s) for s in self.modules],
             "block_method_vocabulary": {name: block_method_class(name).method_id for name in block_method_names()},
             "blocks": [{**asdict(b), "attention": list(b.attention), "mlps": list(b.mlps)} for b in self.blocks],
+            "skipped_steps": list(self.skipped_steps),
             "metadata": self.metadata,
         }
 
@@ -678,8 +740,12 @@ class CompressionPlan:
         extra = set(tensors) - expected
         if extra:
             raise ValueError(f"plan tensors hold keys no module or block of the plan names: {sorted(extra)[:5]}")
+        skipped = info.get("skipped_steps", []) if version >= 3 else []
+        if not isinstance(skipped, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in skipped):
+            raise ValueError(f"plan.json 'skipped_steps' must be a list of step indices, got {skipped!r}")
         plan = cls(modules, methods, params, block_size=int(info["block_size"]), model_class=info.get("model_class"),
-                   metadata=info.get("metadata") or {}, blocks=blocks, block_methods=block_methods)
+                   metadata=info.get("metadata") or {}, blocks=blocks, block_methods=block_methods,
+                   skipped_steps=skipped)
         if plan.num_steps != info.get("num_steps", plan.num_steps):
             raise ValueError(f"plan.json says {info['num_steps']} steps, the tensors hold {plan.num_steps}")
         return plan
@@ -706,8 +772,9 @@ class CompressionPlan:
             return ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
 
         blocks = f"; {len(self.blocks)} blocks: {shares(self.block_counts())}" if self.skips_blocks else ""
+        skipped = f"; steps skipped (step_taylor): {self.skipped_steps}" if self.skipped_steps else ""
         return (f"CompressionPlan({len(self.modules)} attention modules x {self.num_steps} steps, "
-                f"block {self.block_size}; {shares(self.method_counts())}{blocks})")
+                f"block {self.block_size}; {shares(self.method_counts())}{blocks}{skipped})")
 
     def __repr__(self) -> str:
         return self.summary()
@@ -736,12 +803,13 @@ class CompressionPlan:
         predicted = info.get("predicted_rse")
         predicted = None if predicted is None else torch.tensor([predicted[n] for n in self.module_names],
                                                                 dtype=torch.float64)
-        report = PlanReport(self.module_names, names, share, 1.0 - flops.planned / flops.dense, predicted, flops.cut)
+        report = PlanReport(self.module_names, names, share, 1.0 - flops.planned / flops.dense, predicted, flops.cut,
+                            skipped_steps=list(self.skipped_steps))
         if self.blocks:
             whole = self.transformer_flops(image_tokens, text_tokens, cfg)
             report.block_names = self.block_names
-            report.block_methods = {n: [str(self.block_method(n, t)) for t in range(self.num_steps)]
-                                    for n in self.block_names}
+            report.block_methods = {n: [str(self.block_method(n, t)) if self.runs_step(t) else "step_taylor"
+                                        for t in range(self.num_steps)] for n in self.block_names}
             report.block_flop_cut = 1.0 - whole.planned / whole.dense
             report.transformer_cut = whole.cut
         return report
@@ -774,6 +842,7 @@ class PlanReport:
     block_methods: dict[str, list[str]] = field(default_factory=dict)
     block_flop_cut: torch.Tensor | None = None
     transformer_cut: float | None = None
+    skipped_steps: list[int] = field(default_factory=list)
 
     def table(self) -> str:
         """A text table: per module, its FLOP cut and the share of each method over all steps."""
@@ -790,20 +859,23 @@ class PlanReport:
                 row += f"  {float(self.predicted_rse[i].mean()):>9.4f}"
             lines.append(row)
         lines.append(f"{'total':<{width}}  {self.total_cut:>6.1%}")
+        if self.skipped_steps:
+            lines.append(f"steps skipped whole (step_taylor: the transformer does not run): {self.skipped_steps}")
         if self.block_names:
             lines += ["", self.block_table()]
         return "\n".join(lines)
 
     def block_table(self) -> str:
         """Per block: its whole-block FLOP cut and one letter per step (``.`` compute, ``C`` block_cache,
-        ``T`` block_taylor, ``M`` mlp_cache)."""
+        ``T`` block_taylor, ``M`` mlp_cache, ``S`` the whole step skipped by step_taylor)."""
         from .methods import block_method_class
 
         width = max(len(n) for n in self.block_names + ["total (blocks)"])
         head = f"{'block':<{width}}  {'cut':>6}  steps"
         lines = [head, "-" * (width + 10 + max(len(m) for m in self.block_methods.values()))]
         for i, name in enumerate(self.block_names):
-            letters = "".join(block_method_class(m).symbol for m in self.block_methods[name])
+            letters = "".join("S" if m == "step_taylor" else block_method_class(m).symbol
+                              for m in self.block_methods[name])
             lines.append(f"{name:<{width}}  {float(self.block_flop_cut[i].mean()):>6.1%}  {letters}")
         lines.append(f"{'total (blocks)':<{width}}  {self.transformer_cut:>6.1%}")
         return "\n".join(lines)

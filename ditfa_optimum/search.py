@@ -258,8 +258,11 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
         ids_of = [make_block_method(n).method_id for n in stats.block_candidates]
         blocks = {b: torch.tensor([ids_of[c] for c in choices[f"block:{b}"]], dtype=torch.int16)
                   for b in problem.blocks}
+    skipped = [] if problem is None or "steps" not in choices else np.nonzero(choices["steps"])[0].tolist()
     plan = CompressionPlan(stats.modules, ids, params, block_size=stats.block_size, model_class=stats.model_class,
-                           blocks=stats.blocks if blocks else [], block_methods=blocks)
+                           blocks=stats.blocks if blocks or (problem is not None and problem.step_damage is not None)
+                           else [], block_methods=blocks,
+                           skipped_steps=skipped)
     report = plan.flops(stats.image_tokens, stats.text_tokens, cfg=stats.cfg)
     if plan.blocks:
         extra["whole_cut"] = plan.transformer_flops(stats.image_tokens, stats.text_tokens, cfg=stats.cfg).cut
@@ -303,7 +306,7 @@ class TrajectoryProblem:
     """The global allocation's data, flattened over (module, step, head): damage, savings, what is allowed."""
 
     def __init__(self, names, damage, saved, allowed, dense_cost, sensitivity, full_index, blocks=None,
-                 cache_index=None, full_steps=1, max_skip_run=2):
+                 cache_index=None, full_steps=1, max_skip_run=2, step_damage=None, step_saved=0.0):
         self.names = names  # module names, in order
         self.damage = damage  # per module [T, H, C]
         self.saved = saved  # per module [C]
@@ -317,6 +320,9 @@ class TrajectoryProblem:
         self.full_steps = full_steps
         self.max_skip_run = max_skip_run
         self.damage_scale = 1.0
+        #: whole skipped steps: ``[T, T, T]`` damage of skipping ``b+1..e`` from anchors ``a, b`` (None: not searched)
+        self.step_damage = step_damage
+        self.step_saved = step_saved  # the cost of one whole step (every block, dense)
 
     @classmethod
     def from_stats(cls, stats: CalibrationStats, config: DiTFastAttnConfig) -> "TrajectoryProblem":
@@ -344,6 +350,18 @@ class TrajectoryProblem:
             allowed[spec.name] = ok
             dense += float(cost[full_index]) * err.shape[0] * err.shape[1]
         blocks = {}
+        step_damage, step_saved = None, 0.0
+        if config.skip_steps or (config.skip_steps is None and "transformer" in stats.step_damage):
+            if "transformer" not in stats.step_damage or not stats.blocks:
+                raise ValueError("these statistics do not price skipped steps; calibrate with skip_steps=True (or "
+                                 "search with skip_steps=False)")
+            step_damage = stats.damage_scale * stats.step_damage["transformer"].numpy()
+            step_saved = sum(float(stats.block_cost[b.name].sum()) for b in stats.blocks)
+            if step_damage.shape[0] != stats.num_steps:
+                raise ValueError(f"the skipped-step prices cover {step_damage.shape[0]} steps, the statistics "
+                                 f"{stats.num_steps}")
+            if not config.block_methods:
+                dense += sum(float(stats.block_cost[b.name][1:].sum()) for b in stats.blocks) * stats.num_steps
         if config.block_methods and stats.blocks:
             use = [stats.block_candidates.index(m) for m in config.block_methods if m in stats.block_candidates]
             for b in stats.blocks:
@@ -361,25 +379,139 @@ class TrajectoryProblem:
                 dense += float(cost[1:].sum()) * stats.num_steps  # the linears (attention is counted per module)
         cache = next((i for i, n in enumerate(stats.candidates) if make_method(n).needs_previous_output), None)
         problem = cls(names, damage, saved, allowed, dense, sens, full_index, blocks, cache, config.full_steps,
-                      config.max_skip_run)
+                      config.max_skip_run, step_damage, step_saved)
         problem.damage_scale = stats.damage_scale
         return problem
 
     def choose(self, lam: float) -> dict[str, np.ndarray]:
         """Per module ``[T, H]`` head choices; with blocks also ``"block:<name>"`` -> ``[T]`` (0 = compute, else the
-        column of the skip candidate)."""
+        column of the skip candidate); with skipped steps also ``"steps"`` -> ``[T]`` bool (True: skipped)."""
         heads = {n: lagrangian_choice(self.damage[n], self.saved[n], self.allowed[n], lam, self.full_index)
                  for n in self.names}
+        if self.step_damage is not None:
+            free = self._step_values(self._with_blocks(dict(heads), lam, ()), lam)
+            restricted = self._step_values(self._restricted_heads(lam), lam)
+            skipped = self._choose_steps(free, restricted, lam)
+            T = len(free)
+            after = {t + 1 for t in skipped if t + 1 < T} - set(skipped)
+            anchors = self.anchors(skipped, T)
+            for n in self.names:
+                limited = self._restricted_heads(lam, [n])[n]
+                for t in after:
+                    heads[n][t] = limited[t]
+                heads[n][sorted(set(skipped) | anchors)] = self.full_index
+            heads = self._with_blocks(heads, lam, skipped, anchors)
+            heads["steps"] = np.isin(np.arange(len(free)), sorted(skipped))
+            return heads
+        return self._with_blocks(heads, lam, ())
+
+    def _with_blocks(self, heads: dict, lam: float, skipped, anchors=()) -> dict:
         for block, (modules, damage, ok, saved) in self.blocks.items():
-            heads[f"block:{block}"] = self._choose_block(block, modules, damage, ok, saved, lam, heads)
+            heads[f"block:{block}"] = self._choose_block(block, modules, damage, ok, saved, lam, heads, skipped,
+                                                         anchors)
         return heads
 
-    def _choose_block(self, block, modules, damage, ok, saved, lam, heads) -> np.ndarray:
-        """Run or skip the block at each step, in step order: a skipped step forbids `cache` heads at the next."""
+    def _restricted_heads(self, lam: float, names=None) -> dict[str, np.ndarray]:
+        """Head choices without the candidate that reads the previous step (after a skipped step)."""
+        out = {}
+        for n in names or self.names:
+            allowed = self.allowed[n].copy()
+            if self.cache_index is not None:
+                allowed[..., self.cache_index] = False
+            out[n] = lagrangian_choice(self.damage[n], self.saved[n], allowed, lam, self.full_index)
+        return out
+
+    def _step_values(self, choices: dict, lam: float) -> np.ndarray:
+        """``[T]``: what the heads (and block skips) of each step save minus ``lam`` times their damage."""
+        T = next(iter(self.damage.values())).shape[0]
+        value = np.zeros(T)
+        skipped = {}
+        for block, (modules, block_damage, _, block_saved) in self.blocks.items():
+            c = choices.get(f"block:{block}")
+            if c is None:
+                continue
+            steps = c > 0
+            value += np.where(steps, block_saved - lam * block_damage[np.arange(T), c], 0.0)
+            for m in modules:
+                skipped[m] = steps
+        for n in self.names:
+            c = choices[n]
+            per = (self.saved[n][c] - lam * np.take_along_axis(self.damage[n], c[..., None], -1)[..., 0]).sum(1)
+            value += np.where(skipped.get(n, np.zeros(T, dtype=bool)), 0.0, per)
+        return value
+
+    def _choose_steps(self, free: np.ndarray, restricted: np.ndarray, lam: float) -> list[int]:
+        """The steps to skip whole: a dynamic program over the computed steps maximising the saved cost minus ``lam``
+        times the damage (runs of at most ``max_skip_run`` skipped steps; the first ``full_steps`` and step 0
+        computed). A computed step's value depends on its neighbours: the two computed steps before a skipped run
+        are its anchors and compute everything (an error there is extrapolated into every skipped step, amplified);
+        a step right after a skipped one takes its ``restricted`` value (nothing reads the skipped step); any other
+        its ``free`` value. State: (second-last computed, last computed, whether the second-last follows a skip)."""
+        T, R, D = len(free), self.max_skip_run, self.step_damage
+        start = max(self.full_steps, 1) - 1
+
+        def value(x: int, after_skip: bool, anchor: bool) -> float:
+            if x < self.full_steps or anchor:
+                return 0.0
+            return float(restricted[x] if after_skip else free[x])
+
+        best = {(max(start - 1, 0), start, False): (0.0, None)}  # the steps before full_steps are worth 0
+        end, end_value = None, -np.inf
+        for b in range(start, T):
+            for state in sorted(k for k in best if k[1] == b):
+                a, _, after_a = state
+                total = best[state][0]
+                for n in range(b + 1, min(T, b + R + 1) + 1):
+                    v = total
+                    run = n > b + 1
+                    if run:
+                        damage = D[a, b, n - 1]
+                        if not np.isfinite(damage):
+                            continue
+                        v += (n - b - 1) * self.step_saved - lam * damage
+                    if a != b:  # a's neighbours are known now: it anchors a run after itself or after b
+                        v += value(a, after_a, anchor=b > a + 1 or run)
+                    if n == T:  # b is the last computed step: it anchors the final run, if any
+                        v += value(b, a != b and b > a + 1, anchor=run)
+                        if v > end_value:
+                            end, end_value = state, v
+                        continue
+                    key = (b, n, a != b and b > a + 1)
+                    if key not in best or v > best[key][0]:
+                        best[key] = (v, state)
+        computed, state = [], end
+        while state is not None:
+            computed.append(state[1])
+            state = best[state][1]
+        ran = set(computed) | set(range(start + 1))
+        return [t for t in range(T) if t not in ran]
+
+    @staticmethod
+    def anchors(skipped, T: int) -> set[int]:
+        """The computed steps a skipped run extrapolates from (the last two computed before each run)."""
+        ran = [t for t in range(T) if t not in set(skipped)]
+        out = set()
+        for i, b in enumerate(ran):
+            nxt = ran[i + 1] if i + 1 < len(ran) else T
+            if nxt > b + 1:
+                out.update(ran[max(0, i - 1):i + 1])
+        return out
+
+    def _choose_block(self, block, modules, damage, ok, saved, lam, heads, skipped_steps=(),
+                      anchors=()) -> np.ndarray:
+        """Run or skip the block at each step, in step order: a skipped step forbids `cache` heads at the next.
+        ``skipped_steps``: whole steps skipped (the block does not run; the step after and the ``anchors`` of a
+        skipped run compute it)."""
         T = damage.shape[0]
         choice = np.zeros(T, dtype=np.int64)
         skipped, run = False, 0
         for t in range(T):
+            if t in skipped_steps:
+                skipped, run = True, run + 1
+                continue
+            if t - 1 in skipped_steps or t in anchors:
+                skipped, run = False, 0  # right after a skipped step and at anchors the block computes
+                continue
             value = 0.0
             for m in modules:
                 if skipped and self.cache_index is not None:
@@ -403,16 +535,26 @@ class TrajectoryProblem:
         """(cut of the cost model, predicted squared change of one sample's final latents)."""
         saved = damage = 0.0
         skipped = {}
+        whole = choices.get("steps")
+        if whole is not None and whole.any():
+            T = len(whole)
+            saved += self.step_saved * float(whole.sum())
+            ran = [t for t in range(T) if not whole[t]]
+            for i, b in enumerate(ran):
+                e = (ran[i + 1] if i + 1 < len(ran) else T) - 1
+                if e > b:
+                    a = ran[i - 1] if i > 0 else b
+                    damage += float(self.step_damage[a, b, e])
         for block, (modules, block_damage, _, block_saved) in self.blocks.items():
             c = choices[f"block:{block}"]
             steps = c > 0
             saved += block_saved * float(steps.sum())
             damage += float(block_damage[np.arange(len(c)), c][steps].sum())
             for m in modules:
-                skipped[m] = steps
+                skipped[m] = steps | (whole if whole is not None else False)
         for n in self.names:
             c = choices[n]
-            run = ~skipped.get(n, np.zeros(c.shape[0], dtype=bool))
+            run = ~skipped.get(n, whole if whole is not None else np.zeros(c.shape[0], dtype=bool))
             saved += float(self.saved[n][c][run].sum())
             damage += float(np.take_along_axis(self.damage[n], c[..., None], -1)[..., 0][run].sum())
         return saved / self.dense_cost, damage
@@ -463,7 +605,10 @@ class TrajectoryProblem:
         cut, damage = self.totals(choices)
         mse = self.sensitivity.predicted_mse(damage)
         kind, value = config.target()
+        steps = choices.get("steps")
+        skipped = [] if steps is None else np.nonzero(steps)[0].tolist()
         return {"target": {kind: value}, "lambda": lam, "predicted_cut": cut, "damage_scale": self.damage_scale,
+                "skipped_steps": skipped,
                 "predicted_final_mse": mse, "predicted_snr_db": _finite(self.snr_db(damage)),
                 "predicted_psnr_db": _finite(self.sensitivity.psnr_db(mse))}
 

@@ -79,6 +79,31 @@ class Sensitivity:
     guidance_scale: float | None = None
     #: per step: measured / linearly predicted change of the final latents for a cache-everything injection
     step_factor: list = field(default_factory=list)
+    #: ``[T]``: expected squared change of one sample's final latents per unit guided squared error of the
+    #: transformer's output (the velocity) at each step: ``(sigma[t+1] - sigma[t])^2 * ||lambda[t+1]||^2 / numel``
+    output_gain: torch.Tensor | None = None
+    #: per step: measured / linearly predicted change of the final latents when that one step is skipped
+    #: (`step_taylor`); empty when step skips are not searched
+    output_factor: list = field(default_factory=list)
+    #: per run length L >= 2 (as a string, JSON keys): measured / predicted change for L consecutive skipped steps,
+    #: beyond what the single-step factors explain (`_output_factors`); 1.0 where not measured
+    run_factor: dict = field(default_factory=dict)
+
+    def run_damage_factor(self, length: int) -> float:
+        """The measured correction of a run of ``length`` skipped steps (1.0 for single steps and unmeasured runs)."""
+        if length < 2 or not self.run_factor:
+            return 1.0
+        known = [k for k in sorted(int(k) for k in self.run_factor) if k <= length]  # the longest measured <= it
+        return float(self.run_factor[str(known[-1])]) if known else 1.0
+
+    def output_damage_gain(self, step: int) -> float:
+        """Predicted squared change of the final latents per unit guided squared error of the velocity at ``step``."""
+        if self.output_gain is None:
+            raise ValueError("this sensitivity holds no output gains (measured by an older ditfa_optimum); calibrate "
+                             "again to search step skips")
+        factors = self.output_factor or self.step_factor
+        factor = factors[step] if factors else 1.0
+        return float(self.output_gain[step]) * factor
 
     def block_damage_gain(self, block: str, step: int) -> float:
         """Predicted squared change of the final latents per unit guided squared error of a block's outputs."""
@@ -112,10 +137,12 @@ class Sensitivity:
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"{name}.gain": g.contiguous() for name, g in self.gain.items()}
         out.update({f"{name}.block_gain": g.contiguous() for name, g in self.block_gain.items()})
+        if self.output_gain is not None:
+            out["output_gain"] = self.output_gain.contiguous()
         return out
 
     def info(self) -> dict:
-        info = {k: v for k, v in asdict(self).items() if k not in ("gain", "block_gain", "modules")}
+        info = {k: v for k, v in asdict(self).items() if k not in ("gain", "block_gain", "modules", "output_gain")}
         info["format_version"] = SENSITIVITY_FORMAT_VERSION
         return info
 
@@ -130,7 +157,7 @@ class Sensitivity:
         missing = [s.name for s in modules if s.name not in gain]
         if missing:
             raise ValueError(f"the sensitivity lacks gains for modules {missing[:3]}")
-        return cls(modules=modules, gain=gain, block_gain=block, **info)
+        return cls(modules=modules, gain=gain, block_gain=block, output_gain=tensors.get("output_gain"), **info)
 
     def save(self, directory: str | os.PathLike) -> Path:
         from safetensors.torch import save_file
@@ -305,6 +332,7 @@ def measure_sensitivity(pipeline, config, prompts: list[str], *, prompt_encoder=
     gain = {s.name: torch.zeros(T, s.num_heads, dtype=torch.float64) for s in specs}
     blocks = adapter.blocks(transformer) if getattr(config, "block_methods", ()) else []
     block_gain = {b.name: torch.zeros(T, dtype=torch.float64) for b, _ in blocks}
+    output_gain = torch.zeros(T, dtype=torch.float64)
     block_grads: dict[str, list] = {}
     handles = [module.register_forward_hook(_block_grad_hook(adapter, spec, block_grads)) for spec, module in blocks]
     generator = torch.Generator().manual_seed(seed)
@@ -326,6 +354,8 @@ def measure_sensitivity(pipeline, config, prompts: list[str], *, prompt_encoder=
                 out = _output(transformer(**args)).float()
                 v = out[:n] + scale * (out[n:] - out[:n]) if cfg else out
                 step = float(sigmas[t + 1] - sigmas[t])
+                # lam is the adjoint of x[t+1]: a velocity error e at step t moves x[t+1] by step * e
+                output_gain[t] = step ** 2 * float(lam.double().pow(2).flatten(1).sum(1).mean()) / lam[0].numel()
                 (grad_x,) = torch.autograd.grad((v * lam).sum() * step, x, allow_unused=False)
             for spec in specs:
                 g = probe.grads.get(spec.name)
@@ -350,10 +380,15 @@ def measure_sensitivity(pipeline, config, prompts: list[str], *, prompt_encoder=
     pixel = getattr(pipeline, "latent_pixel_scale", None)
     sens = Sensitivity(modules=specs, num_steps=T, gain=gain, final_numel=int(final[0].numel()),
                        final_variance=float(final.var()), pixel_scale=pixel, num_prompts=len(prompts),
-                       guidance_scale=scale if cfg else None, block_gain=block_gain)
+                       guidance_scale=scale if cfg else None, block_gain=block_gain, output_gain=output_gain)
     sens.reference_final = final.detach()  # not saved: the calibration's closing check compares a plan with it
     sens.step_factor = _step_factors(pipeline, transformer, adapter, modules, config, prompts[0], sens, cfg,
                                      prompt_encoder, progress)
+    if getattr(config, "measures_steps", False):
+        sens.output_factor = _output_factors(pipeline, transformer, config, prompts, sens, cfg, prompt_encoder,
+                                             progress)
+        sens.run_factor = _run_factors(pipeline, transformer, config, prompts[0], sens, cfg, prompt_encoder,
+                                       progress)
     sens.seconds = time.perf_counter() - start
     return sens
 
@@ -406,8 +441,6 @@ def _step_factors(pipeline, transformer, adapter, modules, config, prompt: str, 
                   prompt_encoder, progress: bool) -> list[float]:
     """Measured / predicted change of the final latents per step: measured at `probe_steps`, interpolated
     geometrically between them (1.0 for step 0, which is never compressed)."""
-    import math
-
     from .apply import install, remove
     from .calibrate import pipeline_kwargs, progress_bars
 
@@ -424,12 +457,20 @@ def _step_factors(pipeline, transformer, adapter, modules, config, prompt: str, 
             final = pipeline(**kwargs, output_type="latent").images.float()
     finally:
         remove(transformer)
+    return _factors(final, injector.predicted, steps, T)
+
+
+def _factors(final: torch.Tensor, predicted: torch.Tensor, steps: list[int], T: int) -> list[float]:
+    """Measured (batch element ``i + 1`` against element 0) / predicted change per probe step, interpolated
+    geometrically between probe steps (1.0 for step 0)."""
+    import math
+
     measured = (final - final[:1]).flatten(1).pow(2).sum(1).double().cpu()
     logs = {}
     for i, t in enumerate(steps):
-        predicted = float(injector.predicted[t])
-        if predicted > 0 and float(measured[i + 1]) > 0:
-            logs[t] = math.log(float(measured[i + 1]) / predicted)
+        p = float(predicted[t])
+        if p > 0 and float(measured[i + 1]) > 0:
+            logs[t] = math.log(float(measured[i + 1]) / p)
     if not logs:
         return [1.0] * T
     known = sorted(logs)
@@ -440,3 +481,126 @@ def _step_factors(pipeline, transformer, adapter, modules, config, prompt: str, 
         w = 0.0 if hi == lo else (t - lo) / (hi - lo)
         factors.append(math.exp((1 - w) * logs[lo] + w * logs[hi]))
     return factors
+
+
+def _output_factors(pipeline, transformer, config, prompts: list[str], sens: Sensitivity, cfg: bool, prompt_encoder,
+                    progress: bool) -> list[float]:
+    """Like `_step_factors`, for whole skipped steps, on each of ``prompts`` (geometric mean over them: one prompt's
+    nonlinearity at one step is noisy): in the group of copies of a prompt, copy ``i + 1`` skips probe step ``t_i``
+    (`step_taylor`, from its own last two outputs) and copy 0 runs dense and records the predicted change."""
+    import math
+
+    from .calibrate import pipeline_kwargs, progress_bars
+    from .methods import step_taylor
+
+    T = config.num_inference_steps
+    steps = probe_steps(T)
+    if not steps:
+        return [1.0] * T
+    copies = len(steps) + 1
+    n = copies * len(prompts)
+    history: dict[int, torch.Tensor] = {}
+    predicted = torch.zeros(len(prompts), T, dtype=torch.float64)
+    calls = []
+
+    def hook(_module, _args, output):
+        t = len(calls)
+        calls.append(t)
+        sample = output[0] if isinstance(output, (tuple, list)) else output.sample
+        history[t] = sample.detach().clone()
+        if t not in steps:
+            return None
+        anchors = step_taylor.sources(t, list(range(t)))
+        guess = step_taylor.extrapolate(history, t, anchors)
+        sample = sample.clone()
+        for g in range(len(prompts)):
+            first = g * copies
+            element = first + steps.index(t) + 1
+            rows = [element, n + element] if cfg else [element]
+            halves = [first, n + first] if cfg else [first]
+            err = (guess[halves] - history[t][halves]).float()
+            guided = guided_error(err, sens.guidance_scale) if cfg else err
+            predicted[g, t] = float(sens.output_gain[t]) * float(guided.double().pow(2).sum())
+            sample[rows] = guess[rows].to(sample.dtype)
+        history[t] = sample.detach().clone()
+        return (sample, *output[1:]) if isinstance(output, (tuple, list)) else type(output)(sample=sample)
+
+    handle = transformer.register_forward_hook(hook)
+    try:
+        with torch.no_grad(), progress_bars(pipeline, progress):
+            kwargs = pipeline_kwargs(pipeline, [p for p in prompts for _ in range(copies)], config,
+                                     prompt_encoder=prompt_encoder)
+            kwargs["generator"] = [torch.Generator().manual_seed(config.seed + g) for g in range(len(prompts))
+                                   for _ in range(copies)]
+            final = pipeline(**kwargs, output_type="latent").images.float()
+    finally:
+        handle.remove()
+    per_prompt = [_factors(final[g * copies:(g + 1) * copies], predicted[g], steps, T) for g in range(len(prompts))]
+    return [math.exp(sum(math.log(f[t]) for f in per_prompt) / len(per_prompt)) for t in range(T)]
+
+
+#: run lengths whose correction `_run_factors` measures, each at `RUN_PROBES` positions (fractions of the steps)
+RUN_LENGTHS = (2, 3, 4)
+RUN_PROBES = (0.3, 0.55, 0.8)
+
+
+def _run_factors(pipeline, transformer, config, prompt: str, sens: Sensitivity, cfg: bool, prompt_encoder,
+                 progress: bool) -> dict:
+    """Measured / predicted change of the final latents for runs of consecutive skipped steps, per run length.
+
+    The prediction of a run (`ditfa_optimum.calibrate.step_skip_damage`) adds its steps' errors before squaring,
+    with the single-step factors (`output_factor`) in the gains. Whether the errors of a run really add that
+    coherently (or the sampler damps them) is measured here: one generation of copies of one prompt, copy ``i``
+    skipping one run (its anchors the two steps before it) at `RUN_PROBES` positions for every length in
+    `RUN_LENGTHS`; per length, the geometric mean of measured / predicted over the positions."""
+    import math
+
+    from .calibrate import pipeline_kwargs, progress_bars
+    from .methods import step_taylor
+
+    T = config.num_inference_steps
+    runs = sorted({(L, min(T - L, max(2, round(p * T)))) for L in RUN_LENGTHS for p in RUN_PROBES if T - L >= 2})
+    if not runs:
+        return {}
+    copies = len(runs) + 1
+    history: dict[int, torch.Tensor] = {}
+    accumulated = [None] * len(runs)
+    predicted = [0.0] * len(runs)
+    calls = []
+    factors = sens.output_factor or [1.0] * T
+
+    def hook(_module, _args, output):
+        t = len(calls)
+        calls.append(t)
+        sample = (output[0] if isinstance(output, (tuple, list)) else output.sample).clone()
+        dense = sample.detach().clone()
+        for i, (L, start) in enumerate(runs):
+            if not start <= t < start + L:
+                continue
+            anchors = (start - 1, start - 2)
+            guess = step_taylor.extrapolate(history, t, anchors)
+            halves = [0, copies] if cfg else [0]
+            err = (guess[halves] - dense[halves]).float()
+            guided = guided_error(err, sens.guidance_scale) if cfg else err
+            term = math.sqrt(float(sens.output_gain[t]) * factors[t]) * guided.double()
+            accumulated[i] = term if accumulated[i] is None else accumulated[i] + term
+            predicted[i] = float(accumulated[i].pow(2).sum())
+            rows = [i + 1, copies + i + 1] if cfg else [i + 1]
+            sample[rows] = guess[rows].to(sample.dtype)
+        history[t] = dense  # anchors are computed steps: every copy's skipped run starts after them
+        return (sample, *output[1:]) if isinstance(output, (tuple, list)) else type(output)(sample=sample)
+
+    handle = transformer.register_forward_hook(hook)
+    try:
+        with torch.no_grad(), progress_bars(pipeline, progress):
+            kwargs = pipeline_kwargs(pipeline, [prompt] * copies, config, prompt_encoder=prompt_encoder)
+            kwargs["generator"] = [torch.Generator().manual_seed(config.seed) for _ in range(copies)]
+            final = pipeline(**kwargs, output_type="latent").images.float()
+    finally:
+        handle.remove()
+    measured = (final - final[:1]).flatten(1).pow(2).sum(1).double().cpu()
+    logs: dict[int, list] = {}
+    for i, (L, _) in enumerate(runs):
+        if predicted[i] > 0 and float(measured[i + 1]) > 0:
+            logs.setdefault(L, []).append(math.log(float(measured[i + 1]) / predicted[i]))
+    return {str(L): math.exp(sum(v) / len(v)) for L, v in sorted(logs.items())}

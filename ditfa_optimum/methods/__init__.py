@@ -4,6 +4,8 @@
 
 Block methods (per transformer block and step; their own registry and ids): ``compute`` (0), ``block_cache`` (1),
 ``block_taylor`` (2), ``mlp_cache`` (3).
+
+Step methods (a whole denoising step without running the transformer): ``step_taylor`` (`step_taylor.py`).
 """
 
 from .base import (
@@ -36,6 +38,7 @@ from .block_compute import Compute
 from .block_cache import BlockCache
 from .block_taylor import BlockTaylor
 from .mlp_cache import MlpCache
+from . import step_taylor
 
 __all__ = [
     "AttentionMethod", "HeadMemory", "dense_flops", "make_method", "method_class", "method_names", "register_method",

@@ -33,6 +33,7 @@ class StepState:
         self.text_tokens: int | None = None
         self._memory: dict[tuple[str, int], dict[int, HeadMemory]] = {}
         self._block_memory: dict[tuple[str, int], BlockMemory] = {}
+        self._step_memory: dict[int, dict] = {}
         self._warned_cfg = False
 
     # ---------------------------------------------------------------- step tracking
@@ -43,6 +44,7 @@ class StepState:
         self.step, self.branch, self.last_timestep = -1, 0, None
         self._memory.clear()
         self._block_memory.clear()
+        self._step_memory.clear()
 
     def on_transformer_call(self, timestep, text_tokens: int | None) -> None:
         """Called before each transformer forward with its timestep and the text length of its inputs."""
@@ -102,8 +104,14 @@ class StepState:
         """What block ``block`` keeps from earlier steps, for the current branch (residuals, MLP outputs)."""
         return self._block_memory.setdefault((block, self.branch), BlockMemory())
 
+    def step_memory(self) -> dict:
+        """The transformer outputs kept for skipped steps (`ditfa_optimum.runtime.steps`), current branch: step ->
+        (sample, output)."""
+        return self._step_memory.setdefault(self.branch, {})
+
     def memory_bytes(self) -> int:
         total = sum(mem.nbytes() for mem in self._block_memory.values())
+        total += sum(s.numel() * s.element_size() for mem in self._step_memory.values() for s, _ in mem.values())
         for heads in self._memory.values():
             for mem in heads.values():
                 for t in (mem.previous_output, mem.residual):
