@@ -13,7 +13,7 @@ calls that really run). Strategies:
   with ``target_cut`` swept; each point is its own calibration, as a user would run it; plus the default config
   (``target_snr_db``) as one point;
 * **trajectory + blocks / + steps / + steps + blocks**: the same search with block methods, whole skipped steps
-  (``skip_steps``) or both; ``target_cut`` on whole-transformer FLOPs;
+  (``skip_steps``) or both; and whole skipped steps without head methods; ``target_cut`` on whole-transformer FLOPs;
 * **trajectory, 1 pass**: the same allocation on one dense-flow calibration (shows what the second pass buys);
 * **paper**: the first wave's search (``allocation="local"``, constant budget per step, per-head RSE) over δ;
 * **local quadratic module-norm**: the best first-wave option, over δ;
@@ -54,7 +54,7 @@ TARGET_CUTS = (0.3, 0.45, 0.6, 0.7, 0.8, 0.9)
 #: whole-transformer FLOP cuts asked of the plans with block methods
 WHOLE_TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 BLOCK_METHODS = ("block_cache", "block_taylor")
-CURVES = ("default", "trajectory", "blocks", "steps", "steps-blocks", "one-pass", "paper", "local-quadratic", "uniform",
+CURVES = ("default", "trajectory", "blocks", "steps", "steps-only", "steps-blocks", "one-pass", "paper", "local-quadratic", "uniform",
           "peers")
 UNIFORM_STARTS = (4, 8, 12, 16)
 
@@ -268,6 +268,7 @@ def main(argv=None) -> int:
             plan = search(calibrated(cfg), cfg)
             rows.append(ev.plan_row("trajectory + blocks", f"whole target {cut:.0%}", plan, stats, args.backend))
     for key, name, extra in (("steps", "trajectory + steps", dict(skip_steps=True)),
+                             ("steps-only", "steps only (no head methods)", dict(skip_steps=True, methods=())),
                              ("steps-blocks", "trajectory + steps + blocks",
                               dict(skip_steps=True, block_methods=BLOCK_METHODS))):
         if key not in curves:

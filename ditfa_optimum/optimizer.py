@@ -166,7 +166,11 @@ class DiTFastAttnOptimizer:
                     "after one checking generation; predictions are estimates: docs/search.md)")
         else:
             how = f"threshold {info['threshold']:g} (local allocation)"
+        whole = (f"  whole-transformer FLOPs skipped {info['whole_cut']:.1%}"
+                 + (f"; steps skipped whole (step_taylor): {self.plan.skipped_steps}" if self.plan.skipped_steps
+                    else "") + "\n") if info.get("whole_cut") is not None else ""
         return (f"ditfa: searched {len(self.plan.modules)} attention modules x {self.plan.num_steps} steps, {how}\n"
+                f"{whole}"
                 f"  attention FLOPs cut {info['flop_cut']:.1%} ({info['image_tokens']} image + {info['text_tokens']} "
                 f"text tokens{', batched CFG' if info['cfg'] else ''})\n"
                 f"  (module, step, head) entries: {shares}\n"

@@ -323,6 +323,18 @@ class TrajectoryProblem:
         #: whole skipped steps: ``[T, T, T]`` damage of skipping ``b+1..e`` from anchors ``a, b`` (None: not searched)
         self.step_damage = step_damage
         self.step_saved = step_saved  # the cost of one whole step (every block, dense)
+        #: the head damages the choices are priced with (`damage` times `head_weight`, see `solve`); `totals` always
+        #: counts the true `damage`
+        self.priced = damage
+        self.priced_allowed = allowed
+        self.head_weight = 1.0
+
+    def weigh_heads(self, weight: float) -> None:
+        """Price head damage ``weight`` times its prediction (``inf``: heads stay full) while choosing."""
+        self.head_weight = weight
+        full = np.arange(len(self.saved[self.names[0]])) == self.full_index if self.names else None
+        self.priced = {n: d * (1.0 if np.isinf(weight) else weight) for n, d in self.damage.items()}
+        self.priced_allowed = {n: a & full if np.isinf(weight) else a for n, a in self.allowed.items()}
 
     @classmethod
     def from_stats(cls, stats: CalibrationStats, config: DiTFastAttnConfig) -> "TrajectoryProblem":
@@ -386,7 +398,7 @@ class TrajectoryProblem:
     def choose(self, lam: float) -> dict[str, np.ndarray]:
         """Per module ``[T, H]`` head choices; with blocks also ``"block:<name>"`` -> ``[T]`` (0 = compute, else the
         column of the skip candidate); with skipped steps also ``"steps"`` -> ``[T]`` bool (True: skipped)."""
-        heads = {n: lagrangian_choice(self.damage[n], self.saved[n], self.allowed[n], lam, self.full_index)
+        heads = {n: lagrangian_choice(self.priced[n], self.saved[n], self.priced_allowed[n], lam, self.full_index)
                  for n in self.names}
         if self.step_damage is not None:
             free = self._step_values(self._with_blocks(dict(heads), lam, ()), lam)
@@ -415,10 +427,10 @@ class TrajectoryProblem:
         """Head choices without the candidate that reads the previous step (after a skipped step)."""
         out = {}
         for n in names or self.names:
-            allowed = self.allowed[n].copy()
+            allowed = self.priced_allowed[n].copy()
             if self.cache_index is not None:
                 allowed[..., self.cache_index] = False
-            out[n] = lagrangian_choice(self.damage[n], self.saved[n], allowed, lam, self.full_index)
+            out[n] = lagrangian_choice(self.priced[n], self.saved[n], allowed, lam, self.full_index)
         return out
 
     def _step_values(self, choices: dict, lam: float) -> np.ndarray:
@@ -436,7 +448,7 @@ class TrajectoryProblem:
                 skipped[m] = steps
         for n in self.names:
             c = choices[n]
-            per = (self.saved[n][c] - lam * np.take_along_axis(self.damage[n], c[..., None], -1)[..., 0]).sum(1)
+            per = (self.saved[n][c] - lam * np.take_along_axis(self.priced[n], c[..., None], -1)[..., 0]).sum(1)
             value += np.where(skipped.get(n, np.zeros(T, dtype=bool)), 0.0, per)
         return value
 
@@ -515,12 +527,12 @@ class TrajectoryProblem:
             value = 0.0
             for m in modules:
                 if skipped and self.cache_index is not None:
-                    allowed = self.allowed[m][t].copy()
+                    allowed = self.priced_allowed[m][t].copy()
                     allowed[:, self.cache_index] = False
-                    heads[m][t] = lagrangian_choice(self.damage[m][t], self.saved[m], allowed, lam, self.full_index)
+                    heads[m][t] = lagrangian_choice(self.priced[m][t], self.saved[m], allowed, lam, self.full_index)
                 rows = np.arange(heads[m].shape[1])
                 c = heads[m][t]
-                value += float((self.saved[m][c] - lam * self.damage[m][t][rows, c]).sum())
+                value += float((self.saved[m][c] - lam * self.priced[m][t][rows, c]).sum())
             skip = np.where(ok[t], saved - lam * damage[t], -np.inf)
             best = int(np.argmax(skip)) if ok[t].any() else 0
             skipped = bool(t >= self.full_steps and ok[t].any() and skip[best] > value and run < self.max_skip_run)
@@ -562,8 +574,36 @@ class TrajectoryProblem:
     def snr_db(self, damage: float) -> float:
         return self.sensitivity.snr_db(self.sensitivity.predicted_mse(damage))
 
+    #: head-damage weights `solve` tries (see there)
+    HEAD_WEIGHTS = (1.0, 4.0, np.inf)
+
     def solve(self, config: DiTFastAttnConfig) -> tuple[float, dict[str, np.ndarray]]:
-        """``lam`` and the choices meeting the config's target (the closest plan when it cannot be met)."""
+        """``lam`` and the choices meeting the config's target (the closest plan when it cannot be met).
+
+        With skipped steps the frontier of (saving, damage) is not convex: a plan of skipped steps alone can be
+        better than every Lagrangian plan of heads and steps at the same cut, so the bisection over one price can
+        miss it. `solve` therefore also prices head damage 4x and infinitely (heads full) and keeps, among the plans
+        meeting the target, the one with the least predicted damage (``target_cut``) or the largest cut
+        (``target_snr_db``)."""
+        weights = self.HEAD_WEIGHTS if self.step_damage is not None else (1.0,)
+        kind, _ = config.target()
+        best = None
+        for weight in weights:
+            self.weigh_heads(weight)
+            lam, choices = self._solve_one(config)
+            cut, damage = self.totals(choices)
+            key = (self._meets(config, choices), -damage if kind == "cut" else cut)
+            if best is None or key > best[0]:
+                best = (key, lam, choices, weight)
+        self.weigh_heads(best[3])
+        return best[1], best[2]
+
+    def _meets(self, config: DiTFastAttnConfig, choices) -> bool:
+        kind, value = config.target()
+        cut, damage = self.totals(choices)
+        return cut >= value - 1e-9 if kind == "cut" else self.snr_db(damage) >= value
+
+    def _solve_one(self, config: DiTFastAttnConfig) -> tuple[float, dict[str, np.ndarray]]:
         kind, value = config.target()
         if kind == "cut":
             def meets(lam):  # the largest lam still cutting enough: least damage at that cut
@@ -607,7 +647,8 @@ class TrajectoryProblem:
         kind, value = config.target()
         steps = choices.get("steps")
         skipped = [] if steps is None else np.nonzero(steps)[0].tolist()
-        return {"target": {kind: value}, "lambda": lam, "predicted_cut": cut, "damage_scale": self.damage_scale,
+        return {"target": {kind: value}, "lambda": lam, "head_weight": _finite(self.head_weight),
+                "predicted_cut": cut, "damage_scale": self.damage_scale,
                 "skipped_steps": skipped,
                 "predicted_final_mse": mse, "predicted_snr_db": _finite(self.snr_db(damage)),
                 "predicted_psnr_db": _finite(self.sensitivity.psnr_db(mse))}

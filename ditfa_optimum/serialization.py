@@ -457,6 +457,8 @@ def model_card(config: dict, plan: CompressionPlan) -> str:
         quality = (f"- Predicted mean local attention error (RSE against full attention, averaged over layers, steps "
                    f"and heads): {calibration['predicted_mean_rse']:.4f} (budget per layer and step: "
                    f"{search.get('threshold')}).\n")
+    skipped = (f"- Denoising steps where the transformer does not run (its output extrapolated from the last two "
+               f"steps where it ran, `step_taylor`): {plan.skipped_steps}.\n") if plan.skipped_steps else ""
     hub_base = config["base_model"].get("id") if not config["base_model"].get("embedded") else None
     base_line = f"base_model: {hub_base}\n" if hub_base and hub_base.count("/") == 1 and not Path(hub_base).exists() \
         else ""
@@ -479,7 +481,7 @@ sharing across the CFG halves.
 
 - Attention FLOPs cut: **{config["attention_flop_cut"]:.1%}** at {search.get("height")}x{search.get("width")},
   {plan.num_steps} steps.
-- Heads per method over all (module, step, head) entries: {shares}.
+{skipped}- Heads per method over all (module, step, head) entries: {shares}.
 {quality}- Calibration: {calibration.get("num_prompts", "?")} prompts, {calibration.get("seconds", 0):.1f} s;
   search {calibration.get("search_seconds", 0):.2f} s; threshold {search.get("threshold")}.
 

@@ -121,6 +121,17 @@ def test_skipped_steps_are_calibrated_searched_and_run(one_thread, tmp_path):
     assert max(runs) <= config.max_skip_run
     for t in TrajectoryProblem.anchors(plan.skipped_steps, 8):  # anchors compute every head in full
         assert all(m.name == "full" for spec in plan.modules for m in plan.step_methods(spec.name, t))
+    # the search keeps the least predicted damage among its head weights' plans meeting the target
+    problem = TrajectoryProblem.from_stats(stats, config)
+    _, chosen = problem.solve(config)
+    best = problem.totals(chosen)[1]
+    for weight in TrajectoryProblem.HEAD_WEIGHTS:
+        problem.weigh_heads(weight)
+        _, choices = problem._solve_one(config)
+        cut, damage = problem.totals(choices)
+        assert cut < 0.5 - 1e-9 or damage >= best - 1e-12
+    problem.weigh_heads(np.inf)
+    assert all((c == problem.full_index).all() for n, c in problem.choose(0.0).items() if n in problem.names)
     apply(pipe, plan, backend="reference")
     try:
         out = run_pipeline(pipe, prompts, config, prompt_encoder=encoder)
