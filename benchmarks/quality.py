@@ -255,7 +255,8 @@ def main(argv=None) -> int:
     stats = calibrated(config)
     seconds = time.perf_counter() - start
     if "default" in curves:
-        rows.append(ev.plan_row("trajectory (default)", f"snr≥{config.target()[1]:g} dB", search(stats, config),
+        kind, value = config.target()
+        rows.append(ev.plan_row("trajectory (default)", f"{kind} {value:g}", search(stats, config),
                                 stats, args.backend))
     if "trajectory" in curves:
         for cut in targets:
