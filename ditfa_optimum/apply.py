@@ -9,7 +9,8 @@ restores the original processor objects and removes the hooks, giving the stock 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +34,14 @@ class _Installed:
     hook: "_Handles"  # the step pre-hook and the always-called post-hook
     blocks: InstalledBlocks | None = None  # block hooks, when the plan skips blocks
     steps: InstalledBlocks | None = None  # the transformer's step hook, when the plan skips whole steps
+    #: the transformer these hooks belong to (a weak reference survives copy.deepcopy unchanged, so a copy of a
+    #: planned transformer can tell that it is one)
+    owner: weakref.ref | None = field(default=None, repr=False)
+
+
+COPIED = ("this transformer is a copy (copy.deepcopy) of one that runs a ditfa plan: the copy carries the original's "
+          "step hooks, which would advance the original's step state and run the copy at a stale step. Copy the "
+          "model before ditfa_optimum.apply (or after ditfa_optimum.remove), then apply the plan to each copy")
 
 
 def _split(model) -> tuple[torch.nn.Module, object | None]:
@@ -122,7 +131,10 @@ def _watched(transformer: torch.nn.Module, adapter: Adapter, modules: list) -> l
 
 def _prepare(transformer: torch.nn.Module) -> tuple[Adapter, list]:
     """The transformer's adapter and planned modules, after checking nothing else already runs there."""
-    if getattr(transformer, _ATTR, None) is not None:
+    installed = getattr(transformer, _ATTR, None)
+    if installed is not None and installed.owner is not None and installed.owner() is not transformer:
+        raise RuntimeError(COPIED)
+    if installed is not None:
         raise ValueError("this transformer already runs a ditfa plan (or a calibration); call "
                          "ditfa_optimum.remove(...) first")
     adapter = get_adapter(transformer)
@@ -159,6 +171,8 @@ def install(transformer: torch.nn.Module, adapter: Adapter, modules: list, runti
     plan = getattr(runtime, "plan", None)
 
     def advance_step(_module, args, kwargs):
+        if _module is not transformer:
+            raise RuntimeError(COPIED)
         try:
             check_no_foreign_cache(transformer, watched)  # a cache enabled after apply() would break the plan
             for spec, module in modules:
@@ -176,13 +190,13 @@ def install(transformer: torch.nn.Module, adapter: Adapter, modules: list, runti
             raise
 
     def after_call(_module, _args, output):
-        if output is None:  # the call raised (always_call hooks see no output then): start the next one clean
+        if _module is transformer and output is None:  # the call raised (always_call hooks see no output then): start the next one clean
             runtime.state.reset()
 
     hook = transformer.register_forward_pre_hook(advance_step, with_kwargs=True)
     after = transformer.register_forward_hook(after_call, always_call=True)
     setattr(transformer, _ATTR, _Installed(runtime, adapter, originals, {s.name: m for s, m in modules},
-                                           _Handles(hook, after)))
+                                           _Handles(hook, after), owner=weakref.ref(transformer)))
 
 
 class _Handles:
@@ -214,6 +228,8 @@ def _installed(model) -> _Installed:
     installed = getattr(transformer, _ATTR, None)
     if installed is None:
         raise ValueError("this transformer runs no ditfa plan (apply one with ditfa_optimum.apply)")
+    if installed.owner is not None and installed.owner() is not transformer:
+        raise RuntimeError(COPIED)
     return installed
 
 

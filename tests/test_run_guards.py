@@ -128,3 +128,29 @@ def test_backward_through_a_plan_with_full_heads_and_a_finishing_head():
     finally:
         remove(transformer)
         transformer.eval()
+
+
+def test_a_deep_copy_of_a_planned_transformer_refuses_to_run_and_leaves_the_original_intact():
+    """copy.deepcopy copies the step hooks' closures, which point at the original: the copy would advance the original's
+    step state and run itself at a stale step. It refuses instead, and the original keeps its place."""
+    import copy
+
+    from ditfa_optimum.tiny import tiny_inputs, tiny_transformer
+
+    model = tiny_transformer("sd3")
+    apply(model, uniform_plan(model, num_steps=3, method="cache", block_size=4))
+    inputs = tiny_inputs(model, height=4, width=4)
+
+    def call(m, t):
+        with torch.no_grad():
+            return m(**{**inputs, "timestep": inputs["timestep"] * 0 + t})
+
+    call(model, 999)
+    twin = copy.deepcopy(model)
+    for action in (lambda: call(twin, 500), lambda: remove(twin), lambda: apply(twin, get_runtime(model).plan)):
+        with pytest.raises(RuntimeError, match=r"is a copy \(copy.deepcopy\) of one that runs a ditfa plan"):
+            action()
+    assert get_runtime(model).state.step == 0  # untouched by the copy's attempts
+    call(model, 500)
+    assert get_runtime(model).state.step == 1
+    remove(model)

@@ -123,3 +123,23 @@ def test_format_2_plans_load_without_skipped_steps(tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="'skipped_steps' must be a list of step indices"):
         type(plan).load(tmp_path)
+
+
+def test_repeated_generations_hold_no_memory_after_the_last_step():
+    model = tiny_transformer("sd3")
+    plan = dfa.uniform_plan(model, num_steps=5, block_size=4)
+    for spec in plan.modules:
+        for head in range(spec.num_heads):
+            plan.set(spec.name, 1, head, "arrow:1/2")
+            plan.set(spec.name, 4, head, "cache")
+    plan.set_skipped_steps([2])
+    runtime = dfa.apply(model, plan)
+    inputs = tiny_inputs(model, height=4, width=4)
+    held = []
+    for _ in range(3):
+        for t in TIMESTEPS[:5]:
+            forward(model, {**inputs, "timestep": inputs["timestep"] * 0 + t})
+            held.append(runtime.state.memory_bytes())
+        assert runtime.state.memory_bytes() == 0
+    assert held[:5] == held[5:10] == held[10:]  # the same memory at each step of every generation
+    assert max(held) > 0
