@@ -85,7 +85,13 @@ class StepState:
 
     # ---------------------------------------------------------------- CFG
     def cfg(self, needed: bool) -> bool:
-        """Whether the batch is [uncond, cond] CFG halves. ``needed``: a `cfg_share` head asks."""
+        """Whether the batch is [uncond, cond] CFG halves. ``needed``: a `cfg_share` head asks.
+
+        Only the first call of a step batches CFG: a second call at the same timestep runs one half on its own (SD3's
+        skip-layer guidance call on the conditional batch, FLUX's true-CFG negative prompt), so `cfg_share` heads
+        compute it in full."""
+        if self.branch > 0:
+            return False
         value = self._cfg() if callable(self._cfg) else self._cfg
         if value is None:
             if needed and not self._warned_cfg:

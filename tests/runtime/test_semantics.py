@@ -97,6 +97,22 @@ def test_without_cfg_cfg_share_is_computed_in_full(caplog):
     assert "cannot tell whether the batch is batched CFG" in caplog.text
 
 
+def test_a_second_call_at_the_same_step_is_not_batched_cfg():
+    """SD3's skip-layer guidance runs the conditional batch alone at the same timestep: `cfg_share` must not split it."""
+    plan = make_plan()
+    runtime = PlanRuntime(plan, cfg=True)
+    module = runtime.module(SPEC)
+    layout = TokenLayout(num_image_tokens=30, num_text_tokens=7, image_first=False, block_size=4)
+    for t in TIMESTEPS[:2]:
+        for batch in (4, 2):  # the CFG-batched call, then the conditional half alone (branch 1)
+            q, k, v = rand_qkv(batch, 5, layout.seq_len, 8)
+            runtime.state.on_transformer_call(t, 7)
+            out = module(q, k, v, num_text_tokens=7)
+    assert (runtime.state.step, runtime.state.branch) == (1, 1)
+    torch.testing.assert_close(out[:, 2].double(), naive_attention(q[:, 2], k[:, 2], v[:, 2]), atol=3e-5, rtol=1e-5)
+    assert not torch.allclose(out[0, 2], out[1, 2])  # each row its own attention, not a copied half
+
+
 def test_step_tracking_from_timesteps():
     runtime = PlanRuntime(make_plan())
     st = runtime.state
