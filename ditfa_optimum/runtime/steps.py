@@ -56,9 +56,12 @@ class StepRuntime:
         anchors = self.sources[step]
         missing = [s for s in anchors if s not in memory]
         if missing:
-            raise RuntimeError(f"the plan skips step {step} and extrapolates it from the transformer's outputs at "
-                               f"steps {list(anchors)}, but step {missing[0]} left none: the step state is out of sync "
-                               "(call ditfa_optimum.reset_state(transformer) before a new generation)")
+            branch = f" of call {state.branch + 1} within the step" if state.branch else ""
+            raise RuntimeError(f"the plan skips step {step} and extrapolates it from the transformer's outputs{branch} "
+                               f"at steps {list(anchors)}, but step {missing[0]} left none: a second call per step "
+                               "(SD3 skip-layer guidance) that did not run at those steps cannot be extrapolated; "
+                               "search the plan with skip_steps=False, or call ditfa_optimum.reset_state(transformer) "
+                               "if the step state is out of sync")
         sample = step_taylor.extrapolate({s: memory[s][0] for s in anchors}, step, anchors)
         out = _like(memory[anchors[0]][1], sample)
         for ref in anchors:
