@@ -171,7 +171,8 @@ def _cmd_optimize(args) -> int:
             block_size=given(args.block_size, defaults["block_size"]), backend=args.backend,
             budget_schedule=args.budget_schedule, error_normalization=args.error_normalization,
             allocation=args.allocation, target_cut=args.target_cut, target_snr_db=args.target_snr,
-            max_head_rse=args.max_head_rse, calibration_passes=args.calibration_passes)
+            max_head_rse=args.max_head_rse, calibration_passes=args.calibration_passes,
+            skip_steps=False if args.no_skip_steps else None)
         prompts = _read_prompts(args.prompts)
         out = check_target(args.out, args.overwrite, hint="pass --overwrite")  # before the work, not after
         opt = _load_optimizer(args.model, args.dtype, args.device)
@@ -358,7 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a Hub model id or local pipeline directory, or an embedded model: "
                           f"{', '.join(EMBEDDED_MODELS)} (default {DEFAULT_MODEL}: the trained miniature MMDiT)")
     opt.add_argument("--target-cut", type=float, default=None,
-                     help="attention-FLOP cut to reach with the least predicted error (default 0.3; trajectory search)")
+                     help="share of the whole transformer's FLOPs to skip with the least predicted error (default "
+                          "0.3; trajectory search; with --no-skip-steps a share of the attention FLOPs)")
+    opt.add_argument("--no-skip-steps", action="store_true",
+                     help="trajectory search: never skip whole steps (head methods only)")
     opt.add_argument("--target-snr", type=float, default=None,
                      help="instead of a cut: the predicted SNR of the final latents in dB to keep while saving the "
                           "most (trajectory search)")
