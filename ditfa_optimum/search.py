@@ -401,16 +401,16 @@ class TrajectoryProblem:
         heads = {n: lagrangian_choice(self.priced[n], self.saved[n], self.priced_allowed[n], lam, self.full_index)
                  for n in self.names}
         if self.step_damage is not None:
-            free = self._step_values(self._with_blocks(dict(heads), lam, ()), lam)
-            restricted = self._step_values(self._restricted_heads(lam), lam)
+            # (block choices change head arrays in place: the free values are priced on a copy)
+            free = self._step_values(self._with_blocks({n: h.copy() for n, h in heads.items()}, lam, ()), lam)
+            limited = self._restricted_heads(lam)
+            restricted = self._step_values(limited, lam)
             skipped = self._choose_steps(free, restricted, lam)
             T = len(free)
-            after = {t + 1 for t in skipped if t + 1 < T} - set(skipped)
+            after = sorted({t + 1 for t in skipped if t + 1 < T} - set(skipped))
             anchors = self.anchors(skipped, T)
             for n in self.names:
-                limited = self._restricted_heads(lam, [n])[n]
-                for t in after:
-                    heads[n][t] = limited[t]
+                heads[n][after] = limited[n][after]
                 heads[n][sorted(set(skipped) | anchors)] = self.full_index
             heads = self._with_blocks(heads, lam, skipped, anchors)
             heads["steps"] = np.isin(np.arange(len(free)), sorted(skipped))
@@ -423,10 +423,10 @@ class TrajectoryProblem:
                                                          anchors)
         return heads
 
-    def _restricted_heads(self, lam: float, names=None) -> dict[str, np.ndarray]:
+    def _restricted_heads(self, lam: float) -> dict[str, np.ndarray]:
         """Head choices without the candidate that reads the previous step (after a skipped step)."""
         out = {}
-        for n in names or self.names:
+        for n in self.names:
             allowed = self.priced_allowed[n].copy()
             if self.cache_index is not None:
                 allowed[..., self.cache_index] = False
