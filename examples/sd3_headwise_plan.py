@@ -4,8 +4,9 @@
         --method arrow:1/8 --method cache --full-steps 4 --prompt "a lighthouse at dusk"
 
 Needs the model weights (Hub or a local directory) and, for speed, a CUDA GPU. Writes dense.png, planned.png and the
-plan (plan.json + plan.safetensors) into --out. Until the plan search lands, the plan is a hand-made mix: after
---full-steps dense steps, heads take the given methods round-robin.
+plan (plan.json + plan.safetensors) into --out. The plan is a hand-made mix, to see the runtime on its own: after
+--full-steps dense steps, heads take the given methods round-robin. For a searched plan (heads and skipped steps,
+calibrated on the model) see examples/optimize_and_publish.py.
 """
 
 import argparse
