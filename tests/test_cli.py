@@ -109,6 +109,7 @@ def test_inspect_prints_and_draws(artifact, tmp_path, capsys):
     assert main(["inspect", str(artifact), "--png", str(png)]) == 0
     out = capsys.readouterr().out
     assert "SD3Transformer2DModel: 6 attention modules" in out and "of dense attention FLOPs cut" in out
+    assert "of the whole transformer's FLOPs skipped" in out  # the default search prices whole steps
     image = Image.open(png)
     assert image.size[0] >= 300 and image.size[1] >= 100
     colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
