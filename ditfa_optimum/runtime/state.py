@@ -23,6 +23,10 @@ from ..methods import BlockMemory, HeadMemory
 logger = logging.getLogger(__name__)
 
 
+#: calls at one timestep from which the state warns (SD3 skip-layer guidance and FLUX true CFG make 2)
+MANY_BRANCHES = 4
+
+
 class StepState:
     def __init__(self, num_steps: int, cfg: bool | Callable[[], bool | None] | None = None):
         self.num_steps = num_steps
@@ -35,6 +39,7 @@ class StepState:
         self._block_memory: dict[tuple[str, int], BlockMemory] = {}
         self._step_memory: dict[int, dict] = {}
         self._warned_cfg = False
+        self._warned_branches = False
 
     # ---------------------------------------------------------------- step tracking
     def reset(self) -> None:
@@ -58,6 +63,12 @@ class StepState:
             self._advance()
         else:
             self.branch += 1
+            if self.branch == MANY_BRANCHES and not self._warned_branches:
+                logger.warning("ditfa: %d transformer calls at the same timestep: each is taken as another branch of "
+                               "step %d (like a CFG half run on its own) and keeps its own cached outputs until the "
+                               "generation ends. For independent calls, call ditfa_optimum.reset_state(transformer) "
+                               "between them", self.branch + 1, self.step)
+                self._warned_branches = True
         self.last_timestep = t
         self.text_tokens = text_tokens
 

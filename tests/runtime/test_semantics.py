@@ -129,3 +129,12 @@ def test_more_steps_than_the_plan_raises():
         runtime.state.on_transformer_call(t, 7)
     with pytest.raises(ValueError, match="covers only 4 steps.*num_inference_steps=4"):
         runtime.state.on_transformer_call(100.0, 7)
+
+
+def test_many_calls_at_one_timestep_warn_once(caplog):
+    runtime = PlanRuntime(make_plan(), cfg=False)
+    for _ in range(8):
+        runtime.state.on_transformer_call(TIMESTEPS[0], 7)
+    assert runtime.state.branch == 7
+    assert caplog.text.count("transformer calls at the same timestep") == 1
+    assert "reset_state" in caplog.text
