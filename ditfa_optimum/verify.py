@@ -70,6 +70,49 @@ def make_record(pipeline, prompts: list[str], seeds: list[int], steps: int, heig
     return info, tensors
 
 
+#: dtypes a reproducibility record may name (what `environment` writes for the pipelines ditfa runs)
+RECORD_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_record(record: dict, where) -> None:
+    """Refuse a reproducibility record whose fields `verify_artifact` would otherwise trust: a dtype that is not a
+    dtype (``getattr(torch, "load")``), sizes or step counts that would allocate without bound, entries of the wrong
+    type. Raises `ArtifactError` naming the field."""
+    from .serialization import ArtifactError
+
+    def refuse(key, value, expected):
+        text = repr(value)
+        text = text if len(text) <= 60 else text[:60] + "..."
+        raise ArtifactError(f"{where}: reproducibility.{key} must be {expected}, got {text}; the record is damaged "
+                            "or edited: save the artifact again (save_pretrained writes a new record)")
+
+    def integer(key, low, high):
+        value = record.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            refuse(key, value, f"an integer in [{low}, {high}]")
+
+    if record.get("dtype") not in RECORD_DTYPES:
+        refuse("dtype", record.get("dtype"), f"one of {list(RECORD_DTYPES)}")
+    if record.get("device") not in ("cpu", "cuda"):
+        refuse("device", record.get("device"), "'cpu' or 'cuda'")
+    integer("num_inference_steps", 1, 1000)
+    integer("height", 8, 8192)
+    integer("width", 8, 8192)
+    guidance = record.get("guidance_scale")
+    if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool)
+                                 or not math.isfinite(guidance)):
+        refuse("guidance_scale", guidance, "a finite number or null")
+    prompts, seeds, images = record.get("prompts"), record.get("seeds"), record.get("images")
+    if not isinstance(prompts, list) or not 0 < len(prompts) <= 64 or not all(isinstance(p, str) for p in prompts):
+        refuse("prompts", prompts, "a list of 1 to 64 strings")
+    if not isinstance(seeds, list) or len(seeds) != len(prompts) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2 ** 63 for x in seeds):
+        refuse("seeds", seeds, "one non-negative integer per prompt")
+    if not isinstance(images, list) or len(images) != len(prompts) or not all(
+            isinstance(e, dict) and isinstance(e.get("key"), str) for e in images):
+        refuse("images", images, "one object with a 'key' per prompt")
+
+
 def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
     mse = float(((reference.double() - other.double()) ** 2).mean())
     peak = float(reference.max() - reference.min()) or 1.0
@@ -133,6 +176,7 @@ def verify_artifact(artifact, *, device: str | None = None, backend: str | None 
         report.problems.append("the artifact holds no reproducibility record; save it again with "
                                "save_pretrained(..., reproducibility_prompts=2) (the default)")
         return report
+    check_record(record, art.path)
     references = load_file(art.path / REPRO_FILE)
     device = device or ("cuda" if record["device"] == "cuda" and torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, record["dtype"])

@@ -452,3 +452,22 @@ def test_read_artifact_raises_only_artifact_error_on_mutated_configs(fuzzed):
             pass
 
     check()
+
+
+RECORD = {"prompts": ["a", "b"], "seeds": [0, 1], "num_inference_steps": 8, "height": 128, "width": 128,
+          "guidance_scale": 5.0, "device": "cpu", "backend": "blocked", "dtype": "float32", "torch_version": "2",
+          "num_threads": 2, "images": [{"key": "image_0"}, {"key": "image_1"}]}
+
+
+@pytest.mark.parametrize("key,value", [
+    ("dtype", "load"), ("dtype", 5), ("device", "meta"), ("num_inference_steps", 0), ("num_inference_steps", True),
+    ("height", 10 ** 6), ("width", 1.5), ("guidance_scale", float("inf")), ("prompts", "ab"), ("prompts", []),
+    ("seeds", [0]), ("seeds", [0, -1]), ("images", [{"key": "image_0"}]), ("images", [1, 2]),
+])
+def test_verify_refuses_a_tampered_reproducibility_record(key, value):
+    """verify trusts nothing in the record: `getattr(torch, "load")` as a dtype or a 10^6-pixel side is refused."""
+    from ditfa_optimum.verify import check_record
+
+    check_record(dict(RECORD), "art")  # the record as written passes
+    with pytest.raises(ArtifactError, match=rf"reproducibility\.{key} must be"):
+        check_record({**RECORD, key: value}, "art")
