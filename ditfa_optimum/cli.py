@@ -280,7 +280,10 @@ def _cmd_inspect(args) -> int:
           f"heads {fp['num_heads']}, head dim {fp['head_dim']}, {'image' if fp['image_first'] else 'text'} first")
     print(f"plan         {plan.summary()}")
     print(f"attention    {config['attention_flop_cut']:.1%} of dense attention FLOPs cut")
-    report = plan.report()
+    try:
+        report = plan.report()
+    except ValueError as e:
+        raise UserError(f"{art.path}: cannot draw the plan's table: {e}") from None
     if report.transformer_cut is not None:
         print(f"transformer  {report.transformer_cut:.1%} of the whole transformer's FLOPs skipped"
               + (f" (steps skipped whole: {plan.skipped_steps})" if plan.skipped_steps else ""))

@@ -785,12 +785,17 @@ class CompressionPlan:
         """Per module x step: the share of heads per method, the attention-FLOP cut, and (for searched plans) the
         predicted mean RSE. Token counts and CFG default to the search's (``metadata["search"]``)."""
         info = self.metadata.get("search", {})
+        info = info if isinstance(info, dict) else {}
         image_tokens = info.get("image_tokens") if image_tokens is None else image_tokens
         text_tokens = info.get("text_tokens") if text_tokens is None else text_tokens
         cfg = bool(info.get("cfg", False)) if cfg is None else cfg
         if image_tokens is None or text_tokens is None:
             raise ValueError("this plan does not record the token counts it was searched at; pass image_tokens= and "
                              "text_tokens=")
+        for name, value in (("image_tokens", image_tokens), ("text_tokens", text_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1 << 24:
+                raise ValueError(f"{name} must be a token count in [0, 2^24], got {str(value)[:40]} (the plan's "
+                                 "metadata is damaged or edited?); pass image_tokens= and text_tokens=")
         pairs = sorted({(int(i), float(p)) for n in self.module_names
                         for i, p in zip(self.methods[n].flatten().tolist(), self.params[n].flatten().tolist())})
         names = [str(method_class(i).from_param(p or None)) for i, p in pairs]
@@ -800,9 +805,7 @@ class CompressionPlan:
             for k, (mid, param) in enumerate(pairs):
                 share[i, :, k] = ((ids == mid) & (params == param)).double().mean(1)
         flops = self.flops(image_tokens, text_tokens, cfg)
-        predicted = info.get("predicted_rse")
-        predicted = None if predicted is None else torch.tensor([predicted[n] for n in self.module_names],
-                                                                dtype=torch.float64)
+        predicted = _predicted_rse(info.get("predicted_rse"), self.module_names, self.num_steps)
         report = PlanReport(self.module_names, names, share, 1.0 - flops.planned / flops.dense, predicted, flops.cut,
                             skipped_steps=list(self.skipped_steps))
         if self.blocks:
@@ -905,3 +908,16 @@ def _blocks_from_json(info: dict, tensors: dict[str, torch.Tensor]) -> tuple[lis
                              f"{vocab}")
         methods[b.name] = ids.clone().apply_(remap.__getitem__)
     return blocks, methods
+
+
+def _predicted_rse(value, modules: list[str], steps: int) -> torch.Tensor | None:
+    """``[M, T]`` from a plan's ``metadata["search"]["predicted_rse"]``; None when absent or not that shape (it is
+    display-only metadata, never needed to run the plan, so a damaged entry is left out rather than trusted)."""
+    import math
+
+    if not isinstance(value, dict):
+        return None
+    rows = [value.get(n) for n in modules]
+    ok = all(isinstance(r, list) and len(r) == steps and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in r) for r in rows)
+    return torch.tensor(rows, dtype=torch.float64) if ok else None

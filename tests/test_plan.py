@@ -407,3 +407,20 @@ def test_transformer_flops_by_hand_on_tiny_flux():
     assert rep.planned.tolist() == [[double, double], [single, 0.0]]
     with pytest.raises(ValueError, match="no separately callable MLP"):
         plan.set_block("single_transformer_blocks.0", 1, "mlp_cache")
+
+
+@pytest.mark.parametrize("predicted", ["x", {"nope": [1.0]}, None])
+def test_report_leaves_out_a_damaged_predicted_rse_and_refuses_damaged_token_counts(predicted):
+    """The report reads display-only metadata: a damaged predicted RSE is left out, not trusted; token counts that are
+    not counts (an edited artifact) are refused with a clear error instead of used."""
+    plan = random_plan()
+    plan.metadata["search"] = {"image_tokens": 256, "text_tokens": 16, "cfg": True, "predicted_rse": predicted}
+    report = plan.report()
+    assert report.predicted_rse is None and "pred. RSE" not in report.table()
+    good = {n: [0.1] * plan.num_steps for n in plan.module_names}
+    plan.metadata["search"]["predicted_rse"] = good
+    assert plan.report().predicted_rse.shape == (len(plan.modules), plan.num_steps)
+    for bad in (10 ** 15, -1, "256", 2.5, True):
+        plan.metadata["search"]["image_tokens"] = bad
+        with pytest.raises(ValueError, match="image_tokens must be a token count"):
+            plan.report()
