@@ -571,11 +571,13 @@ def run_pipeline(pipeline, prompts: list[str], config: DiTFastAttnConfig, *, pro
 
 
 @contextlib.contextmanager
-def progress_bars(pipeline, enabled: bool):
-    """Show (or hide) ``pipeline``'s own step progress bar for a while; the user's setting comes back after."""
+def progress_bars(pipeline, enabled: bool, desc: str | None = None):
+    """Show (or hide) ``pipeline``'s own step progress bar for a while, labelled ``desc``; the user's setting comes
+    back after."""
     old = getattr(pipeline, "_progress_bar_config", None)
     if hasattr(pipeline, "set_progress_bar_config"):
-        pipeline.set_progress_bar_config(**{**(old or {}), "leave": False, "disable": not enabled})
+        label = {"desc": desc} if desc else {}
+        pipeline.set_progress_bar_config(**{**(old or {}), "leave": False, "disable": not enabled, **label})
     try:
         yield
     finally:

@@ -451,7 +451,7 @@ def _step_factors(pipeline, transformer, adapter, modules, config, prompt: str, 
     injector = _Injector(T, steps, cfg, sens)
     install(transformer, adapter, modules, injector)
     try:
-        with torch.no_grad(), progress_bars(pipeline, progress):
+        with torch.no_grad(), progress_bars(pipeline, progress, "ditfa step factors (heads)"):
             kwargs = pipeline_kwargs(pipeline, [prompt] * injector.copies, config, prompt_encoder=prompt_encoder)
             kwargs["generator"] = [torch.Generator().manual_seed(config.seed) for _ in range(injector.copies)]
             final = pipeline(**kwargs, output_type="latent").images.float()
@@ -527,7 +527,7 @@ def _output_factors(pipeline, transformer, config, prompts: list[str], sens: Sen
 
     handle = transformer.register_forward_hook(hook)
     try:
-        with torch.no_grad(), progress_bars(pipeline, progress):
+        with torch.no_grad(), progress_bars(pipeline, progress, "ditfa step factors (skipped steps)"):
             kwargs = pipeline_kwargs(pipeline, [p for p in prompts for _ in range(copies)], config,
                                      prompt_encoder=prompt_encoder)
             kwargs["generator"] = [torch.Generator().manual_seed(config.seed + g) for g in range(len(prompts))
@@ -592,7 +592,7 @@ def _run_factors(pipeline, transformer, config, prompt: str, sens: Sensitivity, 
 
     handle = transformer.register_forward_hook(hook)
     try:
-        with torch.no_grad(), progress_bars(pipeline, progress):
+        with torch.no_grad(), progress_bars(pipeline, progress, "ditfa run factors (skipped steps)"):
             kwargs = pipeline_kwargs(pipeline, [prompt] * copies, config, prompt_encoder=prompt_encoder)
             kwargs["generator"] = [torch.Generator().manual_seed(config.seed) for _ in range(copies)]
             final = pipeline(**kwargs, output_type="latent").images.float()

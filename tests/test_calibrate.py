@@ -317,3 +317,22 @@ def test_block_methods_are_calibrated_and_searched_with_the_heads(one_thread, tm
     again = CalibrationStats.load(tmp_path)
     assert again.blocks == stats.blocks and all(torch.equal(again.block_err[b], stats.block_err[b]) for b in names)
     assert search(again, config) == plan
+
+
+def test_progress_bars_label_the_pipeline_bar_and_give_the_users_setting_back():
+    from ditfa_optimum.calibrate import progress_bars
+
+    class Pipe:
+        def set_progress_bar_config(self, **kwargs):
+            self._progress_bar_config = kwargs
+
+    pipe = Pipe()
+    pipe.set_progress_bar_config(desc="mine", ncols=80)
+    with progress_bars(pipe, True, "ditfa run factors (skipped steps)"):
+        assert pipe._progress_bar_config == {"desc": "ditfa run factors (skipped steps)", "ncols": 80, "leave": False,
+                                             "disable": False}
+    assert pipe._progress_bar_config == {"desc": "mine", "ncols": 80}
+    bare = Pipe()
+    with progress_bars(bare, False):
+        assert bare._progress_bar_config == {"leave": False, "disable": True}
+    assert not hasattr(bare, "_progress_bar_config")
