@@ -490,7 +490,6 @@ def _output_factors(pipeline, transformer, config, prompts: list[str], sens: Sen
     (`step_taylor`, from its own last two outputs) and copy 0 runs dense and records the predicted change."""
     import math
 
-    from .calibrate import pipeline_kwargs, progress_bars
     from .methods import step_taylor
 
     T = config.num_inference_steps
@@ -525,16 +524,8 @@ def _output_factors(pipeline, transformer, config, prompts: list[str], sens: Sen
         history[t] = sample.detach().clone()
         return (sample, *output[1:]) if isinstance(output, (tuple, list)) else type(output)(sample=sample)
 
-    handle = transformer.register_forward_hook(hook)
-    try:
-        with torch.no_grad(), progress_bars(pipeline, progress, "ditfa step factors (skipped steps)"):
-            kwargs = pipeline_kwargs(pipeline, [p for p in prompts for _ in range(copies)], config,
-                                     prompt_encoder=prompt_encoder)
-            kwargs["generator"] = [torch.Generator().manual_seed(config.seed + g) for g in range(len(prompts))
-                                   for _ in range(copies)]
-            final = pipeline(**kwargs, output_type="latent").images.float()
-    finally:
-        handle.remove()
+    final = _hooked_generation(pipeline, transformer, config, prompts, copies, hook, prompt_encoder, progress,
+                               "ditfa step factors (skipped steps)")
     per_prompt = [_factors(final[g * copies:(g + 1) * copies], predicted[g], steps, T) for g in range(len(prompts))]
     return [math.exp(sum(math.log(f[t]) for f in per_prompt) / len(per_prompt)) for t in range(T)]
 
@@ -555,7 +546,6 @@ def _run_factors(pipeline, transformer, config, prompt: str, sens: Sensitivity, 
     `RUN_LENGTHS`; per length, the geometric mean of measured / predicted over the positions."""
     import math
 
-    from .calibrate import pipeline_kwargs, progress_bars
     from .methods import step_taylor
 
     T = config.num_inference_steps
@@ -590,17 +580,29 @@ def _run_factors(pipeline, transformer, config, prompt: str, sens: Sensitivity, 
         history[t] = dense  # anchors are computed steps: every copy's skipped run starts after them
         return (sample, *output[1:]) if isinstance(output, (tuple, list)) else type(output)(sample=sample)
 
-    handle = transformer.register_forward_hook(hook)
-    try:
-        with torch.no_grad(), progress_bars(pipeline, progress, "ditfa run factors (skipped steps)"):
-            kwargs = pipeline_kwargs(pipeline, [prompt] * copies, config, prompt_encoder=prompt_encoder)
-            kwargs["generator"] = [torch.Generator().manual_seed(config.seed) for _ in range(copies)]
-            final = pipeline(**kwargs, output_type="latent").images.float()
-    finally:
-        handle.remove()
+    final = _hooked_generation(pipeline, transformer, config, [prompt], copies, hook, prompt_encoder, progress,
+                               "ditfa run factors (skipped steps)")
     measured = (final - final[:1]).flatten(1).pow(2).sum(1).double().cpu()
     logs: dict[int, list] = {}
     for i, (L, _) in enumerate(runs):
         if predicted[i] > 0 and float(measured[i + 1]) > 0:
             logs.setdefault(L, []).append(math.log(float(measured[i + 1]) / predicted[i]))
     return {str(L): math.exp(sum(v) / len(v)) for L, v in sorted(logs.items())}
+
+
+def _hooked_generation(pipeline, transformer, config, prompts: list[str], copies: int, hook, prompt_encoder,
+                       progress: bool, desc: str) -> torch.Tensor:
+    """One generation of ``copies`` copies of each prompt (copies of prompt ``g`` seeded ``config.seed + g``) with
+    ``hook`` as a forward hook on the transformer; returns the final latents (float32)."""
+    from .calibrate import pipeline_kwargs, progress_bars
+
+    handle = transformer.register_forward_hook(hook)
+    try:
+        with torch.no_grad(), progress_bars(pipeline, progress, desc):
+            kwargs = pipeline_kwargs(pipeline, [p for p in prompts for _ in range(copies)], config,
+                                     prompt_encoder=prompt_encoder)
+            kwargs["generator"] = [torch.Generator().manual_seed(config.seed + g) for g in range(len(prompts))
+                                   for _ in range(copies)]
+            return pipeline(**kwargs, output_type="latent").images.float()
+    finally:
+        handle.remove()
