@@ -35,12 +35,18 @@ Memory: ``cache MiB`` = bytes the head memories hold after the timed step (`Step
 ``peak +MiB`` = peak allocated during the real step t-1 minus the peak of a stock step. Measured once per plan, with
 the first backend (the caches do not depend on the backend; flex's BlockMask cache is not in these numbers).
 
+Generation mode (``--generation``): whole trajectories of NUM_STEPS transformer calls (the fixed inputs of each
+step, timesteps falling), ``--warmup`` untimed and ``--reps`` timed ones, median; rows: stock, the all-full plan, and
+plans skipping 30% / 50% of the steps whole (`step_taylor`, spread evenly, every head full). Ideal = NUM_STEPS /
+steps computed.
+
 Search mode (``--search``): calibration + search wall time and peak memory of the SD3-medium architecture (1024^2,
 28 steps, 8 prompts) and FLUX.1-dev (4 prompts), by `search_time.run` (word-hash prompt embeddings stand in for the
 text encoders). A separate mode so that each fits one 10-minute GPU command.
 
     python benchmarks/e2e.py [--arch sd3|flux|both] [--sizes 1024 2048] [--backends triton flex] [--out PATH]
     python benchmarks/e2e.py --search [--arch ...]
+    python benchmarks/e2e.py --generation [--arch ...] [--sizes 1024]
     python benchmarks/e2e.py --tiny        (CPU: the tiny test models, "blocked" backend, 1 + 2 calls per row)
 
 Rows stop being started after ``--budget`` seconds (the JSON is rewritten after every row, so partial results stay).
@@ -73,13 +79,15 @@ sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "benchmarks")) if p not in sys
 
 import search_time  # noqa: E402
 
-from ditfa_optimum import apply, get_adapter, remove, uniform_plan  # noqa: E402
+from ditfa_optimum import apply, get_adapter, remove, reset_state, uniform_plan  # noqa: E402
 from ditfa_optimum.methods import make_method  # noqa: E402
 from ditfa_optimum.plan import CompressionPlan  # noqa: E402
 from ditfa_optimum.tiny import tiny_inputs, tiny_transformer  # noqa: E402
 
 NUM_STEPS = 28
 TARGET_CUTS = (0.50, 0.68)
+#: generation mode: shares of the steps skipped whole (`step_taylor`)
+GENERATION_CUTS = (0.3, 0.5)
 CUT_TOLERANCE = 0.01
 #: the compressed heads' mix at full strength, in order of increasing cut (`cfg_share` only where CFG is batched)
 MIX = {"cfg_share": 0.10, "arrow:1/8": 0.25, "arrow:1/16": 0.20, "arrow:1/32": 0.15, "cache": 0.30}
@@ -398,22 +406,86 @@ def run_case(case: Case, emit) -> None:
             remove(case.model)
 
 
-def step_mode(args, device, emit) -> None:
-    """Every architecture and resolution asked for, one model build per architecture."""
-    torch._dynamo.config.cache_size_limit = 64  # flex compiles once per shape: never fall back to eager silently
+def each_case(args, device, run, emit) -> None:
+    """``run(case, emit)`` for every architecture and resolution asked for, one model build per architecture."""
     for arch in args.archs:
         _, _, cfg = ARCHS[arch]
         model, text_tokens, block_size = build_model(arch, args.tiny)
         try:
             for size in args.sizes:
                 steps, image_tokens = step_inputs(model, size, text_tokens, 2 if cfg else 1, device)
-                run_case(Case(arch, size, model, steps, image_tokens, text_tokens, block_size, cfg, Clock(device),
-                              args), emit)
+                run(Case(arch, size, model, steps, image_tokens, text_tokens, block_size, cfg, Clock(device), args),
+                    emit)
         finally:
             del model
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def step_mode(args, device, emit) -> None:
+    torch._dynamo.config.cache_size_limit = 64  # flex compiles once per shape: never fall back to eager silently
+    each_case(args, device, run_case, emit)
+
+
+def spread_skips(num_steps: int, cut: float) -> list[int]:
+    """``round(cut * num_steps)`` steps to skip, spread evenly over steps 2 .. num_steps - 2 (runs of at most two; the
+    first two steps and the last one run, as in the searched plans)."""
+    k = round(cut * num_steps)
+    span = num_steps - 3
+    if not 0 <= k <= span:
+        raise ValueError(f"cannot skip {k} of {num_steps} steps with steps 0, 1 and {num_steps - 1} computed")
+    return sorted({2 + round(i * span / k) for i in range(k)}) if k else []
+
+
+def time_generation(case: Case, before=None) -> tuple[list[float], torch.Tensor]:
+    """Median-ready times (ms) of whole trajectories of NUM_STEPS transformer calls, and the last call's output."""
+    times, out = [], None
+    for i in range(case.args.warmup + case.args.reps):
+        if before is not None:
+            before()
+        case.clock.sync()
+        start = case.clock.mark()
+        with torch.no_grad():
+            for inputs in case.steps:
+                out = case.model(**inputs)
+        end = case.clock.mark()
+        if i >= case.args.warmup:
+            times.append(case.clock.ms(start, end))
+    return times, (out[0] if isinstance(out, tuple) else out.sample)
+
+
+def run_generation_case(case: Case, emit) -> None:
+    """Whole trajectories: stock, the all-full plan, and plans that skip whole steps (`step_taylor`, every head full).
+    The inputs of every step are fixed (not a denoising loop), so a computed last step equals stock's exactly."""
+    common = dict(arch=case.arch, size=case.size, image_tokens=case.image_tokens, text_tokens=case.text_tokens,
+                  batch=case.batch, cfg=case.cfg, steps=NUM_STEPS)
+    case.check_budget("stock generation")
+    times, stock_out = time_generation(case)
+    stock_ms = statistics.median(times)
+    emit(dict(common, row="stock", backend=None, skipped_steps=[], whole_cut=0.0, ms=stock_ms, ms_all=times,
+              speedup=1.0, ideal=1.0, of_ideal=1.0, max_abs_diff_vs_stock=0.0))
+    backend = case.args.backends[0]
+    for cut in (0.0, *GENERATION_CUTS):
+        name = "all-full plan" if cut == 0 else f"skip {cut:.0%} of steps"
+        case.check_budget(name)
+        plan = uniform_plan(case.model, NUM_STEPS, block_size=case.block_size)
+        skipped = spread_skips(NUM_STEPS, cut)
+        plan.set_skipped_steps(skipped)
+        apply(case.model, plan, backend=backend, cfg=case.cfg)
+        try:
+            times, out = time_generation(case, before=lambda: reset_state(case.model))
+        finally:
+            remove(case.model)
+        ms = statistics.median(times)
+        ideal = NUM_STEPS / (NUM_STEPS - len(skipped))
+        emit(dict(common, row=name, backend=backend, skipped_steps=skipped, whole_cut=len(skipped) / NUM_STEPS,
+                  ms=ms, ms_all=times, speedup=stock_ms / ms, ideal=ideal, of_ideal=stock_ms / ms / ideal,
+                  max_abs_diff_vs_stock=float((out.float() - stock_out.float()).abs().max())))
+
+
+def generation_mode(args, device, emit) -> None:
+    each_case(args, device, run_generation_case, emit)
 
 
 def search_mode(args, emit) -> None:
@@ -431,27 +503,37 @@ def fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def step_table(rows: list[dict]) -> str:
-    lines = ["| arch | size | row | backend | FLOP cut (plan / step) | ms / step | speed-up | attention share | "
-             "Amdahl limit | of limit | cache MiB | held +MiB | peak +MiB |", "|" + "---|" * 13]
-    for r in rows:
-        lines.append(f"| {r['arch']} | {r['size']}² | {r['row']} | {r['backend'] or 'stock'} | "
-                     f"{r['plan_cut']:.1%} / {r['step_cut']:.1%} | {r['ms']:.2f} | {r['speedup']:.2f}× | "
-                     f"{r['attention_share']:.1%} | {r['amdahl_limit']:.2f}× | {r['of_limit']:.2f} | "
-                     f"{fmt(r['cache_mib'], '.1f')} | {fmt(r['held_delta_mib'], '.1f')} | "
-                     f"{fmt(r['peak_delta_mib'], '.1f')} |")
-    return "\n".join(lines)
+    return markdown(["arch", "size", "row", "backend", "FLOP cut (plan / step)", "ms / step", "speed-up",
+                     "attention share", "Amdahl limit", "of limit", "cache MiB", "held +MiB", "peak +MiB"],
+                    [[r["arch"], f"{r['size']}²", r["row"], r["backend"] or "stock",
+                      f"{r['plan_cut']:.1%} / {r['step_cut']:.1%}", f"{r['ms']:.2f}", f"{r['speedup']:.2f}×",
+                      f"{r['attention_share']:.1%}", f"{r['amdahl_limit']:.2f}×", f"{r['of_limit']:.2f}",
+                      fmt(r["cache_mib"], ".1f"), fmt(r["held_delta_mib"], ".1f"), fmt(r["peak_delta_mib"], ".1f")]
+                     for r in rows])
+
+
+def generation_table(rows: list[dict]) -> str:
+    return markdown(["arch", "size", "row", "steps skipped", "ms / generation", "speed-up", "ideal (steps)",
+                     "of ideal", "max abs diff of the last output vs stock"],
+                    [[r["arch"], f"{r['size']}²", r["row"], f"{len(r['skipped_steps'])} / {r['steps']}",
+                      f"{r['ms']:.1f}", f"{r['speedup']:.2f}×", f"{r['ideal']:.2f}×", f"{r['of_ideal']:.2f}",
+                      f"{r['max_abs_diff_vs_stock']:.2g}"] for r in rows])
 
 
 def search_table(rows: list[dict]) -> str:
-    lines = ["| arch | prompts (batch) | size | steps | dense generation s | calibration s | search s | "
-             "optimize total s | peak GiB (model) | FLOP cut |", "|" + "---|" * 10]
-    for r in rows:
-        lines.append(f"| {r['arch']} | {r['prompts']} ({r['transformer_batch']}) | {r['size']}² | {r['steps']} | "
-                     f"{r['dense_generation_seconds']:.1f} | {r['calibration_seconds']:.1f} | "
-                     f"{r['search_seconds']:.1f} | {r['optimize_wall_seconds']:.1f} | "
-                     f"{r['peak_memory_gib']:.1f} ({r['model_memory_gib']:.1f}) | {r['flop_cut']:.1%} |")
-    return "\n".join(lines)
+    return markdown(["arch", "prompts (batch)", "size", "steps", "dense generation s", "calibration s", "search s",
+                     "optimize total s", "peak GiB (model)", "FLOP cut"],
+                    [[r["arch"], f"{r['prompts']} ({r['transformer_batch']})", f"{r['size']}²", str(r["steps"]),
+                      f"{r['dense_generation_seconds']:.1f}", f"{r['calibration_seconds']:.1f}",
+                      f"{r['search_seconds']:.1f}", f"{r['optimize_wall_seconds']:.1f}",
+                      f"{r['peak_memory_gib']:.1f} ({r['model_memory_gib']:.1f})", f"{r['flop_cut']:.1%}"]
+                     for r in rows])
 
 
 def card_slug(device_name: str) -> str:
@@ -480,6 +562,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backends", nargs="+", help="step mode: runtime backends of the plan rows (default triton "
                         "flex; --tiny blocked)")
     parser.add_argument("--search", action="store_true", help="calibration + search time instead of step time")
+    parser.add_argument("--generation", action="store_true", help="whole trajectories (NUM_STEPS calls) of plans "
+                        "that skip whole steps, against stock (default sizes 1024)")
     parser.add_argument("--tiny", action="store_true", help="CPU run of the whole script on the tiny models")
     parser.add_argument("--warmup", type=int, help="untimed calls per row (default 3; --tiny 1)")
     parser.add_argument("--reps", type=int, help="timed calls per row, median reported (default 10; --tiny 2)")
@@ -488,12 +572,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="start no row after this many seconds (a FLUX 2K row with its compile takes ~1 min)")
     parser.add_argument("--out", help="JSON path (default docs/benchmarks/e2e[-search|-tiny]-<date>-<card>.json)")
     args = parser.parse_args(argv)
+    if args.search and args.generation:
+        parser.error("--search and --generation are separate modes; run one per call")
     if args.tiny and args.search:
         parser.error("--search times the full-size architectures and needs a GPU; it has no --tiny version")
     if not args.tiny and not torch.cuda.is_available():
         parser.error("the full-size runs need a CUDA GPU; use --tiny on the CPU")
     args.archs = ["sd3", "flux"] if args.arch == "both" else [args.arch]
-    args.sizes = args.sizes or ([TINY["size"]] if args.tiny else [1024, 2048])
+    args.sizes = args.sizes or ([TINY["size"]] if args.tiny else [1024] if args.generation else [1024, 2048])
     args.backends = args.backends or (["blocked"] if args.tiny else ["triton", "flex"])
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
     args.reps = args.reps or (2 if args.tiny else 10)
@@ -507,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.tiny else "cuda")
     torch.manual_seed(0)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    mode = "search" if args.search else "tiny" if args.tiny else None
+    mode = "-".join(m for m, on in (("search", args.search), ("generation", args.generation), ("tiny", args.tiny))
+                    if on) or None
     today = str(date.today())
     name = f"e2e{'-' + mode if mode else ''}-{today}-{card_slug(card)}.json"
     out = Path(args.out or ROOT / "docs" / "benchmarks" / name)
@@ -533,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.search:
             search_mode(args, emit)
+        elif args.generation:
+            generation_mode(args, device, emit)
         else:
             step_mode(args, device, emit)
     except OutOfBudget as stop:
@@ -544,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\n{card}, torch {payload['meta']['torch']}, triton {payload['meta']['triton']}, {today}: "
           f"`{payload['meta']['command']}` -> {out}")
-    print(search_table(payload["rows"]) if args.search else step_table(payload["rows"]))
+    table = search_table if args.search else generation_table if args.generation else step_table
+    print(table(payload["rows"]))
     return 0 if "incomplete" not in payload else 1
 
 

@@ -54,8 +54,8 @@ TARGET_CUTS = (0.3, 0.45, 0.6, 0.7, 0.8, 0.9)
 #: whole-transformer FLOP cuts asked of the plans with block methods
 WHOLE_TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 BLOCK_METHODS = ("block_cache", "block_taylor")
-CURVES = ("default", "trajectory", "blocks", "steps", "steps-only", "steps-blocks", "one-pass", "paper", "local-quadratic", "uniform",
-          "peers")
+CURVES = ("default", "trajectory", "blocks", "steps", "steps-unverified", "steps-only",
+          "steps-blocks", "one-pass", "paper", "local-quadratic", "uniform", "peers")
 UNIFORM_STARTS = (4, 8, 12, 16)
 
 
@@ -190,7 +190,10 @@ class Evaluator:
         info = plan.metadata.get("search", {})
         return self.score(images, flops, curve=curve, setting=setting,
                           flop_cut=plan.flops(stats.image_tokens, stats.text_tokens, cfg=stats.cfg).cut,
-                          predicted_psnr=info.get("predicted_psnr_db"), methods=plan.method_counts())
+                          predicted_psnr=info.get("predicted_psnr_db"), methods=plan.method_counts(),
+                          head_weight=info.get("head_weight"), max_skip_run=info.get("max_skip_run"),
+                          skipped_steps=plan.skipped_steps,
+                          alternatives=(info.get("selected_by_measurement") or {}).get("alternatives"))
 
 
 def plan_attention_flops(runtime, plan: CompressionPlan, stats):
@@ -269,6 +272,8 @@ def main(argv=None) -> int:
             plan = search(calibrated(cfg), cfg)
             rows.append(ev.plan_row("trajectory + blocks", f"whole target {cut:.0%}", plan, stats, args.backend))
     for key, name, extra in (("steps", "trajectory + steps", dict(skip_steps=True)),
+                             ("steps-unverified", "trajectory + steps, model's choice (verify_plans=1)",
+                              dict(skip_steps=True, verify_plans=1)),
                              ("steps-only", "steps only (no head methods)", dict(skip_steps=True, methods=())),
                              ("steps-blocks", "trajectory + steps + blocks",
                               dict(skip_steps=True, block_methods=BLOCK_METHODS))):

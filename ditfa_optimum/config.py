@@ -95,6 +95,11 @@ class DiTFastAttnConfig:
             FLOPs and ``target_cut`` is the share of those skipped. None (default): yes with the trajectory
             allocation whenever the statistics price skipped steps (calibration measures them); True: required;
             False: never (head and block methods only).
+        verify_plans: trajectory allocation: how many of the search's alternative plans for the target (see
+            `TrajectoryProblem.alternatives`: head damage priced 1x / 4x / not at all, shorter skipped runs) to run on
+            the sensitivity prompts at the end of calibration; the one that changes their images least is the plan,
+            and its measurement scales the error model. 1 = run only the error model's choice (to scale the model);
+            0 = run nothing.
 
     Example:
         >>> cfg = DiTFastAttnConfig(threshold=0.1, num_inference_steps=28, height=1024, width=1024)
@@ -126,6 +131,7 @@ class DiTFastAttnConfig:
     block_methods: tuple[str, ...] = ()
     max_skip_run: int = 3
     skip_steps: bool | None = None
+    verify_plans: int = 6
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
@@ -180,6 +186,9 @@ class DiTFastAttnConfig:
                              f"{self.max_head_rse!r}")
         _positive_int("sensitivity_prompts", self.sensitivity_prompts)
         _positive_int("max_skip_run", self.max_skip_run)
+        if not isinstance(self.verify_plans, int) or isinstance(self.verify_plans, bool) or self.verify_plans < 0:
+            raise ValueError(f"verify_plans must be an int >= 0 (plans run at the end of calibration; 0 = none), "
+                             f"got {self.verify_plans!r}")
         if isinstance(self.block_methods, str) or not all(isinstance(m, str) for m in self.block_methods):
             raise ValueError(f"block_methods must be a list of block method names like ['block_taylor'], got "
                              f"{self.block_methods!r}")
@@ -274,6 +283,7 @@ class DiTFastAttnConfig:
             data.setdefault("allocation", "local")
             data.setdefault("skip_steps", False)  # written before skipped steps existed: searched without them
             data.setdefault("max_skip_run", 2)
+            data.setdefault("verify_plans", 1)  # written before the measured selection: the model's choice, checked
         for key in ("methods", "block_methods"):
             if key in data and isinstance(data[key], list):
                 data[key] = tuple(data[key])

@@ -162,8 +162,12 @@ class DiTFastAttnOptimizer:
                        if info.get("predicted_snr_db") is not None else "no error predicted"]
             if info.get("predicted_psnr_db") is not None:
                 quality.append(f"image PSNR {info['predicted_psnr_db']:.1f} dB")
-            how += ("\n  " + ", ".join(quality) + f" (error model scaled by {info.get('damage_scale', 1.0):.2g} "
-                    "after one checking generation; predictions are estimates: docs/search.md)")
+            checked = (info.get("selected_by_measurement") or {}).get("alternatives") or []
+            kept = ("the error model's choice kept" if not checked or checked[0]["variant"] == info.get("variant")
+                    else "kept one that changed their images at least 2x less than the error model's choice")
+            how += ("\n  " + ", ".join(quality) + f" (error model scaled by {info.get('damage_scale', 1.0):.2g}"
+                    + (f"; {len(checked)} candidate plans run on the calibration prompts, {kept}" if checked
+                       else "") + "; predictions are estimates: docs/search.md)")
         else:
             how = f"threshold {info['threshold']:g} (local allocation)"
         whole = (f"  whole-transformer FLOPs skipped {info['whole_cut']:.1%}"

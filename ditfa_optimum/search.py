@@ -34,6 +34,7 @@ Everything here is a pure function of (stats, config): same inputs, identical pl
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -186,6 +187,21 @@ def solve_layer(rse, saved, budget: float, full_index: int = 0) -> np.ndarray:
 SOLVERS = {"head": solve_heads, "layer": solve_layer}
 
 
+def selection_key(config: DiTFastAttnConfig) -> str:
+    """The key of `CalibrationStats.selections` for ``config``: every setting that shapes the trajectory search's
+    alternatives (target, candidates, caps, skipped steps, blocks, cost model)."""
+    kind, value = config.target()
+    fields = {"target": {kind: round(float(value), 9)}, "methods": list(config.methods),
+              "max_head_rse": config.max_head_rse, "full_steps": config.full_steps, "skip_steps": config.skip_steps,
+              "max_skip_run": config.max_skip_run, "block_methods": list(config.block_methods),
+              "cost_model": config.cost_model}
+    return json.dumps(fields, sort_keys=True)
+
+
+def _weight(value) -> float:
+    return np.inf if value is None else float(value)
+
+
 def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: float | None = None,
            granularity: str = "head") -> CompressionPlan:
     """The plan for ``config`` on ``stats``; pure and deterministic (see the module docstring).
@@ -224,8 +240,11 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
 
     extra = {}
     if problem is not None:
-        lam, choices = problem.solve(config)
+        selected = stats.selections.get(selection_key(config))
+        lam, choices = problem.solve(config, None if selected is None else selected["variant"])
         extra = problem.describe(choices, lam, config)
+        if selected is not None:
+            extra["selected_by_measurement"] = selected
     else:
         choices = {}
         for spec in stats.modules:
@@ -328,6 +347,8 @@ class TrajectoryProblem:
         self.priced = damage
         self.priced_allowed = allowed
         self.head_weight = 1.0
+        self.run_limit = max_skip_run  # the longest skipped run while choosing (`solve_variant`)
+        self.variant: dict = {"head_weight": 1.0, "max_skip_run": max_skip_run}  # the last `solve_variant`
 
     def weigh_heads(self, weight: float) -> None:
         """Price head damage ``weight`` times its prediction (``inf``: heads stay full) while choosing."""
@@ -459,7 +480,7 @@ class TrajectoryProblem:
         are its anchors and compute everything (an error there is extrapolated into every skipped step, amplified);
         a step right after a skipped one takes its ``restricted`` value (nothing reads the skipped step); any other
         its ``free`` value. State: (second-last computed, last computed, whether the second-last follows a skip)."""
-        T, R, D = len(free), self.max_skip_run, self.step_damage
+        T, R, D = len(free), self.run_limit, self.step_damage
         start = max(self.full_steps, 1) - 1
 
         def value(x: int, after_skip: bool, anchor: bool) -> float:
@@ -577,33 +598,102 @@ class TrajectoryProblem:
     #: head-damage weights `solve` tries (see there)
     HEAD_WEIGHTS = (1.0, 4.0, np.inf)
 
-    def solve(self, config: DiTFastAttnConfig) -> tuple[float, dict[str, np.ndarray]]:
+    def variants(self, config: DiTFastAttnConfig) -> list[dict]:
+        """The plan settings `solve` and `alternatives` explore, as JSON-ready dicts:
+
+        * ``{"head_weight": w, "max_skip_run": r}``: the Lagrangian search with head damage priced ``w`` times
+          (1, 4, or None = infinitely: heads full) and skipped runs of up to ``r`` steps (``max_skip_run`` or one
+          fewer);
+        * ``{"rhythm": k, "start": s}``: with skipped steps, the fixed rhythm of the peers' caches (diffusers'
+          TaylorSeer, cache-dit): steps ``0 .. s`` computed, then one step computed in every ``k`` (``k - 1``
+          skipped between, ``k - 1 <= max_skip_run``), every head full, with the latest start ``s`` that meets the
+          target.
+
+        Without skipped steps only ``{"head_weight": 1, "max_skip_run": max_skip_run}``."""
+        if self.step_damage is None:
+            return [{"head_weight": 1.0, "max_skip_run": self.max_skip_run}]
+        runs = sorted({self.max_skip_run, max(1, self.max_skip_run - 1)}, reverse=True)
+        out = [{"head_weight": _finite(w), "max_skip_run": r} for w in self.HEAD_WEIGHTS for r in runs]
+        T = next(iter(self.damage.values())).shape[0] if self.damage else self.step_damage.shape[0]
+        for k in range(2, self.max_skip_run + 2):
+            for start in range(T - 2, max(self.full_steps, 1) - 1, -1):
+                if self._meets(config, self._rhythm(k, start)):
+                    out.append({"rhythm": k, "start": start})
+                    break
+        return out
+
+    def _rhythm(self, k: int, start: int) -> dict[str, np.ndarray]:
+        """Every head full; steps ``start + 1 ..`` skipped except every ``k``-th (counted from ``start``)."""
+        T = self.step_damage.shape[0]
+        heads = {n: np.full(self.damage[n].shape[:2], self.full_index, dtype=np.int64) for n in self.names}
+        for block in self.blocks:
+            heads[f"block:{block}"] = np.zeros(T, dtype=np.int64)
+        heads["steps"] = np.array([t > start and (t - start) % k != 0 for t in range(T)])
+        return heads
+
+    def solve_variant(self, config: DiTFastAttnConfig, variant: dict, warn: bool = True
+                      ) -> tuple[float | None, dict]:
+        """``lam`` (None for a rhythm) and the choices of one of the `variants` (kept set on the problem afterwards,
+        so `describe` reports it)."""
+        self.variant = dict(variant)
+        if "rhythm" in variant:
+            k, start = int(variant["rhythm"]), int(variant["start"])
+            if self.step_damage is None or not 2 <= k <= self.max_skip_run + 1:
+                raise ValueError(f"a selected rhythm computes one step in {k}, but this search "
+                                 f"{'skips no steps' if self.step_damage is None else f'allows runs of up to max_skip_run={self.max_skip_run} skipped steps'}; "
+                                 "search with the config the rhythm was selected for")
+            self.weigh_heads(np.inf)
+            self.run_limit = k - 1
+            return None, self._rhythm(k, start)
+        weight, run = _weight(variant["head_weight"]), int(variant["max_skip_run"])
+        if self.step_damage is not None and not 1 <= run <= self.max_skip_run:
+            raise ValueError(f"a selected plan variant skips runs of up to {run} steps, but this search allows "
+                             f"1 to max_skip_run={self.max_skip_run}; search with the config the variant was "
+                             "selected for")
+        self.weigh_heads(weight)
+        self.run_limit = run
+        return self._solve_one(config, warn)
+
+    def alternatives(self, config: DiTFastAttnConfig) -> list[tuple[dict, float | None, dict]]:
+        """Every distinct plan that one of the `variants` gives for the target: ``(variant, lam, choices)``, those
+        meeting the target first, then by predicted damage (``target_cut``) or cut (``target_snr_db``)."""
+        kind, value = config.target()
+        found, seen = [], set()
+        for variant in self.variants(config):
+            lam, choices = self.solve_variant(config, variant, warn=False)
+            key = tuple((n, c.tobytes()) for n, c in sorted(choices.items()))
+            if key in seen:
+                continue
+            seen.add(key)
+            cut, damage = self.totals(choices)
+            rank = (not self._meets(config, choices), damage if kind == "cut" else -cut)
+            found.append((rank, variant, lam, choices))
+        found.sort(key=lambda f: f[0])
+        if found[0][0][0] and kind == "cut":
+            logger.warning("ditfa: target_cut %.3f cannot be reached with these candidates and max_head_rse; the "
+                           "plan saves the most it can", value)
+        return [(variant, lam, choices) for _, variant, lam, choices in found]
+
+    def solve(self, config: DiTFastAttnConfig, variant: dict | None = None
+              ) -> tuple[float | None, dict[str, np.ndarray]]:
         """``lam`` and the choices meeting the config's target (the closest plan when it cannot be met).
 
         With skipped steps the frontier of (saving, damage) is not convex: a plan of skipped steps alone can be
         better than every Lagrangian plan of heads and steps at the same cut, so the bisection over one price can
-        miss it. `solve` therefore also prices head damage 4x and infinitely (heads full) and keeps, among the plans
-        meeting the target, the one with the least predicted damage (``target_cut``) or the largest cut
-        (``target_snr_db``)."""
-        weights = self.HEAD_WEIGHTS if self.step_damage is not None else (1.0,)
-        kind, _ = config.target()
-        best = None
-        for weight in weights:
-            self.weigh_heads(weight)
-            lam, choices = self._solve_one(config)
-            cut, damage = self.totals(choices)
-            key = (self._meets(config, choices), -damage if kind == "cut" else cut)
-            if best is None or key > best[0]:
-                best = (key, lam, choices, weight)
-        self.weigh_heads(best[3])
-        return best[1], best[2]
+        miss it. `solve` therefore tries every one of the `variants` (head damage priced 1x, 4x and infinitely;
+        shorter skipped runs; fixed rhythms) and keeps, among the plans meeting the target, the one with the least
+        predicted damage (``target_cut``) or the largest cut (``target_snr_db``) — unless ``variant`` names the one
+        to use (the variant a measurement selected, `ditfa_optimum.calibrate.select_plan`)."""
+        if variant is None:
+            variant = self.alternatives(config)[0][0]
+        return self.solve_variant(config, variant)
 
     def _meets(self, config: DiTFastAttnConfig, choices) -> bool:
         kind, value = config.target()
         cut, damage = self.totals(choices)
         return cut >= value - 1e-9 if kind == "cut" else self.snr_db(damage) >= value
 
-    def _solve_one(self, config: DiTFastAttnConfig) -> tuple[float, dict[str, np.ndarray]]:
+    def _solve_one(self, config: DiTFastAttnConfig, warn: bool = True) -> tuple[float, dict[str, np.ndarray]]:
         kind, value = config.target()
         if kind == "cut":
             def meets(lam):  # the largest lam still cutting enough: least damage at that cut
@@ -617,8 +707,9 @@ class TrajectoryProblem:
         scale = self._scale()
         if search_largest:
             if not meets(0.0):
-                logger.warning("ditfa: target_cut %.3f cannot be reached with these candidates and max_head_rse; "
-                               "the plan saves the most it can", value)
+                if warn:
+                    logger.warning("ditfa: target_cut %.3f cannot be reached with these candidates and "
+                                   "max_head_rse; the plan saves the most it can", value)
                 return 0.0, self.choose(0.0)
             if meets(scale * 10 ** hi):
                 return scale * 10 ** hi, self.choose(scale * 10 ** hi)
@@ -648,6 +739,7 @@ class TrajectoryProblem:
         steps = choices.get("steps")
         skipped = [] if steps is None else np.nonzero(steps)[0].tolist()
         return {"target": {kind: value}, "lambda": lam, "head_weight": _finite(self.head_weight),
+                "max_skip_run": self.run_limit, "variant": self.variant,
                 "predicted_cut": cut, "damage_scale": self.damage_scale,
                 "skipped_steps": skipped,
                 "predicted_final_mse": mse, "predicted_snr_db": _finite(self.snr_db(damage)),

@@ -24,6 +24,28 @@ def e2e():
     return module
 
 
+def test_tiny_generation_run_skips_whole_steps(e2e, tmp_path):
+    out = tmp_path / "gen.json"
+    assert e2e.main(["--generation", "--tiny", "--arch", "sd3", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["row"] for r in rows] == ["stock", "all-full plan", "skip 30% of steps", "skip 50% of steps"]
+    for r in rows:
+        assert r["ms"] > 0 and len(r["ms_all"]) == 2 and math.isclose(r["of_ideal"], r["speedup"] / r["ideal"])
+        assert r["max_abs_diff_vs_stock"] <= 1e-5  # the last step runs, on the same inputs as stock's
+    assert [len(r["skipped_steps"]) for r in rows] == [0, 0, 8, 14]
+    assert rows[3]["ideal"] == 2.0 and rows[3]["whole_cut"] == 0.5
+
+
+def test_spread_skips_are_valid_plans(e2e):
+    for cut in (0.1, 0.3, 0.5, 0.8):
+        skipped = e2e.spread_skips(28, cut)
+        assert len(skipped) == round(28 * cut) and skipped[0] >= 2 and skipped[-1] <= 26
+        plan = dfa.CompressionPlan.uniform([dfa.ModuleSpec("m", 2, 8)], 28)
+        plan.set_skipped_steps(skipped)  # validates
+    with pytest.raises(ValueError, match="cannot skip 27 of 28 steps"):
+        e2e.spread_skips(28, 27 / 28)
+
+
 def tiny_case(e2e, arch):
     """A tiny model of ``arch``, its inputs per step at the --tiny size, its text tokens, block size and CFG flag."""
     model, text_tokens, block_size = e2e.build_model(arch, tiny=True)

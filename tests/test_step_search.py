@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ditfa_optimum.apply import apply, remove
-from ditfa_optimum.calibrate import CalibrationStats, calibrate, run_pipeline, step_skip_damage
+from ditfa_optimum.calibrate import SELECTION_MARGIN, CalibrationStats, calibrate, run_pipeline, step_skip_damage
 from ditfa_optimum.prompts import default_prompts
-from ditfa_optimum.search import TrajectoryProblem, search
+from ditfa_optimum.search import TrajectoryProblem, search, selection_key
 
 from search_helpers import tiny_setup
 
@@ -61,6 +61,24 @@ def test_step_dynamic_program_finds_the_best_skip_set(T, R, full_steps, seed):
     chosen = problem._choose_steps(free, restricted, lam)
     assert all(t >= start for t in chosen)
     assert _value(problem, chosen, free, restricted, lam) == pytest.approx(best, abs=1e-9)
+
+
+def test_rhythm_variants_take_the_latest_start_meeting_the_target():
+    """The peers' fixed rhythm as a candidate: one step computed in every k from the latest start that still skips
+    enough (12 steps of cost 1, target 40% = 5 steps skipped)."""
+    from ditfa_optimum import DiTFastAttnConfig
+
+    problem, _, _ = _problem(12, 3, 1, seed=0)
+    problem.dense_cost = 12.0
+    config = DiTFastAttnConfig(target_cut=0.4, num_inference_steps=12)
+    rhythms = [v for v in problem.variants(config) if "rhythm" in v]
+    assert rhythms == [{"rhythm": 2, "start": 2}, {"rhythm": 3, "start": 4}, {"rhythm": 4, "start": 5}]
+    lam, choices = problem.solve_variant(config, {"rhythm": 3, "start": 4})
+    assert lam is None and np.nonzero(choices["steps"])[0].tolist() == [5, 6, 8, 9, 11]
+    assert problem.totals(choices)[0] == pytest.approx(5 / 12)
+    assert problem.variant == {"rhythm": 3, "start": 4}  # what `describe` reports
+    with pytest.raises(ValueError, match="allows runs of up to max_skip_run=3"):
+        problem.solve_variant(config, {"rhythm": 5, "start": 4})
 
 
 def test_anchors_are_the_two_computed_steps_before_each_run():
@@ -132,12 +150,29 @@ def test_skipped_steps_are_calibrated_searched_and_run(one_thread, tmp_path):
         assert cut < 0.5 - 1e-9 or damage >= best - 1e-12
     problem.weigh_heads(np.inf)
     assert all((c == problem.full_index).all() for n, c in problem.choose(0.0).items() if n in problem.names)
+    # the plan is the alternative that changed the sensitivity prompts' images least, measured at calibration
+    selection = stats.selections[selection_key(config)]
+    runs = selection["alternatives"]
+    assert 1 <= len(runs) <= config.verify_plans and all(r["measured_mse"] > 0 for r in runs)
+    meeting = [r for r in runs if r["meets_target"]]
+    least = min(meeting, key=lambda r: r["measured_mse"])
+    best = least if least["measured_mse"] * SELECTION_MARGIN < meeting[0]["measured_mse"] else meeting[0]
+    assert selection["variant"] == best["variant"] == info["variant"]
+    assert any("rhythm" in r["variant"] for r in runs)  # the peers' fixed rhythm is among the candidates
+    for r in runs:
+        assert r["meets_target"] == (r["whole_cut"] >= 0.5 - 1e-9)
+    ranked = [r["predicted_mse"] for r in runs if r["meets_target"]]
+    assert ranked == sorted(ranked)  # the alternatives come ranked by predicted damage
+    assert stats.damage_scale == pytest.approx(best["measured_mse"] / best["predicted_mse"])
     apply(pipe, plan, backend="reference")
     try:
         out = run_pipeline(pipe, prompts, config, prompt_encoder=encoder)
+        again = run_pipeline(pipe, prompts[:config.sensitivity_prompts], config, prompt_encoder=encoder).float()
     finally:
         remove(pipe)
     assert out.isfinite().all()
+    reference = stats.sensitivity.reference_final
+    assert float(((again - reference) ** 2).mean()) == pytest.approx(best["measured_mse"], rel=1e-4)
     stats.save(tmp_path)
     again = CalibrationStats.load(tmp_path)
     assert torch.equal(again.step_damage["transformer"], table)
