@@ -2,27 +2,6 @@
 
 __version__ = "0.1.0.dev0"
 
-
-def _source_checkout_kernels() -> None:
-    """Installs map the repository's top-level ``kernels/`` to ``ditfa_optimum.kernels``; a bare source checkout on
-    PYTHONPATH (the GPU benchmark machines) gets the same module from the same files."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    if "ditfa_optimum.kernels" in sys.modules or importlib.util.find_spec(".kernels", __name__) is not None:
-        return
-    init = Path(__file__).resolve().parents[1] / "kernels" / "__init__.py"
-    if init.is_file():
-        spec = importlib.util.spec_from_file_location(f"{__name__}.kernels", init,
-                                                      submodule_search_locations=[str(init.parent)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-
-
-_source_checkout_kernels()
-
 from .adapters import get_adapter, register_adapter
 from .apply import apply, get_runtime, remove, reset_state, uniform_plan
 from .calibrate import CalibrationStats, calibrate

@@ -1,4 +1,3 @@
-import py_compile
 from pathlib import Path
 
 import pytest
@@ -39,11 +38,6 @@ def test_usage_error_exits_2():
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2
-
-
-def test_examples_compile():
-    for path in (ROOT / "examples").glob("*.py"):
-        py_compile.compile(str(path), doraise=True)
 
 
 def test_optimize_command_on_the_embedded_model(tmp_path, capsys):

@@ -44,8 +44,8 @@ CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages
            for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
            if not (w == 8 and bm * bn < 128 * 128)]
 #: (BLOCK_M, BLOCK_N, warps, stages) the autotuner tries for the head dims measured on an H100: the front-runners of
-#: the sweep of every configuration (`benchmarks/kernel_configs.py`,
-#: docs/benchmarks/kernel-configs-2026-11-26-h100.json). A short list keeps the first call fast and leaves timing noise
+#: the sweep of every configuration (docs/benchmarks/kernel-configs-2026-11-26-h100.json; the sweep script is in
+#: commit 0445e6f, docs/design-notes.md). A short list keeps the first call fast and leaves timing noise
 #: no slow candidate to pick: with all of `CONFIGS`, one run chose a tile 8% slower for FLUX 2K mixed, and with 128x64
 #: (4 warps) still listed for D=128, one run chose it for FLUX 2K all 1/8 and mixed, 7% slower than 128x128 timed
 #: in the same GPU call. D=128: 128x128 with 8 warps won every plan; D=64: five candidates within 3% of each other.
@@ -171,8 +171,8 @@ def _headwise_attention_kernel(
     # One software-pipelined loop over the whole key chunks of the text segment and of the band (chunk j < n_text
     # is text, the rest band), then the ragged tails of both ranges, masked (none or one chunk each). The tail loops
     # are not pipelined (num_stages=1): a pipelined loop sets up its buffers' barriers even when it runs no chunk
-    # (4.3% of FLUX 2K all 1/16, profiled), and measured (benchmarks/kernel_ab.py, H100) this is faster on every FLUX
-    # 2K plan than both pipelining them and compiling them out where they run nothing (docs/benchmarks.md).
+    # (4.3% of FLUX 2K all 1/16, profiled), and measured (paired A/B, H100) this is faster on every FLUX 2K plan
+    # than both pipelining them and compiling them out where they run nothing (docs/design-notes.md).
     band_start = image_start + band_lo * BS
     band_end = tl.minimum(image_start + band_hi * BS, image_end)
     n_text = (text_end - text_start) // BLOCK_N
@@ -238,10 +238,6 @@ def check_call(name: str, problem: str | None, q: torch.Tensor, widths: torch.Te
 
 #: DITFA_TRITON_TMA=0 switches the Hopper copy-engine loads off (pointer loads everywhere)
 USE_TMA = os.environ.get("DITFA_TRITON_TMA", "1") != "0"
-#: DITFA_TRITON_Q_TMA=0 loads the queries with pointer loads even where the output is stored by bulk copies (A/B runs)
-Q_TMA = os.environ.get("DITFA_TRITON_Q_TMA", "1") != "0"
-#: DITFA_TRITON_TMA_STORE=0 keeps the output store from registers even where a bulk copy could write it (A/B runs)
-TMA_STORE = os.environ.get("DITFA_TRITON_TMA_STORE", "1") != "0"
 
 
 def _hopper(device: torch.device) -> bool:
@@ -322,7 +318,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     # image) ends on a tile boundary (128 is a multiple of every tile), the second at S, where the copy clips.
     # Measured: storing from registers cost ~2.8 us of an SM per tile (docs/benchmarks.md)
     first = num_image_tokens if image_first else num_text_tokens
-    tma_store = TMA_STORE and use_tma and _aligned(out) and first % 128 == 0
+    tma_store = use_tma and _aligned(out) and first % 128 == 0
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -330,7 +326,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     else:
         k_arg, v_arg = k, v
     o_arg = TensorDescriptor.from_tensor(out, [1, 1, 64, D]) if tma_store else out
-    q_tma = tma_store and Q_TMA and _aligned(q)  # the same condition: no query tile straddles the segments
+    q_tma = tma_store and _aligned(q)  # the same condition: no query tile straddles the segments
     q_arg = TensorDescriptor.from_tensor(q, [1, 1, 64, D]) if q_tma else q
     args = (q_arg, k_arg, v_arg, o_arg, lse, table.contiguous(),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
