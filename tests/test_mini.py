@@ -229,7 +229,7 @@ def test_fine_tuning_starts_from_the_shipped_weights_with_a_new_position_table(p
         {k: v for k, v in TRANSFORMER_CONFIG.items() if k not in ("sample_size", "pos_embed_max_size")}
     table = start.transformer.state_dict()["pos_embed.pos_embed"]
     assert table.shape == (1, 4096, 192)  # 64 x 64 patch positions
-    assert torch.equal(table[0], get_2d_sincos_pos_embed(192, 64, base_size=64).float())  # fixed, not learned
+    assert torch.equal(table[0], get_2d_sincos_pos_embed(192, 64, base_size=64, output_type="pt").float())  # fixed, not learned
     assert "pos_embed.pos_embed" not in dict(start.transformer.named_parameters())
     # integer coordinates 0..63: the 64 px model's 32 x 32 table (stored in fp16) is its top-left corner
     old = pipe.transformer.state_dict()["pos_embed.pos_embed"].view(32, 32, 192)

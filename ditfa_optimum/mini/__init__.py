@@ -128,7 +128,8 @@ def mini_pipeline(path: str | os.PathLike | None = None, *, torch_dtype: torch.d
         hint = ("the package was installed without its assets; reinstall ditfa-optimum" if path == ASSET_DIR else
                 "expected a directory written by MiniMMDiTPipeline.save_pretrained")
         raise FileNotFoundError(f"no miniature model at {path} ({hint})")
-    pipe = MiniMMDiTPipeline.from_pretrained(path, dtype=torch_dtype, use_safetensors=True, low_cpu_mem_usage=False)
+    pipe = MiniMMDiTPipeline.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
+    pipe.to(dtype=torch_dtype)  # cast after loading: diffusers 0.37 reads `torch_dtype`, 0.42 `dtype`
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
 
