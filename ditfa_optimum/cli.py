@@ -172,7 +172,7 @@ def _cmd_optimize(args) -> int:
             budget_schedule=args.budget_schedule, error_normalization=args.error_normalization,
             allocation=args.allocation, target_cut=args.target_cut, target_snr_db=args.target_snr,
             max_head_rse=args.max_head_rse, calibration_passes=args.calibration_passes,
-            skip_steps=False if args.no_skip_steps else None)
+            skip_steps=False if args.no_skip_steps else None, verify_plans=args.verify_plans)
         prompts = _read_prompts(args.prompts)
         out = check_target(args.out, args.overwrite, hint="pass --overwrite")  # before the work, not after
         opt = _load_optimizer(args.model, args.dtype, args.device)
@@ -370,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "0.3; trajectory search; with --no-skip-steps a share of the attention FLOPs)")
     opt.add_argument("--no-skip-steps", action="store_true",
                      help="trajectory search: never skip whole steps (head methods only)")
+    opt.add_argument("--verify-plans", type=int, default=6, metavar="N",
+                     help="trajectory search: run up to N of the search's alternative plans on two calibration "
+                          "captions and keep the error model's choice unless another changes the images at least 2x "
+                          "less (default 6; 1 = only check the model's choice; 0 = no checking generation)")
     opt.add_argument("--target-snr", type=float, default=None,
                      help="instead of a cut: the predicted SNR of the final latents in dB to keep while saving the "
                           "most (trajectory search)")

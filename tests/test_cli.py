@@ -57,10 +57,12 @@ def test_optimize_command_on_the_embedded_model(tmp_path, capsys):
 def test_optimize_budget_options(tmp_path, capsys):
     out = tmp_path / "plan"
     assert main(["optimize", "tiny-sd3", "--steps", "4", "--num-prompts", "2", "--budget-schedule", "quadratic",
-                 "--error-normalization", "module", "--no-skip-steps", "--quiet", "--out", str(out)]) == 0
+                 "--error-normalization", "module", "--no-skip-steps", "--verify-plans", "0", "--quiet",
+                 "--out", str(out)]) == 0
     plan = read_artifact(out).plan
     info = plan.metadata["search"]
     assert info["config"]["skip_steps"] is False and plan.skipped_steps == []
+    assert info["config"]["verify_plans"] == 0 and "selected_by_measurement" not in info
     assert info["config"]["budget_schedule"] == "quadratic" and info["config"]["error_normalization"] == "module"
     assert info["step_thresholds"][0] == 0 and info["step_thresholds"][1] < info["step_thresholds"][3]
 

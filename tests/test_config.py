@@ -41,6 +41,8 @@ def test_duplicate_candidates_collapse():
     (dict(version=2), "version 2 is not supported"),
     (dict(budget_schedule="cosine"), "budget_schedule must be one of"),
     (dict(error_normalization="layer"), "error_normalization must be one of"),
+    (dict(verify_plans=-1), "verify_plans must be an int >= 0"),
+    (dict(verify_plans=True), "verify_plans must be an int >= 0"),
 ], ids=lambda v: str(v)[:40] if isinstance(v, dict) else None)
 def test_bad_values_name_the_field_and_value(changes, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):

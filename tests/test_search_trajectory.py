@@ -363,6 +363,9 @@ def test_old_config_dicts_load_as_local():
         old.pop(key)
     cfg = DiTFastAttnConfig.from_dict(old)
     assert cfg.allocation == "local" and cfg.threshold == 0.2
+    old.pop("skip_steps"), old.pop("max_skip_run"), old.pop("verify_plans")  # written before these existed
+    cfg = DiTFastAttnConfig.from_dict(old)
+    assert (cfg.skip_steps, cfg.max_skip_run, cfg.verify_plans) == (False, 2, 1)  # searched as it was then
     new = DiTFastAttnConfig(target_cut=0.4)
     assert DiTFastAttnConfig.from_dict(new.to_dict()) == new  # an explicit allocation is kept
 
