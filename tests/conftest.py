@@ -42,11 +42,6 @@ def one_thread_module():
         yield
 
 
-@pytest.fixture
-def device():
-    return torch.device("cpu")
-
-
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # fresh random inputs every run, but reproducible from the printed seed when a test fails
