@@ -764,7 +764,9 @@ class CompressionPlan:
             info = json.loads((directory / PLAN_JSON).read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{directory / PLAN_JSON} is not valid JSON ({e})") from None
-        return cls.from_json_and_tensors(info, load_file(directory / PLAN_TENSORS))
+        # copies: a file-backed tensor would change under the plan if the file were rewritten (safetensors 0.4.4)
+        tensors = {k: v.clone() for k, v in load_file(directory / PLAN_TENSORS).items()}
+        return cls.from_json_and_tensors(info, tensors)
 
     def summary(self) -> str:
         def shares(counts):
