@@ -109,9 +109,9 @@ class CalibrationStats:
     #: (before ``damage_scale``) of skipping steps ``b+1 .. e`` with `step_taylor` from the outputs of steps ``a < b``
     #: (``a == b``: from step ``b`` alone); ``inf`` where not measured. Measured along the dense flow.
     step_damage: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: plans selected by measurement (`select_plan`), by `ditfa_optimum.search.selection_key` of the config: the
-    #: chosen ``head_weight`` (None = heads full) and ``max_skip_run``, and the measured / predicted final-latent MSE
-    #: of every alternative run; `search` with that config builds the selected plan
+    #: plans selected by measurement (`select_plan`), by `ditfa_optimum.search.selection_key` of the config:
+    #: ``{"variant": one of TrajectoryProblem.variants, "alternatives": [every alternative run, with its predicted and
+    #: measured final-latent MSE]}``; `search` with that config builds the selected variant's plan
     selections: dict = field(default_factory=dict)
 
     def rse(self, module: str, normalization: str = "head") -> torch.Tensor:
@@ -683,8 +683,7 @@ def select_plan(pipeline, stats: CalibrationStats, config: DiTFastAttnConfig, pr
         predicted = problem.sensitivity.predicted_mse(problem.totals(choices)[1])
         record = {"variant": variant, "meets_target": problem._meets(config, choices), "predicted_mse": float(predicted)}
         if predicted > 0:
-            stats.selections[key] = {"variant": variant}  # search(stats, config) builds this variant's plan
-            plan = search(stats, config)
+            plan = search(stats, config, variant=variant)
             apply(pipeline, plan, backend=config.backend)
             try:
                 with torch.inference_mode(), progress_bars(pipeline, False):
@@ -695,7 +694,6 @@ def select_plan(pipeline, stats: CalibrationStats, config: DiTFastAttnConfig, pr
             record["whole_cut"] = plan.metadata["search"].get("whole_cut")
             record["flop_cut"] = plan.metadata["search"]["flop_cut"]
         runs.append(record)
-    stats.selections.pop(key, None)
     measured = [r for r in runs if "measured_mse" in r]
     if not measured:
         return None

@@ -97,9 +97,9 @@ class DiTFastAttnConfig:
             False: never (head and block methods only).
         verify_plans: trajectory allocation: how many of the search's alternative plans for the target (see
             `TrajectoryProblem.alternatives`: head damage priced 1x / 4x / not at all, shorter skipped runs) to run on
-            the sensitivity prompts at the end of calibration; the one that changes their images least is the plan,
-            and its measurement scales the error model. 1 = run only the error model's choice (to scale the model);
-            0 = run nothing.
+            the sensitivity prompts at the end of calibration; the error model's choice is the plan unless another
+            changes their images at least 2x less (`calibrate.SELECTION_MARGIN`), and the plan's measurement scales
+            the error model. 1 = run only the error model's choice (to scale the model); 0 = run nothing.
 
     Example:
         >>> cfg = DiTFastAttnConfig(threshold=0.1, num_inference_steps=28, height=1024, width=1024)

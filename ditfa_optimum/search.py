@@ -203,7 +203,7 @@ def _weight(value) -> float:
 
 
 def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: float | None = None,
-           granularity: str = "head") -> CompressionPlan:
+           granularity: str = "head", variant: dict | None = None) -> CompressionPlan:
     """The plan for ``config`` on ``stats``; pure and deterministic (see the module docstring).
 
     Args:
@@ -213,6 +213,8 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
         threshold: override ``config.threshold`` (local allocation; for sweeps over the same statistics).
         granularity: "head" (one method per head: the product) or "layer" (one per module and step: the DiTFastAttn
             v1 baseline the quality benchmark compares against; local allocation only).
+        variant: trajectory allocation: build this one of `TrajectoryProblem.variants` (default: the one a
+            measurement selected for ``config``, `CalibrationStats.selections`, else the error model's choice).
 
     Returns:
         A `CompressionPlan` whose ``metadata["search"]`` holds the config, the predicted mean RSE per module and step
@@ -240,8 +242,8 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
 
     extra = {}
     if problem is not None:
-        selected = stats.selections.get(selection_key(config))
-        lam, choices = problem.solve(config, None if selected is None else selected["variant"])
+        selected = stats.selections.get(selection_key(config)) if variant is None else None
+        lam, choices = problem.solve(config, variant if selected is None else selected["variant"])
         extra = problem.describe(choices, lam, config)
         if selected is not None:
             extra["selected_by_measurement"] = selected
@@ -614,9 +616,8 @@ class TrajectoryProblem:
             return [{"head_weight": 1.0, "max_skip_run": self.max_skip_run}]
         runs = sorted({self.max_skip_run, max(1, self.max_skip_run - 1)}, reverse=True)
         out = [{"head_weight": _finite(w), "max_skip_run": r} for w in self.HEAD_WEIGHTS for r in runs]
-        T = next(iter(self.damage.values())).shape[0] if self.damage else self.step_damage.shape[0]
         for k in range(2, self.max_skip_run + 2):
-            for start in range(T - 2, max(self.full_steps, 1) - 1, -1):
+            for start in range(self.step_damage.shape[0] - 2, max(self.full_steps, 1) - 1, -1):
                 if self._meets(config, self._rhythm(k, start)):
                     out.append({"rhythm": k, "start": start})
                     break
@@ -639,9 +640,10 @@ class TrajectoryProblem:
         if "rhythm" in variant:
             k, start = int(variant["rhythm"]), int(variant["start"])
             if self.step_damage is None or not 2 <= k <= self.max_skip_run + 1:
-                raise ValueError(f"a selected rhythm computes one step in {k}, but this search "
-                                 f"{'skips no steps' if self.step_damage is None else f'allows runs of up to max_skip_run={self.max_skip_run} skipped steps'}; "
-                                 "search with the config the rhythm was selected for")
+                allows = ("skips no steps" if self.step_damage is None else
+                          f"allows runs of up to max_skip_run={self.max_skip_run} skipped steps")
+                raise ValueError(f"a selected rhythm computes one step in {k}, but this search {allows}; search "
+                                 "with the config the rhythm was selected for")
             self.weigh_heads(np.inf)
             self.run_limit = k - 1
             return None, self._rhythm(k, start)
