@@ -68,6 +68,7 @@ import re
 import statistics
 import sys
 import time
+import types
 from datetime import date
 from pathlib import Path
 
@@ -82,6 +83,7 @@ import search_time  # noqa: E402
 from ditfa_optimum import apply, get_adapter, remove, reset_state, uniform_plan  # noqa: E402
 from ditfa_optimum.methods import make_method  # noqa: E402
 from ditfa_optimum.plan import CompressionPlan  # noqa: E402
+from ditfa_optimum.runtime.transformer_hook import TRANSFORMER_HOOK  # noqa: E402
 from ditfa_optimum.tiny import tiny_inputs, tiny_transformer  # noqa: E402
 
 NUM_STEPS = 28
@@ -142,6 +144,8 @@ class Case:
     cfg: bool
     clock: Clock
     args: argparse.Namespace
+    compiled: object = None  # torch.compile(model, fullgraph=True) with --compile
+    host_ms: float | None = None  # host time of the last timed row's calls (median)
 
     @property
     def batch(self) -> int:
@@ -240,7 +244,7 @@ def timed_step(per_step_cut: torch.Tensor, plan_cut: float) -> int:
 def checkpoint(runtime) -> dict:
     """The runtime's step position and a copy of its head memories (which the runtime rebinds, never mutates)."""
     state = runtime.state
-    return dict(step=state.step, last_timestep=state.last_timestep,
+    return dict(step=state.step, last_position=state.last_position,
                 memory={n: {h: dataclasses.replace(m) for h, m in state.memory(n).items()}
                         for n in runtime.plan.module_names})
 
@@ -249,7 +253,7 @@ def rewind(runtime, point: dict) -> None:
     """Put the runtime back at ``point``: the next call with a lower timestep runs the following step."""
     state = runtime.state
     state.set_step(point["step"])
-    state.last_timestep = point["last_timestep"]
+    state.last_position = point["last_position"]
     for name, heads in point["memory"].items():
         memory = state.memory(name)
         memory.clear()
@@ -257,20 +261,45 @@ def rewind(runtime, point: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- measurements
-def time_calls(case: Case, inputs: dict, before=None) -> tuple[list[float], torch.Tensor]:
-    """Per-call milliseconds of ``--reps`` transformer calls after ``--warmup`` ones, and the last output.
-    ``before`` runs before every call, outside the timed region."""
-    times, out = [], None
+@contextlib.contextmanager
+def step_context(case: Case, step: int | None):
+    """With ``--compile``, a planned call is told its step the way a pipeline tells it (its scheduler's
+    ``step_index``, read by the plan's transformer hook): a compiled graph cannot read the timestep's value, which is
+    how the runtime places a call made without a pipeline (runtime/state.py)."""
+    registry = getattr(case.model, "_diffusers_hook", None)
+    hook = registry.get_hook(TRANSFORMER_HOOK) if registry is not None else None
+    if not case.args.compile or step is None or hook is None:
+        yield
+        return
+    hook.scheduler = types.SimpleNamespace(step_index=step)
+    try:
+        yield
+    finally:
+        hook.scheduler = None
+
+
+def time_calls(case: Case, inputs: dict, before=None, step: int | None = None) -> tuple[list[float], torch.Tensor]:
+    """Per-call milliseconds of ``--reps`` transformer calls after ``--warmup`` ones, and the last output; with
+    ``--compile`` the calls go to the compiled model (``case.compiled``). ``before`` runs before every call, outside
+    the timed region. The host's part (Python until the call returns, before waiting for the device) is kept in
+    ``case.host_ms``."""
+    times, out, host = [], None, []
+    model = case.compiled if case.args.compile else case.model
     with torch.no_grad():
         for i in range(case.args.warmup + case.args.reps):
             if before is not None:
                 before()
             case.clock.sync()
             start = case.clock.mark()
-            out = case.model(**inputs).sample
+            issued = time.perf_counter()
+            with step_context(case, step):
+                out = model(**inputs).sample
+            issued = time.perf_counter() - issued
             end = case.clock.mark()
             if i >= case.args.warmup:
                 times.append(case.clock.ms(start, end))
+                host.append(issued * 1e3)
+    case.host_ms = statistics.median(host)
     return times, out
 
 
@@ -344,31 +373,48 @@ def run_case(case: Case, emit) -> None:
                   batch=case.batch, cfg=case.cfg)
 
     case.check_budget("stock")
-    times, stock_out = time_calls(case, case.steps[mid])
+    if case.args.compile:
+        torch._dynamo.reset()  # every row compiles its own graph, from scratch
+        case.compiled = torch.compile(case.model, fullgraph=True)
+    times, stock_out = time_calls(case, case.steps[mid], step=mid)
+    stock_host = case.host_ms
     stock_ms, stock_peak = statistics.median(times), peak_of(case, case.steps[mid])
     share = attention_share(case, case.steps[mid])
     zero = 0.0 if case.clock.cuda else None  # memory deltas of the baseline against itself
     emit(dict(common, row="stock", backend=None, timed_step=mid, plan_cut=0.0, step_cut=0.0, ms=stock_ms,
               ms_all=times, speedup=1.0, amdahl_limit=1.0, of_limit=1.0, cache_mib=0.0, held_delta_mib=zero,
-              peak_delta_mib=zero, output_finite=bool(stock_out.isfinite().all()), **share))
+              peak_delta_mib=zero, output_finite=bool(stock_out.isfinite().all()), compiled=case.args.compile,
+              host_ms=stock_host, **share))
 
     def row(name, backend, plan_cut, step, step_cut, times, out, **extra):  # out: the last timed output
         ms = statistics.median(times)
         limit = 1 / (1 - share["attention_share"] * step_cut)
         emit(dict(common, row=name, backend=backend, timed_step=step, plan_cut=plan_cut, step_cut=step_cut, ms=ms,
                   ms_all=times, speedup=stock_ms / ms, attention_share=share["attention_share"], amdahl_limit=limit,
-                  of_limit=stock_ms / ms / limit, output_finite=bool(out.isfinite().all()), **extra))
+                  of_limit=stock_ms / ms / limit, output_finite=bool(out.isfinite().all()), compiled=case.args.compile,
+                  host_ms=case.host_ms, extra_host_us_per_attention_call=(case.host_ms - stock_host) * 1e3 / modules,
+                  **extra))
 
+    modules = share["attention_calls"]
     backend = case.args.backends[0]
+
+    def recompile():
+        if case.args.compile:
+            torch._dynamo.reset()
+            case.compiled = torch.compile(case.model, fullgraph=True)
+
     case.check_budget("all-full plan")
     held_before = allocated(case)
     runtime = apply(case.model, uniform_plan(case.model, NUM_STEPS, block_size=case.block_size), backend=backend,
                     cfg=case.cfg)
-    position = dict(step=mid - 1, last_timestep=float(case.steps[mid - 1]["timestep"][0]), memory={})
-    times, out = time_calls(case, case.steps[mid], before=lambda: rewind(runtime, position))
+    before = float(mid - 1) if case.args.compile else -float(case.steps[mid - 1]["timestep"][0])
+    position = dict(step=mid - 1, last_position=before, memory={})
+    recompile()
+    times, out = time_calls(case, case.steps[mid], before=lambda: rewind(runtime, position), step=mid)
     ran = runtime.state.step
     rewind(runtime, position)
-    peak = peak_of(case, case.steps[mid])
+    with step_context(case, mid):
+        peak = peak_of(case, case.steps[mid])
     held = allocated(case)  # less the extra output held here
     held = None if held is None else held - held_before - out.numel() * out.element_size()
     row("all-full plan", backend, 0.0, mid, 0.0, times, out, runtime_step=ran,
@@ -390,8 +436,10 @@ def run_case(case: Case, emit) -> None:
         held_before = allocated(case)
         with torch.no_grad():
             for s in range(t - 1):
-                case.model(**case.steps[s])
-        peak = peak_of(case, case.steps[t - 1])
+                with step_context(case, s):
+                    case.model(**case.steps[s])
+        with step_context(case, t - 1):
+            peak = peak_of(case, case.steps[t - 1])
         memory = dict(held_delta_mib=mib(None if held_before is None else allocated(case) - held_before),
                       peak_delta_mib=mib(None if peak is None else peak - stock_peak), memory_backend=backend)
         point = checkpoint(runtime)
@@ -399,7 +447,8 @@ def run_case(case: Case, emit) -> None:
         for b in case.args.backends:
             case.check_budget(f"{name} ({b})")
             runtime = apply(case.model, plan, backend=b, cfg=case.cfg)
-            times, out = time_calls(case, case.steps[t], before=lambda: rewind(runtime, point))
+            recompile()
+            times, out = time_calls(case, case.steps[t], before=lambda: rewind(runtime, point), step=t)
             row(name, b, report.cut, t, float(per_step[t]), times, out, target_cut=target,
                 runtime_step=runtime.state.step, cache_mib=mib(runtime.state.memory_bytes()),
                 method_counts=plan.metadata["method_counts"], strength=plan.metadata["strength"], **memory)
@@ -510,11 +559,13 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def step_table(rows: list[dict]) -> str:
     return markdown(["arch", "size", "row", "backend", "FLOP cut (plan / step)", "ms / step", "speed-up",
-                     "attention share", "Amdahl limit", "of limit", "cache MiB", "held +MiB", "peak +MiB"],
-                    [[r["arch"], f"{r['size']}²", r["row"], r["backend"] or "stock",
+                     "attention share", "Amdahl limit", "of limit", "host ms", "cache MiB", "held +MiB",
+                     "peak +MiB"],
+                    [[r["arch"], f"{r['size']}²", r["row"] + (" (compiled)" if r.get("compiled") else ""),
+                      r["backend"] or "stock",
                       f"{r['plan_cut']:.1%} / {r['step_cut']:.1%}", f"{r['ms']:.2f}", f"{r['speedup']:.2f}×",
                       f"{r['attention_share']:.1%}", f"{r['amdahl_limit']:.2f}×", f"{r['of_limit']:.2f}",
-                      fmt(r["cache_mib"], ".1f"), fmt(r["held_delta_mib"], ".1f"), fmt(r["peak_delta_mib"], ".1f")]
+                      fmt(r.get("host_ms"), ".1f"), fmt(r["cache_mib"], ".1f"), fmt(r["held_delta_mib"], ".1f"), fmt(r["peak_delta_mib"], ".1f")]
                      for r in rows])
 
 
@@ -564,6 +615,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--search", action="store_true", help="calibration + search time instead of step time")
     parser.add_argument("--generation", action="store_true", help="whole trajectories (NUM_STEPS calls) of plans "
                         "that skip whole steps, against stock (default sizes 1024)")
+    parser.add_argument("--compile", action="store_true", help="step mode: time torch.compile(fullgraph=True) of the "
+                        "stock and the planned transformer (each row compiles its graph first)")
     parser.add_argument("--tiny", action="store_true", help="CPU run of the whole script on the tiny models")
     parser.add_argument("--warmup", type=int, help="untimed calls per row (default 3; --tiny 1)")
     parser.add_argument("--reps", type=int, help="timed calls per row, median reported (default 10; --tiny 2)")
@@ -593,8 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.tiny else "cuda")
     torch.manual_seed(0)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    mode = "-".join(m for m, on in (("search", args.search), ("generation", args.generation), ("tiny", args.tiny))
-                    if on) or None
+    mode = "-".join(m for m, on in (("search", args.search), ("generation", args.generation),
+                                    ("compiled", args.compile), ("tiny", args.tiny)) if on) or None
     today = str(date.today())
     name = f"e2e{'-' + mode if mode else ''}-{today}-{card_slug(card)}.json"
     out = Path(args.out or ROOT / "docs" / "benchmarks" / name)

@@ -34,6 +34,7 @@ from backends import (CASES, HEADS, PLANS, bench, case_inputs, head_methods, kep
 from ditfa_optimum.kernels.headwise_attention import headwise_attention  # noqa: E402
 from ditfa_optimum.masks import TokenLayout  # noqa: E402
 from ditfa_optimum.runtime import get_backend  # noqa: E402
+from ditfa_optimum.runtime.backends import Widths  # noqa: E402
 
 
 def rel_err(out, ref, keep):
@@ -100,6 +101,7 @@ def time_all(results: list, device, quick: bool) -> None:
         for plan in PLANS:
             widths = widths_for(head_methods(plan), layout)
             kept = kept_fraction(widths, layout)
+            widths = Widths.of(widths, layout.num_image_blocks)  # the runtime's form: masks and tables made once
             dev_widths, table, key = triton_backend.device_widths(widths, device)
 
             def kernel():

@@ -1,7 +1,7 @@
 """Install a `CompressionPlan` on a transformer (or a pipeline's transformer), and take it off again.
 
-The plan runs through attention processors set on the planned modules and one forward pre-hook on the transformer that
-advances the step state from the timestep of each call; a plan with block methods other than `compute` also gets one
+The plan runs through attention processors set on the planned modules and one diffusers hook on the transformer that
+advances the step state at each call (`ditfa_optimum.runtime.transformer_hook`); a plan with block methods other than `compute` also gets one
 diffusers hook per block (and per reused MLP), see `ditfa_optimum.runtime.blocks`. Nothing is monkeypatched; `remove`
 restores the original processor objects and removes the hooks, giving the stock model back exactly.
 """
@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import Adapter, get_adapter
+from .adapters.base import check_processor_equivalence
 from .masks import DEFAULT_BLOCK_SIZE
 from .methods import AttentionMethod
 from .plan import CompressionPlan
-from .runtime.blocks import BlockRuntime, InstalledBlocks, install_blocks
-from .runtime.steps import install_steps
+from .runtime.blocks import BlockRuntime, InstalledBlocks, _hook, _invalidate_registry_caches, install_blocks
 from .runtime.headwise import PlanRuntime
+from .runtime.steps import install_steps
+from .runtime.transformer_hook import COPIED, TRANSFORMER_HOOK, transformer_hook
 
 _ATTR = "_ditfa_installed"
 
@@ -31,17 +33,12 @@ class _Installed:
     adapter: Adapter
     originals: dict[str, object]
     modules: dict[str, torch.nn.Module]
-    hook: "_Handles"  # the step pre-hook and the always-called post-hook
+    hook: InstalledBlocks  # the ``ditfa_transformer`` hook (`ditfa_optimum.runtime.transformer_hook`)
     blocks: InstalledBlocks | None = None  # block hooks, when the plan skips blocks
-    steps: InstalledBlocks | None = None  # the transformer's step hook, when the plan skips whole steps
+    transformer_hook: object = None  # that hook (install_steps hands it the step handler)
     #: the transformer these hooks belong to (a weak reference survives copy.deepcopy unchanged, so a copy of a
     #: planned transformer can tell that it is one)
     owner: weakref.ref | None = field(default=None, repr=False)
-
-
-COPIED = ("this transformer is a copy (copy.deepcopy) of one that runs a ditfa plan: the copy carries the original's "
-          "step hooks, which would advance the original's step state and run the copy at a stale step. Copy the "
-          "model before ditfa_optimum.apply (or after ditfa_optimum.remove), then apply the plan to each copy")
 
 
 def _split(model) -> tuple[torch.nn.Module, object | None]:
@@ -86,7 +83,7 @@ def apply(model, plan: CompressionPlan, *, backend: str | None = None, cfg: bool
             _installed(transformer).blocks = install_blocks(transformer, adapter, blocks,
                                                             BlockRuntime(plan, runtime.state, adapter))
         if plan.skipped_steps:
-            _installed(transformer).steps = install_steps(transformer, plan, runtime.state)
+            install_steps(_installed(transformer).transformer_hook, plan, runtime.state)
     except Exception:
         remove(transformer)
         raise
@@ -161,53 +158,39 @@ def install(transformer: torch.nn.Module, adapter: Adapter, modules: list, runti
     ``set_attn_processor`` would otherwise silently drop the plan), and (given the ``pipeline`` and a plan) the
     pipeline runs as many denoising steps as the plan covers. A call that raises resets the step state, so the next
     generation starts clean."""
+    check_processor_equivalence(adapter, modules)
     originals = {spec.name: module.processor for spec, module in modules}
     for spec, module in modules:
-        module.set_processor(adapter.make_processor(spec, runtime.module(spec)))
+        module.set_processor(adapter.make_processor(spec, runtime.module(spec), originals[spec.name]))
     processors = {spec.name: module.processor for spec, module in modules}
 
     signature = inspect.signature(transformer.forward)
     watched = _watched(transformer, adapter, modules)
     plan = getattr(runtime, "plan", None)
+    state = runtime.state
 
-    def advance_step(_module, args, kwargs):
-        if _module is not transformer:
-            raise RuntimeError(COPIED)
-        try:
-            check_no_foreign_cache(transformer, watched)  # a cache enabled after apply() would break the plan
-            for spec, module in modules:
-                if module.processor is not processors[spec.name]:
-                    raise ValueError(
-                        f"attention module {spec.name!r} no longer runs the ditfa plan: its processor was replaced by "
-                        f"{type(module.processor).__name__} after apply() (fuse_qkv_projections, an IP-adapter or "
-                        "LoRA loader, set_attn_processor, ...). Call ditfa_optimum.remove(pipe) first, make the "
-                        "change, then apply the plan again")
-            runtime.state.on_transformer_call(*adapter.read_call(signature, args, kwargs))
-            if plan is not None and pipeline is not None and runtime.state.step == 0 and runtime.state.branch == 0:
-                check_step_count(pipeline, plan.num_steps)
-        except Exception:
-            runtime.state.reset()
-            raise
+    def guard():
+        check_no_foreign_cache(transformer, watched)  # a cache enabled after apply() would break the plan
+        for spec, module in modules:
+            if module.processor is not processors[spec.name]:
+                raise ValueError(
+                    f"attention module {spec.name!r} no longer runs the ditfa plan: its processor was replaced by "
+                    f"{type(module.processor).__name__} after apply() (fuse_qkv_projections, an IP-adapter or "
+                    "LoRA loader, set_attn_processor, ...). Call ditfa_optimum.remove(pipe) first, make the "
+                    "change, then apply the plan again")
+        if plan is not None and pipeline is not None and state.step == 0 and state.calls_in_step == 0:
+            check_step_count(pipeline, plan.num_steps)
 
-    def after_call(_module, _args, output):
-        if _module is transformer and output is None:  # the call raised (always_call hooks see no output then): start the next one clean
-            runtime.state.reset()
+    def read_call(_module, args, kwargs):
+        return adapter.read_call(signature, args, kwargs)
 
-    hook = transformer.register_forward_pre_hook(advance_step, with_kwargs=True)
-    after = transformer.register_forward_hook(after_call, always_call=True)
+    scheduler = getattr(pipeline, "scheduler", None)
+    hook = transformer_hook(transformer, state, read_call, guard, scheduler if hasattr(scheduler, "step_index") else None)
+    hooked = _hook(transformer, TRANSFORMER_HOOK, hook, "the transformer")
+    _invalidate_registry_caches(transformer)
     setattr(transformer, _ATTR, _Installed(runtime, adapter, originals, {s.name: m for s, m in modules},
-                                           _Handles(hook, after), owner=weakref.ref(transformer)))
-
-
-class _Handles:
-    """Both hooks of an installed runtime, removed together."""
-
-    def __init__(self, *handles):
-        self.handles = handles
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+                                           InstalledBlocks(transformer, [hooked]), transformer_hook=hook,
+                                           owner=weakref.ref(transformer)))
 
 
 def check_step_count(pipeline, plan_steps: int) -> None:
@@ -237,8 +220,6 @@ def remove(model) -> CompressionPlan | None:
     """Take the plan off: original processors back, hook removed, caches freed. Returns the removed plan."""
     transformer, _ = _split(model)
     installed = _installed(transformer)
-    if installed.steps is not None:
-        installed.steps.remove()
     if installed.blocks is not None:
         installed.blocks.remove()
     for name, module in installed.modules.items():

@@ -50,13 +50,17 @@ class TokenLayout:
     image_first: bool = True
     block_size: int = DEFAULT_BLOCK_SIZE
 
-    def __post_init__(self):
+    # no __post_init__: Dynamo cannot rebuild a frozen dataclass that has one, and the runtime makes layouts inside
+    # compiled code; `check` validates, and `ModuleSpec.layout` makes checked ones)
+    def check(self) -> "TokenLayout":
+        """``self``, after checking the counts (raises ``ValueError``)."""
         if self.num_image_tokens < 1:
             raise ValueError(f"num_image_tokens must be >= 1, got {self.num_image_tokens}")
         if self.num_text_tokens < 0:
             raise ValueError(f"num_text_tokens must be >= 0, got {self.num_text_tokens}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        return self
 
     @property
     def seq_len(self) -> int:

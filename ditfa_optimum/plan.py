@@ -62,7 +62,7 @@ class ModuleSpec:
     joint: bool = True
 
     def layout(self, image_tokens: int, text_tokens: int, block_size: int) -> TokenLayout:
-        return TokenLayout(image_tokens, text_tokens if self.joint else 0, self.image_first, block_size)
+        return TokenLayout(image_tokens, text_tokens if self.joint else 0, self.image_first, block_size).check()
 
 
 @dataclass(frozen=True)

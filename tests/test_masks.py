@@ -59,4 +59,4 @@ def test_bad_fraction(fraction):
 ])
 def test_bad_layout(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        TokenLayout(**kwargs)
+        TokenLayout(**kwargs).check()  # ModuleSpec.layout checks every layout the runtime makes

@@ -154,3 +154,27 @@ def test_a_deep_copy_of_a_planned_transformer_refuses_to_run_and_leaves_the_orig
     call(model, 500)
     assert get_runtime(model).state.step == 1
     remove(model)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_stock_processor_that_computes_something_else_is_refused_at_apply(family):
+    """Our processors compute q, k, v as diffusers' do; a diffusers release that changes its processor must be refused
+    (checked against the installed stock processor at apply), never run silently wrong."""
+    from ditfa_optimum.tiny import tiny_transformer
+
+    model = tiny_transformer(family)
+    module = model.transformer_blocks[0].attn
+    stock_class = type(module.processor)
+    changed = type(stock_class.__name__, (stock_class,), {
+        "__call__": lambda self, attn, *a, **k: _scaled(stock_class.__call__(self, attn, *a, **k))})
+    module.set_processor(changed())
+    with pytest.raises(RuntimeError, match="does not reproduce this diffusers version"):
+        apply(model, uniform_plan(model, num_steps=2, block_size=4))
+    assert not hasattr(model, "_ditfa_installed") and type(module.processor) is changed
+    module.set_processor(stock_class())
+    apply(model, uniform_plan(model, num_steps=2, block_size=4))  # the stock one passes
+    remove(model)
+
+
+def _scaled(out):
+    return tuple(None if o is None else o * 1.01 for o in out) if isinstance(out, tuple) else out * 1.01

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from typing import Any, ClassVar
 
 import torch
@@ -24,14 +25,6 @@ def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
     """Class decorator: the adapter serves transformers whose class (or a base class) is named ``cls.model_class``."""
     _ADAPTERS[cls.model_class] = cls()
     return cls
-
-
-def check_runtime(processor) -> None:
-    """Refuse to run a planned processor that was created without a plan (see the processors' ``__init__``)."""
-    if processor.runtime is None:
-        raise ValueError(f"this {type(processor).__name__} runs a ditfa plan but was created without one (diffusers "
-                         "re-creates the current processor class while loading an IP-adapter or LoRA); remove the "
-                         "plan first (ditfa_optimum.remove(pipe)), load, then apply the plan again")
 
 
 def adapter_names() -> list[str]:
@@ -154,12 +147,30 @@ class Adapter:
         return getattr(pipeline, "do_classifier_free_guidance", None)
 
     # ------------------------------------------------------------------ processors
-    def make_processor(self, spec: ModuleSpec, module_runtime):
+    def make_processor(self, spec: ModuleSpec, module_runtime, stock):
+        """The planned processor of module ``spec``: wraps ``stock``, the processor it replaces, and hands its
+        attention call to ``module_runtime`` (subclass `ditfa_optimum.runtime.processor.PlannedProcessor`)."""
         raise NotImplementedError
 
     def planned_processor_name(self, name: str) -> str:
         """Class name of the processor `make_processor` installs (the last of `stock_processors` by convention)."""
         return self.stock_processors[-1]
+
+    def processor_check_inputs(self, spec: ModuleSpec, module: torch.nn.Module, image_tokens: int, text_tokens: int,
+                               generator: torch.Generator) -> tuple[tuple, dict]:
+        """Random ``(args, kwargs)`` of one call of ``module``'s processor (after the ``attn`` argument), for
+        `check_processor_equivalence`: the image stream, and the text stream where the module projects one."""
+        param = next(module.parameters())
+
+        def rand(n: int, dim: int) -> torch.Tensor:
+            return torch.randn(1, n, dim, generator=generator).to(param.device, param.dtype)
+
+        add_q = getattr(module, "add_q_proj", None)
+        if add_q is None:  # one stream in: the image tokens (or, in a single-stream block, text + image)
+            n = image_tokens + (text_tokens if spec.joint else 0)
+            return (rand(n, module.to_q.in_features),), {}
+        return (rand(image_tokens, module.to_q.in_features),), {
+            "encoder_hidden_states": rand(text_tokens, add_q.in_features)}
 
     def check_processor(self, name: str, module: torch.nn.Module) -> None:
         current = type(module.processor).__name__
@@ -167,3 +178,49 @@ class Adapter:
             raise ValueError(f"attention module {name!r} uses processor {current}, which ditfa_optimum would "
                              f"replace and lose; supported: {self.stock_processors}. Remove the other attention "
                              "customisation (IP-adapter, PAG, ...) first")
+
+
+class _DenseRuntime:
+    """A module runtime that computes plain attention (what an all-full plan computes), for the equivalence check."""
+
+    def __init__(self, text_tokens: int):
+        self.runtime = types.SimpleNamespace(state=types.SimpleNamespace(text_tokens=text_tokens))
+
+    def __call__(self, q, k, v, num_text_tokens: int) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def check_processor_equivalence(adapter: Adapter, modules: list[tuple[ModuleSpec, torch.nn.Module]],
+                                image_tokens: int = 32, text_tokens: int = 8) -> None:
+    """Refuse a diffusers version whose stock attention processor computes something our planned processor does not.
+
+    For each kind of planned module (stock processor class, joint or not, text stream or not, ``context_pre_only``),
+    the first module of that kind runs its stock processor and our processor with full attention on the same small
+    random inputs; their outputs must agree to rounding (relative error <= 1e-2 in half precision, 1e-4 in fp32).
+    Modules whose weights are not materialised (meta device, offloaded) are not checked."""
+    seen = set()
+    generator = torch.Generator().manual_seed(0)
+    for spec, module in modules:
+        stock = module.processor
+        kind = (type(stock).__name__, spec.joint, hasattr(module, "add_q_proj"), getattr(module, "context_pre_only",
+                                                                                          None))
+        param = next(module.parameters(), None)
+        if kind in seen or param is None or param.device.type == "meta":
+            continue
+        seen.add(kind)
+        args, kwargs = adapter.processor_check_inputs(spec, module, image_tokens, text_tokens, generator)
+        ours = adapter.make_processor(spec, _DenseRuntime(text_tokens), stock)
+        with torch.no_grad():
+            expected, got = stock(module, *args, **kwargs), ours(module, *args, **kwargs)
+        pairs = list(zip(*(x if isinstance(x, tuple) else (x,) for x in (expected, got))))
+        tolerance = 1e-4 if param.dtype == torch.float32 else 1e-2
+        for want, have in pairs:
+            if want is None and have is None:
+                continue
+            err = float((have.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+            if want.shape != have.shape or not err <= tolerance:
+                raise RuntimeError(
+                    f"attention module {spec.name!r}: ditfa_optimum's {type(ours).__name__} does not reproduce this "
+                    f"diffusers version's {type(stock).__name__} (relative difference {err:.2e} with full attention; "
+                    f"allowed {tolerance:.0e}), so a plan would run it wrong. Please report it with your diffusers "
+                    "version; until then use a diffusers version from docs/adapters.md")

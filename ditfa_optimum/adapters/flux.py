@@ -17,41 +17,37 @@ from __future__ import annotations
 import torch
 
 from ..plan import BlockSpec, ModuleSpec
-from .base import Adapter, check_runtime, double_stream_block_spec, linear_flops, register_adapter
+from ..runtime.processor import PlannedProcessor
+from .base import Adapter, double_stream_block_spec, linear_flops, register_adapter
 
 
-def _flux_helpers():
-    try:
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-    except ImportError as e:  # pragma: no cover - depends on the installed diffusers
-        raise ImportError(f"this diffusers lacks the FLUX attention helpers ditfa_optimum uses ({e}); "
-                          "install diffusers>=0.35") from None
-    return apply_rotary_emb, _get_qkv_projections
+class FluxPlannedAttnProcessor(PlannedProcessor):
+    """diffusers' `FluxAttnProcessor`, its attention computed by the plan. In a single-stream block the sequence
+    arrives concatenated (text first); its text length is the one the transformer call reported."""
 
+    def __init__(self, stock=None, module_runtime=None, spec=None):
+        super().__init__(stock, module_runtime, spec)
+        from diffusers.models.embeddings import apply_rotary_emb  # public; late: diffusers is slow to import
 
-class FluxPlannedAttnProcessor:
-    """Drop-in for diffusers' `FluxAttnProcessor` that runs the plan."""
+        self._rotary = apply_rotary_emb
 
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, module_runtime=None):
-        # diffusers' IP-adapter and LoRA loaders re-create the current processor class with no arguments: that must
-        # not crash inside diffusers; such a processor refuses to run (check_runtime) and the plan reports it
-        self.runtime = module_runtime
-        self._rotary, self._projections = _flux_helpers()
+    @staticmethod
+    def _projections(attn, x: torch.Tensor, fused: str, names: tuple[str, str, str]):
+        if attn.fused_projections and hasattr(attn, fused):
+            return getattr(attn, fused)(x).chunk(3, dim=-1)
+        return tuple(getattr(attn, n)(x) for n in names)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None) -> torch.Tensor:
-        check_runtime(self)
         if attention_mask is not None:
             raise ValueError("ditfa_optimum's FLUX runtime does not take an attention_mask (text padding masks); "
                              "run without one or remove the plan")
-        q, k, v, eq, ek, ev = self._projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = self._projections(attn, hidden_states, "to_qkv", ("to_q", "to_k", "to_v"))
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
         q, k = attn.norm_q(q), attn.norm_k(k)
-        if attn.added_kv_proj_dim is not None:
+        if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+            eq, ek, ev = self._projections(attn, encoder_hidden_states, "to_added_qkv",
+                                           ("add_q_proj", "add_k_proj", "add_v_proj"))
             eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
             eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
             q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
@@ -59,18 +55,12 @@ class FluxPlannedAttnProcessor:
             q = self._rotary(q, image_rotary_emb, sequence_dim=1)
             k = self._rotary(k, image_rotary_emb, sequence_dim=1)
 
-        if encoder_hidden_states is not None:
-            n_txt = encoder_hidden_states.shape[1]
-        else:
-            n_txt = self.runtime.runtime.state.text_tokens
-            if n_txt is None:
-                raise RuntimeError("a FLUX single-stream block ran before the transformer reported its text length; "
-                                   "call the transformer, not its blocks")
         # [B, S, H, D] -> [B, H, S, D] (views) for the runtime, and back
-        out = self.runtime(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), num_text_tokens=n_txt)
+        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), encoder_hidden_states)
         out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
 
         if encoder_hidden_states is not None:
+            n_txt = encoder_hidden_states.shape[1]
             text_out, out = out.split_with_sizes([n_txt, out.shape[1] - n_txt], dim=1)
             out = attn.to_out[1](attn.to_out[0](out.contiguous()))
             return out, attn.to_add_out(text_out.contiguous())
@@ -117,5 +107,13 @@ class FluxAdapter(Adapter):
         # FLUX.1 is guidance-distilled; its true-CFG mode runs the negative prompt as a separate call
         return False
 
-    def make_processor(self, spec, module_runtime):
-        return FluxPlannedAttnProcessor(module_runtime)
+    def processor_check_inputs(self, spec, module, image_tokens, text_tokens, generator):
+        args, kwargs = super().processor_check_inputs(spec, module, image_tokens, text_tokens, generator)
+        param = next(module.parameters())
+        n = image_tokens + text_tokens
+        cos, sin = (torch.randn(n, module.head_dim, generator=generator).to(param.device, param.dtype)
+                    for _ in range(2))
+        return args, {**kwargs, "image_rotary_emb": (cos, sin)}
+
+    def make_processor(self, spec, module_runtime, stock):
+        return FluxPlannedAttnProcessor(stock, module_runtime, spec)

@@ -16,16 +16,12 @@ from __future__ import annotations
 import torch
 
 from ..plan import ModuleSpec
-from .base import Adapter, check_runtime, double_stream_block_spec, register_adapter
+from ..runtime.processor import PlannedProcessor
+from .base import Adapter, double_stream_block_spec, register_adapter
 
 
-class SD3PlannedAttnProcessor:
-    """Drop-in for diffusers' `JointAttnProcessor2_0` / `FusedJointAttnProcessor2_0` that runs the plan."""
-
-    def __init__(self, module_runtime=None):
-        # diffusers' IP-adapter and LoRA loaders re-create the current processor class with no arguments: that must
-        # not crash inside diffusers; such a processor refuses to run (check_runtime) and the plan reports it
-        self.runtime = module_runtime
+class SD3PlannedAttnProcessor(PlannedProcessor):
+    """diffusers' `JointAttnProcessor2_0` / `FusedJointAttnProcessor2_0`, its attention computed by the plan."""
 
     @staticmethod
     def _heads(attn, x: torch.Tensor) -> torch.Tensor:
@@ -46,18 +42,15 @@ class SD3PlannedAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args, **kwargs):
-        check_runtime(self)
         # like the stock processor, attention_mask is not used by SD3's joint attention
         batch, n_img = hidden_states.shape[:2]
         q, k, v = self._qkv(attn, hidden_states, "to_qkv", ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"))
-        n_txt = 0
         if encoder_hidden_states is not None:
-            n_txt = encoder_hidden_states.shape[1]
             eq, ek, ev = self._qkv(attn, encoder_hidden_states, "to_added_qkv",
                                    ("add_q_proj", "add_k_proj", "add_v_proj"), ("norm_added_q", "norm_added_k"))
             q, k, v = torch.cat([q, eq], dim=2), torch.cat([k, ek], dim=2), torch.cat([v, ev], dim=2)
 
-        out = self.runtime(q, k, v, num_text_tokens=n_txt)
+        out = self.attend(q, k, v, encoder_hidden_states)
         out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]).to(q.dtype)
 
         if encoder_hidden_states is not None:
@@ -94,5 +87,5 @@ class SD3Adapter(Adapter):
         patch = transformer.config.patch_size
         return (height // vae_scale_factor // patch) * (width // vae_scale_factor // patch)
 
-    def make_processor(self, spec, module_runtime):
-        return SD3PlannedAttnProcessor(module_runtime)
+    def make_processor(self, spec, module_runtime, stock):
+        return SD3PlannedAttnProcessor(stock, module_runtime, spec)

@@ -26,6 +26,7 @@ Limits (checked by the host wrapper, not the kernel): D in {16, 32, 64, 128, 256
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -266,25 +267,36 @@ def _descriptor_hook(nargs):
         nargs["Q"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["HEAD_DIM"]]
 
 
-def launch_order(widths: torch.Tensor) -> torch.Tensor:
-    """The (sample, head) indices by decreasing band width, int32 (ties keep their order)."""
-    return torch.argsort(widths.flatten(), descending=True, stable=True).to(torch.int32)
+def _flat_widths(widths) -> list[int]:
+    """``widths`` (a ``[B, H]`` tensor, or its rows as Python ints) flattened to ints, sample-major."""
+    rows = widths.tolist() if isinstance(widths, torch.Tensor) else widths
+    return [int(w) for row in rows for w in row]
 
 
-def launch_table(widths: torch.Tensor) -> torch.Tensor:
-    """The kernel's launch table: ``[B * H, 2]`` int32 rows ``(sample * H + head, width)`` by decreasing width."""
-    order = launch_order(widths)
-    return torch.stack([order, widths.flatten().to(torch.int32)[order.long()]], 1).contiguous()
+def launch_order(widths) -> torch.Tensor:
+    """The (sample, head) indices by decreasing band width, int32 (ties keep their order). ``widths``: ``[B, H]``
+    tensor or rows of ints."""
+    flat = _flat_widths(widths)
+    return torch.tensor(sorted(range(len(flat)), key=lambda i: -flat[i]), dtype=torch.int32)
 
 
-def tune_key(widths: torch.Tensor) -> int:
+def launch_table(widths) -> torch.Tensor:
+    """The kernel's launch table: ``[B * H, 2]`` int32 rows ``(sample * H + head, width)`` by decreasing width, on the
+    device of ``widths`` (a ``[B, H]`` tensor, read on the host) or, from rows of ints, on the CPU."""
+    flat = _flat_widths(widths)
+    order = sorted(range(len(flat)), key=lambda i: -flat[i])  # Python's sort is stable: ties keep their order
+    device = widths.device if isinstance(widths, torch.Tensor) else "cpu"
+    return torch.tensor([[i, flat[i]] for i in order], dtype=torch.int32, device=device).reshape(len(flat), 2)
+
+
+def tune_key(widths) -> int:
     """The autotuning key of a plan: log2 of the mean band width of its computed heads, rounded (0 when none).
 
     Image tiles run text chunks plus ``width`` band blocks, so the best tile shape and pipeline depth depend on the
-    plan: all-arrow-1/16 plans want other configurations than full heads. Reads ``widths`` on the host (give the key
-    to `headwise_attention` to avoid a device sync)."""
-    computed = widths[widths > 0].double()
-    return 0 if computed.numel() == 0 else max(0, round(float(torch.log2(computed.mean()))))
+    plan: all-arrow-1/16 plans want other configurations than full heads. Reads ``widths`` (a tensor or rows of
+    ints) on the host (give the key to `headwise_attention` to avoid a device sync)."""
+    computed = [w for w in _flat_widths(widths) if w > 0]
+    return 0 if not computed else max(0, round(math.log2(sum(computed) / len(computed))))
 
 
 def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths: torch.Tensor,

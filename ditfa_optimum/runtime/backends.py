@@ -4,8 +4,11 @@ A backend computes one layer's mixed plan in one call::
 
     attend(q, k, v, layout, widths) -> out
     q, k, v, out: [B, H, S, D]   (the joint sequence laid out as `layout` says)
-    widths:       [B, H] int64   0 = skip this (sample, head); W >= 1 = arrow band of W image blocks;
-                                 W == layout.num_image_blocks = full attention
+    widths:       `Widths` (or a [B, H] int tensor)   0 = skip this (sample, head); W >= 1 = arrow band of W image
+                                 blocks; W == layout.num_image_blocks = full attention
+
+Backends decide on `Widths.rows`, plain Python ints known on the host, never on tensor values: no device sync, and
+no data-dependent branch for `torch.compile` to trip on.
 
 Skipped entries of ``out`` are left unspecified; the runtime fills them (cache, CFG sharing).
 
@@ -17,6 +20,7 @@ CUDA, else FlexAttention, else the blocked PyTorch backend (the CPU default), ne
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -27,13 +31,69 @@ AUTO_ORDER = ("triton", "flex", "blocked")
 ENV_VAR = "DITFA_BACKEND"
 
 
+@dataclass(frozen=True, eq=False)
+class Widths:
+    """The band widths of one attention call, as Python ints (``rows[b][h]``), with what backends derive from them.
+
+    Built once per (module, step, shape) by the runtime and reused; the derived tensors are cached on it."""
+
+    rows: tuple[tuple[int, ...], ...]
+    full: int  # layout.num_image_blocks: the width of full attention
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, widths, full: int) -> "Widths":
+        """From a `Widths` (returned as is), a ``[B, H]`` tensor (read on the host) or nested int sequences."""
+        if isinstance(widths, Widths):
+            return widths
+        rows = widths.tolist() if isinstance(widths, torch.Tensor) else widths
+        return cls(tuple(tuple(int(w) for w in row) for row in rows), full)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.rows), len(self.rows[0]) if self.rows else 0
+
+    @property
+    def any(self) -> bool:
+        """Whether any (sample, head) is computed."""
+        return any(w for row in self.rows for w in row)
+
+    @property
+    def all_full(self) -> bool:
+        return all(w == self.full for row in self.rows for w in row)
+
+    def groups(self) -> dict[int, tuple[list[int], list[int]]]:
+        """Computed width -> (sample indices, head indices) of the pairs with that width."""
+        found: dict[int, tuple[list[int], list[int]]] = {}
+        for b, row in enumerate(self.rows):
+            for h, w in enumerate(row):
+                if w:
+                    samples, heads = found.setdefault(w, ([], []))
+                    samples.append(b)
+                    heads.append(h)
+        return found
+
+    def tensor(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """``[B, H]`` on ``device`` (made once per device and dtype)."""
+        key = ("tensor", str(device), dtype)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(self.rows, dtype=dtype, device=device)
+        return self._cache[key]
+
+    def cached(self, key, make: Callable[[], object]):
+        """A value derived from these widths (a backend's mask, launch table), made once."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+
 class Backend(Protocol):
     name: str
 
     def available(self, device: torch.device) -> bool: ...
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
-               widths: torch.Tensor) -> torch.Tensor: ...
+               widths: "Widths | torch.Tensor") -> torch.Tensor: ...
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -74,22 +134,19 @@ def get_backend(name: str | None, device: torch.device) -> Backend:
     return backend
 
 
-def attend_by_width(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, widths: torch.Tensor,
+def attend_by_width(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, widths,
                     arrow: Callable[..., torch.Tensor]) -> torch.Tensor:
     """The PyTorch backends' loop: an all-full call is one plain SDPA call; otherwise the (sample, head) pairs are
     grouped by band width, full groups run plain SDPA and arrow groups ``arrow(q, k, v, layout, width)`` on ``[G, S,
     D]`` tensors. Skipped pairs (width 0) are left unwritten."""
     import torch.nn.functional as F
 
-    full = layout.num_image_blocks
-    if bool((widths == full).all()):
+    widths = Widths.of(widths, layout.num_image_blocks)
+    if widths.all_full:
         return F.scaled_dot_product_attention(q, k, v)
     out = torch.empty_like(q)
-    for width in widths.unique().tolist():
-        if width == 0:
-            continue
-        b, h = torch.nonzero(widths == width, as_tuple=True)
-        attend = F.scaled_dot_product_attention if width == full else (
+    for width, (b, h) in widths.groups().items():
+        attend = F.scaled_dot_product_attention if width == widths.full else (
             lambda q_, k_, v_, w=width: arrow(q_, k_, v_, layout, w))
         out[b, h] = attend(q[b, h], k[b, h], v[b, h])
     return out

@@ -91,14 +91,18 @@ class InstalledBlocks:
         _invalidate_registry_caches(self.transformer)
 
 
-def _hook(module: torch.nn.Module, hook_name: str, call: BlockCall, where: str) -> _Hooked:
+def _hook(module: torch.nn.Module, hook_name: str, call, where: str) -> _Hooked:
+    """Register ``call`` on ``module`` as ``hook_name``: a `BlockCall` (wrapped in a hook that hands it every call),
+    or a ready `diffusers.hooks.ModelHook`."""
     HookRegistry = _hook_registry()
     created = not hasattr(module, "_diffusers_hook")
     registry = HookRegistry.check_if_exists_or_initialize(module)
     if registry.get_hook(hook_name) is not None:
         raise ValueError(f"{where} already has a {hook_name!r} hook; remove the plan or calibration that put it there "
                          "(ditfa_optimum.remove) first")
-    registry.register_hook(_call_hook_class()(call), hook_name)
+    from diffusers.hooks import ModelHook
+
+    registry.register_hook(call if isinstance(call, ModelHook) else _call_hook_class()(call), hook_name)
     return _Hooked(module, hook_name, created)
 
 

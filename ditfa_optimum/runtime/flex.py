@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
 from ..masks import TokenLayout, arrow_keep, constant_runs
-from .backends import register_backend
+from .backends import Widths, register_backend
 
 FLEX_TILE = 128
-_MAX_CACHED_MASKS = 64
 
 
 def arrow_mask_mod(layout: TokenLayout, widths: torch.Tensor):
@@ -72,7 +70,6 @@ class FlexBackend:
     name = "flex"
 
     def __init__(self):
-        self._masks: OrderedDict = OrderedDict()
         self._compiled = None
 
     def available(self, device: torch.device) -> bool:
@@ -82,16 +79,10 @@ class FlexBackend:
             return False
         return device.type in ("cuda", "cpu", "xpu")
 
-    def block_mask(self, layout: TokenLayout, widths: torch.Tensor, device: torch.device):
-        """The cached BlockMask of ``widths`` (host tensor, so the cache lookup never waits for the device)."""
-        widths = widths.cpu()
-        key = (layout, tuple(widths.shape), widths.numpy().tobytes(), str(device))
-        if key not in self._masks:
-            self._masks[key] = arrow_block_mask(layout, widths.to(device=device, dtype=torch.int64))
-            if len(self._masks) > _MAX_CACHED_MASKS:
-                self._masks.popitem(last=False)
-        self._masks.move_to_end(key)
-        return self._masks[key]
+    def block_mask(self, layout: TokenLayout, widths: Widths, device: torch.device):
+        """The BlockMask of ``widths``, made once per `Widths` (kept on it) and device."""
+        return widths.cached(("flex", layout, str(device)),
+                             lambda: arrow_block_mask(layout, widths.tensor(device, torch.int64)))
 
     def _flex(self, device: torch.device):
         from torch.nn.attention.flex_attention import flex_attention
@@ -107,7 +98,8 @@ class FlexBackend:
         return self._compiled
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
-               widths: torch.Tensor) -> torch.Tensor:
-        if bool((widths == layout.num_image_blocks).all()):
+               widths) -> torch.Tensor:
+        widths = Widths.of(widths, layout.num_image_blocks)
+        if widths.all_full:
             return F.scaled_dot_product_attention(q, k, v)
         return self._flex(q.device)(q, k, v, block_mask=self.block_mask(layout, widths, q.device))

@@ -21,7 +21,7 @@ import torch
 from ..masks import TokenLayout
 from ..methods import AttentionMethod, CfgShare, HeadMemory, make_method
 from ..plan import CompressionPlan, ModuleSpec
-from .backends import check_backend_name, get_backend
+from .backends import Widths, check_backend_name, get_backend
 from .state import StepState
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,14 @@ class _StepProgram:
     keeps: tuple[int, ...]  # heads whose output the next step reads
     records: tuple[tuple[int, AttentionMethod], ...]  # (head, arrow) residual records at this step
     uses_cfg: bool
+
+
+def _memo(memo: dict, key, value):
+    """Keep ``value`` for the next eager call. While `torch.compile` traces, nothing is kept: the graph has it as a
+    constant, and Dynamo cannot rebuild frozen dataclasses (the layout in ``key``, `Widths`) made during a trace."""
+    if not torch.compiler.is_compiling():
+        memo[key] = value
+    return value
 
 
 class PlanRuntime:
@@ -73,15 +81,27 @@ class ModuleRuntime:
     def __init__(self, runtime: PlanRuntime, spec: ModuleSpec):
         self.runtime = runtime
         self.spec = spec
-        self._widths: dict[tuple, torch.Tensor] = {}
+        self._widths: dict[tuple, Widths] = {}
+        self._record_widths: dict[tuple, Widths] = {}
 
-    def widths(self, step: int, program: _StepProgram, layout: TokenLayout, batch: int, cfg: bool) -> torch.Tensor:
-        """``[B, H]`` band widths of the computed (sample, head) pairs at ``step`` (0 = skipped); memoised."""
+    def widths(self, step: int, program: _StepProgram, layout: TokenLayout, batch: int, cfg: bool) -> Widths:
+        """The band widths of the computed (sample, head) pairs at ``step`` (0 = skipped); memoised."""
         key = (step, layout, batch, cfg)
         if key not in self._widths:
-            rows = [m.kernel_widths(layout, batch, cfg) for m in program.methods]
-            self._widths[key] = torch.tensor(rows, dtype=torch.int64).T.contiguous()
+            per_head = [m.kernel_widths(layout, batch, cfg) for m in program.methods]
+            return _memo(self._widths, key, Widths(tuple(tuple(int(h[b]) for h in per_head) for b in range(batch)),
+                                                   layout.num_image_blocks))
         return self._widths[key]
+
+    def record_widths(self, step: int, program: _StepProgram, layout: TokenLayout, batch: int) -> Widths:
+        """The widths of the arrow attention whose residual `arrow_residual` heads record at ``step``; memoised."""
+        key = (step, layout, batch)
+        if key not in self._record_widths:
+            row = [0] * len(program.methods)
+            for h, arrow in program.records:
+                row[h] = arrow.width(layout)
+            return _memo(self._record_widths, key, Widths((tuple(row),) * batch, layout.num_image_blocks))
+        return self._record_widths[key]
 
     def layout(self, num_image_tokens: int, num_text_tokens: int) -> TokenLayout:
         layout = self.spec.layout(num_image_tokens, num_text_tokens, self.runtime.plan.block_size)
@@ -109,7 +129,7 @@ class ModuleRuntime:
         backend = get_backend(rt.backend_name, q.device)
 
         widths = self.widths(step, program, layout, B, cfg)
-        out = backend.attend(q, k, v, layout, widths) if bool(widths.any()) else torch.empty_like(q)
+        out = backend.attend(q, k, v, layout, widths) if widths.any else torch.empty_like(q)
 
         memory = state.memory(self.spec.name)
         if program.finishing and out.requires_grad:
@@ -117,10 +137,7 @@ class ModuleRuntime:
         for h in program.finishing:
             out[:, h] = program.methods[h].finalize(out[:, h], memory.setdefault(h, HeadMemory()), cfg)
         if program.records:
-            arrow_widths = torch.zeros_like(widths)
-            for h, arrow in program.records:
-                arrow_widths[:, h] = arrow.width(layout)
-            arrow_out = backend.attend(q, k, v, layout, arrow_widths)
+            arrow_out = backend.attend(q, k, v, layout, self.record_widths(step, program, layout, B))
             for h, _ in program.records:
                 memory.setdefault(h, HeadMemory()).residual = (out[:, h] - arrow_out[:, h]).detach()
         for h, mem in memory.items():

@@ -1,12 +1,23 @@
-"""Per-generation state of an applied plan: which denoising step runs, whether CFG is batched, what heads and blocks
-remember (per branch; block memory: `block_memory`, used by `ditfa_optimum.runtime.blocks`).
+"""Per-generation state of an applied plan: which denoising step runs, which call of the step ("branch") it is, whether
+CFG is batched, what heads and blocks remember (per branch; block memory: `block_memory`, used by
+`ditfa_optimum.runtime.blocks`).
 
-The step is advanced by the pipeline's own denoising loop: every transformer call reports its timestep, and
+The state is advanced by the transformer's ``ditfa_transformer`` hook (`ditfa_optimum.runtime.transformer_hook`) at
+every transformer call, from the first of these that the call provides:
 
-* a timestep lower than the last one starts the next step;
-* a timestep higher than the last one (or the first call ever) starts a new generation: step 0, memory cleared;
-* the same timestep again is another call within the same step (e.g. FLUX true-CFG runs the negative prompt as a second
-  call): it gets its own "branch", with its own cached head outputs.
+1. the ``step_index`` of the diffusers cache context (``transformer.cache_context(name, step_index=i)``);
+2. the ``step_index`` of the pipeline's scheduler, when `apply` was given the pipeline (None before the scheduler's
+   first step counts as the start);
+3. the call's timestep (denoising runs it downwards). This is the fallback for a transformer called without its
+   pipeline; it reads the timestep's value, which for a tensor on a GPU waits for the device (one sync per call).
+
+The position rises from step to step: a higher position starts the next step, the same position is another call within
+the step, a lower one (or the first call ever) starts a new generation at step 0 with memory cleared. Calls without any
+position count as steps.
+
+Branches: where the pipeline names its calls with ``transformer.cache_context(name)`` (FLUX's "cond" / "uncond"), each
+name is one branch with its own memory, whatever the order of the calls; otherwise the n-th call within a step is
+branch n (SD3's skip-layer guidance and FLUX true CFG make 2).
 
 `reset()` does the same explicitly (e.g. before reusing a pipeline whose first timestep could equal the last one).
 """
@@ -33,7 +44,9 @@ class StepState:
         self._cfg = cfg
         self.step = -1
         self.branch = 0
-        self.last_timestep: float | None = None
+        self.calls_in_step = 0
+        self.last_position: float | None = None
+        self._branches: dict[str, int] = {}  # cache-context name -> branch, for this generation
         self.text_tokens: int | None = None
         self._memory: dict[tuple[str, int], dict[int, HeadMemory]] = {}
         self._block_memory: dict[tuple[str, int], BlockMemory] = {}
@@ -46,35 +59,49 @@ class StepState:
         """Forget the step position and every stored head output (start of a new generation)."""
         if 0 <= self.step < self.num_steps - 1:
             logger.info("ditfa: a generation ended after step %d of the plan's %d", self.step, self.num_steps)
-        self.step, self.branch, self.last_timestep = -1, 0, None
+        self.step, self.branch, self.calls_in_step, self.last_position = -1, 0, 0, None
+        self._branches.clear()
         self._memory.clear()
         self._block_memory.clear()
         self._step_memory.clear()
 
-    def on_transformer_call(self, timestep, text_tokens: int | None) -> None:
-        """Called before each transformer forward with its timestep and the text length of its inputs."""
-        t = _first_value(timestep)
-        if t is None:  # no timestep given: count calls
+    def on_transformer_call(self, timestep, text_tokens: int | None, *, step_index: int | None = None,
+                            context: str | None = None, scheduler_step: bool = False) -> None:
+        """Called before each transformer forward with what it knows of the call's position (see the module
+        docstring): its ``timestep``, the text length of its inputs, and optionally the ``step_index`` (of the cache
+        context, or of the scheduler with ``scheduler_step=True``: None there means the first step) and the cache
+        ``context`` name."""
+        if step_index is not None:
+            position = float(step_index)
+        elif scheduler_step:
+            position = -1.0  # the scheduler has not stepped yet: the generation's first step
+        else:
+            t = _first_value(timestep)
+            position = None if t is None else -t
+        if position is None:  # nothing tells the position: count calls
             self._advance()
-        elif self.last_timestep is None or t > self.last_timestep:
+        elif self.last_position is None or position < self.last_position:
             self.reset()
             self._advance()
-        elif t < self.last_timestep:
+        elif position > self.last_position:
             self._advance()
         else:
-            self.branch += 1
-            if self.branch == MANY_BRANCHES and not self._warned_branches:
-                logger.warning("ditfa: %d transformer calls at the same timestep: each is taken as another branch of "
+            self.calls_in_step += 1
+            self.branch = self.calls_in_step
+            if self.calls_in_step == MANY_BRANCHES and not self._warned_branches and context is None:
+                logger.warning("ditfa: %d transformer calls at the same step: each is taken as another branch of "
                                "step %d (like a CFG half run on its own) and keeps its own cached outputs until the "
                                "generation ends. For independent calls, call ditfa_optimum.reset_state(transformer) "
-                               "between them", self.branch + 1, self.step)
+                               "between them", self.calls_in_step + 1, self.step)
                 self._warned_branches = True
-        self.last_timestep = t
+        if context is not None:
+            self.branch = self._branches.setdefault(context, len(self._branches))
+        self.last_position = position
         self.text_tokens = text_tokens
 
     def _advance(self) -> None:
         self.step += 1
-        self.branch = 0
+        self.branch = self.calls_in_step = 0
         if self.step >= self.num_steps:
             step = self.step
             self.reset()
@@ -92,7 +119,7 @@ class StepState:
         """Position the state explicitly (for driving single blocks by hand)."""
         if not 0 <= step < self.num_steps:
             raise ValueError(f"step must be in [0, {self.num_steps}), got {step}")
-        self.step, self.branch = step, branch
+        self.step, self.branch, self.calls_in_step = step, branch, branch
 
     # ---------------------------------------------------------------- CFG
     def cfg(self, needed: bool) -> bool:
@@ -101,7 +128,7 @@ class StepState:
         Only the first call of a step batches CFG: a second call at the same timestep runs one half on its own (SD3's
         skip-layer guidance call on the conditional batch, FLUX's true-CFG negative prompt), so `cfg_share` heads
         compute it in full."""
-        if self.branch > 0:
+        if self.calls_in_step > 0:
             return False
         value = self._cfg() if callable(self._cfg) else self._cfg
         if value is None:

@@ -1,7 +1,8 @@
 """Whole skipped steps at run time: `step_taylor` on diffusers' own hook machinery.
 
-`install_steps` puts one `diffusers.hooks.ModelHook` (registered as ``"ditfa_step"``) on the transformer. The step state
-(`StepState`, advanced by the plan's forward pre-hook before this hook runs) says which step a call belongs to:
+`install_steps` makes `StepRuntime` the step handler of the plan's transformer hook (``"ditfa_transformer"``,
+`ditfa_optimum.runtime.transformer_hook`), which calls it with the transformer's forward after advancing the step
+state (`StepState`); the state says which step a call belongs to:
 
 * at a step the plan runs, the transformer runs as usual; its output is kept (detached, per CFG branch) when a later
   skipped step reads it (`CompressionPlan.step_sources`), and freed after its last reader;
@@ -16,10 +17,7 @@ import torch
 
 from ..methods import step_taylor
 from ..plan import CompressionPlan
-from .blocks import InstalledBlocks, _hook, _invalidate_registry_caches
 from .state import StepState
-
-STEP_HOOK = "ditfa_step"
 
 
 def _sample(output) -> torch.Tensor:
@@ -70,8 +68,7 @@ class StepRuntime:
         return out
 
 
-def install_steps(transformer: torch.nn.Module, plan: CompressionPlan, state: StepState) -> InstalledBlocks:
-    """Hook ``transformer`` so that the plan's skipped steps do not run it; ``remove()`` on the result restores it."""
-    hooked = [_hook(transformer, STEP_HOOK, StepRuntime(plan, state), "the transformer")]
-    _invalidate_registry_caches(transformer)
-    return InstalledBlocks(transformer, hooked)
+def install_steps(hook, plan: CompressionPlan, state: StepState) -> None:
+    """Make the plan's transformer ``hook`` skip the plan's skipped steps (`ditfa_optimum.apply.remove` takes the
+    hook, and with it this handler, off)."""
+    hook.step_handler = StepRuntime(plan, state)

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
 from ..masks import TokenLayout
-from .backends import get_backend, register_backend
+from .backends import Widths, get_backend, register_backend
 
 logger = logging.getLogger(__name__)
-_MAX_CACHED_WIDTHS = 256
 
 
 def _kernel():
@@ -54,7 +52,6 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self):
-        self._widths: OrderedDict = OrderedDict()
         self._warned: set[str] = set()
 
     def available(self, device: torch.device) -> bool:
@@ -66,19 +63,16 @@ class TritonBackend:
             return True
         return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
-    def device_widths(self, widths: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``widths`` as int32 on ``device``, its launch table and its autotuning key, cached by value (no copy, sort
-        or device sync per call)."""
-        widths = widths.cpu()
-        key = (tuple(widths.shape), widths.numpy().tobytes(), str(device))
-        if key not in self._widths:
-            table = _kernel().launch_table(widths)
-            self._widths[key] = (widths.to(device=device, dtype=torch.int32), table.to(device),
-                                 _kernel().tune_key(widths))
-            if len(self._widths) > _MAX_CACHED_WIDTHS:
-                self._widths.popitem(last=False)
-        self._widths.move_to_end(key)
-        return self._widths[key]
+    def device_widths(self, widths, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``widths`` as int32 on ``device``, its launch table and its autotuning key, made once per `Widths` (on the
+        host, from its rows: no device sync)."""
+        widths = Widths.of(widths, 0)
+
+        def make():
+            return (widths.tensor(device, torch.int32), _kernel().launch_table(widths.rows).to(device),
+                    _kernel().tune_key(widths.rows))
+
+        return widths.cached(("triton", str(device)), make)
 
     def _fallback(self, reason: str, q: torch.Tensor):
         if reason not in self._warned:
@@ -89,8 +83,9 @@ class TritonBackend:
         return get_backend("flex" if flex_ok else "reference", q.device)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
-               widths: torch.Tensor) -> torch.Tensor:
-        if bool((widths == layout.num_image_blocks).all()):
+               widths) -> torch.Tensor:
+        widths = Widths.of(widths, layout.num_image_blocks)
+        if widths.all_full:
             return F.scaled_dot_product_attention(q, k, v)
         problem = _kernel().check_inputs(q, k, v, layout.block_size)
         if problem:

@@ -202,13 +202,15 @@ def test_remove_gives_the_stock_model_back_exactly(family):
     assert torch.equal(forward(model, inputs), stock_out)
 
 
-def test_all_compute_blocks_install_no_hooks():
+def test_all_compute_blocks_install_no_block_hooks():
     model = tiny_transformer("sd3")
     plan = dfa.uniform_plan(model, num_steps=2, block_size=4)
     assert plan.blocks and not plan.skips_blocks
     dfa.apply(model, plan)
-    assert not any(hasattr(m, "_diffusers_hook") for m in model.modules())
+    hooked = [m for m in model.modules() if hasattr(m, "_diffusers_hook")]
+    assert hooked == [model] and list(model._diffusers_hook.hooks) == ["ditfa_transformer"]  # the step state only
     dfa.remove(model)
+    assert not any(hasattr(m, "_diffusers_hook") or "forward" in vars(m) for m in model.modules())
 
 
 def test_a_block_not_called_when_its_residual_is_needed_raises():

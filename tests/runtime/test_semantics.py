@@ -136,5 +136,5 @@ def test_many_calls_at_one_timestep_warn_once(caplog):
     for _ in range(8):
         runtime.state.on_transformer_call(TIMESTEPS[0], 7)
     assert runtime.state.branch == 7
-    assert caplog.text.count("transformer calls at the same timestep") == 1
+    assert caplog.text.count("transformer calls at the same step") == 1
     assert "reset_state" in caplog.text

@@ -7,7 +7,7 @@ import torch
 
 import ditfa_optimum as dfa
 from ditfa_optimum.methods import step_taylor
-from ditfa_optimum.runtime.steps import STEP_HOOK
+from ditfa_optimum.runtime.transformer_hook import TRANSFORMER_HOOK
 from ditfa_optimum.tiny import tiny_inputs, tiny_transformer
 
 TIMESTEPS = [999.0, 800.0, 600.0, 400.0, 250.0, 100.0, 50.0]
@@ -57,7 +57,7 @@ def test_a_skipped_step_runs_no_block_and_no_attention():
     plan = dfa.uniform_plan(model, num_steps=3, block_size=4)
     plan.set_skipped_steps([2])
     dfa.apply(model, plan)
-    assert model._diffusers_hook.get_hook(STEP_HOOK) is not None
+    assert model._diffusers_hook.get_hook(TRANSFORMER_HOOK).step_handler is not None
     ran = []
     handles = [b.register_forward_pre_hook(lambda *_: ran.append(1)) for b in model.transformer_blocks]
     inputs = tiny_inputs(model, height=4, width=4)

@@ -1,0 +1,126 @@
+"""The plan's one hook on the transformer, on diffusers' own hook machinery (``"ditfa_transformer"``).
+
+At every transformer call it
+
+1. advances the step state (`StepState.on_transformer_call`) from the pipeline's cache context (the name of the call,
+   and its ``step_index`` where the pipeline gives one), the scheduler's ``step_index`` when `apply` got the
+   pipeline, else the call's timestep;
+2. runs the guards `apply` gives it (no other step cache, no replaced processor, the pipeline's step count); a call
+   of a ``copy.deepcopy`` of the transformer is refused before anything moves (`COPIED`);
+3. runs the transformer, or the step handler when the plan skips whole steps (`ditfa_optimum.runtime.steps`);
+4. resets the step state when the call raised, so the next generation starts clean.
+
+The hook is *stateful* in diffusers' sense: ``transformer.cache_context(name)`` hands it the context through a
+`StateManager` attribute (how diffusers reaches every stateful hook), and ``_reset_stateful_cache()`` (which pipelines
+call when a generation ends, `DiffusionPipeline.maybe_free_model_hooks`) resets the step state.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any, Callable
+
+import torch
+
+from .state import StepState
+
+TRANSFORMER_HOOK = "ditfa_transformer"
+
+COPIED = ("this transformer is a copy (copy.deepcopy) of one that runs a ditfa plan: the copy carries the original's "
+          "step hooks, which would advance the original's step state and run the copy at a stale step. Copy the "
+          "model before ditfa_optimum.apply (or after ditfa_optimum.remove), then apply the plan to each copy")
+
+#: ``(module, args, kwargs) -> (timestep, text tokens)`` of one transformer call
+ReadCall = Callable[[torch.nn.Module, tuple, dict], tuple[Any, int | None]]
+StepHandler = Callable[[torch.nn.Module, Callable[..., Any], tuple, dict], Any]
+
+
+def context_name_and_step(context) -> tuple[str | None, int | None]:
+    """(name, step_index) of a diffusers cache context: a `CacheContext` (diffusers >= 0.42) or its name (older)."""
+    if context is None:
+        return None, None
+    if isinstance(context, str):
+        return context, None
+    return getattr(context, "name", None), getattr(context, "step_index", None)
+
+
+@functools.lru_cache(maxsize=None)
+def _classes():
+    from diffusers.hooks import ModelHook
+    from diffusers.hooks.hooks import StateManager
+
+    class _Nothing:
+        def reset(self, *args, **kwargs):
+            pass
+
+    class ContextProbe(StateManager):
+        """Where ``transformer.cache_context(...)`` lands: diffusers calls ``set_context`` on every `StateManager`
+        of a stateful hook."""
+
+        def __init__(self):
+            super().__init__(_Nothing)
+            self.current = None
+
+        def set_context(self, context) -> None:
+            self.current = context
+
+        def reset(self, *args, **kwargs) -> None:
+            self.current = None
+
+    class TransformerHook(ModelHook):
+        _is_stateful = True
+
+        def __init__(self, owner: torch.nn.Module, state: StepState, read_call: ReadCall, guard: Callable[[], None],
+                     scheduler=None):
+            super().__init__()
+            self.owner = weakref.ref(owner)  # a weak reference survives copy.deepcopy unchanged
+            self.state, self.read_call, self.guard, self.scheduler = state, read_call, guard, scheduler
+            self.context = ContextProbe()
+            self.step_handler: StepHandler | None = None
+
+        def pre_forward(self, module, *args, **kwargs):
+            # a copy.deepcopy of the transformer calls this (the original's) hook with the copy: diffusers' forward
+            # chain keeps pointing at the original's forward and hooks
+            if module is not self.owner():
+                raise RuntimeError(COPIED)
+            return args, kwargs
+
+        def new_forward(self, module, *args, **kwargs):
+            state = self.state
+            try:
+                timestep, text_tokens = self.read_call(module, args, kwargs)
+                name, step_index = context_name_and_step(self.context.current)
+                from_scheduler = step_index is None and self.scheduler is not None  # (it has a step_index)
+                if from_scheduler:
+                    step_index = getattr(self.scheduler, "step_index", None)
+                state.on_transformer_call(timestep, text_tokens, step_index=step_index, context=name,
+                                          scheduler_step=from_scheduler)
+                self.guard()
+                forward = self.fn_ref.original_forward
+                if self.step_handler is not None:
+                    return self.step_handler(module, forward, args, kwargs)
+                return forward(*args, **kwargs)
+            except BaseException:
+                state.reset()
+                raise
+
+        def reset_state(self, module):
+            self.state.reset()
+            return module
+
+    return ContextProbe, TransformerHook
+
+
+def transformer_hook(owner: torch.nn.Module, state: StepState, read_call: ReadCall, guard: Callable[[], None],
+                     scheduler=None):
+    """A new ``ditfa_transformer`` hook for ``owner`` (register it with `ditfa_optimum.runtime.blocks._hook`).
+
+    Args:
+        owner: the transformer; a call of any other module (a ``copy.deepcopy`` of it) raises.
+        state: the step state to advance.
+        read_call: ``(module, args, kwargs) -> (timestep, text tokens)`` of a call.
+        guard: run after advancing; raises when the plan cannot run as searched.
+        scheduler: the pipeline's scheduler, when it has a ``step_index`` (the sync-free position source).
+    """
+    return _classes()[1](owner, state, read_call, guard, scheduler)
