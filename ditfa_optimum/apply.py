@@ -161,7 +161,7 @@ def install(transformer: torch.nn.Module, adapter: Adapter, modules: list, runti
     check_processor_equivalence(adapter, modules)
     originals = {spec.name: module.processor for spec, module in modules}
     for spec, module in modules:
-        module.set_processor(adapter.make_processor(spec, runtime.module(spec), originals[spec.name]))
+        module.set_processor(adapter.make_processor(spec, runtime.module(spec)))
     processors = {spec.name: module.processor for spec, module in modules}
 
     signature = inspect.signature(transformer.forward)

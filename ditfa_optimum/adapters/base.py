@@ -147,9 +147,9 @@ class Adapter:
         return getattr(pipeline, "do_classifier_free_guidance", None)
 
     # ------------------------------------------------------------------ processors
-    def make_processor(self, spec: ModuleSpec, module_runtime, stock):
-        """The planned processor of module ``spec``: wraps ``stock``, the processor it replaces, and hands its
-        attention call to ``module_runtime`` (subclass `ditfa_optimum.runtime.processor.PlannedProcessor`)."""
+    def make_processor(self, spec: ModuleSpec, module_runtime):
+        """The planned processor of module ``spec``: computes q, k, v as the stock processor does and hands them to
+        ``module_runtime`` (subclass `ditfa_optimum.runtime.processor.PlannedProcessor`)."""
         raise NotImplementedError
 
     def planned_processor_name(self, name: str) -> str:
@@ -209,7 +209,7 @@ def check_processor_equivalence(adapter: Adapter, modules: list[tuple[ModuleSpec
             continue
         seen.add(kind)
         args, kwargs = adapter.processor_check_inputs(spec, module, image_tokens, text_tokens, generator)
-        ours = adapter.make_processor(spec, _DenseRuntime(text_tokens), stock)
+        ours = adapter.make_processor(spec, _DenseRuntime(text_tokens))
         with torch.no_grad():
             expected, got = stock(module, *args, **kwargs), ours(module, *args, **kwargs)
         pairs = list(zip(*(x if isinstance(x, tuple) else (x,) for x in (expected, got))))

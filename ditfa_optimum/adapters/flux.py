@@ -25,8 +25,8 @@ class FluxPlannedAttnProcessor(PlannedProcessor):
     """diffusers' `FluxAttnProcessor`, its attention computed by the plan. In a single-stream block the sequence
     arrives concatenated (text first); its text length is the one the transformer call reported."""
 
-    def __init__(self, stock=None, module_runtime=None, spec=None):
-        super().__init__(stock, module_runtime, spec)
+    def __init__(self, module_runtime=None, spec=None):
+        super().__init__(module_runtime, spec)
         from diffusers.models.embeddings import apply_rotary_emb  # public; late: diffusers is slow to import
 
         self._rotary = apply_rotary_emb
@@ -115,5 +115,5 @@ class FluxAdapter(Adapter):
                     for _ in range(2))
         return args, {**kwargs, "image_rotary_emb": (cos, sin)}
 
-    def make_processor(self, spec, module_runtime, stock):
-        return FluxPlannedAttnProcessor(stock, module_runtime, spec)
+    def make_processor(self, spec, module_runtime):
+        return FluxPlannedAttnProcessor(module_runtime, spec)

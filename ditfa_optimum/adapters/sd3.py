@@ -87,5 +87,5 @@ class SD3Adapter(Adapter):
         patch = transformer.config.patch_size
         return (height // vae_scale_factor // patch) * (width // vae_scale_factor // patch)
 
-    def make_processor(self, spec, module_runtime, stock):
-        return SD3PlannedAttnProcessor(stock, module_runtime, spec)
+    def make_processor(self, spec, module_runtime):
+        return SD3PlannedAttnProcessor(module_runtime, spec)

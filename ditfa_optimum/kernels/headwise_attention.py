@@ -273,13 +273,6 @@ def _flat_widths(widths) -> list[int]:
     return [int(w) for row in rows for w in row]
 
 
-def launch_order(widths) -> torch.Tensor:
-    """The (sample, head) indices by decreasing band width, int32 (ties keep their order). ``widths``: ``[B, H]``
-    tensor or rows of ints."""
-    flat = _flat_widths(widths)
-    return torch.tensor(sorted(range(len(flat)), key=lambda i: -flat[i]), dtype=torch.int32)
-
-
 def launch_table(widths) -> torch.Tensor:
     """The kernel's launch table: ``[B * H, 2]`` int32 rows ``(sample * H + head, width)`` by decreasing width, on the
     device of ``widths`` (a ``[B, H]`` tensor, read on the host) or, from rows of ints, on the CPU."""

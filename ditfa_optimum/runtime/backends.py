@@ -20,7 +20,8 @@ CUDA, else FlexAttention, else the blocked PyTorch backend (the CPU default), ne
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -31,15 +32,41 @@ AUTO_ORDER = ("triton", "flex", "blocked")
 ENV_VAR = "DITFA_BACKEND"
 
 
-@dataclass(frozen=True, eq=False)
-class Widths:
-    """The band widths of one attention call, as Python ints (``rows[b][h]``), with what backends derive from them.
+def remember(memo, key, value):
+    """Store ``value`` under ``key`` in ``memo`` (a dict) and return it; nothing is stored while `torch.compile`
+    traces: the graph holds the value as a constant, and Dynamo cannot rebuild frozen dataclasses (a `TokenLayout`, a
+    `Widths`) made during a trace."""
+    if not torch.compiler.is_compiling():
+        memo[key] = value
+    return value
 
-    Built once per (module, step, shape) by the runtime and reused; the derived tensors are cached on it."""
+
+class HostCache:
+    """A bounded LRU of what a backend derives on the host from a call's widths (launch tables, BlockMasks), keyed by
+    value, so that equal widths of different modules and steps share one entry."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, key, make: Callable[[], object]):
+        if key in self._items:
+            if not torch.compiler.is_compiling():
+                self._items.move_to_end(key)
+            return self._items[key]
+        value = remember(self._items, key, make())
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+
+@dataclass(frozen=True)
+class Widths:
+    """The band widths of one attention call, as Python ints (``rows[b][h]``), and what backends read from them.
+    The runtime builds one per (module, step, shape) and reuses it."""
 
     rows: tuple[tuple[int, ...], ...]
     full: int  # layout.num_image_blocks: the width of full attention
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(cls, widths, full: int) -> "Widths":
@@ -48,10 +75,6 @@ class Widths:
             return widths
         rows = widths.tolist() if isinstance(widths, torch.Tensor) else widths
         return cls(tuple(tuple(int(w) for w in row) for row in rows), full)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return len(self.rows), len(self.rows[0]) if self.rows else 0
 
     @property
     def any(self) -> bool:
@@ -74,17 +97,8 @@ class Widths:
         return found
 
     def tensor(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        """``[B, H]`` on ``device`` (made once per device and dtype)."""
-        key = ("tensor", str(device), dtype)
-        if key not in self._cache:
-            self._cache[key] = torch.tensor(self.rows, dtype=dtype, device=device)
-        return self._cache[key]
-
-    def cached(self, key, make: Callable[[], object]):
-        """A value derived from these widths (a backend's mask, launch table), made once."""
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
+        """``[B, H]`` on ``device``."""
+        return torch.tensor(self.rows, dtype=dtype, device=device)
 
 
 class Backend(Protocol):

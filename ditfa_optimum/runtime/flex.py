@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import TokenLayout, arrow_keep, constant_runs
-from .backends import Widths, register_backend
+from .backends import HostCache, Widths, register_backend
+
+_MAX_CACHED_MASKS = 64
 
 FLEX_TILE = 128
 
@@ -70,6 +72,7 @@ class FlexBackend:
     name = "flex"
 
     def __init__(self):
+        self._masks = HostCache(_MAX_CACHED_MASKS)
         self._compiled = None
 
     def available(self, device: torch.device) -> bool:
@@ -80,9 +83,9 @@ class FlexBackend:
         return device.type in ("cuda", "cpu", "xpu")
 
     def block_mask(self, layout: TokenLayout, widths: Widths, device: torch.device):
-        """The BlockMask of ``widths``, made once per `Widths` (kept on it) and device."""
-        return widths.cached(("flex", layout, str(device)),
-                             lambda: arrow_block_mask(layout, widths.tensor(device, torch.int64)))
+        """The BlockMask of ``widths`` on ``device``, cached by value (`HostCache`: no device read per call)."""
+        return self._masks.get((layout, widths.rows, str(device)),
+                               lambda: arrow_block_mask(layout, widths.tensor(device, torch.int64)))
 
     def _flex(self, device: torch.device):
         from torch.nn.attention.flex_attention import flex_attention

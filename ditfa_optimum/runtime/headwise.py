@@ -21,7 +21,7 @@ import torch
 from ..masks import TokenLayout
 from ..methods import AttentionMethod, CfgShare, HeadMemory, make_method
 from ..plan import CompressionPlan, ModuleSpec
-from .backends import Widths, check_backend_name, get_backend
+from .backends import Widths, check_backend_name, get_backend, remember
 from .state import StepState
 
 logger = logging.getLogger(__name__)
@@ -34,14 +34,6 @@ class _StepProgram:
     keeps: tuple[int, ...]  # heads whose output the next step reads
     records: tuple[tuple[int, AttentionMethod], ...]  # (head, arrow) residual records at this step
     uses_cfg: bool
-
-
-def _memo(memo: dict, key, value):
-    """Keep ``value`` for the next eager call. While `torch.compile` traces, nothing is kept: the graph has it as a
-    constant, and Dynamo cannot rebuild frozen dataclasses (the layout in ``key``, `Widths`) made during a trace."""
-    if not torch.compiler.is_compiling():
-        memo[key] = value
-    return value
 
 
 class PlanRuntime:
@@ -89,7 +81,7 @@ class ModuleRuntime:
         key = (step, layout, batch, cfg)
         if key not in self._widths:
             per_head = [m.kernel_widths(layout, batch, cfg) for m in program.methods]
-            return _memo(self._widths, key, Widths(tuple(tuple(int(h[b]) for h in per_head) for b in range(batch)),
+            return remember(self._widths, key, Widths(tuple(tuple(int(h[b]) for h in per_head) for b in range(batch)),
                                                    layout.num_image_blocks))
         return self._widths[key]
 
@@ -100,7 +92,7 @@ class ModuleRuntime:
             row = [0] * len(program.methods)
             for h, arrow in program.records:
                 row[h] = arrow.width(layout)
-            return _memo(self._record_widths, key, Widths((tuple(row),) * batch, layout.num_image_blocks))
+            return remember(self._record_widths, key, Widths((tuple(row),) * batch, layout.num_image_blocks))
         return self._record_widths[key]
 
     def layout(self, num_image_tokens: int, num_text_tokens: int) -> TokenLayout:

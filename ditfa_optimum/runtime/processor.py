@@ -2,9 +2,9 @@
 
 A family's processor computes q, k, v as diffusers' stock processor of that family does (projections, qk-norms,
 rotary embeddings), hands them to the plan's module runtime as ``[B, H, S, D]`` (`PlannedProcessor.attend`), and
-applies the output projections. It keeps the processor it replaced (``stock``): `remove` puts it back, and
-`ditfa_optimum.adapters.base.check_processor_equivalence` runs both on the same random inputs at `apply`, so a
-diffusers release whose stock processor computes something else is refused instead of running silently wrong.
+applies the output projections. `ditfa_optimum.adapters.base.check_processor_equivalence` runs it and the stock
+processor it replaces on the same random inputs at `apply`, so a diffusers release whose stock processor computes
+something else is refused instead of running silently wrong.
 
 Why not call the stock processor and intercept only its SDPA call (a ``torch.overrides.TorchFunctionMode``): measured
 2026-12-01 (torch 2.13, diffusers 0.42.1), the mode costs ~3.5 us of host time per torch call inside the processor on
@@ -20,7 +20,6 @@ class PlannedProcessor:
     """Base of the families' planned processors (see the module docstring).
 
     Args:
-        stock: the processor being replaced.
         module_runtime: the plan's callable for this module, ``(q, k, v, num_text_tokens) -> out`` (`ModuleRuntime`
             of `ditfa_optimum.runtime.headwise`, or a calibration's).
         spec: the module's `ModuleSpec` (its name and whether its sequence is joint).
@@ -29,8 +28,8 @@ class PlannedProcessor:
     inside diffusers; such a processor refuses to run, and the plan's guard reports the replaced processor.
     """
 
-    def __init__(self, stock=None, module_runtime=None, spec=None):
-        self.stock, self.runtime, self.spec = stock, module_runtime, spec
+    def __init__(self, module_runtime=None, spec=None):
+        self.runtime, self.spec = module_runtime, spec
         self.name = f"attention module {spec.name!r}" if spec is not None else "attention"
 
     def text_tokens(self, encoder_hidden_states: torch.Tensor | None) -> int:
@@ -51,7 +50,7 @@ class PlannedProcessor:
                encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
         """The plan's attention of the joint ``q, k, v`` (``[B, H, S, D]``) of a call that got
         ``encoder_hidden_states``."""
-        if self.runtime is None or self.stock is None or self.spec is None:
+        if self.runtime is None or self.spec is None:
             raise ValueError(f"this {type(self).__name__} runs a ditfa plan but was created without one (diffusers "
                              "re-creates the current processor class while loading an IP-adapter or LoRA); remove "
                              "the plan first (ditfa_optimum.remove(pipe)), load, then apply the plan again")

@@ -66,15 +66,12 @@ class StepState:
         self._step_memory.clear()
 
     def on_transformer_call(self, timestep, text_tokens: int | None, *, step_index: int | None = None,
-                            context: str | None = None, scheduler_step: bool = False) -> None:
+                            context: str | None = None) -> None:
         """Called before each transformer forward with what it knows of the call's position (see the module
         docstring): its ``timestep``, the text length of its inputs, and optionally the ``step_index`` (of the cache
-        context, or of the scheduler with ``scheduler_step=True``: None there means the first step) and the cache
-        ``context`` name."""
+        context or the scheduler; -1 before the scheduler's first step) and the cache ``context`` name."""
         if step_index is not None:
             position = float(step_index)
-        elif scheduler_step:
-            position = -1.0  # the scheduler has not stepped yet: the generation's first step
         else:
             t = _first_value(timestep)
             position = None if t is None else -t

@@ -91,11 +91,10 @@ def _classes():
             try:
                 timestep, text_tokens = self.read_call(module, args, kwargs)
                 name, step_index = context_name_and_step(self.context.current)
-                from_scheduler = step_index is None and self.scheduler is not None  # (it has a step_index)
-                if from_scheduler:
-                    step_index = getattr(self.scheduler, "step_index", None)
-                state.on_transformer_call(timestep, text_tokens, step_index=step_index, context=name,
-                                          scheduler_step=from_scheduler)
+                if step_index is None and self.scheduler is not None:  # (it has a step_index)
+                    step_index = self.scheduler.step_index
+                    step_index = -1 if step_index is None else step_index  # None: it has not stepped yet
+                state.on_transformer_call(timestep, text_tokens, step_index=step_index, context=name)
                 self.guard()
                 forward = self.fn_ref.original_forward
                 if self.step_handler is not None:

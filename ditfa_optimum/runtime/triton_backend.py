@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import TokenLayout
-from .backends import Widths, get_backend, register_backend
+from .backends import HostCache, Widths, get_backend, register_backend
 
 logger = logging.getLogger(__name__)
+_MAX_CACHED_WIDTHS = 256
 
 
 def _kernel():
@@ -52,6 +53,7 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self):
+        self._widths = HostCache(_MAX_CACHED_WIDTHS)
         self._warned: set[str] = set()
 
     def available(self, device: torch.device) -> bool:
@@ -64,15 +66,15 @@ class TritonBackend:
         return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
     def device_widths(self, widths, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``widths`` as int32 on ``device``, its launch table and its autotuning key, made once per `Widths` (on the
-        host, from its rows: no device sync)."""
-        widths = Widths.of(widths, 0)
+        """``widths`` as int32 on ``device``, its launch table and its autotuning key, made on the host from the rows
+        and cached by value (`HostCache`: no copy, sort or device sync per call)."""
+        widths = Widths.of(widths, 0)  # (full attention plays no part here)
 
         def make():
             return (widths.tensor(device, torch.int32), _kernel().launch_table(widths.rows).to(device),
                     _kernel().tune_key(widths.rows))
 
-        return widths.cached(("triton", str(device)), make)
+        return self._widths.get((widths.rows, str(device)), make)
 
     def _fallback(self, reason: str, q: torch.Tensor):
         if reason not in self._warned:

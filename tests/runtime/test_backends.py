@@ -105,3 +105,20 @@ def test_flex_block_mask_matches_create_block_mask(layout, tile):
     assert torch.equal(ours.to_dense(), theirs.to_dense())
     assert torch.equal(ours.kv_num_blocks, theirs.kv_num_blocks)
     assert torch.equal(ours.full_kv_num_blocks, theirs.full_kv_num_blocks)
+
+
+def test_host_cache_shares_equal_keys_and_keeps_at_most_its_size():
+    from ditfa_optimum.runtime.backends import HostCache, Widths
+
+    cache, made = HostCache(2), []
+
+    def make(tag):
+        return lambda: made.append(tag) or tag
+
+    a, b = Widths(((1, 4),), 4), Widths(((1, 4),), 4)  # equal widths of two modules
+    assert cache.get(a.rows, make("a")) == "a" and cache.get(b.rows, make("b")) == "a" and made == ["a"]
+    cache.get(((2, 4),), make("c"))
+    cache.get(a.rows, make("a again"))  # used last: survives the next eviction
+    cache.get(((3, 4),), make("d"))
+    assert cache.get(a.rows, make("a third")) == "a" and cache.get(((2, 4),), make("c again")) == "c again"
+    assert made == ["a", "c", "d", "c again"]
