@@ -180,3 +180,33 @@ def test_flux_pipeline_all_full_equals_stock_and_mixed_plan_runs():
     # FLUX never batches CFG, so cfg_share heads are computed in full: same as stock
     assert (run() - stock).abs().max() <= 1e-5
     assert runtime.state.cfg(needed=True) is False
+
+
+# not sd35: diffusers 0.42.1's own fused SD3.5 fails (FusedJointAttnProcessor2_0 on attn2, which has no text stream)
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_plan_runs_on_fused_qkv_projections(family):
+    """`fuse_qkv_projections()` before `apply`: the planned processors compute with the fused weights, as the stock
+    ones do (the fused weights are changed here, so a processor reading the separate ones would differ)."""
+    model = tiny_transformer(family)
+    inputs = tiny_inputs(model, batch=2, height=8, width=8, text_tokens=5)
+    unfused = forward(model, inputs)
+    model.fuse_qkv_projections()
+    fused = [m for _, m in dfa.get_adapter(model).attention_modules(model)]
+    assert all(m.fused_projections for m in fused)
+    with torch.no_grad():
+        for m in fused:
+            m.to_qkv.weight.mul_(1.1)
+    stock = forward(model, inputs)
+    assert not torch.allclose(stock, unfused, atol=1e-3)
+    dfa.apply(model, dfa.uniform_plan(model, num_steps=2, block_size=4))
+    assert (forward(model, inputs) - stock).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_half_precision_model_passes_the_processor_check_and_runs(family):
+    model = tiny_transformer(family, dtype=torch.float16)
+    inputs = tiny_inputs(model, batch=2, height=8, width=8, text_tokens=5)
+    stock = forward(model, inputs)
+    dfa.apply(model, dfa.uniform_plan(model, num_steps=2, block_size=4))  # the check runs in the model's dtype
+    out = forward(model, inputs)
+    assert out.dtype == torch.float16 and torch.allclose(out.float(), stock.float(), atol=1e-2, rtol=1e-2)
