@@ -5,7 +5,7 @@ the time of one image.
     python benchmarks/mini_model.py --model benchmarks/assets/mini-mmdit-128 --out docs/mini-model/128   # 4096 tokens
 
 Images come out at the model's own size (its transformer's ``sample_size``: 64, or 128 for mini-mmdit-128);
-`faithfulness` scores them at 64x64 (larger images are downsampled first).
+`faithfulness` (training/scenes.py, outside the package) scores them at 64x64 (larger images are downsampled first).
 
 Held-out captions: `evaluation_captions(n, seed=1234)` minus the default calibration captions (seed 0). Seeds: caption i draws
 its noise from seed i. Writes ``mini_model.json`` and ``samples.png`` (8 captions x 4 seeds) into ``--out``.
@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ditfa_optimum.mini import DEFAULTS, MiniMMDiTPipeline, mini_pipeline  # noqa: E402
-from ditfa_optimum.mini.scenes import evaluation_captions, faithfulness  # noqa: E402
+from ditfa_optimum.mini.grammar import evaluation_captions  # noqa: E402
+from training.scenes import faithfulness  # noqa: E402
 
 EVAL_SEED, CALIBRATION_SEED = 1234, 0
 CAPTION = "a small red circle in the top left and a large blue square at the bottom"

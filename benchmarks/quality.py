@@ -45,9 +45,9 @@ from ditfa_optimum import DiTFastAttnConfig, apply, remove  # noqa: E402
 from ditfa_optimum.calibrate import calibrate  # noqa: E402
 from ditfa_optimum.embedded import defaults_for  # noqa: E402
 from ditfa_optimum.mini import mini_pipeline  # noqa: E402
-from ditfa_optimum.mini.scenes import faithfulness  # noqa: E402
 from ditfa_optimum.plan import CompressionPlan  # noqa: E402
 from ditfa_optimum.search import search  # noqa: E402
+from training.scenes import faithfulness  # noqa: E402
 
 THRESHOLDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 TARGET_CUTS = (0.3, 0.45, 0.6, 0.7, 0.8, 0.9)

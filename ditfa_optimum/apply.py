@@ -9,6 +9,7 @@ restores the original processor objects and removes the hooks, giving the stock 
 from __future__ import annotations
 
 import inspect
+import logging
 import weakref
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ from .runtime.blocks import BlockRuntime, InstalledBlocks, _hook, _invalidate_re
 from .runtime.headwise import PlanRuntime
 from .runtime.steps import install_steps
 from .runtime.transformer_hook import COPIED, TRANSFORMER_HOOK, transformer_hook
+
+logger = logging.getLogger(__name__)
 
 _ATTR = "_ditfa_installed"
 
@@ -52,7 +55,8 @@ def _split(model) -> tuple[torch.nn.Module, object | None]:
     return transformer, model
 
 
-def apply(model, plan: CompressionPlan, *, backend: str | None = None, cfg: bool | None = None) -> PlanRuntime:
+def apply(model, plan: CompressionPlan, *, backend: str | None = None, cfg: bool | None = None,
+          num_inference_steps: int | None = None) -> PlanRuntime:
     """Run ``plan`` in ``model``'s attention from now on.
 
     Args:
@@ -62,6 +66,9 @@ def apply(model, plan: CompressionPlan, *, backend: str | None = None, cfg: bool
         backend: "auto" (default; also ``$DITFA_BACKEND``), "triton", "flex", "blocked" or "reference".
         cfg: whether transformer calls batch CFG as [uncond, cond]. Default: asked from the pipeline at each call
             when a pipeline is given, else unknown (then `cfg_share` heads are computed in full, with a warning).
+        num_inference_steps: the step count the pipeline will run, when it is not the plan's: the plan is remapped
+            (`CompressionPlan.remap_steps`, with a warning saying what to expect). Without it, a generation of another
+            step count than the plan's is refused.
 
     Returns:
         The `PlanRuntime` (its ``.state`` tells the current step and cache memory).
@@ -73,6 +80,12 @@ def apply(model, plan: CompressionPlan, *, backend: str | None = None, cfg: bool
     """
     transformer, pipeline = _split(model)
     adapter, modules = _prepare(transformer)
+    if num_inference_steps is not None and num_inference_steps != plan.num_steps:
+        plan = plan.remap_steps(num_inference_steps)
+        logger.warning("ditfa: the plan was searched for %d steps and runs remapped at %d (each step takes the "
+                       "choices of the searched step at the same position; docs/runtime.md). Expect the images to "
+                       "differ more from dense than the search predicted; search a plan for %d steps for that "
+                       "quality", plan.metadata["remapped"]["from_steps"], num_inference_steps, num_inference_steps)
     blocks = adapter.blocks(transformer) if plan.blocks else []
     plan.validate([spec for spec, _ in modules], model_class=adapter.model_class,
                   blocks=[spec for spec, _ in blocks] if plan.blocks else None)
@@ -168,6 +181,7 @@ def install(transformer: torch.nn.Module, adapter: Adapter, modules: list, runti
     watched = _watched(transformer, adapter, modules)
     plan = getattr(runtime, "plan", None)
     state = runtime.state
+    keeps_memory = plan is not None and keeps_step_memory(plan)
 
     def guard():
         check_no_foreign_cache(transformer, watched)  # a cache enabled after apply() would break the plan
@@ -180,6 +194,13 @@ def install(transformer: torch.nn.Module, adapter: Adapter, modules: list, runti
                     "change, then apply the plan again")
         if plan is not None and pipeline is not None and state.step == 0 and state.calls_in_step == 0:
             check_step_count(pipeline, plan.num_steps)
+        if keeps_memory and torch.is_grad_enabled() and getattr(transformer, "gradient_checkpointing", False):
+            raise ValueError(
+                "gradient checkpointing recomputes every block's attention during backward, after the plan's step "
+                "memory has moved on, so this plan's heads that reuse an earlier step (cache, arrow_residual) or its "
+                "block methods would read the wrong memory. Disable it (transformer.disable_gradient_checkpointing()), "
+                "run without gradients (torch.no_grad()), or train with a plan whose heads keep nothing between steps "
+                "(full, arrow, cfg_share)")
 
     def read_call(_module, args, kwargs):
         return adapter.read_call(signature, args, kwargs)
@@ -193,6 +214,13 @@ def install(transformer: torch.nn.Module, adapter: Adapter, modules: list, runti
                                            owner=weakref.ref(transformer)))
 
 
+def keeps_step_memory(plan: CompressionPlan) -> bool:
+    """Whether a step of ``plan`` reads what an earlier step stored: a head's output (`cache`), a residual
+    (`arrow_residual`), or a block's (block methods). Such a plan cannot be recomputed out of order (checkpointing)."""
+    return plan.skips_blocks or any(bool(plan.output_keeps(name).any()) or next(plan.residual_records(name), None)
+                                    for name in plan.module_names)
+
+
 def check_step_count(pipeline, plan_steps: int) -> None:
     """Refuse a generation whose step count differs from the plan's (read from the scheduler's timesteps, set
     before the denoising loop starts): a plan runs its step table, and fewer steps would run it silently wrong."""
@@ -202,7 +230,9 @@ def check_step_count(pipeline, plan_steps: int) -> None:
     steps = len(timesteps)
     if steps and steps != plan_steps:
         raise ValueError(f"the pipeline runs {steps} denoising steps but the plan was searched for {plan_steps}; "
-                         f"call it with num_inference_steps={plan_steps}, or search a plan for {steps} steps "
+                         f"call it with num_inference_steps={plan_steps}; or run the plan remapped to {steps} steps "
+                         f"(ditfa_optimum.apply(pipe, plan, num_inference_steps={steps}): lower quality than "
+                         f"searched, docs/runtime.md); or search a plan for {steps} steps "
                          "(DiTFastAttnConfig(num_inference_steps=...))")
 
 

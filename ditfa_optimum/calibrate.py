@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
+from . import schema
 from .config import DiTFastAttnConfig
-from .methods import AttentionMethod, CfgShare, Full, HeadMemory, make_method
+from .methods import AttentionMethod, CfgShare, HeadMemory, make_method
 from .plan import BlockSpec, CompressionPlan, ModuleSpec
 from .runtime.backends import check_backend_name, get_backend
 from .runtime.state import StepState
@@ -43,8 +44,6 @@ from .sensitivity import Sensitivity, guided_error
 
 logger = logging.getLogger(__name__)
 
-STATS_FORMAT_VERSION = 2
-STATS_READABLE_VERSIONS = (1, 2)
 STATS_JSON = "calibration.json"
 STATS_TENSORS = "calibration.safetensors"
 
@@ -145,9 +144,8 @@ class CalibrationStats:
         save_file(tensors, directory / STATS_TENSORS, metadata={"format": "pt"})
         info = {k: getattr(self, k) for k in self.__dataclass_fields__
                 if k not in (*_TENSOR_KINDS, "modules", "blocks", "sensitivity")}
-        info.update(format_version=STATS_FORMAT_VERSION, modules=[asdict(s) for s in self.modules],
-                    blocks=[asdict(b) for b in self.blocks])
-        (directory / STATS_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        info.update(modules=[asdict(s) for s in self.modules], blocks=[asdict(b) for b in self.blocks])
+        (directory / STATS_JSON).write_text(json.dumps(schema.stamp(info), indent=2) + "\n")
         if self.sensitivity is not None:
             self.sensitivity.save(directory)
         else:  # an earlier save's sensitivity must not be read back with these statistics
@@ -168,9 +166,7 @@ class CalibrationStats:
             info = json.loads((directory / STATS_JSON).read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{directory / STATS_JSON} is not valid JSON ({e})") from None
-        if info.pop("format_version", None) not in STATS_READABLE_VERSIONS:
-            raise ValueError(f"{directory / STATS_JSON}: unsupported calibration format; this ditfa_optimum reads "
-                             f"versions {STATS_READABLE_VERSIONS}")
+        info = schema.read("calibration", info, str(directory / STATS_JSON))
         tensors = load_file(directory / STATS_TENSORS)
         modules = [ModuleSpec(**m) for m in info.pop("modules")]
         blocks = [BlockSpec(**b) for b in info.pop("blocks", [])]

@@ -18,6 +18,7 @@ Exit codes: 0 success, 1 user error (message on stderr, no traceback), 2 usage e
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -59,13 +60,26 @@ def run_demo(family: str = "sd3", methods: list[str] | None = None, steps: int =
     from .serialization import check_plan_target
     from .tiny import tiny_pipeline
 
+    for name, value in (("steps", steps), ("repeats", repeats)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(latent_size, int) or not 1 <= latent_size <= 256:
+        raise ValueError(f"latent_size must be 1 to 256 latent tokens per side (default 32: 1024 image tokens), got "
+                         f"{latent_size!r}")
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number (the CFG scale, e.g. 5), got {guidance!r}")
     if out:
         check_plan_target(out, overwrite, hint="pass --overwrite")  # before the work, and again when saving
+        _check_plan_dir(out)
 
     methods = list(methods or DEMO_MIX)
     pipe = tiny_pipeline(family, seed=seed)
     transformer = pipe.transformer
     cfg = transformer.config
+    table, patch = cfg.get("pos_embed_max_size"), cfg.get("patch_size") or 1
+    if table and latent_size > table * patch:
+        raise ValueError(f"latent_size {latent_size} is more than the tiny {family} transformer's position table "
+                         f"covers ({table * patch} latent tokens per side); choose a smaller --latent-size")
     g = torch.Generator().manual_seed(seed + 1)
     text_tokens = 16
     emb = torch.randn(1, text_tokens, cfg.joint_attention_dim, generator=g)
@@ -100,8 +114,27 @@ def run_demo(family: str = "sd3", methods: list[str] | None = None, steps: int =
                   planned_ms_per_step=planned_time * 1e3, latent_rse=rse,
                   backend=get_backend(runtime.backend_name, dense.device).name)
     if out:
-        result["saved"] = str(plan.save(check_plan_target(out, overwrite, hint="pass --overwrite")))
+        target = check_plan_target(out, overwrite, hint="pass --overwrite")
+        try:
+            result["saved"] = str(plan.save(target))
+        except OSError as e:
+            raise ValueError(f"cannot write the plan to {out}: {e.strerror or e}; choose another directory") from None
     return result
+
+
+def _check_plan_dir(out: str) -> None:
+    """A directory for ``demo --out``: not a file, under a directory (missing ones are created)."""
+    path = Path(out)
+    try:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{out} exists and is a file, not a directory; choose a new or empty directory")
+        parent = path.absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(f"cannot create {out}: {parent} is a file, not a directory; choose another path")
+    except OSError as e:
+        raise ValueError(f"cannot write a plan to {out[:200]!r}: {e.strerror or e}; choose another path") from None
 
 
 def _cmd_demo(args) -> int:
@@ -125,8 +158,10 @@ MODEL_DEFAULTS = dict(steps=28, size=1024, block_size=128, guidance=None)
 
 
 def _load_optimizer(model: str, dtype: str | None, device: str | None):
+    from .loading import check_device
     from .optimizer import DiTFastAttnOptimizer
 
+    check_device(device)  # before the model loads
     kwargs = {}  # from_pretrained also knows the embedded models and saved miniature-model directories
     if dtype:
         kwargs["torch_dtype"] = getattr(torch, dtype)
@@ -143,6 +178,9 @@ def _read_prompts(path: str | None) -> list[str] | None:
         lines = open(path, encoding="utf-8").read().splitlines()
     except OSError as e:
         raise UserError(f"cannot read the prompts file {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"the prompts file {path!r} is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                        "UTF-8, one prompt per line") from None
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise UserError(f"the prompts file {path!r} holds no prompts (one per line; # starts a comment)")
@@ -173,9 +211,13 @@ def _cmd_optimize(args) -> int:
             allocation=args.allocation, target_cut=args.target_cut, target_snr_db=args.target_snr,
             max_head_rse=args.max_head_rse, calibration_passes=args.calibration_passes,
             skip_steps=False if args.no_skip_steps else None, verify_plans=args.verify_plans)
+        if args.repro_prompts < 0:
+            raise UserError(f"--repro-prompts must be >= 0 (generations recorded for verify; 0: none), got "
+                            f"{args.repro_prompts}")
         prompts = _read_prompts(args.prompts)
         out = check_target(args.out, args.overwrite, hint="pass --overwrite")  # before the work, not after
         opt = _load_optimizer(args.model, args.dtype, args.device)
+        _check_resolution(opt.pipeline, config.height, config.width)
         plan = opt.optimize(config, calibration_prompts=prompts, progress=not args.quiet)
         if args.quiet:
             print(opt.summary())
@@ -190,11 +232,68 @@ def _cmd_optimize(args) -> int:
     return 0
 
 
-def _picture(plan, title: str, path: Path) -> Path:
+def _picture(plan, title: str, path: Path, flag: str = "the plan picture") -> Path:
     from .picture import plan_picture
 
-    plan_picture(plan.report(), title=title).save(path)
+    return _save_image(plan_picture(plan.report(), title=title), path, flag)
+
+
+def _image_path(path: str, flag: str) -> Path:
+    """Check an image file to write, before the work: an extension Pillow writes, not a directory, and a place where
+    it can be made (missing parent directories are created when saving, as for ``optimize --out``)."""
+    from PIL import Image
+
+    path = Path(path)
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt not in Image.SAVE:
+        raise UserError(f"{flag} {str(path)!r}: the extension {path.suffix or '(none)'!r} names no image format "
+                        "Pillow can write; use e.g. .png, .jpg or .webp")
+    try:
+        if path.is_dir():
+            raise UserError(f"{flag} {path} is a directory; give a file name, e.g. {path / ('image' + path.suffix)}")
+        parent = path.absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UserError(f"{flag} {path}: {parent} is a file, not a directory; choose another path")
+    except OSError as e:  # a name too long, a NUL byte
+        raise UserError(f"{flag} {str(path)[:200]!r} is not a usable path: {e.strerror or e}") from None
     return path
+
+
+def _save_image(image, path: Path, flag: str) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    except OSError as e:
+        raise UserError(f"cannot write {flag} {path}: {e.strerror or e}; choose another path") from None
+    return path
+
+
+#: no side of an image beyond this many pixels: refused before a tensor of that size is made
+MAX_SIDE_PX = 16384
+
+
+def _check_resolution(pipe, height: int, width: int, flags: tuple[str, str] = ("height", "width")) -> None:
+    """Refuse a size the transformer cannot take before the pipeline allocates latents for it: more than
+    `MAX_SIDE_PX`, or (SD3) more than its position-embedding table covers."""
+    transformer = pipe.transformer
+    config = transformer.config
+    limit = MAX_SIDE_PX
+    reason = f"the CLI's limit of {MAX_SIDE_PX} px per side"
+    table = config.get("pos_embed_max_size")
+    factor = getattr(pipe, "vae_scale_factor", None)
+    if table and isinstance(factor, int):
+        patch = config.get("patch_size") or 1
+        if table * patch * factor < limit:
+            limit = table * patch * factor
+            reason = (f"{type(transformer).__name__}'s position table: {table} patches x {patch} x VAE factor "
+                      f"{factor}")
+    for flag, px in zip(flags, (height, width)):
+        if px > limit:
+            raise UserError(f"{flag} {px} px is larger than this model takes (at most {limit} px: {reason}); choose "
+                            "a smaller size")
 
 
 def _read(artifact: str, strict: bool = True):
@@ -203,23 +302,37 @@ def _read(artifact: str, strict: bool = True):
     return read_artifact(artifact, strict=strict)
 
 
-def _pipeline(args, art):
-    """The artifact (already read and checked once) as a pipeline."""
+def _pipeline(args, art, steps: int | None = None):
+    """The artifact (already read and checked once) as a pipeline, its plan remapped to ``steps`` when the command
+    line asks for another step count than the plan's (refused with --strict-steps)."""
     from .loading import load_pipeline
 
+    if steps is not None and steps != art.plan.num_steps:
+        if getattr(args, "strict_steps", False):
+            raise UserError(f"--steps {steps}: the plan was searched for {art.plan.num_steps} steps and "
+                            "--strict-steps refuses to remap it; leave --steps out, or drop --strict-steps to run it "
+                            "remapped (lower quality than searched)")
+        print(f"note: the plan was searched for {art.plan.num_steps} steps; it runs remapped at {steps} (each step "
+              "takes the choices of the searched step at the same position), so expect the image to differ more "
+              "from dense than the search predicted (docs/runtime.md; --strict-steps refuses instead)",
+              file=sys.stderr)
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     return load_pipeline(art, base_model=args.base_model, torch_dtype=dtype, device=args.device,
-                         backend=args.backend)
+                         backend=args.backend, num_inference_steps=steps)
 
 
 def _settings(art, args, seed: int):
     """Steps, resolution and guidance from the command line, else from the artifact's search."""
     from .config import DiTFastAttnConfig
 
-    search = art.config.get("search_config") or {}
-    return DiTFastAttnConfig(num_inference_steps=args.steps or art.plan.num_steps,
-                             height=args.height or search.get("height") or 1024,
-                             width=args.width or search.get("width") or 1024,
+    search = art.search_config or {}
+
+    def given(value, default):  # 0 is a value to refuse, not "use the default"
+        return default if value is None else value
+
+    return DiTFastAttnConfig(num_inference_steps=given(args.steps, art.plan.num_steps),
+                             height=given(args.height, search.get("height") or 1024),
+                             width=given(args.width, search.get("width") or 1024),
                              guidance_scale=args.guidance if args.guidance is not None else search.get("guidance_scale"),
                              seed=seed)
 
@@ -228,11 +341,13 @@ def _cmd_generate(args) -> int:
     from .apply import remove
     from .calibrate import pipeline_kwargs, progress_bars
 
+    out = _image_path(args.out, "--out")  # before the work
     try:
         art = _read(args.artifact)
         settings = _settings(art, args, args.seed)
         steps, height, width = settings.num_inference_steps, settings.height, settings.width
-        pipe = _pipeline(args, art)
+        pipe = _pipeline(args, art, None if args.dense else steps)
+        _check_resolution(pipe, height, width)
         if args.dense:
             remove(pipe)
         kwargs = pipeline_kwargs(pipe, [args.prompt], settings, prompt_encoder=art.prompt_encoder(pipe))
@@ -244,7 +359,7 @@ def _cmd_generate(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     image = result[0] if pixels else _latent_preview(result, pipe, height, width)
-    image.save(args.out)
+    _save_image(image, out, "--out")
     kind = "image" if pixels else "latent preview (the model has no VAE: first three latent channels as RGB)"
     print(f"wrote {args.out}: {kind}, {'dense attention' if args.dense else 'the artifact plan'}, {steps} steps, "
           f"seed {args.seed}")
@@ -267,19 +382,22 @@ def _latent_preview(latents, pipe, height, width):
 
 
 def _cmd_inspect(args) -> int:
+    png = _image_path(args.png, "--png") if args.png else None
     try:
         art = _read(args.artifact)
     except ValueError as e:
         raise UserError(str(e)) from None
     config, plan = art.config, art.plan
     base = config["base_model"] or {}
-    print(f"artifact     {art.path} (format {config['format_version']}, ditfa-optimum {config['package_version']})")
+    print(f"artifact     {art.path} (schema version {art.schema_version}, ditfa-optimum {config['package_version']})")
     print(f"base model   {base.get('id')}{' @ ' + base['revision'] if base.get('revision') else ''}")
     fp = config["transformer"]["fingerprint"]
     print(f"transformer  {config['transformer']['class_name']}: {fp['attention_modules']} attention modules, "
           f"heads {fp['num_heads']}, head dim {fp['head_dim']}, {'image' if fp['image_first'] else 'text'} first")
     print(f"plan         {plan.summary()}")
-    print(f"attention    {config['attention_flop_cut']:.1%} of dense attention FLOPs cut")
+    cut = art.attention_flop_cut
+    print(f"attention    {cut:.1%} of dense attention FLOPs cut" if cut is not None else
+          "attention    FLOP cut not recorded (the plan was made without a search)")
     try:
         report = plan.report()
     except ValueError as e:
@@ -289,8 +407,8 @@ def _cmd_inspect(args) -> int:
               + (f" (steps skipped whole: {plan.skipped_steps})" if plan.skipped_steps else ""))
     print()
     print(report.table())
-    if args.png:
-        path = _picture(plan, f"{base.get('id')}: {plan.num_steps} steps", Path(args.png))
+    if png:
+        path = _picture(plan, f"{base.get('id')}: {plan.num_steps} steps", png, "--png")
         print(f"\nwrote {path}")
     return 0
 
@@ -307,7 +425,8 @@ def _cmd_bench(args) -> int:
         art = _read(args.artifact)
         settings = _settings(art, args, seed=0)
         steps, height, width = settings.num_inference_steps, settings.height, settings.width
-        pipe = _pipeline(args, art)
+        pipe = _pipeline(args, art, steps)
+        _check_resolution(pipe, height, width)
         device = next(pipe.transformer.parameters()).device
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         kwargs = pipeline_kwargs(pipe, [args.prompt], settings, prompt_encoder=art.prompt_encoder(pipe))
@@ -427,7 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--backend", default="auto", help="attention backend (default auto)")
 
     def generation_args(p):
-        p.add_argument("--steps", type=int, help="denoising steps (default: the plan's)")
+        p.add_argument("--steps", type=int, help="denoising steps (default: the plan's; another count runs the plan "
+                                                 "remapped, with a note)")
+        p.add_argument("--strict-steps", action="store_true",
+                       help="refuse a --steps other than the plan's instead of remapping the plan")
         p.add_argument("--height", type=int)
         p.add_argument("--width", type=int)
         p.add_argument("--guidance", type=float)

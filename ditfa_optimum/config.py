@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from . import schema
 from .masks import DEFAULT_BLOCK_SIZE
 from .methods import Full, make_method
-
-CONFIG_VERSION = 1
 
 #: The candidates the paper searches over (arrow windows 1/8, 1/16, 1/32 of the image, output reuse across steps,
 #: sharing across the CFG halves). `full` is always a candidate and is not listed.
@@ -132,7 +131,6 @@ class DiTFastAttnConfig:
     max_skip_run: int = 3
     skip_steps: bool | None = None
     verify_plans: int = 6
-    version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
         if isinstance(self.methods, str) or not all(isinstance(m, str) for m in self.methods):
@@ -211,9 +209,6 @@ class DiTFastAttnConfig:
             raise ValueError(f"calibration_passes must be 1, 2 or 3, got {self.calibration_passes!r}")
         if self.cost_model not in COST_MODELS:
             raise ValueError(f"cost_model must be one of {COST_MODELS}, got {self.cost_model!r}")
-        if self.version != CONFIG_VERSION:
-            raise ValueError(f"DiTFastAttnConfig version {self.version!r} is not supported by this ditfa_optimum "
-                             f"(reads version {CONFIG_VERSION}); upgrade ditfa_optimum")
         self.candidates()  # validates the method strings
 
     def candidates(self) -> list:
@@ -263,27 +258,23 @@ class DiTFastAttnConfig:
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
+        """Every field, JSON-ready, with the schema version (`ditfa_optimum.schema`)."""
         out = dataclasses.asdict(self)
         out["methods"] = list(self.methods)
         out["block_methods"] = list(self.block_methods)
-        return out
+        return schema.stamp(out)
 
     @classmethod
     def from_dict(cls, data: dict) -> "DiTFastAttnConfig":
+        """The config `to_dict` wrote (older schema versions are upgraded: options added since read as what those
+        searches did), or a hand-written partial one without a version (missing fields get today's defaults)."""
         if not isinstance(data, dict):
             raise ValueError(f"a DiTFastAttnConfig is read from a JSON object, got {type(data).__name__}")
+        data = schema.read("config", data, "DiTFastAttnConfig", missing_is_current=True)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown DiTFastAttnConfig fields {unknown}; known: {sorted(known)}")
-        data = dict(data)
-        # configs written (by to_dict, which records the version) before the trajectory allocation existed were
-        # searched the paper's way; a hand-written partial config gets today's defaults
-        if "version" in data:
-            data.setdefault("allocation", "local")
-            data.setdefault("skip_steps", False)  # written before skipped steps existed: searched without them
-            data.setdefault("max_skip_run", 2)
-            data.setdefault("verify_plans", 1)  # written before the measured selection: the model's choice, checked
         for key in ("methods", "block_methods"):
             if key in data and isinstance(data[key], list):
                 data[key] = tuple(data[key])

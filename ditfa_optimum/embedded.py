@@ -29,7 +29,7 @@ def check_name(name: str) -> str:
 
 def defaults_for(model: str) -> dict | None:
     """Calibration defaults for ``model``: an embedded name, or a directory holding a saved miniature model (e.g. one
-    trained with ``ditfa_optimum.mini.train``: its own image size, e.g. 128 px and block 64 for mini-mmdit-128); None
+    trained with ``training/train_mini.py``: its own image size, e.g. 128 px and block 64 for mini-mmdit-128); None
     for anything else."""
     if model in DEFAULTS:
         return DEFAULTS[model]

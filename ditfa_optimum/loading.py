@@ -12,7 +12,7 @@ from .serialization import EMBEDDED_MODELS, Artifact, ArtifactError, check_finge
 
 def load_pipeline(artifact: str | os.PathLike | Artifact, base_model=None, *, torch_dtype: torch.dtype | None = None,
                   device: str | torch.device | None = None, backend: str | None = "auto", revision: str | None = None,
-                  token=None, **components):
+                  token=None, num_inference_steps: int | None = None, **components):
     """Load an artifact as a diffusers pipeline whose transformer runs the plan.
 
     Args:
@@ -24,6 +24,8 @@ def load_pipeline(artifact: str | os.PathLike | Artifact, base_model=None, *, to
         device: move the pipeline there.
         backend: attention backend of the plan runtime ("auto", "reference", "flex", ...).
         revision, token: of the artifact's Hub repo.
+        num_inference_steps: the step count you will run, when it is not the plan's: the plan runs remapped
+            (`ditfa_optimum.apply`; lower quality than searched). Default: the plan's count, and another is refused.
         components: passed to ``DiffusionPipeline.from_pretrained`` of the base model (e.g. ``text_encoder_3=None``),
             which loads safetensors weights only (``use_safetensors=True`` unless passed: pickled ``.bin`` weights
             are not read).
@@ -35,14 +37,49 @@ def load_pipeline(artifact: str | os.PathLike | Artifact, base_model=None, *, to
         >>> pipe = load_pipeline("me/sd3-ditfa", torch_dtype=torch.bfloat16, device="cuda")   # doctest: +SKIP
         >>> image = pipe("a lighthouse at dusk", num_inference_steps=28).images[0]          # doctest: +SKIP
     """
+    check_device(device)  # before anything is read or loaded
     art = artifact if isinstance(artifact, Artifact) else read_artifact(artifact, revision=revision, token=token)
     transformer = art.load_transformer(torch_dtype)
     pipeline = base_pipeline(art, base_model, transformer, torch_dtype, components)
     if device is not None:
         pipeline.to(device)
-    apply(pipeline, art.plan, backend=backend)
+    apply(pipeline, art.plan, backend=backend, num_inference_steps=num_inference_steps)
     pipeline.ditfa_artifact = art
     return pipeline
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a `torch.device` after checking that a pipeline can run there (None stays None).
+
+    Raises ValueError naming the device and what to use instead: not a device name (``"bogus"``), ``"meta"`` (holds
+    no data, nothing runs on it), or a device this machine does not have (CUDA in a CPU-only torch, ``cuda:7`` on a
+    one-GPU machine, MPS off macOS).
+    """
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a torch device name; use e.g. 'cpu', 'cuda' or 'cuda:1'") \
+            from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise ValueError("device 'meta' holds no data, so a pipeline cannot run on it; use 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device!r} is not available: {why} (torch {torch.__version__}); use 'cpu', or "
+                             "a CUDA build of torch on a machine with an NVIDIA GPU")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r} is not available: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+        return dev
+    module = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    if not getattr(module, "is_available", lambda: False)():
+        raise ValueError(f"device {device!r} is not available on this machine; use 'cpu' (or 'cuda' with a GPU)")
+    return dev
 
 
 def base_pipeline(art: Artifact, base_model, transformer: torch.nn.Module, torch_dtype, components: dict):

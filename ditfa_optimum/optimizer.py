@@ -226,15 +226,8 @@ class DiTFastAttnOptimizer:
             finally:
                 if not installed:
                     remove(self.pipeline)
-        calibration = None
-        if info:
-            predicted = [v for rows in info.get("predicted_rse", {}).values() for v in rows]
-            calibration = {k: info.get(k) for k in ("num_prompts", "prompts", "image_tokens", "text_tokens", "cfg")}
-            calibration.update(seconds=info.get("calibration_seconds"), search_seconds=info.get("search_seconds"),
-                               predicted_mean_rse=sum(predicted) / len(predicted) if predicted else None)
         base = {"id": self.source, "revision": self.revision, "embedded": self.source in EMBEDDED_MODELS}
         return write_artifact(directory, transformer=self.pipeline.transformer, plan=self.plan, base_model=base,
-                              search_config=info.get("config"), calibration=calibration,
                               prompt_encoder=encoder_record, reproducibility=reproducibility, overwrite=overwrite)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None,

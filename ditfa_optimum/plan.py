@@ -6,9 +6,10 @@ A plan is plain data: per module an int16 tensor of method ids and a float64 ten
 structural description of the modules and blocks it was made for (`ModuleSpec`, `BlockSpec`). It never holds module
 references, so it can be searched, saved and compared on a machine without the model.
 
-On disk (`save` / `load`): ``plan.json`` (format version, method vocabularies, module and block specs, metadata: names
-and numbers, never tensor values) and ``plan.safetensors`` (keys ``"<module name>.method"``, ``"<module name>.param"``
-and ``"<block name>.block_method"``). Format 2 added the blocks; format-1 plans (no blocks) still load.
+On disk (`save` / `load`): ``plan.json`` (schema version (`ditfa_optimum.schema`), method vocabularies, module and
+block specs, metadata: names and numbers, never tensor values) and ``plan.safetensors`` (keys
+``"<module name>.method"``, ``"<module name>.param"`` and ``"<block name>.block_method"``). Plans written before the
+blocks and skipped steps existed still load.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from . import schema
 from .masks import DEFAULT_BLOCK_SIZE, TokenLayout
 from .methods import (
     AttentionMethod,
@@ -38,7 +40,6 @@ from .methods import (
     method_names,
 )
 
-PLAN_FORMAT_VERSION = 3
 PLAN_JSON = "plan.json"
 PLAN_TENSORS = "plan.safetensors"
 
@@ -329,6 +330,15 @@ class CompressionPlan:
             self.block_methods[block][step] = old
             raise
 
+    def remap_steps(self, num_steps: int) -> "CompressionPlan":
+        """This plan for ``num_steps`` denoising steps: each step takes the choices of the searched step at the same
+        normalised position, and computes where that would read memory the new schedule never made
+        (`ditfa_optimum.remap`). The result was not searched for these steps: expect its images to differ more from
+        dense than the search predicted (docs/runtime.md, "Another step count")."""
+        from .remap import remap_steps
+
+        return remap_steps(self, num_steps)
+
     def set_skipped_steps(self, steps: Iterable[int]) -> None:
         """Skip these whole steps (`step_taylor`; re-validates the schedule, rolls back and raises if a rule breaks,
         e.g. a `cache` head right after a skipped step)."""
@@ -390,8 +400,10 @@ class CompressionPlan:
         if set(self.methods) != set(names) or set(self.params) != set(names):
             raise ValueError(f"plan tensors cover modules {sorted(self.methods)} / {sorted(self.params)}, "
                              f"but the plan lists {names}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or \
+                not 1 <= self.block_size <= 1 << 20:
+            raise ValueError(f"block_size must be an int in [1, 2^20] (tokens per arrow-mask block), got "
+                             f"{str(self.block_size)[:40]}")
         steps = None
         for spec in self.modules:
             m, p = self.methods[spec.name], self.params[spec.name]
@@ -630,7 +642,7 @@ class CompressionPlan:
             cfg: whether CFG is batched (`cfg_share` heads then cost half).
         """
         if not self.blocks:
-            raise ValueError("this plan records no blocks (a format-1 plan, or one made without block specs), so its "
+            raise ValueError("this plan records no blocks (an old plan, or one made without block specs), so its "
                              "whole-transformer FLOPs are unknown; make it with "
                              "blocks=adapter.block_specs(transformer) (ditfa_optimum.uniform_plan does), or use "
                              "plan.flops() for attention alone")
@@ -661,7 +673,7 @@ class CompressionPlan:
                 m = self.method(module, step, head)
                 if isinstance(m, Full):
                     last_full = step
-                elif m.needs_residual and last_full not in recorded:
+                elif m.needs_residual and last_full is not None and last_full not in recorded:
                     recorded.add(last_full)
                     yield last_full, head, m.param
 
@@ -681,8 +693,7 @@ class CompressionPlan:
 
     # ---------------------------------------------------------------- serialization
     def to_json_dict(self) -> dict:
-        return {
-            "format_version": PLAN_FORMAT_VERSION,
+        return schema.stamp({
             "model_class": self.model_class,
             "block_size": self.block_size,
             "num_steps": self.num_steps,
@@ -692,7 +703,7 @@ class CompressionPlan:
             "blocks": [{**asdict(b), "attention": list(b.attention), "mlps": list(b.mlps)} for b in self.blocks],
             "skipped_steps": list(self.skipped_steps),
             "metadata": self.metadata,
-        }
+        })
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -715,10 +726,7 @@ class CompressionPlan:
 
     @classmethod
     def from_json_and_tensors(cls, info: dict, tensors: dict[str, torch.Tensor]) -> "CompressionPlan":
-        version = info.get("format_version")
-        if not isinstance(version, int) or version > PLAN_FORMAT_VERSION or version < 1:
-            raise ValueError(f"plan format version {version!r} is not supported by this ditfa_optimum (reads 1.."
-                             f"{PLAN_FORMAT_VERSION}); upgrade ditfa_optimum")
+        info = schema.read("plan", info, "plan.json")
         modules = [ModuleSpec(**m) for m in info["modules"]]
         # map the file's vocabulary onto this package's ids, so ids may be renumbered between versions
         vocab = info["method_vocabulary"]
@@ -734,13 +742,13 @@ class CompressionPlan:
                 raise ValueError(f"module {spec.name!r}: method ids {unknown} are not in the plan's vocabulary {vocab}")
             methods[spec.name] = ids.clone().apply_(remap.__getitem__)
             params[spec.name] = tensors[f"{spec.name}.param"]
-        blocks, block_methods = _blocks_from_json(info, tensors) if version >= 2 else ([], {})
+        blocks, block_methods = _blocks_from_json(info, tensors)
         expected = {k for s in modules for k in (f"{s.name}.method", f"{s.name}.param")}
         expected |= {f"{b.name}.block_method" for b in blocks}
         extra = set(tensors) - expected
         if extra:
             raise ValueError(f"plan tensors hold keys no module or block of the plan names: {sorted(extra)[:5]}")
-        skipped = info.get("skipped_steps", []) if version >= 3 else []
+        skipped = info.get("skipped_steps", [])
         if not isinstance(skipped, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in skipped):
             raise ValueError(f"plan.json 'skipped_steps' must be a list of step indices, got {skipped!r}")
         plan = cls(modules, methods, params, block_size=int(info["block_size"]), model_class=info.get("model_class"),
@@ -888,7 +896,7 @@ class PlanReport:
 
 
 def _blocks_from_json(info: dict, tensors: dict[str, torch.Tensor]) -> tuple[list[BlockSpec], dict[str, torch.Tensor]]:
-    """The blocks and block-method tensors of a format-2 plan, ids mapped through the file's vocabulary."""
+    """The blocks and block-method tensors of a plan, ids mapped through the file's vocabulary."""
     blocks = []
     for entry in info.get("blocks") or []:
         try:

@@ -46,9 +46,9 @@ from pathlib import Path
 
 import torch
 
+from . import schema
 from .plan import ModuleSpec
 
-SENSITIVITY_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -143,15 +143,11 @@ class Sensitivity:
 
     def info(self) -> dict:
         info = {k: v for k, v in asdict(self).items() if k not in ("gain", "block_gain", "modules", "output_gain")}
-        info["format_version"] = SENSITIVITY_FORMAT_VERSION
-        return info
+        return schema.stamp(info)
 
     @classmethod
     def from_parts(cls, modules: list[ModuleSpec], info: dict, tensors: dict[str, torch.Tensor]) -> "Sensitivity":
-        info = dict(info)
-        if info.pop("format_version", None) != SENSITIVITY_FORMAT_VERSION:
-            raise ValueError(f"unsupported sensitivity format; this ditfa_optimum reads version "
-                             f"{SENSITIVITY_FORMAT_VERSION}")
+        info = schema.read("sensitivity", info, "sensitivity.json")
         gain = {k[:-len(".gain")]: t for k, t in tensors.items() if k.endswith(".gain")}
         block = {k[:-len(".block_gain")]: t for k, t in tensors.items() if k.endswith(".block_gain")}
         missing = [s.name for s in modules if s.name not in gain]

@@ -1,8 +1,8 @@
 """The ditfa artifact: a directory (or Hub repo) holding a compressed transformer, its plan and how it was made.
 
-    ditfa_config.json          format version, package version, base model, transformer class + fingerprint, plan
-                               structure, search config, calibration summary, FLOP cut, reproducibility record,
-                               sha256 of every other file
+    ditfa_config.json          schema version, package version, base model, transformer class + fingerprint, plan
+                               (structure, and the search's config and results in its metadata), reproducibility
+                               record, sha256 of every other file
     plan.safetensors           "<module>.method" (int16) / "<module>.param" (float64), [steps, heads]
     scales.safetensors         quantization scales (reserved: empty until quantized methods exist)
     reproducibility.safetensors  downsampled reference latents of a few generations ("image_<i>")
@@ -39,21 +39,20 @@ except ImportError:  # pragma: no cover - Windows
 
 import torch
 
-from . import __version__
+from . import __version__, schema
 from .adapters import adapter_names, get_adapter
 from .embedded import EMBEDDED_MODELS  # artifacts record these names as base models: no download
 from .plan import CompressionPlan
 
 logger = logging.getLogger(__name__)
 
-ARTIFACT_FORMAT_VERSION = 1
 CONFIG_NAME = "ditfa_config.json"
 PLAN_FILE = "plan.safetensors"
 SCALES_FILE = "scales.safetensors"
 REPRO_FILE = "reproducibility.safetensors"
 TRANSFORMER_DIR = "transformer"
 CARD_FILE = "README.md"
-REQUIRED_KEYS = ("format_version", "package_version", "base_model", "transformer", "plan", "files")
+REQUIRED_KEYS = ("package_version", "base_model", "transformer", "plan", "files")
 #: files whose checksum mismatch only warns: the model card is documentation, and Hub users edit it
 SOFT_CHECKSUM_FILES = (CARD_FILE,)
 
@@ -105,8 +104,7 @@ def sha256(path: Path) -> str:
 
 # ==================================================================================================== writing
 def write_artifact(directory: str | os.PathLike, *, transformer: torch.nn.Module, plan: CompressionPlan,
-                   base_model: dict, search_config: dict | None = None, calibration: dict | None = None,
-                   prompt_encoder: dict | None = None, reproducibility: tuple[dict, dict] | None = None,
+                   base_model: dict, prompt_encoder: dict | None = None, reproducibility: tuple[dict, dict] | None = None,
                    overwrite: bool = False) -> Path:
     """Write an artifact directory; never lose an artifact, never delete anything else.
 
@@ -137,8 +135,7 @@ def write_artifact(directory: str | os.PathLike, *, transformer: torch.nn.Module
         tmp = _sibling(directory, f"{TMP_TAG}-{os.getpid()}")
         try:
             tmp.mkdir()
-            _write_contents(tmp, transformer, plan, base_model, search_config, calibration, prompt_encoder,
-                            reproducibility)
+            _write_contents(tmp, transformer, plan, base_model, prompt_encoder, reproducibility)
             _swap_in(tmp, directory, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -146,8 +143,8 @@ def write_artifact(directory: str | os.PathLike, *, transformer: torch.nn.Module
     return directory
 
 
-def _write_contents(tmp: Path, transformer, plan: CompressionPlan, base_model, search_config, calibration,
-                    prompt_encoder, reproducibility) -> None:
+def _write_contents(tmp: Path, transformer, plan: CompressionPlan, base_model, prompt_encoder,
+                    reproducibility) -> None:
     from safetensors.torch import save_file
 
     save_file(plan.state_dict(), tmp / PLAN_FILE, metadata={"format": "pt"})
@@ -158,20 +155,14 @@ def _write_contents(tmp: Path, transformer, plan: CompressionPlan, base_model, s
         repro_info, repro_tensors = reproducibility
         save_file({k: v.contiguous().cpu() for k, v in repro_tensors.items()}, tmp / REPRO_FILE,
                   metadata={"format": "pt"})
-    search = plan.metadata.get("search", {})
-    flops = plan.flops(search.get("image_tokens", 4096), search.get("text_tokens", 333), search.get("cfg", False))
-    config = {
-        "format_version": ARTIFACT_FORMAT_VERSION,
+    config = schema.stamp({
         "package_version": __version__,
         "base_model": base_model,
         "transformer": {"class_name": type(transformer).__name__, "fingerprint": fingerprint(transformer)},
         "plan": plan.to_json_dict(),
-        "search_config": search_config,
-        "calibration": calibration,
-        "attention_flop_cut": flops.cut,
         "prompt_encoder": prompt_encoder,
         "reproducibility": repro_info,
-    }
+    })
     (tmp / CARD_FILE).write_text(model_card(config, plan))
     config["files"] = {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -240,7 +231,7 @@ def check_target(directory: str | os.PathLike, overwrite: bool, hint: str = "pas
                                         "complete)")
             elif any(directory.iterdir()):
                 raise ArtifactError(f"{directory} is not empty and is not a ditfa artifact (no {CONFIG_NAME} with a "
-                                    "format_version), so nothing is written there, overwrite or not: choose a new or "
+                                    "schema_version), so nothing is written there, overwrite or not: choose a new or "
                                     "empty directory")
         parent = directory.absolute().parent
         while not parent.exists() and parent != parent.parent:
@@ -258,7 +249,7 @@ def check_target(directory: str | os.PathLike, overwrite: bool, hint: str = "pas
 
 def is_artifact(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds a ditfa artifact: a regular ``ditfa_config.json`` with a JSON object holding
-    ``format_version`` and ``files`` (the marker `check_target` relies on; the contents are not validated here)."""
+    ``schema_version`` (``format_version`` before schema 2) and ``files`` (the marker `check_target` relies on; the contents are not validated here)."""
     config = Path(directory) / CONFIG_NAME
     try:
         if config.is_symlink() or not config.is_file():
@@ -266,7 +257,7 @@ def is_artifact(directory: str | os.PathLike) -> bool:
         data = json.loads(config.read_bytes())
     except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(data, dict) and "format_version" in data and "files" in data
+    return isinstance(data, dict) and (schema.KEY in data or "format_version" in data) and "files" in data
 
 
 def check_plan_target(directory: str | os.PathLike, overwrite: bool, hint: str = "pass overwrite=True") -> Path:
@@ -445,20 +436,51 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def search_summary(plan: CompressionPlan) -> dict:
+    """What the search that made ``plan`` recorded in its metadata, as the artifact shows it (empty for a plan made
+    without a search): its ``config`` (`DiTFastAttnConfig.to_dict`), ``attention_flop_cut`` at the searched token
+    counts, ``whole_cut``, ``num_prompts``, ``calibration_seconds``, ``search_seconds`` and ``predicted_mean_rse``."""
+    search = plan.metadata.get("search")
+    if not isinstance(search, dict):
+        return {}
+    def number(value):  # read back from a file: anything else is left out
+        ok = (isinstance(value, float) and math.isfinite(value)  # math.isfinite(10**400) raises OverflowError
+              or isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 1 << 53)
+        return value if ok else None
+
+    out = {k: number(search.get(k)) for k in ("whole_cut", "num_prompts", "calibration_seconds", "search_seconds")}
+    out["config"] = search.get("config") if isinstance(search.get("config"), dict) else None
+    tokens = search.get("image_tokens"), search.get("text_tokens")
+    if all(isinstance(t, int) and not isinstance(t, bool) and 0 < t <= 1 << 20 for t in tokens):
+        out["attention_flop_cut"] = plan.flops(*tokens, cfg=search.get("cfg") is True).cut
+    predicted = search.get("predicted_rse")
+    values = [v for rows in predicted.values() if isinstance(rows, list) for v in rows] \
+        if isinstance(predicted, dict) else []
+    numbers = [v for v in values if number(v) is not None]
+    out["predicted_mean_rse"] = sum(numbers) / len(numbers) if numbers else None
+    return out
+
+
 def model_card(config: dict, plan: CompressionPlan) -> str:
     base = config["base_model"].get("id") or "an unnamed pipeline"
-    search = config.get("search_config") or {}
-    calibration = config.get("calibration") or {}
+    summary = search_summary(plan)
+    search = summary.get("config") or {}
     counts = plan.method_counts()
     total = sum(counts.values())
     shares = ", ".join(f"`{k}` {v / total:.1%}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
     quality = ""
-    if calibration.get("predicted_mean_rse") is not None:
+    if summary.get("predicted_mean_rse") is not None:
         quality = (f"- Predicted mean local attention error (RSE against full attention, averaged over layers, steps "
-                   f"and heads): {calibration['predicted_mean_rse']:.4f} (budget per layer and step: "
-                   f"{search.get('threshold')}).\n")
+                   f"and heads): {summary['predicted_mean_rse']:.4f}.\n")
     skipped = (f"- Denoising steps where the transformer does not run (its output extrapolated from the last two "
                f"steps where it ran, `step_taylor`): {plan.skipped_steps}.\n") if plan.skipped_steps else ""
+    cut, whole = summary.get("attention_flop_cut"), summary.get("whole_cut")
+    saving = "" if cut is None else (
+        f"- Attention FLOPs cut: **{cut:.1%}** at {search.get('height')}x{search.get('width')}, {plan.num_steps} steps"
+        + (f"; whole-transformer FLOPs skipped: **{whole:.1%}**" if isinstance(whole, float) else "") + ".\n")
+    calibration = "" if not search else (
+        f"- Calibration: {summary.get('num_prompts') or '?'} prompts, {summary.get('calibration_seconds') or 0:.1f} s; "
+        f"search {summary.get('search_seconds') or 0:.2f} s ({search.get('allocation')} allocation).\n")
     hub_base = config["base_model"].get("id") if not config["base_model"].get("embedded") else None
     base_line = f"base_model: {hub_base}\n" if hub_base and hub_base.count("/") == 1 and not Path(hub_base).exists() \
         else ""
@@ -479,11 +501,8 @@ sharing across the CFG halves.
 
 ## What it saves
 
-- Attention FLOPs cut: **{config["attention_flop_cut"]:.1%}** at {search.get("height")}x{search.get("width")},
-  {plan.num_steps} steps.
-{skipped}- Heads per method over all (module, step, head) entries: {shares}.
-{quality}- Calibration: {calibration.get("num_prompts", "?")} prompts, {calibration.get("seconds", 0):.1f} s;
-  search {calibration.get("search_seconds", 0):.2f} s; threshold {search.get("threshold")}.
+{saving}{skipped}- Heads per method over all (module, step, head) entries: {shares}.
+{quality}{calibration}
 
 ## How to use it
 
@@ -499,7 +518,7 @@ The plan covers exactly {plan.num_steps} denoising steps. Check it on your machi
 
 ## Files
 
-`ditfa_config.json` (format version {config["format_version"]}, checksums of every file), `plan.safetensors`,
+`ditfa_config.json` (schema version {config[schema.KEY]}, checksums of every file), `plan.safetensors`,
 `scales.safetensors`, `reproducibility.safetensors`, `transformer/`. No pickle; loading executes no code from here.
 """
 
@@ -514,6 +533,17 @@ class Artifact:
     plan: CompressionPlan
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # checksum mismatches when loaded with strict=False
+    schema_version: int = schema.SCHEMA_VERSION  # the file's (``config`` is upgraded to the current one)
+
+    @property
+    def search_config(self) -> dict | None:
+        """The `DiTFastAttnConfig.to_dict` of the search that made the plan (None for a plan made without one)."""
+        return search_summary(self.plan).get("config")
+
+    @property
+    def attention_flop_cut(self) -> float | None:
+        """The plan's attention-FLOP cut at the searched token counts (None for a plan made without a search)."""
+        return search_summary(self.plan).get("attention_flop_cut")
 
     @property
     def transformer_class(self):
@@ -533,11 +563,14 @@ class Artifact:
         unexpected or misshapen one is refused by name (never left uninitialised)."""
         kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         weights, name = self.path / TRANSFORMER_DIR, self.config["transformer"]["class_name"]
+        self._check_transformer_config()  # diffusers builds the model from it: compare before building
         try:
             transformer, info = self.transformer_class.from_pretrained(
                 weights, use_safetensors=True, low_cpu_mem_usage=False, output_loading_info=True, **kwargs)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ArtifactError(f"{weights} does not load as a {name}: {e}") from None
+        except (OSError, ValueError, RuntimeError, TypeError, AttributeError, KeyError, IndexError, OverflowError,
+                ZeroDivisionError) as e:  # a config value of the wrong type fails anywhere inside diffusers or torch
+            raise ArtifactError(f"{weights} does not load as a {name}: {_short(e, 300)} ({type(e).__name__})") \
+                from None
         kinds = {"missing": "missing_keys", "unexpected": "unexpected_keys", "misshapen": "mismatched_keys"}
         wrong = {what: sorted(k if isinstance(k, str) else k[0] for k in info[key])  # mismatched: (name, shapes)
                  for what, key in kinds.items() if info.get(key)}
@@ -546,6 +579,12 @@ class Artifact:
                                for what, keys in wrong.items())
             raise ArtifactError(f"{weights}: the weights do not fit a {name} ({detail}); the file was edited or "
                                 "belongs to another model: download or save the artifact again")
+        keep = tuple(getattr(transformer, "_keep_in_fp32_modules", None) or ())
+        dtypes = sorted({str(p.dtype) for n, p in transformer.named_parameters()
+                         if p.is_floating_point() and not any(k in n for k in keep)})
+        if torch_dtype is None and len(dtypes) > 1:  # a forward pass would fail on the first mixed matmul
+            raise ArtifactError(f"{weights}: the weights mix dtypes ({', '.join(dtypes)}); the file was edited: "
+                                "download or save the artifact again (or pass torch_dtype=)")
         if torch_dtype is not None:  # diffusers 0.42 without low_cpu_mem_usage keeps the file's dtype
             transformer = transformer.to(torch_dtype)
         check_fingerprint(transformer, self.config["transformer"]["fingerprint"],
@@ -553,6 +592,27 @@ class Artifact:
         self.plan.validate(get_adapter(transformer).module_specs(transformer),
                            model_class=self.config["transformer"]["class_name"])
         return transformer.eval()
+
+    def _check_transformer_config(self) -> None:
+        """``transformer/config.json`` must hold the structure ``ditfa_config.json`` records (its fingerprint):
+        diffusers builds the model from it, so a layer count of 2**63 would allocate without bound and a string where
+        a size goes would fail inside torch. Checked before anything is built."""
+        file = self.path / TRANSFORMER_DIR / "config.json"
+        try:
+            config = json.loads(file.read_bytes())
+        except (OSError, ValueError, RecursionError) as e:
+            raise ArtifactError(f"{file} is not readable JSON ({_short(e, 200)}); download or save the artifact "
+                                "again") from None
+        recorded = self.config["transformer"]["fingerprint"].get("config")
+        if not isinstance(config, dict) or not isinstance(recorded, dict):
+            raise ArtifactError(f"{file} or the recorded fingerprint config is not a JSON object; download or save "
+                                "the artifact again")
+        ours = structural_config(config)
+        keys = sorted(k for k in set(ours) | set(recorded) if ours.get(k) != recorded.get(k))
+        if keys:
+            raise ArtifactError(f"{file} does not match the structure {CONFIG_NAME} records (" + ", ".join(
+                f"{_short(k, 40)}: recorded {_short(recorded.get(k), 40)} vs {_short(ours.get(k), 40)}"
+                for k in keys[:5]) + "); the file was edited: download or save the artifact again")
 
     def prompt_encoder(self, pipeline):
         """The stand-in prompt encoder recorded for pipelines without text encoders (None when not needed)."""
@@ -574,7 +634,8 @@ def check_fingerprint(transformer: torch.nn.Module, recorded: dict, what: str) -
         detail = ", ".join(f"{k}: recorded {recorded.get(k)!r} vs {actual.get(k)!r}" for k in diff
                            if k != "config")
         if "config" in diff:
-            a, r = actual.get("config", {}), recorded.get("config", {})
+            a, r = actual.get("config", {}), recorded.get("config")
+            r = r if isinstance(r, dict) else {}  # read from a file: check_fields checks the type first
             keys = sorted(k for k in set(a) | set(r) if a.get(k) != r.get(k))
             detail = (detail + "; " if detail else "") + ", ".join(
                 f"config.{k}: recorded {r.get(k)!r} vs {a.get(k)!r}" for k in keys[:5])
@@ -640,7 +701,8 @@ def read_artifact(path_or_repo: str | os.PathLike, *, strict: bool = True, revis
                             "save the artifact again") from None
     if not isinstance(config, dict):
         raise ArtifactError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
-    config = upgrade(config, config_path)
+    written = config.get(schema.KEY, 1)  # 1: the per-document counters of schema 1 (validated by schema.read)
+    config = schema.read("artifact", config, str(config_path), ArtifactError)
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise ArtifactError(f"{config_path} lacks {missing}; the file is incomplete or edited by hand")
@@ -680,7 +742,7 @@ def read_artifact(path_or_repo: str | os.PathLike, *, strict: bool = True, revis
     if plan.model_class and plan.model_class != config["transformer"]["class_name"]:
         raise ArtifactError(f"{config_path}: the plan is for a {_short(plan.model_class)} but the transformer is a "
                             f"{config['transformer']['class_name']}")
-    return Artifact(path, config, plan, scales, problems)
+    return Artifact(path, config, plan, scales, problems, schema_version=written)
 
 
 _REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
@@ -696,8 +758,7 @@ def _short(value, limit: int = 80) -> str:
 
 #: JSON types each top-level entry may hold (NoneType: null); checked before anything reads them
 FIELD_TYPES = {"package_version": (str,), "base_model": (dict, type(None)), "transformer": (dict,), "plan": (dict,),
-               "files": (dict,), "search_config": (dict, type(None)), "calibration": (dict, type(None)),
-               "attention_flop_cut": (int, float), "prompt_encoder": (dict, type(None)),
+               "files": (dict,), "prompt_encoder": (dict, type(None)),
                "reproducibility": (dict, type(None))}
 
 
@@ -718,6 +779,8 @@ def check_fields(config: dict, where: Path) -> None:
                             f"({adapter_names()}); the artifact is from a newer version or not a ditfa artifact")
     if not isinstance(transformer.get("fingerprint"), dict):
         refuse("transformer.fingerprint", transformer.get("fingerprint"), "an object")
+    if not isinstance(transformer["fingerprint"].get("config"), dict):
+        refuse("transformer.fingerprint.config", transformer["fingerprint"].get("config"), "an object")
     for key in ("id", "revision"):
         value = (config["base_model"] or {}).get(key)
         if not isinstance(value, (str, type(None))):
@@ -731,8 +794,8 @@ def check_fields(config: dict, where: Path) -> None:
             refuse("prompt_encoder.name", encoder.get("name"), "a string")
         if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 < tokens <= 1 << 16:
             refuse("prompt_encoder.text_tokens", tokens, "an integer in [1, 65536]")
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-            refuse("prompt_encoder.scale", scale, "a finite number")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not -1e6 <= scale <= 1e6:  # NaN too
+            refuse("prompt_encoder.scale", scale, "a number in [-1e6, 1e6]")
 
 
 #: what diffusers reads as the transformer's weights: one file, or an index and its shards
@@ -805,24 +868,3 @@ def _hf_cache_blobs(snapshot: Path) -> Path | None:
     if repo is None or snapshot.parent.name != "snapshots" or not (repo / "blobs").is_dir():
         return None
     return repo / "blobs"
-
-
-#: upgrade functions: version N -> N + 1, applied in order. Version 1 is the first; a future version 2 adds
-#: ``_UPGRADES[1] = _v1_to_v2`` and a stored v1 fixture test.
-_UPGRADES: dict[int, callable] = {}
-
-
-def upgrade(config: dict, where: Path) -> dict:
-    version = config.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ArtifactError(f"{where}: format_version must be an integer, got {_short(version)}")
-    if version > ARTIFACT_FORMAT_VERSION:
-        raise ArtifactError(f"{where}: artifact format version {version} is newer than this ditfa_optimum "
-                            f"{__version__} reads (up to {ARTIFACT_FORMAT_VERSION}); upgrade ditfa-optimum")
-    while version < ARTIFACT_FORMAT_VERSION:
-        if version not in _UPGRADES:
-            raise ArtifactError(f"{where}: artifact format version {version} is unknown (this ditfa_optimum reads "
-                                f"versions {sorted(_UPGRADES) + [ARTIFACT_FORMAT_VERSION]})")
-        config = _UPGRADES[version](dict(config))
-        version = config["format_version"]
-    return config

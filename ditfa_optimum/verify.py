@@ -95,6 +95,10 @@ def check_record(record: dict, where) -> None:
         refuse("dtype", record.get("dtype"), f"one of {list(RECORD_DTYPES)}")
     if record.get("device") not in ("cpu", "cuda"):
         refuse("device", record.get("device"), "'cpu' or 'cuda'")
+    for key in ("backend", "torch_version"):  # compared with this machine's to choose exact or tolerance mode
+        if not isinstance(record.get(key), str):
+            refuse(key, record.get(key), "a string")
+    integer("num_threads", 1, 1 << 16)
     integer("num_inference_steps", 1, 1000)
     integer("height", 8, 8192)
     integer("width", 8, 8192)
@@ -163,12 +167,16 @@ def verify_artifact(artifact, *, device: str | None = None, backend: str | None 
     Example (in a user's pytest suite):
         >>> assert verify_artifact("my-sd3-artifact", device="cuda").ok      # doctest: +SKIP
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from .loading import load_pipeline
     from .runtime import get_backend
-    from .serialization import REPRO_FILE, read_artifact
+    from .serialization import CONFIG_NAME, REPRO_FILE, ArtifactError, read_artifact
 
+    if not isinstance(psnr_floor, (int, float)) or isinstance(psnr_floor, bool) or not psnr_floor >= 0:
+        raise ValueError(f"psnr_floor must be a number of dB >= 0 (default {DEFAULT_PSNR_FLOOR}; inf demands identical "
+                         f"latents in tolerance mode too), got {psnr_floor!r}")
     art = read_artifact(artifact, strict=False)
     record = art.config.get("reproducibility")
     if not record or not (art.path / REPRO_FILE).is_file():
@@ -177,7 +185,11 @@ def verify_artifact(artifact, *, device: str | None = None, backend: str | None 
                                "save_pretrained(..., reproducibility_prompts=2) (the default)")
         return report
     check_record(record, art.path)
-    references = load_file(art.path / REPRO_FILE)
+    try:
+        references = load_file(art.path / REPRO_FILE)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # damaged, and its checksum recorded again
+        raise ArtifactError(f"{art.path / REPRO_FILE} is not a readable safetensors file ({str(e)[:200]}); save the "
+                            "artifact again") from None
     device = device or ("cuda" if record["device"] == "cuda" and torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, record["dtype"])
     pipeline = load_pipeline(art, base_model, torch_dtype=dtype, device=device, backend=backend or "auto")
@@ -188,16 +200,23 @@ def verify_artifact(artifact, *, device: str | None = None, backend: str | None 
     mode = ("exact: same device, backend, dtype, torch and threads" if same else
             "tolerance: " + ", ".join(f"{k} {record[k]} -> {here[k]}" for k in changed))
     report = VerifyReport(str(art.path), mode, problems=list(art.problems))
-    images = _generate(pipeline, record["prompts"], record["seeds"], record["num_inference_steps"], record["height"],
-                       record["width"], record["guidance_scale"], art.prompt_encoder(pipeline))
-    for entry, image in zip(record["images"], images):
+    try:
+        images = _generate(pipeline, record["prompts"], record["seeds"], record["num_inference_steps"],
+                           record["height"], record["width"], record.get("guidance_scale"),
+                           art.prompt_encoder(pipeline))
+    except ValueError as e:  # the pipeline refuses the recorded settings (a size it cannot take, ...)
+        raise ArtifactError(f"{art.path / CONFIG_NAME}: the reproducibility record's settings (steps "
+                            f"{record['num_inference_steps']}, {record['height']}x{record['width']}, guidance "
+                            f"{record.get('guidance_scale')}) do not run on this model: {str(e)[:300]}; the record is "
+                            "damaged or edited: save the artifact again") from None
+    for entry, image, prompt, seed in zip(record["images"], images, record["prompts"], record["seeds"]):
         ref = references.get(entry["key"])
-        if ref is None or ref.shape != image.shape:
+        if ref is None or ref.shape != image.shape or ref.dtype != image.dtype:
             report.rows.append(VerifyRow(entry["key"], "shape", 0.0, 0.0, False,
-                                         f"reference {None if ref is None else tuple(ref.shape)} vs "
-                                         f"{tuple(image.shape)}"))
+                                         f"reference {None if ref is None else (tuple(ref.shape), ref.dtype)} vs "
+                                         f"{(tuple(image.shape), image.dtype)}"))
             continue
-        detail = f"prompt {entry['prompt'][:40]!r}, seed {entry['seed']}"
+        detail = f"prompt {prompt[:40]!r}, seed {seed}"  # the checked lists, not the entry's own copies
         if same:
             equal = torch.equal(ref, image)
             report.rows.append(VerifyRow(entry["key"], "exact", float((ref - image).abs().max()), 0.0, equal, detail))

@@ -13,6 +13,22 @@ else:  # many small shapes: compile one configuration each instead of autotuning
 from ditfa_optimum.masks import TokenLayout
 
 
+#: where device-dependent tests run: the CPU always, and CUDA too on a machine that has it (as optimum-quanto's tests
+#: do), so one suite checks both: ``pytest`` on a GPU machine runs every such test on both devices
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+def backends_on(device: torch.device) -> list[str]:
+    """The attention backends that run on ``device``, the fused Triton kernel included where it compiles (CUDA; on the
+    CPU its interpreter is tested by tests/kernels)."""
+    return ["reference", "blocked", "flex"] + (["triton"] if device.type == "cuda" else [])
+
+
 def pytest_configure(config):
     logging.getLogger("diffusers").setLevel(logging.ERROR)
 
@@ -77,5 +93,5 @@ def naive_attention(q, k, v, keep=None):
     return torch.softmax(scores, dim=-1) @ v
 
 
-def rand_qkv(B, H, S, D, dtype=torch.float32):
-    return [torch.randn(B, H, S, D, dtype=dtype) for _ in range(3)]
+def rand_qkv(B, H, S, D, dtype=torch.float32, device=None):
+    return [torch.randn(B, H, S, D, dtype=dtype, device=device) for _ in range(3)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ditfa_optimum import DiTFastAttnConfig, DiTFastAttnOptimizer, apply, remove
+from ditfa_optimum import DiTFastAttnConfig, DiTFastAttnOptimizer, apply, get_runtime, remove
 from ditfa_optimum.calibrate import run_pipeline
 from ditfa_optimum.loading import load_pipeline
 from ditfa_optimum.serialization import ArtifactError, read_artifact, sha256
@@ -80,10 +80,12 @@ def test_config_matches_the_json_schema(saved):
     assert set(config["files"]) >= {"plan.safetensors", "scales.safetensors", "reproducibility.safetensors",
                                     "README.md", "transformer/config.json",
                                     "transformer/diffusion_pytorch_model.safetensors"}
-    assert 0 < config["attention_flop_cut"] < 1
+    cut = read_artifact(path).attention_flop_cut
+    assert 0 < cut < 1 and cut == opt.plan.metadata["search"]["flop_cut"]
+    assert config["plan"]["metadata"]["search"]["config"] == opt.plan.metadata["search"]["config"]
     assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pkl"))  # never pickle
     card = (path / "README.md").read_text()
-    assert "load_pipeline" in card and f"{config['attention_flop_cut']:.1%}" in card
+    assert "load_pipeline" in card and f"{cut:.1%}" in card
 
 
 def test_save_never_loses_an_artifact(saved, tmp_path, monkeypatch):
@@ -150,12 +152,54 @@ def test_edited_model_card_only_warns(copy, caplog):
     assert "README.md" in caplog.text
 
 
-@pytest.mark.parametrize("version, words", [(99, "format version 99 is newer"), (0, "format version 0 is unknown"),
-                                            ("1", "format_version must be an integer")])
-def test_format_versions(copy, version, words):
-    _rewrite_config(copy, lambda c: c.__setitem__("format_version", version))
+@pytest.mark.parametrize("key, version, words", [
+    ("schema_version", 99, "schema_version 99 is newer than this ditfa_optimum reads .*upgrade ditfa-optimum"),
+    ("schema_version", 0, "schema_version must be a positive integer, got 0"),
+    ("schema_version", "2", "schema_version must be a positive integer, got '2'"),
+    ("format_version", 2, r"format_version 2 is not a version any ditfa-optimum wrote \(artifact documents of schema "
+                          r"version 1 have \(1,\)\)"),
+])
+def test_schema_versions(copy, key, version, words):
+    def change(config):
+        config.pop("schema_version")
+        config[key] = version
+
+    _rewrite_config(copy, change)
     with pytest.raises(ArtifactError, match=words):
         read_artifact(copy)
+
+
+def as_schema_1(config: dict) -> dict:
+    """``ditfa_config.json`` as ditfa-optimum wrote it before one schema version (artifact format 1, plan format 3,
+    config version 1): the search config, calibration summary and FLOP cut repeated at the top."""
+    plan = {k: v for k, v in config["plan"].items() if k != "schema_version"}
+    search = dict(plan["metadata"]["search"])
+    search_config = {k: v for k, v in search["config"].items() if k != "schema_version"}
+    search_config["version"] = 1
+    search["config"] = search_config
+    plan = {"format_version": 3, **plan, "metadata": {**plan["metadata"], "search": search}}
+    legacy = {k: v for k, v in config.items() if k != "schema_version"}
+    return {"format_version": 1, **legacy, "plan": plan, "search_config": search_config,
+            "calibration": {"num_prompts": search["num_prompts"], "seconds": 1.0, "predicted_mean_rse": 0.01},
+            "attention_flop_cut": search["flop_cut"]}
+
+
+def test_artifacts_of_schema_1_still_load(saved, copy):
+    family, opt, path = saved
+    def to_schema_1(config):
+        legacy = as_schema_1(config)
+        config.clear()
+        config.update(legacy)
+
+    _rewrite_config(copy, to_schema_1)
+    old, new = read_artifact(copy), read_artifact(path)
+    assert old.plan == new.plan and old.search_config["version"] == 1
+    assert (old.schema_version, new.schema_version) == (1, 2)
+    assert old.attention_flop_cut == new.attention_flop_cut
+    assert not {"search_config", "calibration", "attention_flop_cut", "format_version"} & set(old.config)
+    assert DiTFastAttnConfig.from_dict(old.search_config) == DiTFastAttnConfig.from_dict(new.search_config)
+    pipe = load_pipeline(copy)
+    assert get_runtime(pipe) is not None
 
 
 def test_unknown_transformer_class(copy):

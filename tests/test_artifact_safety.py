@@ -463,6 +463,7 @@ RECORD = {"prompts": ["a", "b"], "seeds": [0, 1], "num_inference_steps": 8, "hei
     ("dtype", "load"), ("dtype", 5), ("device", "meta"), ("num_inference_steps", 0), ("num_inference_steps", True),
     ("height", 10 ** 6), ("width", 1.5), ("guidance_scale", float("inf")), ("prompts", "ab"), ("prompts", []),
     ("seeds", [0]), ("seeds", [0, -1]), ("images", [{"key": "image_0"}]), ("images", [1, 2]),
+    ("backend", None), ("torch_version", 2), ("num_threads", 0), ("num_threads", "2"),  # compared by verify
 ])
 def test_verify_refuses_a_tampered_reproducibility_record(key, value):
     """verify trusts nothing in the record: `getattr(torch, "load")` as a dtype or a 10^6-pixel side is refused."""

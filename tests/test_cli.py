@@ -190,3 +190,159 @@ def test_bench_refuses_zero_repeats_before_loading_anything(capsys):
 
     assert main(["bench", "no-such-artifact", "--repeats", "0"]) != 0
     assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ bad input found by benchmarks/robustness.py
+NO_GPU = not __import__("torch").cuda.is_available()
+
+
+def _refused(argv, capsys, *words):
+    """Exit 1 with one ``ditfa-optimum: error:`` line naming ``words``, and no traceback."""
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("ditfa-optimum: error:") and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+BAD_INPUT = [
+    (["optimize", "--method", "arrow:1/0"], ["arrow:1/0", "1/8"]),  # was ZeroDivisionError
+    (["optimize", "tiny-sd3", "--device", "bogus"], ["device 'bogus' is not a torch device name"]),
+    (["optimize", "tiny-sd3", "--device", "meta"], ["'meta' holds no data"]),
+    (["optimize", "tiny-sd3", "--repro-prompts", "-1"], ["--repro-prompts must be >= 0", "got -1"]),
+    (["optimize", "tiny-sd3", "--steps", "2", "--size", "100000"], ["height 100000 px is larger than this model",
+                                                                      "at most 768 px"]),  # was minutes of allocation
+    (["generate", "no-such-artifact", "a cube", "--out", "x.unknown"], ["--out 'x.unknown'", ".png"]),
+    (["generate", "no-such-artifact", "a cube", "--out", "."], ["names no image format"]),
+    (["inspect", "no-such-artifact", "--png", "plan.unknown"], ["--png 'plan.unknown'"]),
+    (["verify", "no-such-artifact", "--psnr-floor", "nan"], ["psnr_floor must be a number of dB >= 0", "nan"]),
+    (["verify", "no-such-artifact", "--psnr-floor", "-1"], ["psnr_floor must be", "-1"]),
+    (["demo", "--steps", "0"], ["steps must be a positive int, got 0"]),  # was ZeroDivisionError
+    (["demo", "--latent-size", "-1"], ["latent_size must be 1 to 256", "-1"]),
+    (["demo", "--latent-size", "100000"], ["latent_size must be 1 to 256"]),  # was a 160 GB allocation
+    (["demo", "--latent-size", "200"], ["position table covers (96 latent tokens per side)"]),
+    (["demo", "--guidance", "nan"], ["guidance must be a finite number", "nan"]),
+    (["demo", "--method", "arrow:1/0"], ["'1/0'"]),
+]
+
+
+@pytest.mark.parametrize("argv, words", BAD_INPUT, ids=[" ".join(argv) for argv, _ in BAD_INPUT])
+def test_bad_input_is_refused_without_traceback(argv, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _refused([*argv, *(["--out", str(tmp_path / "o"), "--quiet"] if argv[0] == "optimize" else [])], capsys, *words)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not NO_GPU, reason="a CUDA device is there")
+def test_a_missing_cuda_device_is_named(capsys):
+    _refused(["optimize", "tiny-sd3", "--device", "cuda", "--quiet"], capsys, "device 'cuda' is not available")
+    _refused(["generate", "no-such-artifact", "a cube", "--device", "cuda"], capsys)  # no traceback either way
+
+
+def test_check_device():
+    import torch
+
+    from ditfa_optimum.loading import check_device
+
+    assert check_device(None) is None and check_device("cpu") == torch.device("cpu")
+    for bad in ("bogus", "", "meta", "cuda:99"):
+        with pytest.raises(ValueError, match="device"):
+            check_device(bad)
+
+
+def test_method_fraction_dividing_by_zero_is_a_value_error():
+    from ditfa_optimum.methods import make_method
+
+    with pytest.raises(ValueError, match=r"1/8, got '1/0'"):
+        make_method("arrow:1/0")
+
+
+def test_optimize_names_a_prompts_file_that_is_not_utf8(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"\xff\xfe\x00 not text")
+    _refused(["optimize", "--prompts", str(prompts), "--quiet", "--out", str(tmp_path / "o")], capsys,
+             "prompts.txt' is not UTF-8 text")
+
+
+def test_demo_out_must_be_a_directory_that_can_be_written(tmp_path, capsys):
+    demo = ["demo", "--steps", "2", "--latent-size", "4", "--block-size", "4"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("notes")
+    _refused([*demo, "--out", str(a_file)], capsys, "is a file, not a directory")
+    _refused([*demo, "--out", str(a_file / "plans")], capsys, "notes.txt is a file, not a directory")
+    assert a_file.read_text() == "notes"
+    if Path("/proc/self").is_dir():  # not even root can create a directory there
+        _refused([*demo, "--out", "/proc/ditfa-plans"], capsys, "cannot write the plan to /proc/ditfa-plans")
+
+
+@pytest.mark.parametrize("flag", [["--steps", "0"], ["--height", "0"], ["--width", "0"]])
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_generate_and_bench_refuse_zero_instead_of_using_the_artifacts_value(artifact, command, flag, tmp_path,
+                                                                             capsys):
+    argv = [command, str(artifact), *(["a cube", "--out", str(tmp_path / "x.png")] if command == "generate" else
+                                      ["--repeats", "1"]), *flag]
+    _refused(argv, capsys, "must be a positive int, got 0")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_image_paths(artifact, tmp_path, capsys):
+    nested = tmp_path / "new" / "dir" / "x.png"  # missing parents are created, as for optimize --out
+    assert main(["generate", str(artifact), "a cube", "--out", str(nested), "--quiet"]) == 0
+    assert nested.is_file()
+    capsys.readouterr()
+    _refused(["generate", str(artifact), "a cube", "--out", str(tmp_path), "--quiet"], capsys, "names no image format")
+    _refused(["generate", str(artifact), "a cube", "--out", str(tmp_path / "d.png"), "--height", "100000"], capsys,
+             "height 100000 px is larger than this model takes")
+    if Path("/proc/self").is_dir():  # a save that fails after the work (not even root creates files there)
+        from PIL import Image
+
+        from ditfa_optimum.cli import UserError, _save_image
+
+        with pytest.raises(UserError, match="cannot write --out /proc/ditfa/x.png"):
+            _save_image(Image.new("RGB", (4, 4)), Path("/proc/ditfa/x.png"), "--out")
+
+
+def _edited_record(artifact, tmp_path, change):
+    import json
+    import shutil
+
+    copy = Path(shutil.copytree(artifact, tmp_path / "edited"))
+    config = json.loads((copy / "ditfa_config.json").read_text())
+    change(copy, config)
+    (copy / "ditfa_config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_verify_refuses_records_that_do_not_run(artifact, tmp_path, capsys):
+    """A record edited to a size the pipeline refuses, or a reference file damaged and its checksum recorded again,
+    is refused by name (was: diffusers' ValueError, SafetensorError)."""
+    from ditfa_optimum.serialization import ArtifactError
+    from ditfa_optimum.verify import verify_artifact
+
+    odd = _edited_record(artifact, tmp_path / "a", lambda path, c: c["reproducibility"].update(width=63))
+    with pytest.raises(ArtifactError, match=r"record's settings .*64x63.* do not run on this model"):
+        verify_artifact(odd)
+
+    def damage(path, config):
+        (path / "reproducibility.safetensors").write_bytes(b"not safetensors")
+        config["files"]["reproducibility.safetensors"] = sha256(path / "reproducibility.safetensors")
+
+    with pytest.raises(ArtifactError, match="reproducibility.safetensors is not a readable safetensors file"):
+        verify_artifact(_edited_record(artifact, tmp_path / "b", damage))
+
+
+def test_verify_reads_only_checked_record_fields(artifact, tmp_path):
+    """Entries check_record does not require (an image's own prompt and seed, the guidance) may be missing."""
+    from ditfa_optimum.verify import verify_artifact
+
+    def strip(path, config):
+        record = config["reproducibility"]
+        for key in ("prompts", "seeds", "images"):  # one image is enough
+            record[key] = record[key][:1]
+        record.pop("guidance_scale")
+        for entry in record["images"]:
+            entry.pop("prompt"), entry.pop("seed")
+
+    report = verify_artifact(_edited_record(artifact, tmp_path, strip))
+    assert report.rows and "prompt" in report.rows[0].detail  # it ran (guidance None: the images differ)

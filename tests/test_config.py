@@ -38,7 +38,6 @@ def test_duplicate_candidates_collapse():
     (dict(num_inference_steps=4, full_steps=5), "full_steps"),
     (dict(cost_model="latency"), "cost_model must be one of"),
     (dict(batch_size=0), "batch_size"),
-    (dict(version=2), "version 2 is not supported"),
     (dict(budget_schedule="cosine"), "budget_schedule must be one of"),
     (dict(error_normalization="layer"), "error_normalization must be one of"),
     (dict(verify_plans=-1), "verify_plans must be an int >= 0"),

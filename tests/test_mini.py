@@ -1,6 +1,11 @@
-"""The trained miniature MMDiT shipped in the package: loading, generation, text encoder, training, optimizer use."""
+"""The trained miniature MMDiT shipped in the package: loading, generation, text encoder, training, optimizer use.
+
+Training and scene rendering live outside the package, in training/ (imported with the repository root on sys.path,
+as benchmarks/ is)."""
 
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +13,11 @@ import torch
 from ditfa_optimum import DiTFastAttnConfig, DiTFastAttnOptimizer, load_pipeline, remove
 from ditfa_optimum.calibrate import run_pipeline
 from ditfa_optimum.mini import ASSET_DIR, TRANSFORMER_CONFIG, MiniTextEncoder, mini_pipeline, new_pipeline
-from ditfa_optimum.mini.scenes import WORDS, evaluation_captions, faithfulness
+from ditfa_optimum.mini.grammar import WORDS, evaluation_captions
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.scenes import faithfulness  # noqa: E402
 
 CAPTIONS = ["a small red circle in the top left and a large blue square at the bottom",
             "a medium green triangle in the center"]
@@ -106,7 +115,7 @@ def test_text_encoder_tokenizes_and_round_trips(tmp_path, caplog):
 
 
 def test_training_is_deterministic_and_saves_a_loadable_pipeline(tmp_path):
-    from ditfa_optimum.mini.train import lr_at, save, train
+    from training.train_mini import lr_at, save, train
 
     kwargs = dict(steps=2, batch_size=2, device="cpu", log=lambda line: None)
     first, record = train(**kwargs)
@@ -167,7 +176,7 @@ def test_cli_optimizes_a_saved_miniature_model_at_its_own_resolution(pipe, tmp_p
     pipe.save_pretrained(tmp_path / "trained")
     assert main(["optimize", str(tmp_path / "trained"), "--steps", "2", "--num-prompts", "1", "--quiet",
                  "--repro-prompts", "0", "--out", str(tmp_path / "artifact")]) == 0
-    config = read_artifact(tmp_path / "artifact").config["search_config"]
+    config = read_artifact(tmp_path / "artifact").search_config
     assert (config["height"], config["block_size"], config["guidance_scale"]) == (64, 32, 4.0)
     opt = DiTFastAttnOptimizer.from_pretrained("mini-mmdit", torch_dtype=torch.float64)
     assert opt.pipeline.transformer.dtype == torch.float64 and opt.source == "mini-mmdit"
@@ -182,7 +191,7 @@ RENDER_64_SHA256 = "29fb068d7b89d1cea0ef1b7f2fc1e5b1d5876f9cfebffa9601c73799c472
 def test_scenes_at_64_px_are_unchanged():
     import hashlib
 
-    from ditfa_optimum.mini.scenes import render, sample_batch, sample_scenes
+    from training.scenes import render, sample_batch, sample_scenes
 
     scenes = sample_scenes(24, torch.Generator().manual_seed(0))
     images = render(scenes)
@@ -196,7 +205,7 @@ def test_scenes_at_64_px_are_unchanged():
 def test_scenes_at_128_px_are_the_same_scenes_drawn_finer_and_score_faithful():
     import torch.nn.functional as F
 
-    from ditfa_optimum.mini.scenes import caption, render, sample_batch, sample_scenes
+    from training.scenes import caption, render, sample_batch, sample_scenes
 
     scenes = sample_scenes(48, torch.Generator().manual_seed(1))
     captions = [caption(s) for s in scenes]
@@ -220,7 +229,7 @@ def test_scenes_at_128_px_are_the_same_scenes_drawn_finer_and_score_faithful():
 def test_fine_tuning_starts_from_the_shipped_weights_with_a_new_position_table(pipe):
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
-    from ditfa_optimum.mini.train import train
+    from training.train_mini import train
 
     start, record = train(init=ASSET_DIR, size=128, steps=0, batch_size=2, device="cpu", log=lambda line: None)
     config = start.transformer.config
@@ -249,7 +258,7 @@ def test_fine_tuning_starts_from_the_shipped_weights_with_a_new_position_table(p
 def test_fine_tuning_at_128_px_for_two_steps_saves_a_loadable_128_px_model(pipe, tmp_path):
     """The slowest test of the file: two 4096-token training steps (about 10-25 s on two CPU cores)."""
     from ditfa_optimum.embedded import defaults_for
-    from ditfa_optimum.mini.train import save, train
+    from training.train_mini import save, train
 
     tuned, record = train(init=ASSET_DIR, size=128, steps=2, batch_size=2, device="cpu", log=lambda line: None)
     assert record["steps"] == 2 and record["batch_size"] == 2 and record["curve"][0]["loss"] > 0
@@ -273,7 +282,7 @@ def test_fine_tuning_at_128_px_for_two_steps_saves_a_loadable_128_px_model(pipe,
 
 
 def test_minutes_fixes_the_step_count_inside_the_warm_up_so_steps_repeat_the_run(monkeypatch):
-    import ditfa_optimum.mini.train as trainer
+    import training.train_mini as trainer
 
     monkeypatch.setattr(trainer, "PROBE", (1, 2))  # time step 2 instead of steps 11-30
     kwargs = dict(batch_size=1, device="cpu", log=lambda line: None)

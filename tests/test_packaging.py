@@ -45,3 +45,26 @@ def test_the_kernels_ship_inside_the_package_without_a_path_mapping():
     assert "ditfa_optimum.kernels" in config["tool"]["setuptools"]["packages"]
     assert "package-dir" not in config["tool"]["setuptools"]
     assert (ROOT / "ditfa_optimum" / "kernels" / "headwise_attention.py").is_file()
+
+
+def test_the_wheel_holds_what_runs_not_the_training_code():
+    """Training and scene rendering live in training/ (outside the package): the wheel ships the mini model's weights,
+    pipeline and caption grammar, and the package never imports training/."""
+    import ast
+    import importlib.util
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert all(p == "ditfa_optimum" or p.startswith("ditfa_optimum.") for p in config["packages"])
+    assert set(config["package-data"]) == {"ditfa_optimum"}
+    assert (ROOT / "training" / "train_mini.py").is_file() and (ROOT / "training" / "scenes.py").is_file()
+    mini = ROOT / "ditfa_optimum" / "mini"
+    assert (mini / "grammar.py").is_file()
+    assert not (mini / "train.py").exists() and not (mini / "scenes.py").exists()
+    for name in ("ditfa_optimum.mini.train", "ditfa_optimum.mini.scenes"):
+        assert importlib.util.find_spec(name) is None, name
+    for path in (ROOT / "ditfa_optimum").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not [n for n in names if n.split(".")[0] in ("training", "benchmarks", "tests")], (
+                f"{path.relative_to(ROOT)} imports {names}: the wheel holds only ditfa_optimum")

@@ -38,7 +38,7 @@ def test_round_trip(tmp_path):
 def test_json_holds_names_not_tensor_values(tmp_path):
     random_plan().save(tmp_path)
     info = json.loads((tmp_path / PLAN_JSON).read_text())
-    assert info["method_vocabulary"]["arrow"] == 1 and info["format_version"] == 3
+    assert info["method_vocabulary"]["arrow"] == 1 and info["schema_version"] == 2
     assert "methods" not in info and "params" not in info
 
 
@@ -139,8 +139,8 @@ def test_load_rejects_damaged_files(tmp_path):
     plan.save(tmp_path)
     info = json.loads((tmp_path / PLAN_JSON).read_text())
 
-    (tmp_path / PLAN_JSON).write_text(json.dumps({**info, "format_version": 99}))
-    with pytest.raises(ValueError, match="format version 99 is not supported"):
+    (tmp_path / PLAN_JSON).write_text(json.dumps({**info, "schema_version": 99}))
+    with pytest.raises(ValueError, match="schema_version 99 is newer than this ditfa_optimum reads"):
         CompressionPlan.load(tmp_path)
     (tmp_path / PLAN_JSON).write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
@@ -188,7 +188,7 @@ def test_block_plan_round_trip(tmp_path):
     assert tensors["transformer_blocks.0.block_method"].dtype == torch.int16
     assert tensors["transformer_blocks.0.block_method"].tolist() == [0, 1, 2, 3, 2]
     info = json.loads((tmp_path / PLAN_JSON).read_text())
-    assert info["format_version"] == 3 and info["block_method_vocabulary"]["block_taylor"] == 2
+    assert info["schema_version"] == 2 and info["block_method_vocabulary"]["block_taylor"] == 2
     assert info["blocks"][0]["mlps"] == ["transformer_blocks.0.ff"] and "block_methods" not in info
     back = CompressionPlan.load(tmp_path)
     assert back == plan and back.blocks == BLOCKS

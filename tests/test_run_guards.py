@@ -178,3 +178,46 @@ def test_a_stock_processor_that_computes_something_else_is_refused_at_apply(fami
 
 def _scaled(out):
     return tuple(None if o is None else o * 1.01 for o in out) if isinstance(out, tuple) else out * 1.01
+
+
+def _gradients(model, steps_timesteps, inputs):
+    out = []
+    for t in steps_timesteps:
+        model.zero_grad()
+        model(**{**inputs, "timestep": torch.full((2,), t)}).sample.pow(2).sum().backward()
+        out.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    return out
+
+
+@pytest.mark.parametrize("method", ["arrow:1/4", "cfg_share"])
+def test_gradient_checkpointing_trains_a_plan_that_keeps_nothing_between_steps(method):
+    from ditfa_optimum.tiny import tiny_inputs, tiny_transformer
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = tiny_transformer("sd3").train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        apply(model, uniform_plan(model, num_steps=2, method=method, block_size=4))
+        torch.manual_seed(1)
+        grads.append(_gradients(model, (1000.0, 500.0), tiny_inputs(model, batch=2, height=8, width=8,
+                                                                      text_tokens=6)))
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_with_heads_that_reuse_an_earlier_step_is_refused():
+    from ditfa_optimum.tiny import tiny_inputs, tiny_transformer
+
+    model = tiny_transformer("sd3").train()
+    model.enable_gradient_checkpointing()
+    apply(model, uniform_plan(model, num_steps=2, method="cache", block_size=4))
+    inputs = tiny_inputs(model, batch=2, height=8, width=8, text_tokens=6)
+    with pytest.raises(ValueError, match=r"gradient checkpointing recomputes .*disable_gradient_checkpointing\(\)"):
+        _gradients(model, (1000.0,), inputs)
+    with torch.no_grad():  # no backward, no recomputation: runs
+        for t in (1000.0, 500.0):
+            model(**{**inputs, "timestep": torch.full((2,), t)})
+    model.disable_gradient_checkpointing()
+    _gradients(model, (1000.0, 500.0), inputs)  # and trains without checkpointing

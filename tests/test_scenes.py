@@ -1,16 +1,25 @@
+"""The caption grammar the package ships (`ditfa_optimum.mini.grammar`) and, outside the package, the scenes drawn from
+it and the faithfulness metric (training/scenes.py, which re-exports the grammar)."""
+
 import dataclasses
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ditfa_optimum.mini import scenes as S
+from ditfa_optimum.mini import grammar as G
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training import scenes as S  # noqa: E402
 
 
 def scenes_for(seed: int, n: int):
-    return S.sample_scenes(n, torch.Generator().manual_seed(seed))
+    return G.sample_scenes(n, torch.Generator().manual_seed(seed))
 
 
 def presence(images, scenes):
@@ -34,11 +43,11 @@ def test_sampling_and_rendering_are_deterministic():
 def test_scenes_follow_the_grammar():
     scenes = scenes_for(2, 400)
     assert {len(s.objects) for s in scenes} == {1, 2, 3}
-    assert {s.texture for s in scenes} == set(S.TEXTURES) and {s.background for s in scenes} == set(S.BACKGROUNDS)
+    assert {s.texture for s in scenes} == set(G.TEXTURES) and {s.background for s in scenes} == set(G.BACKGROUNDS)
     for s in scenes:
         assert len({o.position for o in s.objects}) == len({o.color for o in s.objects}) == len(s.objects)
-        assert all(abs(d) <= S.JITTER for offset in s.offsets for d in offset)
-        assert all(abs(f - 1) <= S.SIZE_JITTER + 1e-6 for f in s.scales)
+        assert all(abs(d) <= G.JITTER for offset in s.offsets for d in offset)
+        assert all(abs(f - 1) <= G.SIZE_JITTER + 1e-6 for f in s.scales)
 
 
 def test_render_is_fast_and_draws_later_objects_on_top():
@@ -56,15 +65,15 @@ def test_render_is_fast_and_draws_later_objects_on_top():
 
 
 def test_caption_round_trip_and_vocabulary():
-    scene = S.Scene((S.SceneObject("circle", "red", "small", "top left"),
-                     S.SceneObject("square", "blue", "large", "bottom")))
-    assert S.caption(scene) == "a small red circle in the top left and a large blue square at the bottom"
-    assert list(S.WORDS) == sorted(set(S.WORDS))
+    scene = G.Scene((G.SceneObject("circle", "red", "small", "top left"),
+                     G.SceneObject("square", "blue", "large", "bottom")))
+    assert G.caption(scene) == "a small red circle in the top left and a large blue square at the bottom"
+    assert list(G.WORDS) == sorted(set(G.WORDS))
     for s in scenes_for(4, 300):
-        text = S.caption(s)
-        assert S.parse_caption(text) == list(s.objects)
-        assert set(text.split()) <= set(S.WORDS) and text == text.lower()
-    assert S.parse_caption("") == []
+        text = G.caption(s)
+        assert G.parse_caption(text) == list(s.objects)
+        assert set(text.split()) <= set(G.WORDS) and text == text.lower()
+    assert G.parse_caption("") == []
 
 
 @pytest.mark.parametrize("text, match", [
@@ -79,7 +88,7 @@ def test_caption_round_trip_and_vocabulary():
 ])
 def test_parse_caption_errors_name_the_offending_word(text, match):
     with pytest.raises(ValueError, match=match):
-        S.parse_caption(text)
+        G.parse_caption(text)
 
 
 def test_ground_truth_is_faithful_for_every_attribute():
@@ -163,6 +172,14 @@ def test_faithfulness_details_and_edge_cases():
 
 
 def test_evaluation_captions_are_deterministic_and_distinct():
-    captions = S.evaluation_captions(50, 1234)
-    assert captions == S.evaluation_captions(50, 1234) and len(set(captions)) == 50
-    assert captions != S.evaluation_captions(50, 0)
+    captions = G.evaluation_captions(50, 1234)
+    assert captions == G.evaluation_captions(50, 1234) and len(set(captions)) == 50
+    assert captions != G.evaluation_captions(50, 0)
+
+
+def test_training_scenes_reexport_the_package_grammar():
+    """One grammar: the scenes drawn for training and scored by faithfulness are the package's records."""
+    for name in ("WORDS", "COLORS", "SHAPES", "SIZES", "POSITIONS", "BACKGROUNDS", "TEXTURES", "Scene", "SceneObject",
+                 "sample_scenes", "caption", "parse_caption", "evaluation_captions"):
+        assert getattr(S, name) is getattr(G, name), name
+    assert not hasattr(G, "render") and not hasattr(G, "faithfulness") and not hasattr(G, "sample_batch")

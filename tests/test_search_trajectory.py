@@ -358,6 +358,8 @@ def test_config_rules_for_the_targets():
 
 def test_old_config_dicts_load_as_local():
     old = DiTFastAttnConfig(threshold=0.2).to_dict()
+    old.pop("schema_version")
+    old["version"] = 1  # written before one schema version: config version 1
     for key in ("allocation", "target_cut", "target_snr_db", "max_head_rse", "sensitivity_prompts",
                 "calibration_passes"):
         old.pop(key)
@@ -393,7 +395,8 @@ def test_calibration_statistics_of_format_1_still_load(tmp_path):
     info = json.loads((tmp_path / STATS_JSON).read_text())
     for key in ("sensitivity", "flow_lambda", "passes", "damage_scale", "blocks", "block_candidates"):
         info.pop(key, None)
-    info["format_version"] = 1
+    del info["schema_version"]
+    info["format_version"] = 1  # schema 1: calibration format 1
     (tmp_path / STATS_JSON).write_text(json.dumps(info))
     old = CalibrationStats.load(tmp_path)
     assert old.sensitivity is None and old.passes == [] and old.damage_scale == 1.0 and old.blocks == []
@@ -403,5 +406,5 @@ def test_calibration_statistics_of_format_1_still_load(tmp_path):
     assert search(old, local) == search(stats, local)
     info["format_version"] = 3
     (tmp_path / STATS_JSON).write_text(json.dumps(info))
-    with pytest.raises(ValueError, match="unsupported calibration format"):
+    with pytest.raises(ValueError, match="format_version 3 is not a version any ditfa-optimum wrote"):
         CalibrationStats.load(tmp_path)

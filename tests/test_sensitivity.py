@@ -12,7 +12,8 @@ from ditfa_optimum.config import DiTFastAttnConfig
 from ditfa_optimum.embedded import DEFAULTS, embedded_pipeline
 from ditfa_optimum.prompts import default_prompts
 from ditfa_optimum.runtime.state import StepState
-from ditfa_optimum.sensitivity import SENSITIVITY_FORMAT_VERSION, Sensitivity, measure_sensitivity
+from ditfa_optimum.schema import SCHEMA_VERSION
+from ditfa_optimum.sensitivity import Sensitivity, measure_sensitivity
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 
@@ -235,9 +236,9 @@ def test_save_load_keeps_block_gains_and_refuses_broken_files(tmp_path):
     assert again.step_factor == [1.0, 2.5, 0.75] and again.pixel_scale == 0.5
 
     info = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
-    assert info["format_version"] == SENSITIVITY_FORMAT_VERSION
-    (tmp_path / "s" / "sensitivity.json").write_text(json.dumps({**info, "format_version": 99}))
-    with pytest.raises(ValueError, match="unsupported sensitivity format"):
+    assert info["schema_version"] == SCHEMA_VERSION
+    (tmp_path / "s" / "sensitivity.json").write_text(json.dumps({**info, "schema_version": 99}))
+    with pytest.raises(ValueError, match="schema_version 99 is newer than this ditfa_optimum reads"):
         Sensitivity.load(tmp_path / "s")
     info["modules"].append({"name": "c.attn", "num_heads": 2, "head_dim": 8})
     (tmp_path / "s" / "sensitivity.json").write_text(json.dumps(info))

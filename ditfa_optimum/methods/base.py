@@ -66,8 +66,10 @@ def make_method(name_or_id: str | int, param: float | None = None) -> "Attention
 def parse_fraction(text: str) -> float:
     """Parse ``"0.125"`` or ``"1/8"`` without eval."""
     if "/" in text:
-        num, den = text.split("/", 1)
-        return float(num) / float(den)
+        num, den = (float(part) for part in text.split("/", 1))
+        if den == 0:  # a ValueError like every other unreadable fraction, not a ZeroDivisionError
+            raise ValueError(f"{text!r} divides by zero")
+        return num / den
     return float(text)
 
 

@@ -2,15 +2,17 @@
 
 It ships inside the package (``ditfa_optimum/assets/mini-mmdit``, safetensors + JSON) so that everything runs offline:
 it is the default model of ``ditfa-optimum optimize``, realistic test data (trained attention has structure; random
-weights have none) and the yardstick of compression quality, because `scenes.faithfulness` scores a generated image
-against its caption. See docs/mini-model.md.
+weights have none) and the yardstick of compression quality, because its captions follow a known grammar
+(`grammar`) that the faithfulness check scores generated images against. The package holds what runs (weights,
+pipeline, text encoder, grammar); scene rendering, the faithfulness metric and the training script live outside
+it, in the repository's ``training/`` folder. See docs/mini-model.md.
 
     >>> from ditfa_optimum.mini import mini_pipeline
     >>> pipe = mini_pipeline()
     >>> images = pipe(["a small red circle in the top left"], num_inference_steps=20).images  # doctest: +SKIP
 
 A second, 128x128 px model (4096 image tokens, ``mini-mmdit-128``) is fine-tuned from it with
-``python -m ditfa_optimum.mini.train --init ... --size 128`` (`with_image_size` gives it its position table) and
+``python -m training.train_mini --init ... --size 128`` (`with_image_size` gives it its position table) and
 loads with ``mini_pipeline(path)``; it generates 128x128 by default (its transformer's ``sample_size``).
 """
 
@@ -101,7 +103,7 @@ def new_pipeline(seed: int = 0) -> MiniMMDiTPipeline:
     """An untrained pipeline (random initialisation, deterministic for ``seed``): what training starts from."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-    from .scenes import WORDS
+    from .grammar import WORDS
 
     torch.manual_seed(seed)
     return MiniMMDiTPipeline(transformer=SD3Transformer2DModel(**TRANSFORMER_CONFIG),

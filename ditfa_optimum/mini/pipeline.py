@@ -46,7 +46,7 @@ class MiniMMDiTPipeline(DiffusionPipeline):
     @staticmethod
     def default_prompts(n: int, seed: int = 0) -> list[str]:
         """``n`` captions of the training grammar (the calibration prompts `DiTFastAttnOptimizer` uses by default)."""
-        from .scenes import evaluation_captions
+        from .grammar import evaluation_captions
 
         return evaluation_captions(n, seed)
 
@@ -72,7 +72,7 @@ class MiniMMDiTPipeline(DiffusionPipeline):
         """Generate images.
 
         Args:
-            prompt: caption(s) in the shapes grammar (see `ditfa_optimum.mini.scenes`); or pass ``prompt_embeds``.
+            prompt: caption(s) in the shapes grammar (see `ditfa_optimum.mini.grammar`); or pass ``prompt_embeds``.
             height, width: pixels, multiples of the patch size (2); default the transformer's ``sample_size``
                 (what it was trained at: 64 for the shipped model).
             num_inference_steps: Euler steps of the rectified flow.

@@ -74,7 +74,7 @@ class MiniTextEncoder(ModelMixin, ConfigMixin):
                                                        dtype=torch.long)
         if unknown:
             logger.warning("mini text encoder: words outside its vocabulary are read as <unk>: %s "
-                           "(it knows only the shapes grammar; see ditfa_optimum.mini.scenes)", sorted(unknown))
+                           "(it knows only the shapes grammar; see ditfa_optimum.mini.grammar)", sorted(unknown))
         if cut:
             logger.warning("mini text encoder: %d caption(s) longer than %d words were cut", cut, length - 1)
         return ids.to(self.embed.weight.device)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import naive_attention, naive_keep, rand_qkv
+from conftest import DEVICES, naive_attention, naive_keep, rand_qkv
 from ditfa_optimum.masks import TokenLayout
 from ditfa_optimum.runtime import get_backend
 from ditfa_optimum.runtime.backends import ENV_VAR
@@ -34,16 +34,21 @@ def expected(q, k, v, layout, widths):
     return out
 
 
+#: (device, backend): every backend on the CPU, and on CUDA where there is one (the fused kernel there too; its
+#: CPU interpreter is tested in tests/kernels)
+ON_DEVICES = [(d, b) for d in DEVICES for b in ["reference", "blocked", "flex"] + (["triton"] if d == "cuda" else [])]
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
-@pytest.mark.parametrize("backend", ["reference", "blocked", "flex"])
-def test_backend_mixed_plan_matches_naive(layout, backend):
+@pytest.mark.parametrize("device, backend", ON_DEVICES)
+def test_backend_mixed_plan_matches_naive(layout, device, backend):
     B, H = 2, 5
     q, k, v = rand_qkv(B, H, layout.seq_len, 8)
     widths = mixed_widths(layout, B, H)
-    out = get_backend(backend, CPU).attend(q, k, v, layout, widths)
+    out = get_backend(backend, torch.device(device)).attend(*(x.to(device) for x in (q, k, v)), layout, widths)
     ref = expected(q, k, v, layout, widths)
     computed = widths > 0
-    torch.testing.assert_close(out[computed].double(), ref[computed], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.cpu()[computed].double(), ref[computed], atol=2e-5, rtol=1e-5)
 
 
 # the blocked backend also on the mini model's layout (1024 image tokens in blocks of 32) and an image-only call
@@ -57,12 +62,12 @@ BLOCKED_TOL = dict(atol=2e-6, rtol=1e-5)  # the same SDPA math on fewer keys
                          [("flex", layout, FLEX_TOL) for layout in LAYOUTS]
                          + [("blocked", layout, BLOCKED_TOL) for layout in BLOCKED_LAYOUTS],
                          ids=[f"flex-{i}" for i in IDS] + [f"blocked-{i}" for i in BLOCKED_IDS])
-def test_backend_equals_reference(backend, layout, tol):
+def test_backend_equals_reference(backend, layout, tol, device):
     B, H = 3, 4
-    q, k, v = rand_qkv(B, H, layout.seq_len, 16)
+    q, k, v = rand_qkv(B, H, layout.seq_len, 16, device=device)
     widths = mixed_widths(layout, B, H)
-    ref = get_backend("reference", CPU).attend(q, k, v, layout, widths)
-    out = get_backend(backend, CPU).attend(q, k, v, layout, widths)
+    ref = get_backend("reference", device).attend(q, k, v, layout, widths)
+    out = get_backend(backend, device).attend(q, k, v, layout, widths)
     computed = widths > 0
     torch.testing.assert_close(out[computed], ref[computed], **tol)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import naive_attention, naive_keep, rand_qkv
+from conftest import DEVICES, naive_attention, naive_keep, rand_qkv
 from ditfa_optimum.masks import TokenLayout, window_blocks
 from ditfa_optimum.plan import CompressionPlan, ModuleSpec
 from ditfa_optimum.runtime import PlanRuntime
@@ -23,9 +23,10 @@ def make_plan():
     return CompressionPlan.from_methods([SPEC], {SPEC.name: TABLE}, block_size=4)
 
 
-@pytest.mark.parametrize("backend", ["reference", "blocked", "flex"])
+@pytest.mark.parametrize("device, backend", [(d, b) for d in DEVICES for b in ["reference", "blocked", "flex"]
+                                             + (["triton"] if d == "cuda" else [])])
 @pytest.mark.parametrize("image_first", [True, False], ids=["image-first", "text-first"])
-def test_four_step_loop_matches_hand_written(backend, image_first):
+def test_four_step_loop_matches_hand_written(device, backend, image_first):
     spec = ModuleSpec(SPEC.name, SPEC.num_heads, SPEC.head_dim, image_first=image_first)
     plan = CompressionPlan.from_methods([spec], {spec.name: TABLE}, block_size=4)
     runtime = PlanRuntime(plan, backend=backend, cfg=True)
@@ -44,7 +45,7 @@ def test_four_step_loop_matches_hand_written(backend, image_first):
     for step, t in enumerate(TIMESTEPS):
         q, k, v = rand_qkv(B, 5, S, D)
         runtime.state.on_transformer_call(torch.tensor([t] * B), layout.num_text_tokens)
-        got = module(q, k, v, num_text_tokens=layout.num_text_tokens).double()
+        got = module(*(x.to(device) for x in (q, k, v)), num_text_tokens=layout.num_text_tokens).double().cpu()
 
         h = lambda i: (q[:, i], k[:, i], v[:, i])  # noqa: E731
         if step == 0:

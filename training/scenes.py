@@ -1,51 +1,38 @@
-"""Procedural shape scenes (the miniature model's dataset) and the caption-faithfulness metric.
+"""Procedural shape scenes drawn as images (the miniature model's training data) and the caption-faithfulness metric.
 
-A scene holds one to three filled shapes, each in a distinct cell of a 3x3 grid over a 64x64 RGB image and in a
-distinct colour, on a low-saturation textured background. Its caption names every object and never the background::
+Lives outside the package (the wheel holds the trained weights and the pipeline, not what made them): the training
+script (``training/train_mini.py``), the benchmarks (``benchmarks/mini_model.py``, ``benchmarks/quality.py``) and
+the tests import it as ``training.scenes`` with the repository root on ``sys.path``, as benchmarks/ does.
 
-    a small red circle in the top left and a large blue square at the bottom
-
-Scenes are sampled as plain Python records (deterministic for a ``torch.Generator``) and rendered as one batch of tensor
-operations on any device, so training draws fresh images on the fly. A scene is laid out in the px of a 64x64 image
-(`IMAGE_SIZE`); `render` draws it at any size (``size=128`` for the 4096-token model): the same scene, geometry scaled,
-shape edges anti-aliased over one output pixel, the stripe and checker textures upscaled by nearest neighbour (64 px:
-exactly as before the ``size`` argument existed). `faithfulness` scores images against captions by colour, position
-and size, never shape: a blurry 64x64 diffusion sample rarely draws crisp corners.
+The grammar itself (vocabulary, scene records, `sample_scenes`, `caption`, `evaluation_captions`) is
+`ditfa_optimum.mini.grammar`, re-exported here, so ``training.scenes`` is the whole scene toolkit. A scene is laid out
+in the px of a 64x64 image (`IMAGE_SIZE`); `render` draws a batch of scenes as tensor operations on any device (so
+training draws fresh images on the fly) at any size (``size=128`` for the 4096-token model): the same scene, geometry
+scaled, shape edges anti-aliased over one output pixel, the stripe and checker textures upscaled by nearest neighbour
+(64 px: exactly as before the ``size`` argument existed). `faithfulness` scores images against captions by colour,
+position and size, never shape: a blurry 64x64 diffusion sample rarely draws crisp corners.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-IMAGE_SIZE = 64  # the px every geometric constant below is in (render(..., size=s) scales them by s / 64)
+from ditfa_optimum.mini.grammar import (BACKGROUNDS, COLORS, JITTER, POSITIONS, SHAPES, SIZE_JITTER, SIZES, TEXTURES,
+                                        WORDS, Scene, SceneObject, caption, evaluation_captions, parse_caption,
+                                        sample_scenes)
+
+#: the grammar's names are re-exported: training.scenes is the whole scene toolkit
+__all__ = ["BACKGROUNDS", "COLORS", "JITTER", "POSITIONS", "SHAPES", "SIZE_JITTER", "SIZES", "TEXTURES", "WORDS",
+           "Scene", "SceneObject", "caption", "evaluation_captions", "parse_caption", "sample_scenes",
+           "IMAGE_SIZE", "CELL", "TEXTURE_CONTRAST", "COLOR_TOLERANCE", "DENSITY", "WINDOW_MARGIN",
+           "CENTROID_TOLERANCE", "AREA_RANGE", "render", "sample_batch", "faithfulness"]
+
+IMAGE_SIZE = 64  # the px every geometric constant of the grammar and below is in (render(..., size=s) scales by s / 64)
 CELL = IMAGE_SIZE / 3  # grid cell width in px; cell centres at about 11, 32 and 53 px
-#: colour name -> RGB in [0, 1]: saturated, pairwise at least 0.35 apart, every one far from the backgrounds
-COLORS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.15, 0.3, 1.0), "yellow": (1.0, 0.9, 0.1),
-          "purple": (0.6, 0.1, 0.9), "cyan": (0.1, 0.9, 0.9), "orange": (1.0, 0.55, 0.05), "white": (0.97, 0.97, 0.97)}
-#: shape name -> its area at half-extent 1 (square 2r x 2r; triangle pointing up and diamond 2r wide and 2r tall)
-SHAPES = {"circle": math.pi, "square": 4.0, "triangle": 2.0, "diamond": 2.0}
-#: size name -> half-extent in px; two large neighbours only touch when jittered towards each other
-SIZES = {"small": 5.0, "medium": 7.5, "large": 10.0}
-#: position name -> (caption phrase, grid row, grid column)
-POSITIONS = {"top left": ("in the top left", 0, 0), "top": ("at the top", 0, 1),
-             "top right": ("in the top right", 0, 2), "left": ("on the left", 1, 0),
-             "center": ("in the center", 1, 1), "right": ("on the right", 1, 2),
-             "bottom left": ("in the bottom left", 2, 0), "bottom": ("at the bottom", 2, 1),
-             "bottom right": ("in the bottom right", 2, 2)}
-#: background tone name -> RGB: low saturation, more than the 0.4 colour tolerance from every palette colour even with
-#: the texture on top (the closest pair, textured mid gray and green, is 0.48 apart)
-BACKGROUNDS = {"dark gray": (0.22, 0.22, 0.22), "slate": (0.2, 0.23, 0.3), "mid gray": (0.42, 0.42, 0.42),
-               "brown gray": (0.3, 0.26, 0.22)}
-TEXTURES = ("plain", "horizontal stripes", "vertical stripes", "checker", "noise")
 TEXTURE_CONTRAST = 0.06  # textures add at most +-this to every channel
-JITTER = 3.0  # object centres move up to +-JITTER px from their cell centre
-SIZE_JITTER = 0.1  # half-extents vary by up to +-10 %
-#: every word a caption can contain, sorted (the vocabulary of a word-level tokenizer)
-WORDS = tuple(sorted({"a", "and", *SIZES, *COLORS, *SHAPES, *(w for p, _, _ in POSITIONS.values() for w in p.split())}))
 
 # metric thresholds (see `faithfulness`)
 COLOR_TOLERANCE = 0.4  # RGB distance in [0, 1] units from the named colour
@@ -53,98 +40,6 @@ DENSITY = 4  # a matching pixel counts when at least this many of its 3x3 neighb
 WINDOW_MARGIN = 10.0  # px added on every side of the named cell to form the search window
 CENTROID_TOLERANCE = 2.0  # px the centroid may lie outside the named cell
 AREA_RANGE = (0.35, 2.5)  # accepted area as a multiple of the shape's expected area
-
-
-@dataclass(frozen=True)
-class SceneObject:
-    """One filled shape; every field is a key of the corresponding grammar table (`SHAPES`, `COLORS`, ...)."""
-
-    shape: str
-    color: str
-    size: str
-    position: str
-
-
-@dataclass(frozen=True)
-class Scene:
-    """Objects (drawn in order, later over earlier) plus everything rendering needs, so `render` is deterministic.
-
-    ``offsets`` are each object's centre jitter (dx, dy) in px and ``scales`` its half-extent factor (both empty: none);
-    ``texture_seed`` fixes the stripe period and phase and the noise pattern.
-    """
-
-    objects: tuple[SceneObject, ...]
-    offsets: tuple[tuple[float, float], ...] = ()
-    scales: tuple[float, ...] = ()
-    background: str = "dark gray"
-    texture: str = "plain"
-    texture_seed: int = 0
-
-
-def sample_scenes(n: int, generator: torch.Generator) -> list[Scene]:
-    """``n`` random scenes: 1-3 objects in distinct cells and colours, free shapes and sizes, random background.
-
-    Every random number comes from ``generator`` in a fixed order, so the result depends only on its state.
-    """
-    g = dict(generator=generator, device=generator.device)
-    counts = torch.randint(1, 4, (n,), **g).tolist()
-    cells = torch.rand(n, len(POSITIONS), **g).argsort(1)[:, :3].tolist()
-    colors = torch.rand(n, len(COLORS), **g).argsort(1)[:, :3].tolist()
-    shapes = torch.randint(0, len(SHAPES), (n, 3), **g).tolist()
-    sizes = torch.randint(0, len(SIZES), (n, 3), **g).tolist()
-    offsets = ((torch.rand(n, 3, 2, **g) * 2 - 1) * JITTER).tolist()
-    scales = (1 + (torch.rand(n, 3, **g) * 2 - 1) * SIZE_JITTER).tolist()
-    backgrounds = torch.randint(0, len(BACKGROUNDS), (n,), **g).tolist()
-    textures = torch.randint(0, len(TEXTURES), (n,), **g).tolist()
-    seeds = torch.randint(0, 2**24, (n,), **g).tolist()
-    shape_names, color_names, size_names, cell_names, tone_names = map(list, (SHAPES, COLORS, SIZES, POSITIONS,
-                                                                             BACKGROUNDS))
-    scenes = []
-    for i, k in enumerate(counts):
-        objects = tuple(SceneObject(shape_names[shapes[i][j]], color_names[colors[i][j]], size_names[sizes[i][j]],
-                                    cell_names[cells[i][j]]) for j in range(k))
-        scenes.append(Scene(objects, tuple(map(tuple, offsets[i][:k])), tuple(scales[i][:k]),
-                            tone_names[backgrounds[i]], TEXTURES[textures[i]], seeds[i]))
-    return scenes
-
-
-def caption(scene: Scene) -> str:
-    """The scene's caption: its objects as "a {size} {color} {shape} {position phrase}" joined with " and "."""
-    return " and ".join(f"a {o.size} {o.color} {o.shape} {POSITIONS[o.position][0]}" for o in scene.objects)
-
-
-def parse_caption(text: str) -> list[SceneObject]:
-    """The objects a grammar caption names (inverse of `caption`; "" gives []).
-
-    Raises ValueError naming the first word (or phrase) that does not fit and what the grammar expected there. Only
-    the word order is checked: repeated colours or positions parse.
-    """
-    words, objects, i = text.split(), [], 0
-    phrases = {name: phrase.split() for name, (phrase, _, _) in POSITIONS.items()}  # no phrase starts another
-
-    def take(options, what):
-        nonlocal i
-        word = words[i] if i < len(words) else "<end>"
-        if word not in options:
-            raise ValueError(f"bad caption {text!r}: expected {what} ({' | '.join(options)}) at word {i + 1}, "
-                             f"got {word!r}")
-        i += 1
-        return word
-
-    while i < len(words):
-        if objects:
-            take(("and",), "'and' or the end")
-        take(("a",), "the article")
-        size, color = take(tuple(SIZES), "a size"), take(tuple(COLORS), "a colour")
-        shape = take(tuple(SHAPES), "a shape")
-        position = next((name for name, p in phrases.items() if words[i: i + len(p)] == p), None)
-        if position is None:
-            raise ValueError(f"bad caption {text!r}: expected a position phrase "
-                             f"({' | '.join(p for p, _, _ in POSITIONS.values())}) at word {i + 1}, "
-                             f"got {' '.join(words[i: i + 4]) or '<end>'!r}")
-        i += len(phrases[position])
-        objects.append(SceneObject(shape, color, size, position))
-    return objects
 
 
 def _cell_centre(position: str) -> tuple[float, float]:
@@ -288,18 +183,3 @@ def faithfulness(images: torch.Tensor, captions: list[str], details: bool = Fals
                                  area=a, expected_area=e, centroid=tuple(c) if a else None,
                                  shape_guess=guess if a else None))
     return scores, per_image
-
-
-def evaluation_captions(n: int, seed: int) -> list[str]:
-    """``n`` distinct captions of scenes drawn from a generator seeded with ``seed`` (deterministic, in drawing order).
-
-    Conventions: training samples scenes from its own random stream, never through this function; the quality
-    benchmark evaluates on ``evaluation_captions(n, 1234)`` and the calibration prompts are
-    ``evaluation_captions(n, 0)``. Lists for different seeds are not made disjoint and can meet (one-object captions
-    have only 864 forms): benchmarks exclude the calibration captions explicitly. A list for ``n`` is not a prefix of
-    the list for a larger ``n`` (all scenes are drawn at once).
-    """
-    generator, found = torch.Generator().manual_seed(seed), {}
-    while len(found) < n:
-        found.update(dict.fromkeys(caption(s) for s in sample_scenes(n - len(found), generator)))
-    return list(found)

@@ -1,9 +1,10 @@
 """Train the miniature MMDiT on procedural scenes (rectified flow, as SD3), from scratch or fine-tuning a saved model.
 
-The scenes are rendered on the fly; fine-tuning can change the image size (the 128 px, 4096-token model).
+The scenes are rendered on the fly; fine-tuning can change the image size (the 128 px, 4096-token model). From the
+repository root (the script is not in the wheel; ``python training/train_mini.py ...`` works as well):
 
-    python -m ditfa_optimum.mini.train --out ditfa_optimum/assets/mini-mmdit --minutes 7   # on one H100
-    python -m ditfa_optimum.mini.train --init ditfa_optimum/assets/mini-mmdit --size 128 \
+    python -m training.train_mini --out ditfa_optimum/assets/mini-mmdit --minutes 7   # on one H100
+    python -m training.train_mini --init ditfa_optimum/assets/mini-mmdit --size 128 \
         --out benchmarks/assets/mini-mmdit-128 --minutes 6.5 --max-minutes 8 --batch-size 64 --compile  # one H200
 
 ``--minutes`` times steps 11-30 of the run itself (inside the learning-rate warm-up, which does not depend on the
@@ -34,8 +35,11 @@ from pathlib import Path
 
 import torch
 
-from . import image_defaults, mini_pipeline, new_pipeline, with_image_size
-from .scenes import sample_batch
+if __package__ in (None, ""):  # run as a script (python training/train_mini.py): the repository root holds `training`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ditfa_optimum.mini import image_defaults, mini_pipeline, new_pipeline, with_image_size  # noqa: E402
+from training.scenes import sample_batch  # noqa: E402
 
 #: ``--minutes`` times the steps after the first PROBE[0] up to PROBE[1] (inside the warm-up)
 PROBE = (10, 30)
@@ -206,7 +210,7 @@ def main(argv=None) -> int:
     pipe, record = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                          seed=args.seed, ema_decay=args.ema_decay, device=args.device, max_minutes=args.max_minutes,
                          compile=args.compile, init=args.init, size=args.size, minutes=args.minutes)
-    record["command"] = shlex.join(["python", "-m", "ditfa_optimum.mini.train",
+    record["command"] = shlex.join(["python", "-m", "training.train_mini",
                                     *(sys.argv[1:] if argv is None else argv)])
     print(f"saved {save(pipe, record, args.out)}")
     return 0
