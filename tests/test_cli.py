@@ -192,7 +192,7 @@ def test_bench_refuses_zero_repeats_before_loading_anything(capsys):
     assert "--repeats must be at least 1" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------ bad input found by benchmarks/robustness.py
+# ------------------------------------------------------------------ bad input found by tools/robustness.py
 NO_GPU = not __import__("torch").cuda.is_available()
 
 

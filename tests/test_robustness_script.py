@@ -1,6 +1,6 @@
-"""benchmarks/robustness.py (the fuzzer and the CLI bad-input list) runs, and a short run of each part ends in clear
+"""tools/robustness.py (the fuzzer and the CLI bad-input list) runs, and a short run of each part ends in clear
 refusals and expected acceptances only: nothing in "other exception". About 15 s on two CPU cores; the full run (a few
-minutes) is `python benchmarks/robustness.py` (docs/artifact-format.md, "Robustness")."""
+minutes) is `python tools/robustness.py` (docs/artifact-format.md, "Robustness")."""
 
 import importlib.util
 from pathlib import Path
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 @pytest.fixture(scope="module")
 def robustness():
-    spec = importlib.util.spec_from_file_location("robustness", ROOT / "benchmarks" / "robustness.py")
+    spec = importlib.util.spec_from_file_location("robustness", ROOT / "tools" / "robustness.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

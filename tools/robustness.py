@@ -26,9 +26,9 @@ Each input is classified:
 
 Usage::
 
-    python benchmarks/robustness.py --minutes 4 --seed 0 --out robustness.json   # both parts, markdown tables
-    python benchmarks/robustness.py --part cli --cli-mode subprocess              # the CLI as users run it
-    python benchmarks/robustness.py --replay 123 --seed 0                         # one fuzz case, with its traceback
+    python tools/robustness.py --minutes 4 --seed 0 --out robustness.json   # both parts, markdown tables
+    python tools/robustness.py --part cli --cli-mode subprocess              # the CLI as users run it
+    python tools/robustness.py --replay 123 --seed 0                         # one fuzz case, with its traceback
 
 Exit status: 0 when no input ended in "other exception", else 1.
 """
