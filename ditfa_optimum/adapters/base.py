@@ -197,7 +197,9 @@ def check_processor_equivalence(adapter: Adapter, modules: list[tuple[ModuleSpec
     For each kind of planned module (stock processor class, joint or not, text stream or not, ``context_pre_only``),
     the first module of that kind runs its stock processor and our processor with full attention on the same small
     random inputs; their outputs must agree to rounding (relative error <= 1e-2 in half precision, 1e-4 in fp32).
-    Modules whose weights are not materialised (meta device, offloaded) are not checked."""
+    Modules whose weights are not materialised (meta device, offloaded) are not checked, nor modules whose stock output
+    is not finite (weights not initialised yet: ``from_pretrained(low_cpu_mem_usage=False)`` builds the model with
+    empty weights before loading them); the next module of the same kind is checked instead."""
     seen = set()
     generator = torch.Generator().manual_seed(0)
     for spec, module in modules:
@@ -207,11 +209,16 @@ def check_processor_equivalence(adapter: Adapter, modules: list[tuple[ModuleSpec
         param = next(module.parameters(), None)
         if kind in seen or param is None or param.device.type == "meta":
             continue
-        seen.add(kind)
         args, kwargs = adapter.processor_check_inputs(spec, module, image_tokens, text_tokens, generator)
+        with torch.no_grad():
+            expected = stock(module, *args, **kwargs)
+        if not all(x is None or bool(torch.isfinite(x).all()) for x in (expected if isinstance(expected, tuple)
+                                                                         else (expected,))):
+            continue  # nothing to compare against
+        seen.add(kind)
         ours = adapter.make_processor(spec, _DenseRuntime(text_tokens))
         with torch.no_grad():
-            expected, got = stock(module, *args, **kwargs), ours(module, *args, **kwargs)
+            got = ours(module, *args, **kwargs)
         pairs = list(zip(*(x if isinstance(x, tuple) else (x,) for x in (expected, got))))
         tolerance = 1e-4 if param.dtype == torch.float32 else 1e-2
         for want, have in pairs:

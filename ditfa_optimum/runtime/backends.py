@@ -15,10 +15,14 @@ Skipped entries of ``out`` are left unspecified; the runtime fills them (cache, 
 Selection: an explicit name (``apply(..., backend="flex")``), else the ``DITFA_BACKEND`` environment variable, else
 "auto": the first available backend in `AUTO_ORDER` for the tensors' device: the fused Triton kernel ("triton") on
 CUDA, else FlexAttention, else the blocked PyTorch backend (the CPU default), never the reference (the test oracle).
+When the call needs gradients (training), "auto" skips the backends that compute none (``differentiable = False``:
+the fused kernel has no backward, and the FlexAttention BlockMask is built without the query blocks its backward
+reads), and a named one of them is refused with what to use instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,6 +31,8 @@ from typing import Callable, Protocol
 import torch
 
 from ..masks import TokenLayout
+
+logger = logging.getLogger(__name__)
 
 AUTO_ORDER = ("triton", "flex", "blocked")
 ENV_VAR = "DITFA_BACKEND"
@@ -103,6 +109,8 @@ class Widths:
 
 class Backend(Protocol):
     name: str
+    #: whether autograd can differentiate through `attend` (a backend without the attribute is taken as able)
+    differentiable: bool
 
     def available(self, device: torch.device) -> bool: ...
 
@@ -132,20 +140,49 @@ def check_backend_name(name: str | None) -> str:
     return name
 
 
-def get_backend(name: str | None, device: torch.device) -> Backend:
-    """Resolve a backend name ('auto', None or a registered name) for tensors on ``device``."""
+def get_backend(name: str | None, device: torch.device, grad: bool = False) -> Backend:
+    """Resolve a backend name ('auto', None or a registered name) for tensors on ``device``; ``grad``: the call needs
+    gradients (see `needs_grad`)."""
     name = check_backend_name(name)
     if name == "auto":
+        passed_over = []
         for candidate in AUTO_ORDER:
             backend = _BACKENDS.get(candidate)
-            if backend is not None and auto_eligible(backend, device):
-                return backend
-        raise RuntimeError(f"no attention backend can run on {device}; registered: {backend_names()}")
+            if backend is None or not auto_eligible(backend, device):
+                continue
+            if grad and not differentiable(backend):
+                passed_over.append(backend.name)
+                continue
+            if passed_over and (device.type, backend.name) not in _warned_grad:
+                _warned_grad.add((device.type, backend.name))
+                logger.warning("ditfa: these attention calls need gradients, which %s cannot compute, so they run on "
+                               "%r (slower); for inference call the transformer under torch.no_grad() (diffusers "
+                               "pipelines do)", " and ".join(passed_over), backend.name)
+            return backend
+        raise RuntimeError(f"no attention backend can run on {device}{' with gradients' if grad else ''}; "
+                           f"registered: {backend_names()}")
     backend = _BACKENDS[name]
     if not backend.available(device):
         raise ValueError(f"attention backend {name!r} cannot run on device {device}; use backend='auto' or one of "
                          f"{[n for n, b in _BACKENDS.items() if b.available(device)]}")
+    if grad and not differentiable(backend):
+        raise ValueError(f"attention backend {name!r} computes no gradients, and this call needs them (training, "
+                         f"or inputs that require grad); apply the plan with backend='auto' (which picks one that "
+                         f"does) or one of {[n for n, b in _BACKENDS.items() if differentiable(b)]}, or run under "
+                         "torch.no_grad()")
     return backend
+
+
+_warned_grad: set[tuple[str, str]] = set()
+
+
+def differentiable(backend: Backend) -> bool:
+    return getattr(backend, "differentiable", True)
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will differentiate through a call on ``tensors``."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def attend_by_width(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, widths,

@@ -70,6 +70,7 @@ def arrow_block_mask(layout: TokenLayout, widths: torch.Tensor, tile: int = FLEX
 @register_backend
 class FlexBackend:
     name = "flex"
+    differentiable = False  # the BlockMask is built without the query blocks FlexAttention's backward reads
 
     def __init__(self):
         self._masks = HostCache(_MAX_CACHED_MASKS)

@@ -21,7 +21,7 @@ import torch
 from ..masks import TokenLayout
 from ..methods import AttentionMethod, CfgShare, HeadMemory, make_method
 from ..plan import CompressionPlan, ModuleSpec
-from .backends import Widths, check_backend_name, get_backend, remember
+from .backends import Widths, check_backend_name, get_backend, needs_grad, remember
 from .state import StepState
 
 logger = logging.getLogger(__name__)
@@ -118,9 +118,9 @@ class ModuleRuntime:
         step = state.current_step()
         program = rt.programs[self.spec.name][step]
         cfg = state.cfg(needed=program.uses_cfg)
-        backend = get_backend(rt.backend_name, q.device)
-
         widths = self.widths(step, program, layout, B, cfg)
+        # every backend runs an all-full call as plain SDPA, which autograd differentiates
+        backend = get_backend(rt.backend_name, q.device, grad=not widths.all_full and needs_grad(q, k, v))
         out = backend.attend(q, k, v, layout, widths) if widths.any else torch.empty_like(q)
 
         memory = state.memory(self.spec.name)

@@ -54,4 +54,17 @@ class PlannedProcessor:
             raise ValueError(f"this {type(self).__name__} runs a ditfa plan but was created without one (diffusers "
                              "re-creates the current processor class while loading an IP-adapter or LoRA); remove "
                              "the plan first (ditfa_optimum.remove(pipe)), load, then apply the plan again")
+        q, k, v = autocast_inputs(q, k, v)
         return self.runtime(q, k, v, num_text_tokens=self.text_tokens(encoder_hidden_states))
+
+
+def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What ``torch.autocast`` does to the stock processor's ``scaled_dot_product_attention`` inputs: all three in
+    autocast's dtype. Without it, SD3.5's qk-norm (float32 weights) hands the plan float32 q and k beside a
+    half-precision v, which the backends' output buffers and the fused kernel cannot mix (found by diffusers' own
+    mixed-precision training test with a plan applied). Outside autocast the inputs pass unchanged."""
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)

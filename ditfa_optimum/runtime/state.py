@@ -160,9 +160,25 @@ class StepState:
         return total
 
 
+#: why a traced call cannot place itself (torch.export: the timestep is symbolic there)
+TRACED_TIMESTEP = ("the ditfa plan reads the step from this call's timestep, which this trace cannot read (its value "
+                   "is symbolic: torch.export, or a graph traced with a data-dependent timestep). A plan picks each "
+                   "head's method by the step its hook tracks from call to call, which an exported graph cannot hold: "
+                   "it would run one step's methods at every step. Export the model without a plan "
+                   "(ditfa_optimum.remove(model) first), or use torch.compile, which follows the steps "
+                   "(docs/runtime.md)")
+
+
 def _first_value(timestep) -> float | None:
     if timestep is None:
         return None
     if isinstance(timestep, torch.Tensor):
-        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
+        try:
+            return float(timestep.reshape(-1)[0]) if timestep.numel() else None
+        except Exception as error:
+            from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode  # sympy: imported late
+
+            if isinstance(error, GuardOnDataDependentSymNode):
+                raise RuntimeError(TRACED_TIMESTEP) from error
+            raise
     return float(timestep)

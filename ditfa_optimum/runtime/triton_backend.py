@@ -51,6 +51,7 @@ def _(q, k, v, widths, table, tune_key, num_image_tokens, num_text_tokens, image
 @register_backend
 class TritonBackend:
     name = "triton"
+    differentiable = False  # the custom op registers no backward
 
     def __init__(self):
         self._widths = HostCache(_MAX_CACHED_WIDTHS)

@@ -127,3 +127,45 @@ def test_host_cache_shares_equal_keys_and_keeps_at_most_its_size():
     cache.get(((3, 4),), make("d"))
     assert cache.get(a.rows, make("a third")) == "a" and cache.get(((2, 4),), make("c again")) == "c again"
     assert made == ["a", "c", "d", "c again"]
+
+
+def test_calls_that_need_gradients_get_a_differentiable_backend(monkeypatch, caplog):
+    """Training through a plan on CUDA failed in diffusers' own training tests: "auto" chose the fused kernel (no
+    backward) or FlexAttention (its BlockMask lacks the backward's query blocks). With gradients needed, "auto" skips
+    backends that declare ``differentiable = False`` and a named one is refused with what to use."""
+    import ditfa_optimum as dfa
+    from ditfa_optimum.runtime import backends
+    from ditfa_optimum.tiny import tiny_inputs, tiny_transformer
+
+    class NoGradients:
+        name, differentiable = "no-gradients", False
+
+        def available(self, device):
+            return True
+
+        def attend(self, q, k, v, layout, widths):
+            assert not backends.needs_grad(q, k, v), "called for a call that needs gradients"
+            return backends._BACKENDS["blocked"].attend(q, k, v, layout, widths)
+
+    monkeypatch.setitem(backends._BACKENDS, "no-gradients", NoGradients())
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("no-gradients", "blocked"))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert get_backend("auto", CPU).name == "no-gradients"
+    monkeypatch.setattr(backends, "_warned_grad", set())
+    assert get_backend("auto", CPU, grad=True).name == "blocked"
+    assert "need gradients, which no-gradients cannot compute, so they run on 'blocked'" in caplog.text
+    with pytest.raises(ValueError, match="'no-gradients' computes no gradients.*backend='auto'"):
+        get_backend("no-gradients", CPU, grad=True)
+
+    model = tiny_transformer("flux").train()
+    inputs = tiny_inputs(model, batch=1, height=8, width=8)
+    dfa.apply(model, dfa.uniform_plan(model, num_steps=2, method="arrow:1/2", full_steps=0, block_size=4))
+    model(**inputs)[0].square().mean().backward()  # through "blocked"
+    assert model.transformer_blocks[0].attn.to_q.weight.grad is not None
+    with torch.no_grad():
+        model(**{**inputs, "timestep": inputs["timestep"] * 0.5})  # no gradients: the first choice again
+    dfa.remove(model)
+    dfa.apply(model, dfa.uniform_plan(model, num_steps=2, method="arrow:1/2", full_steps=0, block_size=4),
+              backend="no-gradients")
+    with pytest.raises(ValueError, match="computes no gradients"):
+        model(**inputs)

@@ -65,3 +65,22 @@ def test_fullgraph_compile_of_a_planned_transformer(family):
     # second generation may add one (memory left by the first), after that nothing compiles again
     assert 1 <= first <= STEPS + 1 and second <= first + 1
     assert len(graphs) == second
+
+
+def test_torch_export_of_a_planned_transformer_is_refused_clearly():
+    """An exported graph cannot follow the plan's steps (found by diffusers' own AOT-compile test with a plan applied,
+    which otherwise failed deep in torch on the timestep read); the refusal says what to do, and leaves the plan
+    runnable."""
+    from ditfa_optimum.tiny import tiny_inputs, tiny_transformer
+
+    model = tiny_transformer("flux")
+    inputs = tiny_inputs(model, batch=1, height=4, width=4)
+    dfa.apply(model, dfa.uniform_plan(model, num_steps=2, block_size=4))
+    with pytest.raises(RuntimeError, match=r"reads the step from this call's timestep, which this trace cannot read.*"
+                                           r"ditfa_optimum.remove\(model\)"):
+        torch.export.export(model, args=(), kwargs=inputs)
+    with torch.no_grad():
+        model(**inputs)
+    assert dfa.get_runtime(model).state.step == 0
+    dfa.remove(model)
+    torch.export.export(model, args=(), kwargs=inputs)  # the stock model exports again
