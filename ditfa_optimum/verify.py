@@ -27,8 +27,9 @@ MAX_SIDE = 64
 
 def downsample(latents: torch.Tensor, pipeline, height: int, width: int) -> torch.Tensor:
     """Final latents as ``[B, C, h, w]`` float32, average-pooled to at most 64 x 64."""
-    if latents.dim() == 3:  # FLUX packs 2x2 latent patches into tokens
-        latents = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+    from .adapters import get_adapter
+
+    latents = get_adapter(pipeline.transformer).spatial_latents(latents, height, width, pipeline.vae_scale_factor)
     latents = latents.float()
     h, w = latents.shape[-2:]
     return F.adaptive_avg_pool2d(latents, (min(MAX_SIDE, h), min(MAX_SIDE, w))).cpu()

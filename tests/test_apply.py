@@ -255,3 +255,17 @@ def test_a_plan_runs_under_autocast_with_sd35_qk_norm(backend):
     assert out.dtype == stock.dtype and torch.isfinite(out).all()
     assert all(p.grad is not None for p in model.transformer_blocks[0].attn.to_q.parameters())
     dfa.remove(model)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (48, 80)])
+def test_flux_latents_unpack_as_the_pipeline_does(size):
+    """The FLUX adapter's own unpacking of packed latents (used by verify) equals diffusers' pipeline helper."""
+    from diffusers import FluxPipeline
+
+    height, width = size
+    packed = torch.randn(2, (height // 16) * (width // 16), 64)
+    adapter = dfa.get_adapter(tiny_transformer("flux"))
+    assert torch.equal(adapter.spatial_latents(packed, height, width, 8),
+                       FluxPipeline._unpack_latents(packed, height, width, 8))
+    spatial = torch.randn(2, 16, 8, 8)
+    assert dfa.get_adapter(tiny_transformer("sd3")).spatial_latents(spatial, 64, 64, 8) is spatial

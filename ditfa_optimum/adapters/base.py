@@ -146,6 +146,11 @@ class Adapter:
         """Whether ``pipeline``'s current call batches CFG as [uncond, cond] (None: cannot tell)."""
         return getattr(pipeline, "do_classifier_free_guidance", None)
 
+    def spatial_latents(self, latents: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
+        """A pipeline's final latents (``output_type="latent"``) for an image of ``height`` x ``width`` pixels as
+        ``[B, C, h, w]`` (SD3's already are)."""
+        return latents
+
     # ------------------------------------------------------------------ processors
     def make_processor(self, spec: ModuleSpec, module_runtime):
         """The planned processor of module ``spec``: computes q, k, v as the stock processor does and hands them to

@@ -103,6 +103,15 @@ class FluxAdapter(Adapter):
         # FLUX packs 2x2 latent patches into one token
         return (height // vae_scale_factor // 2) * (width // vae_scale_factor // 2)
 
+    def spatial_latents(self, latents, height, width, vae_scale_factor):
+        # FLUX packs 2x2 latent patches into tokens: [B, (h/2)(w/2), 4C] -> [B, C, h, w]
+        if latents.dim() != 3:
+            return latents
+        B, _, packed = latents.shape
+        h, w = 2 * (height // (vae_scale_factor * 2)), 2 * (width // (vae_scale_factor * 2))
+        latents = latents.view(B, h // 2, w // 2, packed // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return latents.reshape(B, packed // 4, h, w)
+
     def batched_cfg(self, pipeline) -> bool | None:
         # FLUX.1 is guidance-distilled; its true-CFG mode runs the negative prompt as a separate call
         return False
