@@ -29,7 +29,8 @@ def downsample(latents: torch.Tensor, pipeline, height: int, width: int) -> torc
     """Final latents as ``[B, C, h, w]`` float32, average-pooled to at most 64 x 64."""
     from .adapters import get_adapter
 
-    latents = get_adapter(pipeline.transformer).spatial_latents(latents, height, width, pipeline.vae_scale_factor)
+    latents = get_adapter(pipeline.transformer).spatial_latents(latents, height, width,
+                                                                getattr(pipeline, "vae_scale_factor", 8))
     latents = latents.float()
     h, w = latents.shape[-2:]
     return F.adaptive_avg_pool2d(latents, (min(MAX_SIDE, h), min(MAX_SIDE, w))).cpu()
