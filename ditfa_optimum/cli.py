@@ -70,7 +70,6 @@ def run_demo(family: str = "sd3", methods: list[str] | None = None, steps: int =
         raise ValueError(f"guidance must be a finite number (the CFG scale, e.g. 5), got {guidance!r}")
     if out:
         check_plan_target(out, overwrite, hint="pass --overwrite")  # before the work, and again when saving
-        _check_plan_dir(out)
 
     methods = list(methods or DEMO_MIX)
     pipe = tiny_pipeline(family, seed=seed)
@@ -120,21 +119,6 @@ def run_demo(family: str = "sd3", methods: list[str] | None = None, steps: int =
         except OSError as e:
             raise ValueError(f"cannot write the plan to {out}: {e.strerror or e}; choose another directory") from None
     return result
-
-
-def _check_plan_dir(out: str) -> None:
-    """A directory for ``demo --out``: not a file, under a directory (missing ones are created)."""
-    path = Path(out)
-    try:
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{out} exists and is a file, not a directory; choose a new or empty directory")
-        parent = path.absolute().parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not parent.is_dir():
-            raise ValueError(f"cannot create {out}: {parent} is a file, not a directory; choose another path")
-    except OSError as e:
-        raise ValueError(f"cannot write a plan to {out[:200]!r}: {e.strerror or e}; choose another path") from None
 
 
 def _cmd_demo(args) -> int:
@@ -243,6 +227,8 @@ def _image_path(path: str, flag: str) -> Path:
     it can be made (missing parent directories are created when saving, as for ``optimize --out``)."""
     from PIL import Image
 
+    from .serialization import nearest_existing_parent
+
     path = Path(path)
     Image.init()
     fmt = Image.registered_extensions().get(path.suffix.lower())
@@ -252,9 +238,7 @@ def _image_path(path: str, flag: str) -> Path:
     try:
         if path.is_dir():
             raise UserError(f"{flag} {path} is a directory; give a file name, e.g. {path / ('image' + path.suffix)}")
-        parent = path.absolute().parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
+        parent = nearest_existing_parent(path)
         if not parent.is_dir():
             raise UserError(f"{flag} {path}: {parent} is a file, not a directory; choose another path")
     except OSError as e:  # a name too long, a NUL byte

@@ -233,9 +233,7 @@ def check_target(directory: str | os.PathLike, overwrite: bool, hint: str = "pas
                 raise ArtifactError(f"{directory} is not empty and is not a ditfa artifact (no {CONFIG_NAME} with a "
                                     "schema_version), so nothing is written there, overwrite or not: choose a new or "
                                     "empty directory")
-        parent = directory.absolute().parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
+        parent = nearest_existing_parent(directory)
         if not parent.is_dir():
             raise ArtifactError(f"cannot create {directory}: {parent} is a file, not a directory; choose another path")
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -245,6 +243,15 @@ def check_target(directory: str | os.PathLike, overwrite: bool, hint: str = "pas
         raise ArtifactError(f"cannot write an artifact to {directory}: {e.strerror or e}; choose another "
                             "path") from None
     return directory
+
+
+def nearest_existing_parent(path: str | os.PathLike) -> Path:
+    """The closest existing directory above ``path`` (or what exists there instead: a file makes ``path`` impossible
+    to create); missing directories in between are created when writing."""
+    parent = Path(path).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
 
 
 def is_artifact(directory: str | os.PathLike) -> bool:
@@ -262,11 +269,17 @@ def is_artifact(directory: str | os.PathLike) -> bool:
 
 def check_plan_target(directory: str | os.PathLike, overwrite: bool, hint: str = "pass overwrite=True") -> Path:
     """Check that a bare plan (``CompressionPlan.save``: plan.json + plan.safetensors) may be written to ``directory``:
-    never into an artifact (its plan is checksummed), over an existing plan only with ``overwrite``."""
+    a directory that exists or can be created (not a file, nor under one), never an artifact (its plan is
+    checksummed), over an existing plan only with ``overwrite``."""
     from .plan import PLAN_JSON, PLAN_TENSORS
 
     directory = Path(directory)
     try:
+        if directory.exists() and not directory.is_dir():
+            raise ArtifactError(f"{directory} exists and is a file, not a directory; choose a new or empty directory")
+        parent = nearest_existing_parent(directory)
+        if not parent.is_dir():
+            raise ArtifactError(f"cannot create {directory}: {parent} is a file, not a directory; choose another path")
         if (directory / CONFIG_NAME).exists():
             raise ArtifactError(f"{directory} is a ditfa artifact ({CONFIG_NAME}); a plan written into it would break "
                                 "its checksums, overwrite or not: choose another directory")
