@@ -296,10 +296,7 @@ def _pipeline(args, art, steps: int | None = None):
             raise UserError(f"--steps {steps}: the plan was searched for {art.plan.num_steps} steps and "
                             "--strict-steps refuses to remap it; leave --steps out, or drop --strict-steps to run it "
                             "remapped (lower quality than searched)")
-        print(f"note: the plan was searched for {art.plan.num_steps} steps; it runs remapped at {steps} (each step "
-              "takes the choices of the searched step at the same position), so expect the image to differ more "
-              "from dense than the search predicted (docs/runtime.md; --strict-steps refuses instead)",
-              file=sys.stderr)
+        # apply() warns once that the plan runs remapped and what to expect (one message, not two)
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     return load_pipeline(art, base_model=args.base_model, torch_dtype=dtype, device=args.device,
                          backend=args.backend, num_inference_steps=steps)

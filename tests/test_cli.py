@@ -346,3 +346,16 @@ def test_verify_reads_only_checked_record_fields(artifact, tmp_path):
 
     report = verify_artifact(_edited_record(artifact, tmp_path, strip))
     assert report.rows and "prompt" in report.rows[0].detail  # it ran (guidance None: the images differ)
+
+
+def test_generate_at_another_step_count_remaps_with_one_warning_or_refuses(artifact, tmp_path, capsys, caplog):
+    out = tmp_path / "x.png"
+    assert main(["generate", str(artifact), "a cube", "--out", str(out), "--quiet", "--steps", "3"]) == 0
+    assert out.exists()
+    warnings = [r.getMessage() for r in caplog.records if "runs remapped" in r.getMessage()]
+    assert len(warnings) == 1 and "searched for 4 steps and runs remapped at 3" in warnings[0]
+    assert "runs remapped" not in capsys.readouterr().err  # no second copy of the message from the CLI
+    out.unlink()
+    _refused(["generate", str(artifact), "a cube", "--out", str(out), "--steps", "3", "--strict-steps"], capsys,
+             "--steps 3: the plan was searched for 4 steps and --strict-steps refuses to remap it")
+    assert not out.exists()
