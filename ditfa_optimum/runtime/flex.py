@@ -28,6 +28,11 @@ _MAX_CACHED_MASKS = 64
 
 FLEX_TILE = 128
 
+#: the smallest head dimension compiled FlexAttention takes on CUDA (torch 2.11: "NYI: embedding dimension of the
+#: query, key, and value must be at least 16"); smaller heads are zero-padded to it, which changes nothing but the
+#: default softmax scale, passed explicitly
+MIN_COMPILED_HEAD_DIM = 16
+
 
 def arrow_mask_mod(layout: TokenLayout, widths: torch.Tensor):
     """A FlexAttention ``mask_mod`` for per-(b, h) band widths (0 = keep nothing)."""
@@ -106,4 +111,17 @@ class FlexBackend:
         widths = Widths.of(widths, layout.num_image_blocks)
         if widths.all_full:
             return F.scaled_dot_product_attention(q, k, v)
-        return self._flex(q.device)(q, k, v, block_mask=self.block_mask(layout, widths, q.device))
+        flex, block_mask = self._flex(q.device), self.block_mask(layout, widths, q.device)
+        if q.device.type == "cpu":
+            return flex(q, k, v, block_mask=block_mask)
+        return padded_call(flex, q, k, v, block_mask, MIN_COMPILED_HEAD_DIM)
+
+
+def padded_call(flex, q, k, v, block_mask, min_head_dim: int) -> torch.Tensor:
+    """``flex(q, k, v, block_mask=...)`` with heads narrower than ``min_head_dim`` zero-padded to it: zero columns add
+    nothing to q.k, the padded output columns are sliced off, and the scale stays 1/sqrt(D) of the true D."""
+    D = q.shape[-1]
+    if D >= min_head_dim:
+        return flex(q, k, v, block_mask=block_mask)
+    pad = (0, min_head_dim - D)
+    return flex(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), block_mask=block_mask, scale=D ** -0.5)[..., :D]

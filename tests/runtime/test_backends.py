@@ -72,6 +72,30 @@ def test_backend_equals_reference(backend, layout, tol, device):
     torch.testing.assert_close(out[computed], ref[computed], **tol)
 
 
+@pytest.mark.parametrize("head_dim", [8, 16])
+def test_flex_pads_narrow_heads_without_changing_the_result(head_dim):
+    """Compiled FlexAttention on CUDA takes heads of 16 dimensions or more; narrower ones are zero-padded (tested here
+    through the eager path; on a GPU test_backend_mixed_plan_matches_naive runs 8-dimension heads through it)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from ditfa_optimum.runtime.flex import arrow_block_mask, padded_call
+
+    layout = LAYOUTS[0]
+    q, k, v = rand_qkv(2, 3, layout.seq_len, head_dim)
+    widths = mixed_widths(layout, 2, 3)
+    mask = arrow_block_mask(layout, widths, tile=8)
+    seen = []
+
+    def flex(q_, k_, v_, **kwargs):
+        seen.append(q_.shape[-1])
+        return flex_attention(q_, k_, v_, **kwargs)
+
+    out = padded_call(flex, q, k, v, mask, 16)
+    assert seen == [16] and out.shape == q.shape
+    computed = widths > 0
+    torch.testing.assert_close(out[computed], flex_attention(q, k, v, block_mask=mask)[computed], **FLEX_TOL)
+
+
 def test_reference_all_full_is_plain_sdpa():
     layout = TokenLayout(num_image_tokens=20, num_text_tokens=3, block_size=4)
     q, k, v = rand_qkv(2, 3, layout.seq_len, 8)
