@@ -1,5 +1,5 @@
 """The peers: block caches users already have, swept over their own thresholds on the miniature MMDiT, measured by the
-same FLOP counter (`flops.py`) and the same image metrics (`quality.psnr` / `quality.ssim`) as our plans.
+same FLOP counter (`flops.py`) and the same image metrics (`quality.image_scores`) as our plans.
 
     python benchmarks/peers.py --prompts 16 --out DIR        # prints a table, writes DIR/peers.json
 
@@ -104,7 +104,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flops import count_flops, skipped_share  # noqa: E402
 from mini_model import CALIBRATION_SEED, generate, held_out_captions  # noqa: E402
-from quality import psnr, ssim  # noqa: E402
+from quality import image_scores  # noqa: E402
 
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # cache-dit logs every context at INFO
 
@@ -549,8 +549,9 @@ def run_peer_sweep(pipe, captions: list[str], seeds: list[int], dense_images: to
         log: where progress lines go (None: silent).
 
     Returns:
-        rows ``dict(curve, setting, whole_cut, psnr, ssim, psnr_min, flops_per_image, dense_flops_per_image,
-        attention_cut, seconds)``; magcache rows also carry their ``mag_ratios``.
+        rows ``dict(curve, setting, whole_cut, psnr, psnr_min, ssim, faithfulness, drift_px, area_change,
+        flops_per_image, dense_flops_per_image, attention_cut, seconds)``; magcache rows also carry their
+        ``mag_ratios``.
 
     The dense FLOPs are counted on a dense run of the first caption (dense FLOPs per image do not depend on the caption
     or the batch).
@@ -583,10 +584,9 @@ def run_peer_sweep(pipe, captions: list[str], seeds: list[int], dense_images: to
                     images = generate(pipe, captions, seeds, steps, guidance, batch)
             finally:
                 disable_peer(pipe, handle)
-            p, s = psnr(dense_images, images), ssim(dense_images, images)
             row = dict(curve=name, setting=setting_label(setting), whole_cut=skipped_share(
-                counted.per_image(len(captions)), dense_per_image), psnr=float(p.clamp(max=99).mean()),
-                psnr_min=float(p.min()), ssim=float(s.mean()), flops_per_image=counted.per_image(len(captions)),
+                counted.per_image(len(captions)), dense_per_image), **image_scores(dense_images, images, captions),
+                flops_per_image=counted.per_image(len(captions)),
                 dense_flops_per_image=dense_per_image,
                 attention_cut=skipped_share(counted.attention / len(captions), dense.attention),
                 seconds=time.perf_counter() - start, params=dict(setting))

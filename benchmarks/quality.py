@@ -47,7 +47,7 @@ from ditfa_optimum.embedded import defaults_for  # noqa: E402
 from ditfa_optimum.mini import mini_pipeline  # noqa: E402
 from ditfa_optimum.plan import CompressionPlan  # noqa: E402
 from ditfa_optimum.search import search  # noqa: E402
-from training.scenes import faithfulness  # noqa: E402
+from training.scenes import faithfulness, object_changes  # noqa: E402
 
 THRESHOLDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 TARGET_CUTS = (0.3, 0.45, 0.6, 0.7, 0.8, 0.9)
@@ -80,6 +80,17 @@ def ssim(reference: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     c1, c2 = 0.01**2, 0.03**2
     value = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return value.flatten(1).mean(1)
+
+
+def image_scores(dense: torch.Tensor, images: torch.Tensor, captions: list[str]) -> dict:
+    """Every image metric of a row against the dense images (all [N, 3, H, W] in [0, 1]): PSNR (capped at 99 dB
+    per image, mean and min), SSIM, faithfulness, and how far the caption objects moved (``drift_px``, px of 64) and
+    changed area (``area_change``, share of the shape's area) against dense (training.scenes.object_changes)."""
+    p, s = psnr(dense, images), ssim(dense, images)
+    changes = object_changes(images * 2 - 1, dense * 2 - 1, captions)
+    return dict(psnr=float(p.clamp(max=99).mean()), psnr_min=float(p.min()), ssim=float(s.mean()),
+                faithfulness=faithfulness(images * 2 - 1, captions).mean().item(),
+                drift_px=float(changes["position_px"].mean()), area_change=float(changes["area"].mean()))
 
 
 def uniform_from(specs, steps: int, method: str, start: int, block_size: int, model_class: str) -> CompressionPlan:
@@ -138,15 +149,16 @@ def report(result: dict, png: Path | None = None) -> None:
     print(f"{result['model']}: dense faithfulness {result['dense_faithfulness']:.3f} on "
           f"{result['evaluation_prompts']} held-out captions, {result['device']}\n")
     print("| strategy | setting | attention FLOPs cut | whole FLOPs skipped | PSNR (dB) | predicted PSNR | SSIM "
-          "| faithfulness | best peer at this whole cut |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| faithfulness | object drift (px) | best peer at this whole cut |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peer = None if r.get("peer") else best_peer_at(rows, r["whole_cut"])
         cut = "–" if r.get("flop_cut") is None else f"{r['flop_cut']:.1%}"
         pred = "–" if r.get("predicted_psnr") is None else f"{r['predicted_psnr']:.1f}"
+        faith = "–" if r.get("faithfulness") is None else f"{r['faithfulness']:.3f}"  # runs before they were scored
+        drift = "–" if r.get("drift_px") is None else f"{r['drift_px']:.2f}"
         print(f"| {r['curve']} | {r['setting']} | {cut} | {r['whole_cut']:.1%} | {r['psnr']:.2f} | {pred} | "
-              f"{r['ssim']:.3f} | {r['faithfulness']:.3f} | "
-              f"{'–' if peer is None else f'{peer[1]:.2f} ({peer[0]})'} |")
+              f"{r['ssim']:.3f} | {faith} | {drift} | {'–' if peer is None else f'{peer[1]:.2f} ({peer[0]})'} |")
     if png is not None:
         try:
             plot(rows, f"{result['model']}, {result['evaluation_prompts']} held-out captions", png)
@@ -173,12 +185,10 @@ class Evaluator:
         return images, counter.per_image(len(self.captions))
 
     def score(self, images, flops: float, **row) -> dict:
-        p, s = psnr(self.dense, images), ssim(self.dense, images)
-        row.update(psnr=float(p.clamp(max=99).mean()), psnr_min=float(p.min()), ssim=float(s.mean()),
-                   faithfulness=faithfulness(images * 2 - 1, self.captions).mean().item(),
-                   whole_cut=1 - flops / self.dense_flops)
+        row.update(image_scores(self.dense, images, self.captions), whole_cut=1 - flops / self.dense_flops)
         print(f"{row['curve']:28s} {row['setting']:18s} whole {row['whole_cut']:6.1%}  PSNR {row['psnr']:6.2f} dB "
-              f"SSIM {row['ssim']:.4f}  faithfulness {row['faithfulness']:.3f}", flush=True)
+              f"SSIM {row['ssim']:.4f}  faithfulness {row['faithfulness']:.3f}  drift {row['drift_px']:.2f} px",
+              flush=True)
         return row
 
     def plan_row(self, curve: str, setting: str, plan: CompressionPlan, stats, backend: str) -> dict:
@@ -311,7 +321,7 @@ def main(argv=None) -> int:
         chosen = {k: v[::2] for k, v in PEERS.items()} if args.quick else None
         for row in run_peer_sweep(pipe, captions, ev.seeds, ev.dense, calibration, config.num_inference_steps,
                                   config.guidance_scale, args.batch, args.device, peers=chosen):
-            rows.append(dict(row, peer=True, flop_cut=None, faithfulness=row.get("faithfulness", float("nan"))))
+            rows.append(dict(row, peer=True, flop_cut=None))
 
     result = dict(model=args.model, device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                   config=config.to_dict(), calibration_prompts=calibration, evaluation_prompts=len(captions),

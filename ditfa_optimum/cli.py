@@ -206,7 +206,8 @@ def _cmd_optimize(args) -> int:
         if args.quiet:
             print(opt.summary())
         print(plan.report().table())
-        saved = opt.save_pretrained(out, overwrite=args.overwrite, reproducibility_prompts=args.repro_prompts)
+        saved = opt.save_pretrained(out, overwrite=args.overwrite, reproducibility_prompts=args.repro_prompts,
+                                    self_contained=args.self_contained or None)
         if args.plan_picture:
             _picture(plan, args.model, saved / "plan.png")
     except ValueError as e:
@@ -375,6 +376,11 @@ def _cmd_inspect(args) -> int:
     fp = config["transformer"]["fingerprint"]
     print(f"transformer  {config['transformer']['class_name']}: {fp['attention_modules']} attention modules, "
           f"heads {fp['num_heads']}, head dim {fp['head_dim']}, {'image' if fp['image_first'] else 'text'} first")
+    print(f"weights      " + {
+        "base": f"the base model's ({len(base.get('files', {}))} files pinned by sha256), none stored here",
+        "base+delta": f"the base model's ({len(base.get('files', {}))} files pinned by sha256), with the tensors "
+                      f"that differ from them stored here",
+        "included": "stored here (self-contained)"}[art.weights])
     print(f"plan         {plan.summary()}")
     cut = art.attention_flop_cut
     print(f"attention    {cut:.1%} of dense attention FLOPs cut" if cut is not None else
@@ -391,6 +397,24 @@ def _cmd_inspect(args) -> int:
     if png:
         path = _picture(plan, f"{base.get('id')}: {plan.num_steps} steps", png, "--png")
         print(f"\nwrote {path}")
+    return 0
+
+
+def _cmd_push(args) -> int:
+    from .serialization import push_artifact
+
+    if args.repo_id.count("/") != 1 or args.repo_id.startswith(("/", ".")):
+        raise UserError(f"repo_id must be a Hub repo id (user/name), got {args.repo_id!r}")
+    if not Path(args.artifact).is_dir():
+        raise UserError(f"{args.artifact!r} is not an artifact directory (push uploads a saved artifact)")
+    try:
+        info = push_artifact(args.artifact, args.repo_id, private=args.private or None, commit_message=args.message)
+    except ValueError as e:  # ArtifactError: not uploaded
+        raise UserError(str(e)) from None
+    except Exception as e:  # huggingface_hub: no token, no network, no permission
+        raise UserError(f"upload to {args.repo_id} failed: {e} ({type(e).__name__}); log in with "
+                        "`huggingface-cli login` or set HF_TOKEN") from None
+    print(f"pushed       {args.artifact} to {getattr(info, 'commit_url', None) or args.repo_id}")
     return 0
 
 
@@ -512,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--out", default="ditfa-artifact", help="artifact directory (default ./ditfa-artifact)")
     opt.add_argument("--overwrite", action="store_true",
                      help="replace an existing ditfa artifact in --out (never any other non-empty directory)")
+    opt.add_argument("--self-contained", action="store_true",
+                     help="store the whole transformer in the artifact (air-gapped use; mind the base model's "
+                          "licence before publishing it). Default: refer to the base model's files, pinned by "
+                          "revision and sha256, and store only the tensors that differ")
     opt.add_argument("--repro-prompts", type=int, default=2,
                      help="generations recorded for `verify` (default 2; 0: none)")
     opt.add_argument("--no-picture", dest="plan_picture", action="store_false",
@@ -522,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     def artifact_args(p, load=True):
         p.add_argument("artifact", help="artifact directory or Hub repo id")
         if load:
-            p.add_argument("--base-model", help="where text encoders and VAE come from (default: the recorded one)")
+            p.add_argument("--base-model", help="where text encoders and VAE come from, and the transformer weights of "
+                                                "an artifact that refers to them (default: the recorded base model)")
             p.add_argument("--device", help="e.g. cuda (default: CPU)")
             p.add_argument("--backend", default="auto", help="attention backend (default auto)")
 
@@ -563,6 +592,13 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--psnr-floor", type=float, default=30.0,
                      help="PSNR floor in dB when device/backend/dtype differ from the saving machine (default 30)")
     ver.set_defaults(func=_cmd_verify)
+
+    push = sub.add_parser("push", help="upload an artifact to the Hugging Face Hub (checked first)")
+    artifact_args(push, load=False)
+    push.add_argument("repo_id", help="the Hub model repo to create or update (user/name)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--message", default="Upload ditfa-optimum artifact", help="commit message")
+    push.set_defaults(func=_cmd_push)
 
     demo = sub.add_parser("demo", help="run a head-wise plan on the embedded tiny model and report cut, time, error")
     demo.add_argument("--family", choices=["sd3", "sd35", "flux"], default="sd3")

@@ -19,7 +19,10 @@ def load_pipeline(artifact: str | os.PathLike | Artifact, base_model=None, *, to
         artifact: an artifact directory, a Hub repo id (fetched through the HF cache: ``HF_HUB_OFFLINE=1`` works once
             cached), or an `Artifact` from `read_artifact`.
         base_model: where the other components (text encoders, VAE, scheduler) come from: a model id or directory, or
-            a loaded pipeline whose transformer is replaced. Default: the base model the artifact records.
+            a loaded pipeline whose transformer is replaced. Default: the base model the artifact records. An artifact
+            that refers to the base's transformer weights (``Artifact.weights`` "base" or "base+delta", the default
+            when saving) loads them from an id or directory given here, else from the recorded id at the recorded
+            revision; their sha256 must be the recorded ones.
         torch_dtype: dtype of the transformer and, for ids, the whole pipeline.
         device: move the pipeline there.
         backend: attention backend of the plan runtime ("auto", "reference", "flex", ...).
@@ -39,7 +42,8 @@ def load_pipeline(artifact: str | os.PathLike | Artifact, base_model=None, *, to
     """
     check_device(device)  # before anything is read or loaded
     art = artifact if isinstance(artifact, Artifact) else read_artifact(artifact, revision=revision, token=token)
-    transformer = art.load_transformer(torch_dtype)
+    where = base_model if isinstance(base_model, (str, os.PathLike)) else None  # also holds the base's weights
+    transformer = art.load_transformer(torch_dtype, base_model=where)
     pipeline = base_pipeline(art, base_model, transformer, torch_dtype, components)
     if device is not None:
         pipeline.to(device)

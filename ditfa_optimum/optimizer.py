@@ -182,8 +182,9 @@ class DiTFastAttnOptimizer:
                 f"search {info['search_seconds']:.2f} s")
 
     def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = False,
-                        reproducibility_prompts: int = 2) -> Path:
-        """Write the artifact: transformer weights, plan, config with checksums, model card, reproducibility record.
+                        reproducibility_prompts: int = 2, self_contained: bool | None = None) -> Path:
+        """Write the artifact: plan, config with checksums, model card, reproducibility record, and the transformer
+        weights only where they differ from the base model's.
 
         Args:
             directory: the artifact directory (created; an empty one is used).
@@ -191,6 +192,10 @@ class DiTFastAttnOptimizer:
                 not empty is never replaced (see `ditfa_optimum.serialization.write_artifact` for the guarantees:
                 one writer at a time, no window without a recoverable artifact).
             reproducibility_prompts: how many generations to record for `ditfa-optimum verify` (0: none).
+            self_contained: None (default): refer to the base model's transformer files (pinned revision and
+                sha256) and store only the tensors that differ from them, or the whole transformer when the base has
+                no files to refer to (a pipeline passed as an object). True: always store the whole transformer
+                (air-gapped deployment; mind the base model's licence before publishing its weights). False: never.
 
         Example:
             >>> opt.save_pretrained("sd3-ditfa")          # doctest: +SKIP
@@ -228,24 +233,25 @@ class DiTFastAttnOptimizer:
                     remove(self.pipeline)
         base = {"id": self.source, "revision": self.revision, "embedded": self.source in EMBEDDED_MODELS}
         return write_artifact(directory, transformer=self.pipeline.transformer, plan=self.plan, base_model=base,
-                              prompt_encoder=encoder_record, reproducibility=reproducibility, overwrite=overwrite)
+                              prompt_encoder=encoder_record, reproducibility=reproducibility, overwrite=overwrite,
+                              self_contained=self_contained)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None,
-                    commit_message: str = "Upload ditfa-optimum artifact", reproducibility_prompts: int = 2):
-        """Save the artifact to a temporary directory and upload it as the Hub model repo ``repo_id``.
+                    commit_message: str = "Upload ditfa-optimum artifact", reproducibility_prompts: int = 2,
+                    self_contained: bool | None = None):
+        """Save the artifact to a temporary directory and upload it as the Hub model repo ``repo_id``
+        (`ditfa_optimum.serialization.push_artifact`; ``self_contained`` as in `save_pretrained`).
 
         Returns the `huggingface_hub.CommitInfo` of the upload.
         """
         import tempfile
 
-        from huggingface_hub import HfApi
+        from .serialization import push_artifact
 
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / "artifact", reproducibility_prompts=reproducibility_prompts)
-            api = HfApi(token=token)
-            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                                     repo_type="model")
+            folder = self.save_pretrained(Path(tmp) / "artifact", reproducibility_prompts=reproducibility_prompts,
+                                          self_contained=self_contained)
+            return push_artifact(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
     def save_plan(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the plan (and the calibration statistics under ``calibration/``) into ``directory``; an existing plan

@@ -17,11 +17,14 @@ History:
    calibration 1-2, sensitivity 1, artifact 1, config ``"version"`` 1.
 2. One counter. An artifact no longer repeats what its plan records: the search config, the calibration summary and
    the attention-FLOP cut are read from the plan's ``metadata["search"]`` (`Artifact.search_config`).
+3. Weights only where they change: an artifact records where its transformer's weights come from
+   (``transformer.weights``: "base", "base+delta" or "included"), their dtype, and the sha256 of the base model's
+   transformer files (``base_model.files``). Artifacts of versions 1 and 2 hold the whole transformer ("included").
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 KEY = "schema_version"
 KINDS = ("plan", "calibration", "sensitivity", "artifact", "config")
 
@@ -105,8 +108,17 @@ def _v1_to_v2(kind: str, info: dict) -> dict:
     return info
 
 
+def _v2_to_v3(kind: str, info: dict) -> dict:
+    if kind == "artifact":
+        if isinstance(info.get("transformer"), dict):
+            info["transformer"] = {"weights": "included", "dtype": None, **info["transformer"]}
+        if isinstance(info.get("base_model"), dict):
+            info["base_model"] = {"files": {}, **info["base_model"]}
+    return info
+
+
 #: upgrade functions: version N -> N + 1, applied in order
-_UPGRADES = {1: _v1_to_v2}
+_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def _is_int(value) -> bool:

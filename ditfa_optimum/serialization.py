@@ -1,13 +1,18 @@
-"""The ditfa artifact: a directory (or Hub repo) holding a compressed transformer, its plan and how it was made.
+"""The ditfa artifact: a directory (or Hub repo) holding a plan for a transformer, and how it was made.
 
-    ditfa_config.json          schema version, package version, base model, transformer class + fingerprint, plan
-                               (structure, and the search's config and results in its metadata), reproducibility
-                               record, sha256 of every other file
+    ditfa_config.json          schema version, package version, base model (id, pinned revision, sha256 of its
+                               transformer files), transformer class + fingerprint + dtype + where its weights come
+                               from, plan (structure, and the search's config and results in its metadata),
+                               reproducibility record, sha256 of every other file
     plan.safetensors           "<module>.method" (int16) / "<module>.param" (float64), [steps, heads]
     scales.safetensors         quantization scales (reserved: empty until quantized methods exist)
     reproducibility.safetensors  downsampled reference latents of a few generations ("image_<i>")
-    transformer/               diffusers save_pretrained (config.json + safetensors)
+    transformer_delta.safetensors  weights "base+delta": the tensors that differ from the base model's
+    transformer/               weights "included": diffusers save_pretrained (config.json + safetensors)
     README.md                  generated model card
+
+Weights are stored only where they change (`ditfa_optimum.base_weights`): by default the artifact refers to the base
+model's transformer files, pinned by revision and sha256.
 
 Nothing is pickled and loading executes nothing from the artifact: JSON is parsed, tensors come from safetensors, the
 transformer class is looked up in an allowlist (the classes an adapter supports) and loaded with
@@ -18,7 +23,6 @@ recovered (`write_artifact`). See docs/artifact-format.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -39,8 +43,9 @@ except ImportError:  # pragma: no cover - Windows
 
 import torch
 
-from . import __version__, schema
+from . import __version__, base_weights, schema
 from .adapters import adapter_names, get_adapter
+from .base_weights import sha256_file as sha256
 from .embedded import EMBEDDED_MODELS  # artifacts record these names as base models: no download
 from .plan import CompressionPlan
 
@@ -51,7 +56,10 @@ PLAN_FILE = "plan.safetensors"
 SCALES_FILE = "scales.safetensors"
 REPRO_FILE = "reproducibility.safetensors"
 TRANSFORMER_DIR = "transformer"
+DELTA_FILE = "transformer_delta.safetensors"
 CARD_FILE = "README.md"
+#: where an artifact's transformer weights come from (`ditfa_optimum.base_weights`)
+WEIGHT_MODES = ("base", "base+delta", "included")
 REQUIRED_KEYS = ("package_version", "base_model", "transformer", "plan", "files")
 #: files whose checksum mismatch only warns: the model card is documentation, and Hub users edit it
 SOFT_CHECKSUM_FILES = (CARD_FILE,)
@@ -94,19 +102,17 @@ def offline_hint() -> str:
     return " (HF_HUB_OFFLINE is set: only cached models load)"
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ==================================================================================================== writing
 def write_artifact(directory: str | os.PathLike, *, transformer: torch.nn.Module, plan: CompressionPlan,
                    base_model: dict, prompt_encoder: dict | None = None, reproducibility: tuple[dict, dict] | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, self_contained: bool | None = None) -> Path:
     """Write an artifact directory; never lose an artifact, never delete anything else.
+
+    Weights (`weights_to_store`): with ``self_contained=None`` (default) the artifact refers to the base model's
+    transformer files (``base_model["id"]``: an embedded name, a directory or a cached Hub id), pinned by revision and
+    sha256, and stores only the tensors that differ from them; a base without files on this machine gets the whole
+    transformer, with a warning. ``True``: always the whole transformer (air-gapped use). ``False``: never; refused
+    when the base has no files to refer to.
 
     What is guaranteed (the names are of ``NAME``, the last part of ``directory``, in its parent directory):
 
@@ -128,6 +134,7 @@ def write_artifact(directory: str | os.PathLike, *, transformer: torch.nn.Module
     directory = check_target(directory, overwrite)  # quick feedback; repeated under the lock
     adapter = get_adapter(transformer)
     plan.validate(adapter.module_specs(transformer), model_class=adapter.model_class)
+    weights = weights_to_store(transformer, base_model, self_contained)
     directory.parent.mkdir(parents=True, exist_ok=True)
     with _writer_lock(directory), _sigterm_raises():
         _recover_locked(directory)
@@ -135,7 +142,7 @@ def write_artifact(directory: str | os.PathLike, *, transformer: torch.nn.Module
         tmp = _sibling(directory, f"{TMP_TAG}-{os.getpid()}")
         try:
             tmp.mkdir()
-            _write_contents(tmp, transformer, plan, base_model, prompt_encoder, reproducibility)
+            _write_contents(tmp, transformer, plan, weights, prompt_encoder, reproducibility)
             _swap_in(tmp, directory, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -143,13 +150,59 @@ def write_artifact(directory: str | os.PathLike, *, transformer: torch.nn.Module
     return directory
 
 
-def _write_contents(tmp: Path, transformer, plan: CompressionPlan, base_model, prompt_encoder,
+@dataclass
+class StoredWeights:
+    """What an artifact stores of its transformer (`WEIGHT_MODES`), and the base model record it writes."""
+
+    mode: str
+    base_model: dict
+    delta: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def weights_to_store(transformer: torch.nn.Module, base_model: dict | None, self_contained: bool | None
+                     ) -> StoredWeights:
+    """Decide what the artifact stores of ``transformer`` (see `write_artifact`); the base record gains the pinned
+    ``revision`` and the sha256 of the base's transformer ``files``."""
+    base = dict(base_model or {})
+    base.setdefault("files", {})
+    if self_contained:
+        return StoredWeights("included", base)
+    folder = base_weights.locate(base.get("id"), base.get("revision"))
+    why = None
+    if folder is None:
+        why = ("the pipeline was given as an object, not loaded from a model id or directory, so there is no base "
+               "model to refer to" if not base.get("id") else
+               f"the base model {base.get('id')!r} has no transformer files on this machine to refer to")
+    else:
+        delta = base_weights.changed_tensors(transformer, folder.path)
+        if delta is None:
+            why = f"the transformer does not have the structure of the base model's in {folder.path}"
+    if why is not None:
+        if self_contained is False:
+            raise ArtifactError(f"cannot save without the transformer weights: {why}; pass self_contained=True "
+                                "(--self-contained) to store them")
+        logger.warning("ditfa: %s, so the artifact stores the whole transformer", why)
+        return StoredWeights("included", base)
+    base.update(revision=folder.revision or base.get("revision"), files=base_weights.pinned_files(folder.path))
+    return StoredWeights("base+delta" if delta else "base", base, delta)
+
+
+def weights_dtype(transformer: torch.nn.Module) -> str | None:
+    """The dtype of the transformer's floating-point weights, as loading restores it ("bfloat16"), or None."""
+    dtypes = [p.dtype for p in transformer.parameters() if p.is_floating_point()]
+    return str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.") if dtypes else None
+
+
+def _write_contents(tmp: Path, transformer, plan: CompressionPlan, weights: StoredWeights, prompt_encoder,
                     reproducibility) -> None:
     from safetensors.torch import save_file
 
     save_file(plan.state_dict(), tmp / PLAN_FILE, metadata={"format": "pt"})
     save_file({}, tmp / SCALES_FILE, metadata={"format": "pt", "contents": "reserved for quantization scales"})
-    transformer.save_pretrained(tmp / TRANSFORMER_DIR, safe_serialization=True)
+    if weights.mode == "included":
+        transformer.save_pretrained(tmp / TRANSFORMER_DIR, safe_serialization=True)
+    elif weights.mode == "base+delta":
+        save_file(weights.delta, tmp / DELTA_FILE, metadata={"format": "pt"})
     repro_info = None
     if reproducibility is not None:
         repro_info, repro_tensors = reproducibility
@@ -157,8 +210,9 @@ def _write_contents(tmp: Path, transformer, plan: CompressionPlan, base_model, p
                   metadata={"format": "pt"})
     config = schema.stamp({
         "package_version": __version__,
-        "base_model": base_model,
-        "transformer": {"class_name": type(transformer).__name__, "fingerprint": fingerprint(transformer)},
+        "base_model": weights.base_model,
+        "transformer": {"class_name": type(transformer).__name__, "fingerprint": fingerprint(transformer),
+                        "weights": weights.mode, "dtype": weights_dtype(transformer)},
         "plan": plan.to_json_dict(),
         "prompt_encoder": prompt_encoder,
         "reproducibility": repro_info,
@@ -475,7 +529,13 @@ def search_summary(plan: CompressionPlan) -> dict:
 
 
 def model_card(config: dict, plan: CompressionPlan) -> str:
-    base = config["base_model"].get("id") or "an unnamed pipeline"
+    """The artifact's README.md: Hub metadata (huggingface_hub's `ModelCardData`: library, base model and relation,
+    licence, tags) and what the plan saves, how to install and load it, and which files hold what."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    record = config["base_model"] or {}
+    base = record.get("id") or "an unnamed pipeline"
+    weights = config["transformer"]["weights"]
     summary = search_summary(plan)
     search = summary.get("config") or {}
     counts = plan.method_counts()
@@ -494,46 +554,80 @@ def model_card(config: dict, plan: CompressionPlan) -> str:
     calibration = "" if not search else (
         f"- Calibration: {summary.get('num_prompts') or '?'} prompts, {summary.get('calibration_seconds') or 0:.1f} s; "
         f"search {summary.get('search_seconds') or 0:.2f} s ({search.get('allocation')} allocation).\n")
-    hub_base = config["base_model"].get("id") if not config["base_model"].get("embedded") else None
-    base_line = f"base_model: {hub_base}\n" if hub_base and hub_base.count("/") == 1 and not Path(hub_base).exists() \
-        else ""
-    return f"""---
-library_name: diffusers
-tags:
-- ditfa-optimum
-- attention-compression
-{base_line}---
-
+    on_hub = bool(record.get("id")) and not record.get("embedded") and record["id"].count("/") == 1 \
+        and not Path(record["id"]).exists()
+    data = ModelCardData(library_name="ditfa-optimum", license="other",
+                         tags=["ditfa-optimum", "attention-compression", "diffusers"],
+                         base_model=record["id"] if on_hub else None,
+                         base_model_relation="adapter" if on_hub and weights != "included" else None)
+    revision = f" at revision `{record['revision']}`" if record.get("revision") else ""
+    if weights == "included":
+        holds = (f"the transformer of `{base}` ({config['transformer']['class_name']}) with its weights, and a plan for "
+                 "it")
+        licence = (f"This artifact holds a copy of the weights of `{base}`: that model's licence applies to them; "
+                   "check it before you publish or use them.")
+    else:
+        holds = (f"a plan for the transformer of `{base}`{revision} ({config['transformer']['class_name']}); the "
+                 "weights are the base model's own, loaded from it and checked against the sha256 recorded here"
+                 + (", with the tensors that differ from them" if weights == "base+delta" else ""))
+        licence = (f"The weights are `{base}`'s and stay there: its licence applies to using them (accept it on the "
+                   f"base model's page if it is gated).")
+    prompts = (plan.metadata.get("search") or {}).get("prompts")
+    example = prompts[0] if isinstance(prompts, list) and prompts and isinstance(prompts[0], str) \
+        and len(prompts[0]) < 200 and '"' not in prompts[0] and "\\" not in prompts[0] else "a lighthouse at dusk"
+    files = ["`ditfa_config.json` (schema version {}, checksums of every file)".format(config[schema.KEY]),
+             "`plan.safetensors`", "`scales.safetensors`", "`reproducibility.safetensors`"]
+    files += {"included": ["`transformer/`"], "base+delta": [f"`{DELTA_FILE}`"], "base": []}[weights]
+    body = f"""
 # {base} with head-wise attention compression (ditfa-optimum)
 
-This artifact holds the transformer of `{base}` ({config["transformer"]["class_name"]}) and a head-wise attention
-plan found by ditfa-optimum {config["package_version"]} after DiTFastAttnV2 (arXiv 2503.22796):
-for each of {len(plan.modules)} attention modules, {plan.num_steps} denoising steps and every head, one of full
-attention, arrow attention (text dense, image x image in a diagonal band), reuse of the previous step's output, or
-sharing across the CFG halves.
+This artifact holds {holds}, found by ditfa-optimum {config["package_version"]} after DiTFastAttnV2
+(arXiv 2503.22796): for each of {len(plan.modules)} attention modules, {plan.num_steps} denoising steps and every head,
+one of full attention, arrow attention (text dense, image x image in a diagonal band), reuse of the previous step's
+output, or sharing across the CFG halves.
 
 ## What it saves
 
 {saving}{skipped}- Heads per method over all (module, step, head) entries: {shares}.
 {quality}{calibration}
-
 ## How to use it
+
+```bash
+pip install ditfa-optimum
+```
 
 ```python
 from ditfa_optimum import load_pipeline
 
 pipe = load_pipeline("<this repo or directory>")      # base components from {base}
-image = pipe("a lighthouse at dusk", num_inference_steps={plan.num_steps}).images[0]
+image = pipe("{example}", num_inference_steps={plan.num_steps}).images[0]
 ```
 
-The plan covers exactly {plan.num_steps} denoising steps. Check it on your machine with
+It loads with `ditfa_optimum.load_pipeline`, not `DiffusionPipeline.from_pretrained`: the plan needs its runtime. The
+plan covers exactly {plan.num_steps} denoising steps. Check it on your machine with
 `ditfa-optimum verify <this repo or directory>`.
+
+## Licence
+
+{licence}
 
 ## Files
 
-`ditfa_config.json` (schema version {config[schema.KEY]}, checksums of every file), `plan.safetensors`,
-`scales.safetensors`, `reproducibility.safetensors`, `transformer/`. No pickle; loading executes no code from here.
+{", ".join(files)}. No pickle; loading executes no code from here.
 """
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def push_artifact(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token=None,
+                  commit_message: str = "Upload ditfa-optimum artifact"):
+    """Upload a saved artifact directory as the Hub model repo ``repo_id`` (created if missing), after checking it
+    reads back (`read_artifact`): a damaged artifact is never published. Returns the `CommitInfo`."""
+    from huggingface_hub import HfApi
+
+    art = read_artifact(folder)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    return api.upload_folder(repo_id=repo_id, folder_path=art.path, commit_message=commit_message, repo_type="model")
 
 
 # ==================================================================================================== reading
@@ -571,12 +665,42 @@ class Artifact:
             raise ArtifactError(f"this diffusers ({diffusers.__version__}) has no {name}; upgrade diffusers")
         return cls
 
-    def load_transformer(self, torch_dtype: torch.dtype | None = None) -> torch.nn.Module:
-        """The transformer, in ``torch_dtype`` (default: as saved). Its tensors must be exactly the class's: a missing,
-        unexpected or misshapen one is refused by name (never left uninitialised)."""
+    @property
+    def weights(self) -> str:
+        """Where the transformer's weights come from: one of `WEIGHT_MODES`."""
+        return self.config["transformer"]["weights"]
+
+    def base_folder(self, base_model: str | os.PathLike | None = None) -> "base_weights.BaseFolder":
+        """The base model's transformer folder, its files checked against the recorded sha256 (weights "base" and
+        "base+delta"). ``base_model``: another place holding the same files (a directory or Hub id; default: the
+        recorded id at the recorded revision, fetched from the Hub when not cached)."""
+        record = self.config["base_model"] or {}
+        source = os.fspath(base_model) if base_model is not None else record.get("id")
+        revision = record.get("revision") if base_model is None else None
+        folder = base_weights.locate(source, revision, download=True)
+        if folder is None:
+            raise ArtifactError(
+                f"{self.path} holds no transformer weights: it refers to the base model {record.get('id')!r}"
+                f"{f' at revision {revision}' if revision else ''}, whose transformer files cannot be found"
+                f"{'' if base_model is None else f' at {source!r}'}{offline_hint()}. Make them available (download "
+                "the base model, or pass base_model= a directory holding it)")
+        try:
+            base_weights.check_pinned(folder, record["files"], f"the base model of {self.path}")
+        except base_weights.BaseWeightsError as e:
+            raise ArtifactError(str(e)) from None
+        return folder
+
+    def load_transformer(self, torch_dtype: torch.dtype | None = None,
+                         base_model: str | os.PathLike | None = None) -> torch.nn.Module:
+        """The transformer, in ``torch_dtype`` (default: the recorded dtype). Its tensors must be exactly the class's:
+        a missing, unexpected or misshapen one is refused by name (never left uninitialised). Weights "base" and
+        "base+delta" load the base model's pinned files (`base_folder`; ``base_model``: where else to find them)."""
+        name = self.config["transformer"]["class_name"]
+        if torch_dtype is None and self.weights != "included":
+            torch_dtype = DTYPES.get(self.config["transformer"].get("dtype"))
         kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        weights, name = self.path / TRANSFORMER_DIR, self.config["transformer"]["class_name"]
-        self._check_transformer_config()  # diffusers builds the model from it: compare before building
+        weights = self.path / TRANSFORMER_DIR if self.weights == "included" else self.base_folder(base_model).path
+        self._check_transformer_config(weights / "config.json")  # diffusers builds the model from it: check first
         try:
             transformer, info = self.transformer_class.from_pretrained(
                 weights, use_safetensors=True, low_cpu_mem_usage=False, output_loading_info=True, **kwargs)
@@ -600,17 +724,32 @@ class Artifact:
                                 "download or save the artifact again (or pass torch_dtype=)")
         if torch_dtype is not None:  # diffusers 0.42 without low_cpu_mem_usage keeps the file's dtype
             transformer = transformer.to(torch_dtype)
-        check_fingerprint(transformer, self.config["transformer"]["fingerprint"],
-                          f"the transformer in {self.path / TRANSFORMER_DIR}")
+        if self.weights == "base+delta":
+            self._apply_delta(transformer)
+        check_fingerprint(transformer, self.config["transformer"]["fingerprint"], f"the transformer in {weights}")
         self.plan.validate(get_adapter(transformer).module_specs(transformer),
                            model_class=self.config["transformer"]["class_name"])
         return transformer.eval()
 
-    def _check_transformer_config(self) -> None:
-        """``transformer/config.json`` must hold the structure ``ditfa_config.json`` records (its fingerprint):
+    def _apply_delta(self, transformer: torch.nn.Module) -> None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        file = self.path / DELTA_FILE
+        try:
+            delta = load_file(file)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ArtifactError(f"{file} is not a readable safetensors file ({_short(e, 200)}); download or save "
+                                "the artifact again") from None
+        try:
+            base_weights.apply_delta(transformer, delta, str(file))
+        except base_weights.BaseWeightsError as e:
+            raise ArtifactError(str(e)) from None
+
+    def _check_transformer_config(self, file: Path) -> None:
+        """The transformer's ``config.json`` must hold the structure ``ditfa_config.json`` records (its fingerprint):
         diffusers builds the model from it, so a layer count of 2**63 would allocate without bound and a string where
         a size goes would fail inside torch. Checked before anything is built."""
-        file = self.path / TRANSFORMER_DIR / "config.json"
         try:
             config = json.loads(file.read_bytes())
         except (OSError, ValueError, RecursionError) as e:
@@ -723,7 +862,7 @@ def read_artifact(path_or_repo: str | os.PathLike, *, strict: bool = True, revis
 
     problems = []
     files = config["files"]
-    check_files(path, files, config_path)
+    check_files(path, files, config_path, config["transformer"]["weights"])
     for name, digest in files.items():
         file = path / name
         try:
@@ -769,6 +908,8 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
 
 
+#: the dtypes an artifact's transformer may record (loading restores it)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: JSON types each top-level entry may hold (NoneType: null); checked before anything reads them
 FIELD_TYPES = {"package_version": (str,), "base_model": (dict, type(None)), "transformer": (dict,), "plan": (dict,),
                "files": (dict,), "prompt_encoder": (dict, type(None)),
@@ -798,6 +939,17 @@ def check_fields(config: dict, where: Path) -> None:
         value = (config["base_model"] or {}).get(key)
         if not isinstance(value, (str, type(None))):
             refuse(f"base_model.{key}", value, "a string or null")
+    if transformer.get("weights") not in WEIGHT_MODES:
+        refuse("transformer.weights", transformer.get("weights"), f"one of {WEIGHT_MODES}")
+    if transformer.get("dtype") not in (None, *DTYPES):
+        refuse("transformer.dtype", transformer.get("dtype"), f"null or one of {sorted(DTYPES)}")
+    pinned = (config["base_model"] or {}).get("files", {})
+    if not isinstance(pinned, dict) or not all(
+            isinstance(k, str) and k.startswith(f"{TRANSFORMER_DIR}/") and k.count("/") == 1
+            and isinstance(v, str) and _DIGEST.fullmatch(v) for k, v in pinned.items()):
+        refuse("base_model.files", pinned, 'an object of "transformer/<file name>": sha256 digest')
+    if transformer["weights"] != "included" and not pinned:
+        refuse("base_model.files", pinned, f"the base's transformer files (weights {transformer['weights']!r})")
     if not isinstance(config["plan"].get("metadata"), (dict, type(None))):
         refuse("plan.metadata", config["plan"].get("metadata"), "an object")
     encoder = config.get("prompt_encoder")
@@ -817,13 +969,13 @@ WEIGHTS_NAMES = (f"{TRANSFORMER_DIR}/diffusion_pytorch_model.safetensors",
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
-def check_files(path: Path, files: dict, where: Path) -> None:
+def check_files(path: Path, files: dict, where: Path, mode: str = "included") -> None:
     """Make sure loading reads only listed, checksummed files that lie inside the artifact.
 
     Refuses: names that are not plain relative paths inside the artifact, or not sha256 digests; symbolic links
     (except those of a Hugging Face cache snapshot into its ``blobs/``); unlisted files under ``transformer/`` or
-    unlisted files ditfa reads (``reproducibility.safetensors``); a config that does not list the plan, the scales,
-    the transformer config and its weights; listed files that are missing.
+    unlisted files ditfa reads (``reproducibility.safetensors``, ``transformer_delta.safetensors``); a config that does
+    not list the plan, the scales and the weights its ``mode`` needs (`WEIGHT_MODES`); listed files that are missing.
     """
     for name, digest in files.items():
         parts = name.split("/")
@@ -834,10 +986,12 @@ def check_files(path: Path, files: dict, where: Path) -> None:
         if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
             raise ArtifactError(f"{where}: files[{_short(name)}] must be a sha256 digest (64 hex digits), got "
                                 f"{_short(digest)}; the file is damaged or edited: download or save the artifact again")
-    for name in (PLAN_FILE, SCALES_FILE, f"{TRANSFORMER_DIR}/config.json"):
+    required = [PLAN_FILE, SCALES_FILE]
+    required += {"included": [f"{TRANSFORMER_DIR}/config.json"], "base+delta": [DELTA_FILE], "base": []}[mode]
+    for name in required:
         if name not in files:
             raise ArtifactError(f"{where} does not list {name}; the artifact is incomplete")
-    if not any(name in files for name in WEIGHTS_NAMES):
+    if mode == "included" and not any(name in files for name in WEIGHTS_NAMES):
         raise ArtifactError(f"{where} lists no transformer weights ({' or '.join(WEIGHTS_NAMES)}), so no checksum "
                             "would cover them; the artifact is incomplete or edited: download or save it again")
 
@@ -855,7 +1009,7 @@ def check_files(path: Path, files: dict, where: Path) -> None:
             inside_weights = _inside(Path(folder), root / TRANSFORMER_DIR)
             for entry in names:
                 name = (Path(folder) / entry).relative_to(root).as_posix()
-                if (inside_weights or name == REPRO_FILE) and name not in files:
+                if (inside_weights or name in (REPRO_FILE, DELTA_FILE)) and name not in files:
                     raise ArtifactError(f"{path / name} is not listed in {where.name} 'files', so no checksum covers "
                                         "it, yet loading would read it (diffusers prefers a sharded index over the "
                                         "listed weights): remove it, or save the artifact again")

@@ -194,7 +194,7 @@ def test_artifacts_of_schema_1_still_load(saved, copy):
     _rewrite_config(copy, to_schema_1)
     old, new = read_artifact(copy), read_artifact(path)
     assert old.plan == new.plan and old.search_config["version"] == 1
-    assert (old.schema_version, new.schema_version) == (1, 2)
+    assert (old.schema_version, new.schema_version) == (1, 3)
     assert old.attention_flop_cut == new.attention_flop_cut
     assert not {"search_config", "calibration", "attention_flop_cut", "format_version"} & set(old.config)
     assert DiTFastAttnConfig.from_dict(old.search_config) == DiTFastAttnConfig.from_dict(new.search_config)

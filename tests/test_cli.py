@@ -130,6 +130,19 @@ def test_verify_passes_on_a_fresh_artifact(artifact, capsys):
     assert "PASS" in out and out.count("identical") >= 2
 
 
+def _self_contained_copy(artifact, target):
+    from safetensors.torch import load_file
+
+    from ditfa_optimum.serialization import read_artifact, write_artifact
+
+    art = read_artifact(artifact)
+    assert art.weights == "base"  # the embedded model's weights are referred to, not copied
+    return write_artifact(target, transformer=art.load_transformer(), plan=art.plan,
+                          base_model=art.config["base_model"], prompt_encoder=art.config["prompt_encoder"],
+                          reproducibility=(art.config["reproducibility"], load_file(artifact / "reproducibility.safetensors")),
+                          self_contained=True)
+
+
 def _perturbed_copy(artifact, tmp_path, what):
     import json
     import shutil
@@ -137,7 +150,10 @@ def _perturbed_copy(artifact, tmp_path, what):
     import torch
     from safetensors.torch import load_file, save_file
 
-    copy = Path(shutil.copytree(artifact, tmp_path / what))
+    if what == "plan":
+        copy = Path(shutil.copytree(artifact, tmp_path / what))
+    else:  # the CLI's artifact refers to the embedded model's weights: a self-contained copy has weights to perturb
+        copy = _self_contained_copy(artifact, tmp_path / what)
     if what == "plan":
         file = copy / "plan.safetensors"
         tensors = load_file(file)

@@ -84,6 +84,28 @@ def test_push_to_hub_uploads_the_whole_artifact(optimizer, fake_hub, tmp_path):
     assert read_artifact(tmp_path).plan == optimizer.plan
 
 
+def test_cli_push_uploads_a_checked_artifact(optimizer, fake_hub, tmp_path, monkeypatch, capsys):
+    from ditfa_optimum.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token")
+    saved = optimizer.save_pretrained(tmp_path / "art")
+    assert main(["push", str(saved), "me/sd3-ditfa", "--private", "--message", "from the CLI"]) == 0
+    assert "pushed" in capsys.readouterr().out and fake_hub["summary"] == "from the CLI"
+    assert set(fake_hub["files"]) == set(json.loads((saved / "ditfa_config.json").read_text())["files"]) | {
+        "ditfa_config.json"}
+    card = fake_hub["files"]["README.md"].decode()
+    assert "library_name: ditfa-optimum" in card and "pip install ditfa-optimum" in card
+    # a damaged artifact is never uploaded; nor is a path that is not one, or a bad repo id
+    fake_hub["files"].clear()
+    (saved / "plan.safetensors").write_bytes(b"damaged")
+    for argv, words in [([str(saved), "me/x"], "plan.safetensors has sha256"),
+                        ([str(tmp_path / "nothing"), "me/x"], "is not an artifact directory"),
+                        ([str(saved), "no-slash"], "must be a Hub repo id")]:
+        assert main(["push", *argv]) == 1
+        assert words in capsys.readouterr().err
+    assert fake_hub["files"] == {}
+
+
 def test_load_pipeline_from_the_hf_cache_offline(optimizer, tmp_path, monkeypatch):
     artifact = optimizer.save_pretrained(tmp_path / "artifact")
     cache = tmp_path / "hub-cache"

@@ -226,6 +226,32 @@ def test_scenes_at_128_px_are_the_same_scenes_drawn_finer_and_score_faithful():
         render(scenes[:1], size=0)
 
 
+def test_object_changes_measure_how_far_objects_moved():
+    """The continuous companion of faithfulness: 0 for the same images, the shift for moved objects, a cell's width
+    for vanished ones; the shapes' area change alongside."""
+    from training.scenes import CELL, object_changes, render, sample_scenes
+    from training.scenes import caption as caption_of
+
+    scenes = sample_scenes(16, torch.Generator().manual_seed(3))
+    captions = [caption_of(s) for s in scenes]
+    images = render(scenes)
+    same = object_changes(images, images.clone(), captions)
+    assert same["position_px"].shape == (16,) and float(same["position_px"].abs().max()) == 0.0
+    assert float(same["area"].abs().max()) == 0.0
+    shifted = object_changes(torch.roll(images, 2, dims=-1), images, captions)  # every object 2 px to the right
+    named = torch.tensor([bool(c) for c in captions])
+    assert torch.allclose(shifted["position_px"][named], torch.full((int(named.sum()),), 2.0), atol=0.3)
+    blank = torch.zeros_like(images)  # a grey image: nothing of any named colour
+    gone = object_changes(blank, images, captions)
+    assert torch.allclose(gone["position_px"][named], torch.full((int(named.sum()),), CELL))
+    assert float(gone["area"][named].min()) > 0.3
+    # the metric is symmetric in which image is the reference, and checks shapes
+    back = object_changes(images, torch.roll(images, 2, dims=-1), captions)
+    assert torch.allclose(back["position_px"], shifted["position_px"])
+    with pytest.raises(ValueError, match="differ in shape"):
+        object_changes(images[:2], images, captions)
+
+
 def test_fine_tuning_starts_from_the_shipped_weights_with_a_new_position_table(pipe):
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
 

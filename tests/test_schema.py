@@ -45,7 +45,7 @@ def test_the_per_kind_counters_of_version_1_are_read(kind, key, versions):
         schema.read(kind, {key: True}, "doc.json")
 
 
-@pytest.mark.parametrize("value, words", [(3, "3 is newer than this ditfa_optimum reads .up to 2.; "
+@pytest.mark.parametrize("value, words", [(4, "4 is newer than this ditfa_optimum reads .up to 3.; "
                                                 "upgrade ditfa-optimum"),
                                           (0, "must be a positive integer, got 0"),
                                           (1, "1 was never written .a artifact of schema version 1 has "
@@ -76,6 +76,13 @@ def test_reading_never_changes_the_callers_document():
     assert set(out) == {"plan"} and out["plan"]["metadata"]["search"] == {"num_prompts": 2, "config": {"seed": 3}}
 
 
+def test_artifacts_before_version_3_hold_the_whole_transformer():
+    out = schema.read("artifact", {"schema_version": 2, "transformer": {"class_name": "X"},
+                                   "base_model": {"id": "a/b"}}, "ditfa_config.json")
+    assert out["transformer"] == {"class_name": "X", "weights": "included", "dtype": None}
+    assert out["base_model"] == {"id": "a/b", "files": {}}
+
+
 def test_plans_of_version_1_drop_what_their_format_did_not_have():
     out = schema.read("plan", {"format_version": 1, "blocks": [{"name": "x"}], "skipped_steps": [2]}, "plan.json")
     assert out["blocks"] == [] and out["block_method_vocabulary"] == {} and out["skipped_steps"] == []
@@ -91,6 +98,6 @@ def test_statistics_of_calibration_format_2_load(tmp_path):
     (tmp_path / STATS_JSON).write_text(json.dumps({"format_version": 2, **info}))
     old = CalibrationStats.load(tmp_path)
     assert all(torch.equal(old.err[s.name], stats.err[s.name]) for s in stats.modules)
-    (tmp_path / STATS_JSON).write_text(json.dumps({"schema_version": 3, **info}))
-    with pytest.raises(ValueError, match="schema_version 3 is newer"):
+    (tmp_path / STATS_JSON).write_text(json.dumps({"schema_version": 4, **info}))
+    with pytest.raises(ValueError, match="schema_version 4 is newer"):
         CalibrationStats.load(tmp_path)

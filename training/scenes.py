@@ -28,7 +28,7 @@ from ditfa_optimum.mini.grammar import (BACKGROUNDS, COLORS, JITTER, POSITIONS, 
 __all__ = ["BACKGROUNDS", "COLORS", "JITTER", "POSITIONS", "SHAPES", "SIZE_JITTER", "SIZES", "TEXTURES", "WORDS",
            "Scene", "SceneObject", "caption", "evaluation_captions", "parse_caption", "sample_scenes",
            "IMAGE_SIZE", "CELL", "TEXTURE_CONTRAST", "COLOR_TOLERANCE", "DENSITY", "WINDOW_MARGIN",
-           "CENTROID_TOLERANCE", "AREA_RANGE", "render", "sample_batch", "faithfulness"]
+           "CENTROID_TOLERANCE", "AREA_RANGE", "render", "sample_batch", "faithfulness", "object_changes"]
 
 IMAGE_SIZE = 64  # the px every geometric constant of the grammar and below is in (render(..., size=s) scales by s / 64)
 CELL = IMAGE_SIZE / 3  # grid cell width in px; cell centres at about 11, 32 and 53 px
@@ -119,24 +119,11 @@ def sample_batch(n: int, generator: torch.Generator, device: str | torch.device 
     return render(scenes, device, size), [caption(s) for s in scenes]
 
 
-def faithfulness(images: torch.Tensor, captions: list[str], details: bool = False
-                 ) -> torch.Tensor | tuple[torch.Tensor, list[list[dict]]]:
-    """The fraction of each caption's objects present in its image: a float tensor [N] in [0, 1] (empty caption: 1).
-
-    ``images`` are [N, 3, H, W] in [-1, 1]; any other size than 64x64 (the 128 px model's images, say) is first
-    resized to 64x64 (bilinear, antialiased), so every threshold below is in px of 64 and a scene scores the same at
-    every resolution it is rendered at. A pixel has colour c when c is its nearest
-    palette colour and lies within `COLOR_TOLERANCE` of it (generous: samples come out blurred and desaturated), and at
-    least `DENSITY` of its 3x3 neighbourhood has c too (so noise speckle never adds up to an object). An object is
-    present when, within its cell widened by `WINDOW_MARGIN` px, the pixels of its colour cover `AREA_RANGE` times the
-    expected area of its shape and size, and their centroid lies in its cell (give or take `CENTROID_TOLERANCE` px).
-    Shape is not scored. The window is wide on purpose: a shape in a neighbouring cell then shows mostly whole, so its
-    centroid falls outside the named cell rather than a clipped sliver of it passing for the object.
-
-    With ``details`` it returns ``(scores, per_image)``, ``per_image[i]`` a list of one dict per caption object with
-    ``object, present, color_found, size_ok, position_ok, area, expected_area, centroid`` (x, y px, or None) and
-    ``shape_guess`` (from the fill ratio of the bounding box and the centroid's drop; a hint, not a measurement).
-    """
+def _detect(images: torch.Tensor, captions: list[str]) -> dict:
+    """Each caption object looked for in its image (see `faithfulness`): a dict of tensors over the M objects of all
+    captions (``owner`` [M]: its image; ``area``, ``expected`` [M]; ``centroid`` [M, 2] px of 64; ``size_ok``,
+    ``position_ok``, ``present`` [M] bool) plus ``objects`` (the (image, object) pairs), ``cols`` / ``rows`` (matching
+    pixel counts per column / row, [M, 64]) and ``n``."""
     if len(captions) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
     x = (images.detach().float().clamp(-1, 1) + 1) / 2
@@ -162,10 +149,40 @@ def faithfulness(images: torch.Tensor, captions: list[str], details: bool = Fals
     centroid = torch.stack([cols @ grid, rows @ grid], 1) / area.clamp(min=1)[:, None]
     size_ok = (area >= AREA_RANGE[0] * expected) & (area <= AREA_RANGE[1] * expected)
     position_ok = (area > 0) & ((centroid - corner - CELL / 2).abs() <= CELL / 2 + CENTROID_TOLERANCE).all(1)
-    present = (size_ok & position_ok).float()
-    found = torch.zeros(n, device=device).index_add_(0, owner, present)
-    named = torch.zeros(n, device=device).index_add_(0, owner, torch.ones_like(present))
-    scores = torch.where(named > 0, found / named.clamp(min=1), torch.ones_like(found))
+    return dict(n=n, objects=objects, owner=owner, expected=expected, cols=cols, rows=rows, area=area,
+                centroid=centroid, size_ok=size_ok, position_ok=position_ok, present=size_ok & position_ok)
+
+
+def _per_image_mean(values: torch.Tensor, owner: torch.Tensor, n: int, empty: float) -> torch.Tensor:
+    """The mean of ``values`` [M] over each image's objects ([n]; ``empty`` for an image with none)."""
+    total = torch.zeros(n, device=values.device).index_add_(0, owner, values.float())
+    count = torch.zeros(n, device=values.device).index_add_(0, owner, torch.ones_like(values, dtype=torch.float32))
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, empty))
+
+
+def faithfulness(images: torch.Tensor, captions: list[str], details: bool = False
+                 ) -> torch.Tensor | tuple[torch.Tensor, list[list[dict]]]:
+    """The fraction of each caption's objects present in its image: a float tensor [N] in [0, 1] (empty caption: 1).
+
+    ``images`` are [N, 3, H, W] in [-1, 1]; any other size than 64x64 (the 128 px model's images, say) is first
+    resized to 64x64 (bilinear, antialiased), so every threshold below is in px of 64 and a scene scores the same at
+    every resolution it is rendered at. A pixel has colour c when c is its nearest
+    palette colour and lies within `COLOR_TOLERANCE` of it (generous: samples come out blurred and desaturated), and at
+    least `DENSITY` of its 3x3 neighbourhood has c too (so noise speckle never adds up to an object). An object is
+    present when, within its cell widened by `WINDOW_MARGIN` px, the pixels of its colour cover `AREA_RANGE` times the
+    expected area of its shape and size, and their centroid lies in its cell (give or take `CENTROID_TOLERANCE` px).
+    Shape is not scored. The window is wide on purpose: a shape in a neighbouring cell then shows mostly whole, so its
+    centroid falls outside the named cell rather than a clipped sliver of it passing for the object.
+
+    With ``details`` it returns ``(scores, per_image)``, ``per_image[i]`` a list of one dict per caption object with
+    ``object, present, color_found, size_ok, position_ok, area, expected_area, centroid`` (x, y px, or None) and
+    ``shape_guess`` (from the fill ratio of the bounding box and the centroid's drop; a hint, not a measurement).
+    """
+    d = _detect(images, captions)
+    n, objects, owner, expected, cols, rows, area, centroid, size_ok, position_ok, present = (
+        d[k] for k in ("n", "objects", "owner", "expected", "cols", "rows", "area", "centroid", "size_ok",
+                       "position_ok", "present"))
+    scores = _per_image_mean(present, owner, n, empty=1.0)
     if not details:
         return scores
 
@@ -183,3 +200,26 @@ def faithfulness(images: torch.Tensor, captions: list[str], details: bool = Fals
                                  area=a, expected_area=e, centroid=tuple(c) if a else None,
                                  shape_guess=guess if a else None))
     return scores, per_image
+
+
+def object_changes(images: torch.Tensor, reference: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+    """How far each image's caption objects moved and changed size against ``reference`` (the same captions and
+    seeds generated another way, e.g. dense): ``{"position_px": [N], "area": [N]}``, each a mean over the caption's
+    objects (0 for an empty caption).
+
+    Both images are searched as `faithfulness` does. ``position_px``: the distance between the object's centroids,
+    in px of 64; an object found (any pixels of its colour in its window) in one image and not the other counts
+    `CELL` px (it vanished or appeared: as bad as moving a whole cell), one found in neither counts 0. ``area``: the
+    change of its area as a fraction of the shape's expected area (found in one only: its area over the expected).
+    Faithfulness is a pass/fail count that most plans pass whole; these are continuous, so they rank plans whose
+    objects all stay recognisable by how much the picture's content moved."""
+    if images.shape != reference.shape:
+        raise ValueError(f"images {tuple(images.shape)} and reference {tuple(reference.shape)} differ in shape")
+    a, b = _detect(images, captions), _detect(reference, captions)
+    found_a, found_b = a["area"] > 0, b["area"] > 0
+    distance = (a["centroid"] - b["centroid"]).norm(dim=1)
+    position = torch.where(found_a & found_b, distance, torch.where(found_a ^ found_b, CELL, 0.0))
+    area = (a["area"] - b["area"]).abs() / a["expected"]
+    n, owner = a["n"], a["owner"]
+    return dict(position_px=_per_image_mean(position, owner, n, empty=0.0),
+                area=_per_image_mean(area, owner, n, empty=0.0))

@@ -190,4 +190,5 @@ def test_sweep_rows(pipe, peers):
     assert [(r["curve"], r["setting"]) for r in rows] == [("fbcache", "threshold=1")]
     row = rows[0]
     assert 0 < row["whole_cut"] < 1 and 0 < row["attention_cut"] < 1 and 0 < row["ssim"] <= 1 and row["psnr"] > 0
+    assert 0 <= row["faithfulness"] <= 1 and row["drift_px"] >= 0 and row["area_change"] >= 0
     assert peers.table(rows).splitlines()[-1].startswith("| fbcache | threshold=1 |")
