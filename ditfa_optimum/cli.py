@@ -55,6 +55,7 @@ def run_demo(family: str = "sd3", methods: list[str] | None = None, steps: int =
              block_size: int = 128, guidance: float = 5.0, backend: str | None = None, seed: int = 0,
              out: str | None = None, repeats: int = 2, overwrite: bool = False) -> dict:
     """Run the demo; returns the numbers it prints (see module docstring)."""
+    from .adapters import get_adapter
     from .apply import apply, remove
     from .runtime import get_backend
     from .serialization import check_plan_target
@@ -83,12 +84,13 @@ def run_demo(family: str = "sd3", methods: list[str] | None = None, steps: int =
     text_tokens = 16
     emb = torch.randn(1, text_tokens, cfg.joint_attention_dim, generator=g)
     pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g)
-    px = latent_size * pipe.vae_scale_factor * (2 if family == "flux" else 1)
+    adapter = get_adapter(transformer)
+    px = latent_size * adapter.pixels_per_token(transformer, pipe.vae_scale_factor)
+    # CFG as the family's pipeline does it: SD3 batches [uncond, cond]; FLUX.1 takes the scale as an embedding and
+    # runs a negative prompt only with true_cfg_scale > 1 (left at 1)
     kwargs = dict(prompt_embeds=emb, pooled_prompt_embeds=pooled, height=px, width=px, num_inference_steps=steps,
-                  output_type="latent")
-    if family != "flux":
-        kwargs.update(negative_prompt_embeds=torch.zeros_like(emb), negative_pooled_prompt_embeds=torch.zeros_like(
-            pooled), guidance_scale=guidance)
+                  output_type="latent", negative_prompt_embeds=torch.zeros_like(emb),
+                  negative_pooled_prompt_embeds=torch.zeros_like(pooled), guidance_scale=guidance)
 
     def generate():
         best = float("inf")
@@ -105,8 +107,7 @@ def run_demo(family: str = "sd3", methods: list[str] | None = None, steps: int =
         planned, planned_time = generate()
         remove(pipe)
     adapter_tokens = latent_size * latent_size
-    batched_cfg = family != "flux" and guidance > 1
-    report = plan.flops(adapter_tokens, text_tokens, cfg=batched_cfg)
+    report = plan.flops(adapter_tokens, text_tokens, cfg=bool(adapter.batched_cfg(pipe)))  # as of the last call
     rse = float(((planned - dense) ** 2).mean() / dense.var())
     result = dict(family=family, plan=plan.summary(), image_tokens=adapter_tokens, text_tokens=text_tokens,
                   steps=steps, flop_cut=report.cut, dense_ms_per_step=dense_time * 1e3,
@@ -333,9 +334,7 @@ def _cmd_generate(args) -> int:
         if args.dense:
             remove(pipe)
         kwargs = pipeline_kwargs(pipe, [args.prompt], settings, prompt_encoder=art.prompt_encoder(pipe))
-        from .mini import MiniMMDiTPipeline
-
-        pixels = getattr(pipe, "vae", None) is not None or isinstance(pipe, MiniMMDiTPipeline)
+        pixels = getattr(pipe, "vae", None) is not None or getattr(pipe, "pixel_space", False)
         with torch.inference_mode(), progress_bars(pipe, not args.quiet):
             result = pipe(**kwargs, output_type="pil" if pixels else "latent").images
     except ValueError as e:

@@ -24,6 +24,8 @@ History:
 
 from __future__ import annotations
 
+import reprlib
+
 SCHEMA_VERSION = 3
 KEY = "schema_version"
 KINDS = ("plan", "calibration", "sensitivity", "artifact", "config")
@@ -54,7 +56,7 @@ def read(kind: str, info: dict, where: str, error: type[Exception] = ValueError,
     if KEY in info:
         version = info[KEY]
         if not _is_int(version) or version < 1:
-            raise error(f"{where}: {KEY} must be a positive integer, got {_short(version)}; the file is damaged or "
+            raise error(f"{where}: {KEY} must be a positive integer, got {short(version)}; the file is damaged or "
                         "edited: write it again")
         if version < 2:  # the counter starts at 2: version-1 documents carry their own key (_LEGACY)
             raise error(f"{where}: {KEY} {version} was never written (a {kind} of schema version 1 has "
@@ -64,7 +66,7 @@ def read(kind: str, info: dict, where: str, error: type[Exception] = ValueError,
                         "upgrade ditfa-optimum (pip install -U ditfa-optimum)")
     elif legacy_key in info:
         if not _is_int(info[legacy_key]) or info[legacy_key] not in legacy_values:
-            raise error(f"{where}: {legacy_key} {_short(info[legacy_key])} is not a version any ditfa-optimum "
+            raise error(f"{where}: {legacy_key} {short(info[legacy_key])} is not a version any ditfa-optimum "
                         f"wrote ({kind} documents of schema version 1 have {legacy_values}); the file is damaged or edited: "
                         "write it again")
         version = 1
@@ -125,6 +127,12 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, 80, 40, 80
+
+
+def short(value, limit: int = 80) -> str:
+    """A value read from a file (its repr; an exception's text) for a message, shortened: names and numbers there may
+    be huge, lists deeply nested."""
+    text = str(value) if isinstance(value, BaseException) else _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import re
-import reprlib
 import shutil
 import signal
 import threading
@@ -44,6 +43,7 @@ except ImportError:  # pragma: no cover - Windows
 import torch
 
 from . import __version__, base_weights, schema
+from .schema import short as _short
 from .adapters import adapter_names, get_adapter
 from .base_weights import sha256_file as sha256
 from .embedded import EMBEDDED_MODELS  # artifacts record these names as base models: no download
@@ -895,17 +895,6 @@ def read_artifact(path_or_repo: str | os.PathLike, *, strict: bool = True, revis
         raise ArtifactError(f"{config_path}: the plan is for a {_short(plan.model_class)} but the transformer is a "
                             f"{config['transformer']['class_name']}")
     return Artifact(path, config, plan, scales, problems, schema_version=written)
-
-
-_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, 80, 40, 80
-
-
-def _short(value, limit: int = 80) -> str:
-    """A value read from a file (its repr; an exception's text) for a message, shortened: names and numbers there may
-    be huge, lists deeply nested."""
-    text = str(value) if isinstance(value, BaseException) else _REPR.repr(value)
-    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
 
 
 #: the dtypes an artifact's transformer may record (loading restores it)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import types
 from typing import Any, ClassVar
 
@@ -107,6 +108,12 @@ class Adapter:
     def image_tokens(self, transformer: torch.nn.Module, height: int, width: int, vae_scale_factor: int = 8) -> int:
         """Image tokens of one sample at a pixel resolution."""
         raise NotImplementedError
+
+    def pixels_per_token(self, transformer: torch.nn.Module, vae_scale_factor: int = 8) -> int:
+        """Pixels along one side of the image per image token (the inverse of `image_tokens`: SD3 ``vae x patch``,
+        FLUX ``vae x 2``)."""
+        probe = vae_scale_factor * 64
+        return probe // math.isqrt(self.image_tokens(transformer, probe, probe, vae_scale_factor))
 
     # ------------------------------------------------------------------ blocks
     def blocks(self, transformer: torch.nn.Module) -> list[tuple[BlockSpec, torch.nn.Module]]:

@@ -29,6 +29,8 @@ class MiniMMDiTPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer"
+    #: the transformer denoises pixels (no VAE): ``output_type="pil"`` gives images (read by the CLI's `generate`)
+    pixel_space = True
     #: images = latents * latent_pixel_scale + 0.5 (pixel space, no VAE): lets the search predict image PSNR
     latent_pixel_scale = 0.5
 
