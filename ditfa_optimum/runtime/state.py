@@ -70,6 +70,8 @@ class StepState:
         """Called before each transformer forward with what it knows of the call's position (see the module
         docstring): its ``timestep``, the text length of its inputs, and optionally the ``step_index`` (of the cache
         context or the scheduler; -1 before the scheduler's first step) and the cache ``context`` name."""
+        if torch.jit.is_tracing():
+            raise RuntimeError(TRACED_GRAPH)
         if step_index is not None:
             position = float(step_index)
         else:
@@ -167,6 +169,14 @@ TRACED_TIMESTEP = ("the ditfa plan reads the step from this call's timestep, whi
                    "it would run one step's methods at every step. Export the model without a plan "
                    "(ditfa_optimum.remove(model) first), or use torch.compile, which follows the steps "
                    "(docs/runtime.md)")
+
+
+#: why a TorchScript trace (torch.jit.trace; torch.onnx.export with dynamo=False) of a planned model is refused
+TRACED_GRAPH = ("a TorchScript trace (torch.jit.trace, or torch.onnx.export with dynamo=False) of a model with a ditfa "
+                "plan would record the methods of the one step it runs as constants: the graph would run them at "
+                "every step, silently wrong. Trace or export the model without a plan (ditfa_optimum.remove(model) "
+                "first); ONNX export with a plan is not supported yet, and torch.compile follows the steps "
+                "(docs/runtime.md)")
 
 
 def _first_value(timestep) -> float | None:

@@ -93,3 +93,24 @@ def test_torch_export_of_a_planned_transformer_is_refused_clearly():
     assert dfa.get_runtime(model).state.step == 0
     dfa.remove(model)
     torch.export.export(model, args=(), kwargs=inputs)  # the stock model exports again
+
+
+def test_a_torchscript_trace_of_a_planned_transformer_is_refused():
+    """torch.jit.trace (and the legacy torch.onnx.export, dynamo=False, built on it) would record step 0's methods as
+    constants: a graph that runs them at every step with no warning. It is refused; the stock model still traces."""
+    import warnings
+
+    from ditfa_optimum.tiny import tiny_inputs, tiny_transformer
+
+    model = tiny_transformer("sd3")
+    inputs = tiny_inputs(model, batch=1, height=4, width=4)
+    dfa.apply(model, dfa.uniform_plan(model, num_steps=2, block_size=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings about Python branches
+        with pytest.raises(RuntimeError, match=r"TorchScript trace .* silently wrong.*ditfa_optimum.remove\(model\)"):
+            torch.jit.trace(model, example_kwarg_inputs=inputs, strict=False)
+        with torch.no_grad():
+            model(**inputs)  # the plan still runs, from step 0
+        assert dfa.get_runtime(model).state.step == 0
+        dfa.remove(model)
+        torch.jit.trace(model, example_kwarg_inputs=inputs, strict=False)
