@@ -594,7 +594,7 @@ def run_peer_sweep(pipe, captions: list[str], seeds: list[int], dense_images: to
                 row["mag_ratios"] = calibration[name]["mag_ratios"]
             rows.append(row)
             log(f"{name:20s} {row['setting']:48s} whole cut {row['whole_cut']:6.1%}  PSNR {row['psnr']:6.2f} dB  "
-                f"SSIM {row['ssim']:.4f}  ({row['seconds']:.0f} s)")
+                f"SSIM {row['ssim']:.4f}  drift {row['drift_px']:.2f} px  ({row['seconds']:.0f} s)")
     return rows
 
 
