@@ -189,3 +189,38 @@ def test_an_artifact_of_schema_version_2_still_loads():
     loaded = art.load_transformer()
     expected = tiny_transformer("sd3", num_layers=1, sample_size=16, pos_embed_max_size=16, dtype=torch.float16)
     assert same_weights(loaded, expected)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    (("transformer", "weights"), "bogus", "transformer.weights must be one of"),
+    (("transformer", "weights"), None, "transformer.weights must be one of"),
+    (("transformer", "dtype"), "int8", "transformer.dtype must be null or one of"),
+    (("base_model", "files"), [], "base_model.files must be an object"),
+    (("base_model", "files"), {"transformer/config.json": "0" * 63}, "base_model.files must be an object"),
+    (("base_model", "files"), {"../x": "0" * 64}, "base_model.files must be an object"),
+    (("base_model", "files"), {"transformer/a/b": "0" * 64}, "base_model.files must be an object"),
+    (("base_model", "files"), {}, "base_model.files must be the base's transformer files"),
+])
+def test_malformed_weight_records_are_refused_by_name(base_dir, tmp_path, field, value, words):
+    path = save(loaded_from(base_dir), tmp_path / "art", base_dir)
+    config = json.loads((path / "ditfa_config.json").read_text())
+    config[field[0]][field[1]] = value
+    (path / "ditfa_config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match=words):
+        read_artifact(path)
+
+
+def test_an_unlisted_or_missing_delta_file_is_refused(base_dir, tmp_path):
+    transformer = loaded_from(base_dir)
+    with torch.no_grad():
+        transformer.proj_out.bias.mul_(2)
+    path = save(transformer, tmp_path / "art", base_dir)
+    config = json.loads((path / "ditfa_config.json").read_text())
+    del config["files"]["transformer_delta.safetensors"]
+    (path / "ditfa_config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="does not list transformer_delta.safetensors"):
+        read_artifact(path)
+    config["transformer"]["weights"] = "base"  # claims no delta, but the file lies there unlisted
+    (path / "ditfa_config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="transformer_delta.safetensors is not listed"):
+        read_artifact(path)
