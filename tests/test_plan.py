@@ -6,6 +6,7 @@ import torch
 
 from ditfa_optimum.masks import TokenLayout, arrow_mask, window_blocks
 from ditfa_optimum.plan import PLAN_JSON, PLAN_TENSORS, BlockSpec, CompressionPlan, ModuleSpec
+from ditfa_optimum.schema import SCHEMA_VERSION
 
 SPECS = [ModuleSpec(f"transformer_blocks.{i}.attn", num_heads=6, head_dim=64) for i in range(3)]
 METHODS = ["full", "arrow:1/8", "arrow:1/16", "cache", "cfg_share", "arrow_residual:1/4"]
@@ -38,7 +39,7 @@ def test_round_trip(tmp_path):
 def test_json_holds_names_not_tensor_values(tmp_path):
     random_plan().save(tmp_path)
     info = json.loads((tmp_path / PLAN_JSON).read_text())
-    assert info["method_vocabulary"]["arrow"] == 1 and info["schema_version"] == 2
+    assert info["method_vocabulary"]["arrow"] == 1 and info["schema_version"] == SCHEMA_VERSION
     assert "methods" not in info and "params" not in info
 
 
@@ -188,7 +189,7 @@ def test_block_plan_round_trip(tmp_path):
     assert tensors["transformer_blocks.0.block_method"].dtype == torch.int16
     assert tensors["transformer_blocks.0.block_method"].tolist() == [0, 1, 2, 3, 2]
     info = json.loads((tmp_path / PLAN_JSON).read_text())
-    assert info["schema_version"] == 2 and info["block_method_vocabulary"]["block_taylor"] == 2
+    assert info["schema_version"] == SCHEMA_VERSION and info["block_method_vocabulary"]["block_taylor"] == 2
     assert info["blocks"][0]["mlps"] == ["transformer_blocks.0.ff"] and "block_methods" not in info
     back = CompressionPlan.load(tmp_path)
     assert back == plan and back.blocks == BLOCKS
