@@ -540,32 +540,31 @@ class CompressionPlan:
         for block in self.blocks:
             self._block_schedule(block)
             self._check_block_heads(block)
+        runs = [self.runs_step(t) for t in range(self.num_steps)]
         for spec in self.modules:
             for head in range(spec.num_heads):
-                last_full, residual_fraction = None, None
-                for step in range(self.num_steps):
-                    if not self.runs_step(step):
-                        continue
-                    m = self.method(spec.name, step, head)
-                    where = f"module {spec.name!r} step {step} head {head}"
-                    if m.needs_previous_output and step > 0 and not self.runs_step(step - 1):
-                        raise ValueError(f"{where}: `{m.name}` reuses the head's output of step {step - 1}, but the "
-                                         f"plan skips step {step - 1} (`step_taylor`: the transformer does not run); "
-                                         f"compute the head at step {step} or run step {step - 1}")
-                    if m.needs_previous_output and step == 0:
-                        raise ValueError(f"{where}: `{m.name}` reuses the previous step's output, but step 0 has none; "
-                                         "use `full` (or any computed method) at step 0")
-                    if isinstance(m, Full):
-                        last_full, residual_fraction = step, None
-                    if m.needs_residual:
-                        if last_full is None:
-                            raise ValueError(f"{where}: `{m.name}` needs a `full` step of this head before it to "
-                                             "record the residual; none precedes it")
-                        if residual_fraction not in (None, m.param):
-                            raise ValueError(f"{where}: `{m}` follows the full step {last_full} like an earlier "
-                                             f"arrow_residual with fraction {residual_fraction:g}; one full step "
-                                             "records one residual, so use one fraction until the next full step")
-                        residual_fraction = m.param
+                methods = [self.method(spec.name, t, head) for t in range(self.num_steps)]
+                conflict = schedule_conflict(methods, runs, runs)
+                if conflict is None:
+                    continue
+                step, kind, last_full, fraction = conflict
+                m = self.method(spec.name, step, head)
+                where = f"module {spec.name!r} step {step} head {head}"
+                if kind == "first step":
+                    why = (f"`{m.name}` reuses the previous step's output, but step 0 has none; use `full` (or any "
+                           "computed method) at step 0")
+                elif kind == "previous step skipped":
+                    why = (f"`{m.name}` reuses the head's output of step {step - 1}, but the plan skips step "
+                           f"{step - 1} (`step_taylor`: the transformer does not run); compute the head at step "
+                           f"{step} or run step {step - 1}")
+                elif kind == "no full step":
+                    why = (f"`{m.name}` needs a `full` step of this head before it to record the residual; none "
+                           "precedes it")
+                else:
+                    why = (f"`{m}` follows the full step {last_full} like an earlier arrow_residual with fraction "
+                           f"{fraction:g}; one full step records one residual, so use one fraction until the next "
+                           "full step")
+                raise ValueError(f"{where}: {why}")
 
     def validate(self, modules: Iterable[ModuleSpec], num_steps: int | None = None,
                  model_class: str | None = None, blocks: Iterable[BlockSpec] | None = None) -> None:
@@ -826,6 +825,36 @@ class CompressionPlan:
             report.block_flop_cut = 1.0 - whole.planned / whole.dense
             report.transformer_cut = whole.cut
         return report
+
+
+def schedule_conflict(methods: list, runs: list[bool], ran: list[bool]
+                      ) -> tuple[int, str, int | None, float | None] | None:
+    """The first step of one head's schedule whose method reads memory the schedule never made, or None.
+
+    ``methods``: the head's method at every step; ``runs``: whether the transformer runs at each step (steps it skips
+    are not looked at); ``ran``: whether the head's block runs there (``runs`` when blocks are not planned). Returns
+    ``(step, kind, last full step, recorded fraction)``, ``kind`` one of "first step" (a reuse at step 0),
+    "previous step skipped" (a reuse after a step where the block did not run), "no full step" (an
+    `arrow_residual` with no `full` step of a running block before it), "another fraction" (an `arrow_residual`
+    of another fraction than the one recorded after the same full step). The plan's check and `remap_steps`'s
+    repair both follow these rules."""
+    last_full, fraction = None, None  # the last full step whose block ran; the fraction recorded after it
+    for step, m in enumerate(methods):
+        if not runs[step]:
+            continue
+        if m.needs_previous_output and step == 0:
+            return step, "first step", last_full, fraction
+        if m.needs_previous_output and not ran[step - 1]:
+            return step, "previous step skipped", last_full, fraction
+        if isinstance(m, Full):
+            last_full, fraction = (step if ran[step] else None), None
+        elif m.needs_residual:
+            if last_full is None:
+                return step, "no full step", last_full, fraction
+            if fraction not in (None, m.param):
+                return step, "another fraction", last_full, fraction
+            fraction = m.param
+    return None
 
 
 @dataclass

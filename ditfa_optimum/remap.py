@@ -100,22 +100,13 @@ def _blocks(ids: list[int], source: list[int], runs: list[bool], mlps) -> list[i
 
 
 def _repair_head(ids, params, runs: list[bool], ran: list[bool]) -> None:
-    """In place, for one head: `full` where a remapped method would read memory the new schedule never made.
+    """In place, for one head: `full` where a remapped method would read memory the new schedule never made
+    (`ditfa_optimum.plan.schedule_conflict`, the plan's own rules; ``runs``: whether the transformer runs at each
+    step, ``ran``: whether the head's block does), one step at a time from the first."""
+    from .plan import schedule_conflict
 
-    ``runs``: whether the transformer runs at each step; ``ran``: whether the head's block does (within ``runs``). As
-    the plan's own rules have it, a `full` step at any step the transformer runs is the one a later `arrow_residual`
-    reads, and its residual exists only when the block ran there too."""
     full = Full()
-    last_full_ran, recorded = False, None  # whether the last full step's block ran; the fraction recorded after it
-    for i in range(len(ids)):
-        if not runs[i]:
-            continue
-        m = method_class(int(ids[i])).from_param(float(params[i]) or None)
-        broken = m.needs_previous_output and (i == 0 or not ran[i - 1])
-        broken |= m.needs_residual and (not last_full_ran or recorded not in (None, m.param))
-        if broken:
-            ids[i], params[i], m = full.method_id, full.param, full
-        if isinstance(m, Full):
-            last_full_ran, recorded = ran[i], None
-        elif m.needs_residual:
-            recorded = m.param
+    methods = [method_class(int(i)).from_param(float(p) or None) for i, p in zip(ids, params)]
+    while (conflict := schedule_conflict(methods, runs, ran)) is not None:
+        step = conflict[0]
+        ids[step], params[step], methods[step] = full.method_id, full.param, full
