@@ -183,6 +183,8 @@ def weights_to_store(transformer: torch.nn.Module, base_model: dict | None, self
                                 "(--self-contained) to store them")
         logger.warning("ditfa: %s, so the artifact stores the whole transformer", why)
         return StoredWeights("included", base)
+    if not base.get("embedded") and folder.revision is None:  # a local directory: found again from anywhere
+        base["id"] = str(folder.path.parent.resolve())
     base.update(revision=folder.revision or base.get("revision"), files=base_weights.pinned_files(folder.path))
     return StoredWeights("base+delta" if delta else "base", base, delta)
 

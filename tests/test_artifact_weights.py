@@ -224,3 +224,12 @@ def test_an_unlisted_or_missing_delta_file_is_refused(base_dir, tmp_path):
     (path / "ditfa_config.json").write_text(json.dumps(config))
     with pytest.raises(ArtifactError, match="transformer_delta.safetensors is not listed"):
         read_artifact(path)
+
+
+def test_a_relative_base_directory_is_recorded_absolute(base_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(base_dir.parent)
+    path = save(loaded_from(base_dir), tmp_path / "art", base_dir.name)  # "tiny-sd3-base", relative to here
+    monkeypatch.chdir(tmp_path)
+    art = read_artifact(path)
+    assert art.config["base_model"]["id"] == str(base_dir.resolve())
+    assert same_weights(art.load_transformer(), loaded_from(base_dir))
