@@ -623,10 +623,17 @@ plan covers exactly {plan.num_steps} denoising steps. Check it on your machine w
 def push_artifact(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token=None,
                   commit_message: str = "Upload ditfa-optimum artifact"):
     """Upload a saved artifact directory as the Hub model repo ``repo_id`` (created if missing), after checking it
-    reads back (`read_artifact`): a damaged artifact is never published. Returns the `CommitInfo`."""
+    reads back (`read_artifact`): a damaged artifact is never published, nor one that refers to weights in a local
+    directory (unusable anywhere else). Returns the `CommitInfo`."""
     from huggingface_hub import HfApi
 
     art = read_artifact(folder)
+    base = art.config["base_model"] or {}
+    if art.weights != "included" and not base.get("embedded") and (
+            not base.get("id") or base["id"].count("/") != 1 or Path(base["id"]).is_absolute()):
+        raise ArtifactError(f"{art.path} refers to base weights in the local directory {base.get('id')!r}, which "
+                            "nobody who downloads it has; save it with self_contained=True (--self-contained; mind "
+                            "the base model's licence), or optimize a model loaded from the Hub")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     return api.upload_folder(repo_id=repo_id, folder_path=art.path, commit_message=commit_message, repo_type="model")

@@ -233,3 +233,11 @@ def test_a_relative_base_directory_is_recorded_absolute(base_dir, tmp_path, monk
     art = read_artifact(path)
     assert art.config["base_model"]["id"] == str(base_dir.resolve())
     assert same_weights(art.load_transformer(), loaded_from(base_dir))
+
+
+def test_an_artifact_referring_to_a_local_directory_is_not_pushed(base_dir, tmp_path):
+    from ditfa_optimum.serialization import push_artifact
+
+    path = save(loaded_from(base_dir), tmp_path / "art", base_dir)
+    with pytest.raises(ArtifactError, match="refers to base weights in the local directory .* self_contained=True"):
+        push_artifact(path, "me/x", token="hf_fake")  # refused before any network call
