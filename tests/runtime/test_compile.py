@@ -104,13 +104,14 @@ def test_a_torchscript_trace_of_a_planned_transformer_is_refused():
 
     model = tiny_transformer("sd3")
     inputs = tiny_inputs(model, batch=1, height=4, width=4)
+    args = tuple(inputs.values())  # positionally: diffusers 0.37's hooked forward takes no keyword inputs to trace
     dfa.apply(model, dfa.uniform_plan(model, num_steps=2, block_size=4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's own warnings about Python branches
         with pytest.raises(RuntimeError, match=r"TorchScript trace .* silently wrong.*ditfa_optimum.remove\(model\)"):
-            torch.jit.trace(model, example_kwarg_inputs=inputs, strict=False)
+            torch.jit.trace(model, args, strict=False)
         with torch.no_grad():
             model(**inputs)  # the plan still runs, from step 0
         assert dfa.get_runtime(model).state.step == 0
         dfa.remove(model)
-        torch.jit.trace(model, example_kwarg_inputs=inputs, strict=False)
+        torch.jit.trace(model, args, strict=False)
