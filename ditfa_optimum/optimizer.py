@@ -193,8 +193,9 @@ class DiTFastAttnOptimizer:
                 one writer at a time, no window without a recoverable artifact).
             reproducibility_prompts: how many generations to record for `ditfa-optimum verify` (0: none).
             self_contained: None (default): refer to the base model's transformer files (pinned revision and
-                sha256) and store only the tensors that differ from them, or the whole transformer when the base has
-                no files to refer to (a pipeline passed as an object). True: always store the whole transformer
+                sha256) and store only the tensors that differ from them (every tensor is compared with the base's
+                files, read once: seconds for SD3-medium, about a minute for FLUX.1-dev), or the whole transformer
+                when the base has no files to refer to (a pipeline passed as an object). True: always store the whole transformer
                 (air-gapped deployment; mind the base model's licence before publishing its weights). False: never.
 
         Example:
