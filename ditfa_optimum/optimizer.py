@@ -194,7 +194,7 @@ class DiTFastAttnOptimizer:
             reproducibility_prompts: how many generations to record for `ditfa-optimum verify` (0: none).
             self_contained: None (default): refer to the base model's transformer files (pinned revision and
                 sha256) and store only the tensors that differ from them (every tensor is compared with the base's
-                files, read once: seconds for SD3-medium, about a minute for FLUX.1-dev), or the whole transformer
+                files, read once: 4 GB for SD3-medium, 24 GB for FLUX.1-dev in bfloat16), or the whole transformer
                 when the base has no files to refer to (a pipeline passed as an object). True: always store the whole transformer
                 (air-gapped deployment; mind the base model's licence before publishing its weights). False: never.
 
