@@ -51,8 +51,9 @@ def sha256_file(path: Path) -> str:
 
 def pinned_files(folder: Path) -> dict[str, str]:
     """``{"transformer/<name>": sha256}`` of the files of a transformer folder that loading reads. Every byte is
-    hashed, each load (0.5-2 s per GB on one core: 4 GB for SD3-medium, 24 GB for FLUX.1-dev in bfloat16); a Hugging
-    Face cache names its blobs by the sha256 the Hub sent, which nothing checks after the download."""
+    hashed, each load (sha256 ran at 0.46 GB/s on one core of the 2-core CI-like machine; 4 GB for SD3-medium, 24 GB
+    for FLUX.1-dev in bfloat16): a Hugging Face cache names its blobs by the sha256 the Hub sent, which nothing
+    checks after the download."""
     names = sorted(p.name for p in folder.iterdir() if _PINNED.fullmatch(p.name) and p.is_file())
     return {f"transformer/{name}": sha256_file(folder / name) for name in names}
 
