@@ -679,7 +679,7 @@ def select_plan(pipeline, stats: CalibrationStats, config: DiTFastAttnConfig, pr
         predicted = problem.sensitivity.predicted_mse(problem.totals(choices)[1])
         record = {"variant": variant, "meets_target": problem._meets(config, choices), "predicted_mse": float(predicted)}
         if predicted > 0:
-            plan = search(stats, config, variant=variant)
+            plan = search(stats, config, variant=variant, problem=problem)  # solved by `alternatives`
             apply(pipeline, plan, backend=config.backend)
             try:
                 with torch.inference_mode(), progress_bars(pipeline, False):

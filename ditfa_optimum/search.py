@@ -203,7 +203,8 @@ def _weight(value) -> float:
 
 
 def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: float | None = None,
-           granularity: str = "head", variant: dict | None = None) -> CompressionPlan:
+           granularity: str = "head", variant: dict | None = None,
+           problem: "TrajectoryProblem | None" = None) -> CompressionPlan:
     """The plan for ``config`` on ``stats``; pure and deterministic (see the module docstring).
 
     Args:
@@ -215,6 +216,8 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
             v1 baseline the quality benchmark compares against; local allocation only).
         variant: trajectory allocation: build this one of `TrajectoryProblem.variants` (default: the one a
             measurement selected for ``config``, `CalibrationStats.selections`, else the error model's choice).
+        problem: the `TrajectoryProblem` of these ``stats`` and ``config`` when the caller has one: variants it has
+            solved (`TrajectoryProblem.alternatives`) are not solved again.
 
     Returns:
         A `CompressionPlan` whose ``metadata["search"]`` holds the config, the predicted mean RSE per module and step
@@ -236,7 +239,10 @@ def search(stats: CalibrationStats, config: DiTFastAttnConfig, *, threshold: flo
     unused = unused_candidates(stats, config)
     full_index = stats.candidates.index("full")
     methods = [make_method(n) for n in stats.candidates]
-    problem = TrajectoryProblem.from_stats(stats, config) if config.allocation == "trajectory" else None
+    if problem is not None and config.allocation != "trajectory":
+        raise ValueError(f"a TrajectoryProblem is for allocation='trajectory', not {config.allocation!r}")
+    if problem is None and config.allocation == "trajectory":
+        problem = TrajectoryProblem.from_stats(stats, config)
     if problem is not None and granularity != "head":
         raise ValueError("granularity='layer' is the paper-style baseline; use it with allocation='local'")
 
@@ -351,6 +357,9 @@ class TrajectoryProblem:
         self.head_weight = 1.0
         self.run_limit = max_skip_run  # the longest skipped run while choosing (`solve_variant`)
         self.variant: dict = {"head_weight": 1.0, "max_skip_run": max_skip_run}  # the last `solve_variant`
+        #: `solve_variant`'s results by (variant, target): `alternatives` solves every variant once, and building the
+        #: plans of some of them again (`ditfa_optimum.calibrate.select_plan`) reuses them
+        self._solved: dict[str, tuple[float | None, dict]] = {}
 
     def weigh_heads(self, weight: float) -> None:
         """Price head damage ``weight`` times its prediction (``inf``: heads stay full) while choosing."""
@@ -635,7 +644,15 @@ class TrajectoryProblem:
     def solve_variant(self, config: DiTFastAttnConfig, variant: dict, warn: bool = True
                       ) -> tuple[float | None, dict]:
         """``lam`` (None for a rhythm) and the choices of one of the `variants` (kept set on the problem afterwards,
-        so `describe` reports it)."""
+        so `describe` reports it); solved once per variant and target."""
+        key = json.dumps([variant, config.target()], sort_keys=True, default=str)
+        solved = self._solve_variant(config, variant, warn) if key not in self._solved else self._solved[key]
+        if key in self._solved:  # the problem's state as solving it left it (`describe` reads it)
+            self._solve_variant(config, variant, warn, state_only=True)
+        self._solved[key] = solved
+        return solved
+
+    def _solve_variant(self, config: DiTFastAttnConfig, variant: dict, warn: bool, state_only: bool = False):
         self.variant = dict(variant)
         if "rhythm" in variant:
             k, start = int(variant["rhythm"]), int(variant["start"])
@@ -646,7 +663,7 @@ class TrajectoryProblem:
                                  "with the config the rhythm was selected for")
             self.weigh_heads(np.inf)
             self.run_limit = k - 1
-            return None, self._rhythm(k, start)
+            return None if state_only else (None, self._rhythm(k, start))
         weight, run = _weight(variant["head_weight"]), int(variant["max_skip_run"])
         if self.step_damage is not None and not 1 <= run <= self.max_skip_run:
             raise ValueError(f"a selected plan variant skips runs of up to {run} steps, but this search allows "
@@ -654,7 +671,7 @@ class TrajectoryProblem:
                              "selected for")
         self.weigh_heads(weight)
         self.run_limit = run
-        return self._solve_one(config, warn)
+        return None if state_only else self._solve_one(config, warn)
 
     def alternatives(self, config: DiTFastAttnConfig) -> list[tuple[dict, float | None, dict]]:
         """Every distinct plan that one of the `variants` gives for the target: ``(variant, lam, choices)``, those

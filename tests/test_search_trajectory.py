@@ -408,3 +408,25 @@ def test_calibration_statistics_of_format_1_still_load(tmp_path):
     (tmp_path / STATS_JSON).write_text(json.dumps(info))
     with pytest.raises(ValueError, match="format_version 3 is not a version any ditfa-optimum wrote"):
         CalibrationStats.load(tmp_path)
+
+
+def test_solved_variants_are_reused_by_the_plans_built_from_them(stats, monkeypatch):
+    """`alternatives` solves every variant; the plans `select_plan` builds from them (`search(..., problem=)`) are the
+    ones a fresh search builds, without another bisection, and the problem is left as solving each variant left it
+    (`describe` reads that)."""
+    cfg = config(target_cut=0.4)
+    problem = problem_of(stats, cfg)
+    found = problem.alternatives(cfg)
+    assert found
+    fresh = {repr(v): search(stats, cfg, variant=v) for v, _, _ in found}
+    solved = []
+    monkeypatch.setattr(problem, "_solve_one", lambda *a, **k: solved.append(a))
+    for variant, lam, choices in found:
+        plan = search(stats, cfg, variant=variant, problem=problem)
+        expected = fresh[repr(variant)]
+        assert all(np.array_equal(plan.methods[n], expected.methods[n]) for n in plan.module_names)
+        assert plan.metadata["search"]["variant"] == variant == problem.variant
+        assert plan.metadata["search"]["head_weight"] == expected.metadata["search"]["head_weight"]
+    assert solved == []  # nothing solved twice
+    with pytest.raises(ValueError, match="TrajectoryProblem is for allocation='trajectory'"):
+        search(stats, config(allocation="local"), problem=problem)
