@@ -41,6 +41,12 @@ class BaseFolder:
     revision: str | None
 
 
+def hub_id_form(text: str) -> bool:
+    """Whether ``text`` has the form of a Hub repo id (``user/name``: one slash, not a relative or absolute path);
+    callers check separately whether a local path of that name exists, which takes precedence."""
+    return text.count("/") == 1 and not text.startswith((".", "/"))
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -81,7 +87,7 @@ def locate(source: str | None, revision: str | None = None, *, download: bool = 
             return BaseFolder(folder, None) if (folder / "config.json").is_file() else None
     except (OSError, ValueError):
         return None
-    if path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
+    if path.exists() or not hub_id_form(source):
         return None
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError

@@ -400,9 +400,10 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_push(args) -> int:
+    from .base_weights import hub_id_form
     from .serialization import push_artifact
 
-    if args.repo_id.count("/") != 1 or args.repo_id.startswith(("/", ".")):
+    if not hub_id_form(args.repo_id):
         raise UserError(f"repo_id must be a Hub repo id (user/name), got {args.repo_id!r}")
     if not Path(args.artifact).is_dir():
         raise UserError(f"{args.artifact!r} is not an artifact directory (push uploads a saved artifact)")

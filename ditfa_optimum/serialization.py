@@ -556,7 +556,7 @@ def model_card(config: dict, plan: CompressionPlan) -> str:
     calibration = "" if not search else (
         f"- Calibration: {summary.get('num_prompts') or '?'} prompts, {summary.get('calibration_seconds') or 0:.1f} s; "
         f"search {summary.get('search_seconds') or 0:.2f} s ({search.get('allocation')} allocation).\n")
-    on_hub = bool(record.get("id")) and not record.get("embedded") and record["id"].count("/") == 1 \
+    on_hub = bool(record.get("id")) and not record.get("embedded") and base_weights.hub_id_form(record["id"]) \
         and not Path(record["id"]).exists()
     data = ModelCardData(library_name="ditfa-optimum", license="other",
                          tags=["ditfa-optimum", "attention-compression", "diffusers"],
@@ -630,7 +630,7 @@ def push_artifact(folder: str | os.PathLike, repo_id: str, *, private: bool | No
     art = read_artifact(folder)
     base = art.config["base_model"] or {}
     if art.weights != "included" and not base.get("embedded") and (
-            not base.get("id") or base["id"].count("/") != 1 or Path(base["id"]).is_absolute()):
+            not base.get("id") or not base_weights.hub_id_form(base["id"])):
         raise ArtifactError(f"{art.path} refers to base weights in the local directory {base.get('id')!r}, which "
                             "nobody who downloads it has; save it with self_contained=True (--self-contained; mind "
                             "the base model's licence), or optimize a model loaded from the Hub")
@@ -814,7 +814,7 @@ def resolve(path_or_repo: str | os.PathLike, revision: str | None = None, token=
         exists = path.exists()
     except (OSError, ValueError) as e:  # a name too long, a NUL byte, no permission
         raise ArtifactError(f"{_short(text)} is not a readable directory ({_short(e, 200)})") from None
-    if exists or text.startswith((".", "/")) or text.count("/") != 1:
+    if exists or not base_weights.hub_id_form(text):
         raise ArtifactError(f"{_short(text)} is neither an artifact directory nor a Hub repo id (user/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
