@@ -92,10 +92,17 @@ def locate(source: str | None, revision: str | None = None, *, download: bool = 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    try:
-        snapshot = Path(snapshot_download(source, revision=revision, allow_patterns=["transformer/*"],
-                                          local_files_only=not download))
-    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError):
+    snapshot = None
+    # the cache first, even when downloading is allowed: a pinned commit already there needs no network (and some
+    # huggingface_hub releases try the network before the cache, failing offline)
+    for local_only in (True,) if not download else (True, False):
+        try:
+            snapshot = Path(snapshot_download(source, revision=revision, allow_patterns=["transformer/*"],
+                                              local_files_only=local_only))
+            break
+        except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError):
+            continue
+    if snapshot is None:
         return None
     folder = snapshot / "transformer"
     if not (folder / "config.json").is_file():

@@ -187,8 +187,12 @@ def test_an_artifact_of_schema_version_2_still_loads():
     assert art.schema_version == 2 and art.weights == "included" and art.plan.num_steps == 2
     assert art.config["base_model"]["files"] == {} and art.config["transformer"]["dtype"] is None
     loaded = art.load_transformer()
-    expected = tiny_transformer("sd3", num_layers=1, sample_size=16, pos_embed_max_size=16, dtype=torch.float16)
-    assert same_weights(loaded, expected)
+    # the fixture's own tensors (regenerating the model from its seed depends on the torch release's initialisers)
+    stored = load_file(art.path / "transformer" / WEIGHTS)
+    state = loaded.state_dict()
+    # schema 2 recorded no dtype: the float16 file loads in diffusers' default float32, as it did then
+    assert all(t.dtype == torch.float32 for t in state.values())
+    assert state.keys() == stored.keys() and all(torch.equal(state[k], stored[k].float()) for k in stored)
 
 
 @pytest.mark.parametrize("field, value, words", [
