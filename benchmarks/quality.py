@@ -55,7 +55,7 @@ TARGET_CUTS = (0.3, 0.45, 0.6, 0.7, 0.8, 0.9)
 WHOLE_TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 BLOCK_METHODS = ("block_cache", "block_taylor")
 CURVES = ("default", "trajectory", "blocks", "steps", "steps-unverified", "steps-only",
-          "steps-blocks", "one-pass", "paper", "local-quadratic", "uniform", "peers")
+          "steps-blocks", "one-pass", "paper", "local-quadratic", "uniform", "fp8", "peers")
 UNIFORM_STARTS = (4, 8, 12, 16)
 
 
@@ -219,6 +219,33 @@ def plan_attention_flops(runtime, plan: CompressionPlan, stats):
     return attention_flops
 
 
+def fp8_rows(ev: Evaluator, args, config, calibration) -> list[dict]:
+    """FP8 linear layers (`ditfa_optimum.fp8_linears`, GPU of compute capability 8.9+): the same model in bfloat16,
+    then with FP8 linears, then the default search calibrated and searched on the FP8 model (as
+    ``quantize_linears="fp8"`` does), each scored against the float32 dense images. FP8 does not change the FLOP
+    count: the cut is the plan's."""
+    from ditfa_optimum import fp8_linears
+
+    bf16 = mini_pipeline(None if args.model == "mini-mmdit" else args.model, device=args.device,
+                         torch_dtype=torch.bfloat16)
+    bf16.set_progress_bar_config(disable=True)
+    fp32, ev.pipe = ev.pipe, bf16
+    rows = []
+    try:
+        images, flops = ev.images()
+        rows.append(ev.score(images, flops, curve="bf16", setting="dense attention", flop_cut=0.0))
+        fp8_linears.quantize(bf16.transformer)
+        images, flops = ev.images()
+        rows.append(ev.score(images, flops, curve="fp8 linears", setting="dense attention", flop_cut=0.0))
+        stats = calibrate(bf16, config, calibration, progress=False)
+        kind, value = config.target()
+        rows.append(ev.plan_row("fp8 linears + default plan", f"{kind} {value:g}", search(stats, config), stats,
+                                args.backend))
+    finally:
+        ev.pipe = fp32
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="directory for quality[-TAG].json and .png")
@@ -315,6 +342,8 @@ def main(argv=None) -> int:
             plan = uniform_from(stats.modules, config.num_inference_steps, "cache", s, config.block_size,
                                 stats.model_class)
             rows.append(ev.plan_row("uniform cache", f"from step {s}", plan, stats, args.backend))
+    if "fp8" in curves:
+        rows += fp8_rows(ev, args, config, calibration)
     if "peers" in curves:
         from peers import PEERS, run_peer_sweep
 

@@ -131,10 +131,12 @@ def check_pinned(folder: BaseFolder, recorded: dict[str, str], where: str) -> No
                                "which diffusers would read: the base model there is another revision")
 
 
-def changed_tensors(transformer: torch.nn.Module, folder: Path) -> dict[str, torch.Tensor] | None:
+def changed_tensors(transformer: torch.nn.Module, folder: Path, skip: set[str] = frozenset()
+                    ) -> dict[str, torch.Tensor] | None:
     """The tensors of ``transformer`` (its ``state_dict``) that differ from the base weights in ``folder``, compared
     after casting the file's tensor to the model's dtype (a base loaded in bfloat16 from float32 files is unchanged);
-    None when the names or shapes differ (not this transformer's base)."""
+    None when the names or shapes differ (not this transformer's base). Names in ``skip`` (FP8 weights, stored apart)
+    are only checked for presence and shape."""
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
@@ -153,10 +155,12 @@ def changed_tensors(transformer: torch.nn.Module, folder: Path) -> dict[str, tor
                     mine = state.get(name)
                     if mine is None:
                         return None
-                    theirs = f.get_tensor(name)
-                    if theirs.shape != mine.shape:
+                    if tuple(f.get_slice(name).get_shape()) != tuple(mine.shape):
                         return None
                     seen.add(name)
+                    if name in skip:
+                        continue
+                    theirs = f.get_tensor(name)
                     if not torch.equal(theirs.to(mine.dtype), mine.detach().cpu()):
                         changed[name] = mine.detach().cpu().contiguous()
     return changed if seen == set(state) else None

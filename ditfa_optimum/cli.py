@@ -195,7 +195,8 @@ def _cmd_optimize(args) -> int:
             budget_schedule=args.budget_schedule, error_normalization=args.error_normalization,
             allocation=args.allocation, target_cut=args.target_cut, target_snr_db=args.target_snr,
             max_head_rse=args.max_head_rse, calibration_passes=args.calibration_passes,
-            skip_steps=False if args.no_skip_steps else None, verify_plans=args.verify_plans)
+            skip_steps=False if args.no_skip_steps else None, verify_plans=args.verify_plans,
+            quantize_linears=None if args.quantize_linears == "none" else args.quantize_linears)
         if args.repro_prompts < 0:
             raise UserError(f"--repro-prompts must be >= 0 (generations recorded for verify; 0: none), got "
                             f"{args.repro_prompts}")
@@ -380,6 +381,9 @@ def _cmd_inspect(args) -> int:
         "base+delta": f"the base model's ({len(base.get('files', {}))} files pinned by sha256), with the tensors "
                       f"that differ from them stored here",
         "included": "stored here (self-contained)"}[art.weights])
+    if art.linears:
+        print(f"linears      {len(art.linears)} linear layers in FP8 (float8 e4m3 weights, per-row scales; needs a "
+              "GPU of compute capability 8.9+)")
     print(f"plan         {plan.summary()}")
     cut = art.attention_flop_cut
     print(f"attention    {cut:.1%} of dense attention FLOPs cut" if cut is not None else
@@ -540,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="store the whole transformer in the artifact (air-gapped use; mind the base model's "
                           "licence before publishing it). Default: refer to the base model's files, pinned by "
                           "revision and sha256, and store only the tensors that differ")
+    opt.add_argument("--quantize-linears", choices=["none", "fp8"], default="none",
+                     help="fp8: the transformer blocks' linear layers in FP8 (torchao; needs --dtype bfloat16 and a "
+                          "GPU of compute capability 8.9+), calibrated and saved that way (default none)")
     opt.add_argument("--repro-prompts", type=int, default=2,
                      help="generations recorded for `verify` (default 2; 0: none)")
     opt.add_argument("--no-picture", dest="plan_picture", action="store_false",

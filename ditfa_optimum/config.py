@@ -9,7 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from . import schema
+from . import fp8_linears, schema
 from .masks import DEFAULT_BLOCK_SIZE
 from .methods import Full, make_method
 
@@ -99,6 +99,11 @@ class DiTFastAttnConfig:
             the sensitivity prompts at the end of calibration; the error model's choice is the plan unless another
             changes their images at least 2x less (`calibrate.SELECTION_MARGIN`), and the plan's measurement scales
             the error model. 1 = run only the error model's choice (to scale the model); 0 = run nothing.
+        quantize_linears: None (default): the linear layers run in the model's dtype; ``"fp8"``: the transformer
+            blocks' linear layers in FP8 through torchao (`ditfa_optimum.fp8_linears`: float8 weights with per-row
+            scales, activations quantized per row at run time), converted in place before calibrating, so the plan
+            is searched on the model users run, and stored in the artifact. Needs a bfloat16 pipeline, torchao and
+            a GPU with FP8 tensor cores (compute capability 8.9+); refused elsewhere.
 
     Example:
         >>> cfg = DiTFastAttnConfig(threshold=0.1, num_inference_steps=28, height=1024, width=1024)
@@ -131,6 +136,7 @@ class DiTFastAttnConfig:
     max_skip_run: int = 3
     skip_steps: bool | None = None
     verify_plans: int = 6
+    quantize_linears: str | None = None
 
     def __post_init__(self):
         if isinstance(self.methods, str) or not all(isinstance(m, str) for m in self.methods):
@@ -184,6 +190,9 @@ class DiTFastAttnConfig:
                              f"{self.max_head_rse!r}")
         _positive_int("sensitivity_prompts", self.sensitivity_prompts)
         _positive_int("max_skip_run", self.max_skip_run)
+        if self.quantize_linears is not None and self.quantize_linears not in fp8_linears.QUANTIZATIONS:
+            raise ValueError(f"quantize_linears must be None or one of {list(fp8_linears.QUANTIZATIONS)}, got "
+                             f"{self.quantize_linears!r}")
         if not isinstance(self.verify_plans, int) or isinstance(self.verify_plans, bool) or self.verify_plans < 0:
             raise ValueError(f"verify_plans must be an int >= 0 (plans run at the end of calibration; 0 = none), "
                              f"got {self.verify_plans!r}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import fp8_linears
 from .adapters import get_adapter
 from .calibrate import CalibrationStats, calibrate, check_prompts
 from .config import DiTFastAttnConfig
@@ -119,6 +120,9 @@ class DiTFastAttnOptimizer:
             from .serialization import check_target
 
             check_target(save_dir, overwrite)  # before the long calibration, not after
+        if config.quantize_linears == "fp8" and not fp8_linears.quantized_names(self.pipeline.transformer):
+            # before calibrating: the plan is searched on the model users run (converted in place)
+            fp8_linears.quantize(self.pipeline.transformer)
         self.stats = calibrate(self.pipeline, config, prompts, prompt_encoder=self.prompt_encoder, progress=progress)
         self.plan = search(self.stats, config)
         self.plan.metadata["search"]["base_model"] = self.source

@@ -20,13 +20,16 @@ History:
 3. Weights only where they change: an artifact records where its transformer's weights come from
    (``transformer.weights``: "base", "base+delta" or "included"), their dtype, and the sha256 of the base model's
    transformer files (``base_model.files``). Artifacts of versions 1 and 2 hold the whole transformer ("included").
+4. FP8 linear layers: an artifact records which linear layers it stores in FP8 (``transformer.linears``, null for
+   none; `ditfa_optimum.fp8_linears`). A reader of version 3 would ignore them and run the model's own linears, so the
+   counter moves; artifacts of earlier versions have none.
 """
 
 from __future__ import annotations
 
 import reprlib
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 KEY = "schema_version"
 KINDS = ("plan", "calibration", "sensitivity", "artifact", "config")
 
@@ -119,8 +122,14 @@ def _v2_to_v3(kind: str, info: dict) -> dict:
     return info
 
 
+def _v3_to_v4(kind: str, info: dict) -> dict:
+    if kind == "artifact" and isinstance(info.get("transformer"), dict):
+        info["transformer"] = {"linears": None, **info["transformer"]}
+    return info
+
+
 #: upgrade functions: version N -> N + 1, applied in order
-_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3}
+_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def _is_int(value) -> bool:

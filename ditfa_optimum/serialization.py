@@ -8,6 +8,8 @@
     scales.safetensors         quantization scales (reserved: empty until quantized methods exist)
     reproducibility.safetensors  downsampled reference latents of a few generations ("image_<i>")
     transformer_delta.safetensors  weights "base+delta": the tensors that differ from the base model's
+    transformer_fp8.safetensors    FP8 linear layers (``transformer.linears``): "<module>.weight" (float8_e4m3fn) and
+                               "<module>.weight_scale" (float32, one per output row), `ditfa_optimum.fp8_linears`
     transformer/               weights "included": diffusers save_pretrained (config.json + safetensors)
     README.md                  generated model card
 
@@ -42,7 +44,7 @@ except ImportError:  # pragma: no cover - Windows
 
 import torch
 
-from . import __version__, base_weights, schema
+from . import __version__, base_weights, fp8_linears, schema
 from .schema import short as _short
 from .adapters import adapter_names, get_adapter
 from .base_weights import sha256_file as sha256
@@ -57,6 +59,7 @@ SCALES_FILE = "scales.safetensors"
 REPRO_FILE = "reproducibility.safetensors"
 TRANSFORMER_DIR = "transformer"
 DELTA_FILE = "transformer_delta.safetensors"
+LINEARS_FILE = "transformer_fp8.safetensors"
 CARD_FILE = "README.md"
 #: where an artifact's transformer weights come from (`ditfa_optimum.base_weights`)
 WEIGHT_MODES = ("base", "base+delta", "included")
@@ -165,7 +168,12 @@ def weights_to_store(transformer: torch.nn.Module, base_model: dict | None, self
     ``revision`` and the sha256 of the base's transformer ``files``."""
     base = dict(base_model or {})
     base.setdefault("files", {})
+    quantized = fp8_linears.quantized_names(transformer)
     if self_contained:
+        if quantized:
+            raise ArtifactError("a self-contained artifact of a transformer with FP8 linear layers is not supported: "
+                                "its FP8 weights are stored beside a reference to the base model's files; save "
+                                "without self_contained (--self-contained), with the base model available")
         return StoredWeights("included", base)
     folder = base_weights.locate(base.get("id"), base.get("revision"))
     why = None
@@ -174,10 +182,15 @@ def weights_to_store(transformer: torch.nn.Module, base_model: dict | None, self
                "model to refer to" if not base.get("id") else
                f"the base model {base.get('id')!r} has no transformer files on this machine to refer to")
     else:
-        delta = base_weights.changed_tensors(transformer, folder.path)
+        delta = base_weights.changed_tensors(transformer, folder.path,
+                                             skip={f"{n}.weight" for n in quantized})
         if delta is None:
             why = f"the transformer does not have the structure of the base model's in {folder.path}"
     if why is not None:
+        if quantized:
+            raise ArtifactError(f"cannot save a transformer with FP8 linear layers: {why}, and its FP8 weights are "
+                                "stored beside a reference to the base model's files; load the pipeline from a "
+                                "model id or directory (from_pretrained) before quantizing")
         if self_contained is False:
             raise ArtifactError(f"cannot save without the transformer weights: {why}; pass self_contained=True "
                                 "(--self-contained) to store them")
@@ -205,6 +218,9 @@ def _write_contents(tmp: Path, transformer, plan: CompressionPlan, weights: Stor
         transformer.save_pretrained(tmp / TRANSFORMER_DIR, safe_serialization=True)
     elif weights.mode == "base+delta":
         save_file(weights.delta, tmp / DELTA_FILE, metadata={"format": "pt"})
+    linears = fp8_linears.quantized_names(transformer)
+    if linears:
+        save_file(fp8_linears.state(transformer), tmp / LINEARS_FILE, metadata={"format": "pt"})
     repro_info = None
     if reproducibility is not None:
         repro_info, repro_tensors = reproducibility
@@ -214,7 +230,9 @@ def _write_contents(tmp: Path, transformer, plan: CompressionPlan, weights: Stor
         "package_version": __version__,
         "base_model": weights.base_model,
         "transformer": {"class_name": type(transformer).__name__, "fingerprint": fingerprint(transformer),
-                        "weights": weights.mode, "dtype": weights_dtype(transformer)},
+                        "weights": weights.mode, "dtype": weights_dtype(transformer),
+                        "linears": {"quantization": "fp8", "scheme": fp8_linears.SCHEME, "modules": linears}
+                        if linears else None},
         "plan": plan.to_json_dict(),
         "prompt_encoder": prompt_encoder,
         "reproducibility": repro_info,
@@ -703,8 +721,18 @@ class Artifact:
                          base_model: str | os.PathLike | None = None) -> torch.nn.Module:
         """The transformer, in ``torch_dtype`` (default: the recorded dtype). Its tensors must be exactly the class's:
         a missing, unexpected or misshapen one is refused by name (never left uninitialised). Weights "base" and
-        "base+delta" load the base model's pinned files (`base_folder`; ``base_model``: where else to find them)."""
+        "base+delta" load the base model's pinned files (`base_folder`; ``base_model``: where else to find them).
+        FP8 linear layers (``transformer.linears``) need a GPU that runs them (`fp8_linears.check_available`) and
+        load in bfloat16."""
         name = self.config["transformer"]["class_name"]
+        if self.linears:
+            try:
+                fp8_linears.check_available()
+            except fp8_linears.Fp8Unavailable as e:
+                raise ArtifactError(f"{self.path} has FP8 linear layers, which cannot load here: {e}") from None
+            if torch_dtype not in (None, torch.bfloat16):
+                raise ArtifactError(f"{self.path} has FP8 linear layers, which run in bfloat16; got torch_dtype="
+                                    f"{torch_dtype}: leave it unset or pass torch.bfloat16")
         if torch_dtype is None and self.weights != "included":
             torch_dtype = DTYPES.get(self.config["transformer"].get("dtype"))
         kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
@@ -735,24 +763,39 @@ class Artifact:
             transformer = transformer.to(torch_dtype)
         if self.weights == "base+delta":
             self._apply_delta(transformer)
+        if self.linears:
+            self._load_linears(transformer)
         check_fingerprint(transformer, self.config["transformer"]["fingerprint"], f"the transformer in {weights}")
         self.plan.validate(get_adapter(transformer).module_specs(transformer),
                            model_class=self.config["transformer"]["class_name"])
         return transformer.eval()
 
-    def _apply_delta(self, transformer: torch.nn.Module) -> None:
+    @property
+    def linears(self) -> list[str]:
+        """The linear layers stored in FP8 (`fp8_linears`; empty: all in the model's dtype)."""
+        return list((self.config["transformer"].get("linears") or {}).get("modules", []))
+
+    def _tensors(self, name: str) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        file = self.path / DELTA_FILE
+        file = self.path / name
         try:
-            delta = load_file(file)
+            return load_file(file)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ArtifactError(f"{file} is not a readable safetensors file ({_short(e, 200)}); download or save "
                                 "the artifact again") from None
+
+    def _apply_delta(self, transformer: torch.nn.Module) -> None:
         try:
-            base_weights.apply_delta(transformer, delta, str(file))
+            base_weights.apply_delta(transformer, self._tensors(DELTA_FILE), str(self.path / DELTA_FILE))
         except base_weights.BaseWeightsError as e:
+            raise ArtifactError(str(e)) from None
+
+    def _load_linears(self, transformer: torch.nn.Module) -> None:
+        try:
+            fp8_linears.load(transformer, self.linears, self._tensors(LINEARS_FILE), str(self.path / LINEARS_FILE))
+        except (ValueError, fp8_linears.Fp8Unavailable) as e:
             raise ArtifactError(str(e)) from None
 
     def _check_transformer_config(self, file: Path) -> None:
@@ -871,7 +914,8 @@ def read_artifact(path_or_repo: str | os.PathLike, *, strict: bool = True, revis
 
     problems = []
     files = config["files"]
-    check_files(path, files, config_path, config["transformer"]["weights"])
+    check_files(path, files, config_path, config["transformer"]["weights"],
+                bool(config["transformer"].get("linears")))
     for name, digest in files.items():
         file = path / name
         try:
@@ -941,6 +985,18 @@ def check_fields(config: dict, where: Path) -> None:
         refuse("transformer.weights", transformer.get("weights"), f"one of {WEIGHT_MODES}")
     if transformer.get("dtype") not in (None, *DTYPES):
         refuse("transformer.dtype", transformer.get("dtype"), f"null or one of {sorted(DTYPES)}")
+    linears = transformer.get("linears")
+    if linears is not None and not (
+            isinstance(linears, dict) and linears.get("quantization") in fp8_linears.QUANTIZATIONS
+            and isinstance(linears.get("modules"), list) and 0 < len(linears["modules"]) <= 1 << 16
+            and all(isinstance(m, str) and 0 < len(m) <= 256 for m in linears["modules"])
+            and len(set(linears["modules"])) == len(linears["modules"])):
+        refuse("transformer.linears", linears,
+               f'null or {{"quantization": one of {list(fp8_linears.QUANTIZATIONS)}, "modules": [distinct names]}}')
+    if linears is not None and transformer["weights"] == "included":
+        refuse("transformer.linears", linears, "null with weights 'included' (FP8 weights refer to a base model)")
+    if linears is not None and transformer.get("dtype") != "bfloat16":
+        refuse("transformer.dtype", transformer.get("dtype"), "bfloat16 with FP8 linear layers")
     pinned = (config["base_model"] or {}).get("files", {})
     if not isinstance(pinned, dict) or not all(
             isinstance(k, str) and k.startswith(f"{TRANSFORMER_DIR}/") and k.count("/") == 1
@@ -967,7 +1023,7 @@ WEIGHTS_NAMES = (f"{TRANSFORMER_DIR}/diffusion_pytorch_model.safetensors",
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
-def check_files(path: Path, files: dict, where: Path, mode: str = "included") -> None:
+def check_files(path: Path, files: dict, where: Path, mode: str = "included", linears: bool = False) -> None:
     """Make sure loading reads only listed, checksummed files that lie inside the artifact.
 
     Refuses: names that are not plain relative paths inside the artifact, or not sha256 digests; symbolic links
@@ -986,6 +1042,7 @@ def check_files(path: Path, files: dict, where: Path, mode: str = "included") ->
                                 f"{_short(digest)}; the file is damaged or edited: download or save the artifact again")
     required = [PLAN_FILE, SCALES_FILE]
     required += {"included": [f"{TRANSFORMER_DIR}/config.json"], "base+delta": [DELTA_FILE], "base": []}[mode]
+    required += [LINEARS_FILE] if linears else []
     for name in required:
         if name not in files:
             raise ArtifactError(f"{where} does not list {name}; the artifact is incomplete")
@@ -1007,7 +1064,7 @@ def check_files(path: Path, files: dict, where: Path, mode: str = "included") ->
             inside_weights = _inside(Path(folder), root / TRANSFORMER_DIR)
             for entry in names:
                 name = (Path(folder) / entry).relative_to(root).as_posix()
-                if (inside_weights or name in (REPRO_FILE, DELTA_FILE)) and name not in files:
+                if (inside_weights or name in (REPRO_FILE, DELTA_FILE, LINEARS_FILE)) and name not in files:
                     raise ArtifactError(f"{path / name} is not listed in {where.name} 'files', so no checksum covers "
                                         "it, yet loading would read it (diffusers prefers a sharded index over the "
                                         "listed weights): remove it, or save the artifact again")

@@ -45,8 +45,9 @@ def test_the_per_kind_counters_of_version_1_are_read(kind, key, versions):
         schema.read(kind, {key: True}, "doc.json")
 
 
-@pytest.mark.parametrize("value, words", [(4, "4 is newer than this ditfa_optimum reads .up to 3.; "
-                                                "upgrade ditfa-optimum"),
+@pytest.mark.parametrize("value, words", [(schema.SCHEMA_VERSION + 1,
+                                           f"{schema.SCHEMA_VERSION + 1} is newer than this ditfa_optimum reads "
+                                           f".up to {schema.SCHEMA_VERSION}.; upgrade ditfa-optimum"),
                                           (0, "must be a positive integer, got 0"),
                                           (1, "1 was never written .a artifact of schema version 1 has "
                                               "'format_version' instead."),
@@ -79,8 +80,14 @@ def test_reading_never_changes_the_callers_document():
 def test_artifacts_before_version_3_hold_the_whole_transformer():
     out = schema.read("artifact", {"schema_version": 2, "transformer": {"class_name": "X"},
                                    "base_model": {"id": "a/b"}}, "ditfa_config.json")
-    assert out["transformer"] == {"class_name": "X", "weights": "included", "dtype": None}
+    assert out["transformer"] == {"class_name": "X", "weights": "included", "dtype": None, "linears": None}
     assert out["base_model"] == {"id": "a/b", "files": {}}
+
+
+def test_artifacts_before_version_4_have_no_fp8_linears():
+    out = schema.read("artifact", {"schema_version": 3, "transformer": {"class_name": "X", "weights": "base",
+                                                                        "dtype": "bfloat16"}}, "ditfa_config.json")
+    assert out["transformer"] == {"class_name": "X", "weights": "base", "dtype": "bfloat16", "linears": None}
 
 
 def test_plans_of_version_1_drop_what_their_format_did_not_have():
@@ -98,6 +105,7 @@ def test_statistics_of_calibration_format_2_load(tmp_path):
     (tmp_path / STATS_JSON).write_text(json.dumps({"format_version": 2, **info}))
     old = CalibrationStats.load(tmp_path)
     assert all(torch.equal(old.err[s.name], stats.err[s.name]) for s in stats.modules)
-    (tmp_path / STATS_JSON).write_text(json.dumps({"schema_version": 4, **info}))
-    with pytest.raises(ValueError, match="schema_version 4 is newer"):
+    newer = schema.SCHEMA_VERSION + 1
+    (tmp_path / STATS_JSON).write_text(json.dumps({"schema_version": newer, **info}))
+    with pytest.raises(ValueError, match=f"schema_version {newer} is newer"):
         CalibrationStats.load(tmp_path)
