@@ -16,7 +16,10 @@ An artifact stores the quantized weights and their scales as plain tensors (`sta
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 
 #: the values of `DiTFastAttnConfig.quantize_linears` (None: the model's dtype)
 QUANTIZATIONS = ("fp8",)
@@ -120,9 +123,9 @@ def quantize(transformer: torch.nn.Module, *, check: bool = True) -> list[str]:
     from torchao.quantization import PerRow
     from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
 
-    torch_ao = _torchao()
-    if torch.cuda.is_available():
-        torch_ao.quantization.utils.recommended_inductor_config_setter()  # what torchao's quantize_ sets
+    # torchao's quantize_ would also switch inductor's coordinate-descent tuning on, process-wide; the inductor config
+    # is left to the user (run with it on, compiling SD3-medium 2K with a plan and FP8 linears did not finish in
+    # 290 s on an H200)
     names = eligible(transformer)
     for name in names:
         module = transformer.get_submodule(name)
@@ -170,3 +173,21 @@ def load(transformer: torch.nn.Module, names: list[str], tensors: dict[str, torc
                              "download or save the artifact again")
         device = module.weight.device
         _set_weight(module, _float8_weight(qdata.to(device), scale.to(device), module.weight.dtype))
+
+
+@contextlib.contextmanager
+def differentiable(transformer: torch.nn.Module):
+    """While active, the FP8 linear layers run as ``F.linear`` with their dequantized weights (no activation
+    rounding), so autograd can pass through them: torchao's FP8 matmul (``_scaled_mm``) has no derivative, and the
+    sensitivity sweep (`ditfa_optimum.sensitivity`) needs d output / d input through every layer. The Jacobian is the
+    FP8 layer's up to its activation rounding (a straight-through estimate of that step). A no-op without FP8 layers."""
+    patched = []
+    try:
+        for name in quantized_names(transformer):
+            module = transformer.get_submodule(name)
+            module.forward = lambda x, m=module: F.linear(x, m.weight.dequantize(), m.bias)
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward  # back to nn.Linear.forward (the FP8 matmul)

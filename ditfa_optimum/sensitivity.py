@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from . import schema
+from . import fp8_linears, schema
 from .plan import ModuleSpec
 
 
@@ -346,7 +346,7 @@ def measure_sensitivity(pipeline, config, prompts: list[str], *, prompt_encoder=
             args["hidden_states"] = model_in.to(hidden.dtype)
             probe.grads.clear()
             block_grads.clear()
-            with torch.enable_grad():
+            with torch.enable_grad(), fp8_linears.differentiable(transformer):
                 out = _output(transformer(**args)).float()
                 v = out[:n] + scale * (out[n:] - out[:n]) if cfg else out
                 step = float(sigmas[t + 1] - sigmas[t])

@@ -269,3 +269,34 @@ def test_fp8_linears_on_the_gpu_match_the_rowwise_reference(family):
     fresh = bf16(family, seed=9).cuda()
     fp8_linears.load(fresh, names, fp8_linears.state(model), "test")
     assert same_state({k: v.cpu() for k, v in fp8_linears.state(fresh).items()}, fp8_linears.state(model))
+
+
+def test_optimize_with_fp8_linears_searches_the_fp8_model_and_saves_it(monkeypatch, tmp_path):
+    """The whole flow on the CPU (the GPU check stubbed): the linears convert before calibrating, the sensitivity
+    sweep differentiates through them (straight through their activation rounding), and the artifact stores them."""
+    from ditfa_optimum import DiTFastAttnOptimizer
+    from ditfa_optimum.tiny import TinyPromptEncoder, tiny_pipeline
+
+    monkeypatch.setattr(fp8_linears, "check_available", lambda: None)
+    pipe = tiny_pipeline("sd3", dtype=torch.bfloat16)
+    opt = DiTFastAttnOptimizer(pipe, prompt_encoder=TinyPromptEncoder(pipe.transformer, text_tokens=16))
+    config = DiTFastAttnConfig(num_inference_steps=3, height=64, width=64, num_prompts=2, batch_size=2,
+                               block_size=16, sensitivity_prompts=1, verify_plans=1, quantize_linears="fp8")
+    plan = opt.optimize(config, progress=False)
+    assert fp8_linears.quantized_names(pipe.transformer) == fp8_linears.eligible(pipe.transformer)
+    assert plan.metadata["search"]["config"]["quantize_linears"] == "fp8"
+
+
+def test_gradients_pass_through_fp8_linears_while_differentiable():
+    linear = torch.nn.Linear(32, 48).to(torch.bfloat16)
+    container = torch.nn.Module()
+    container.transformer_blocks = torch.nn.ModuleList([linear])
+    fp8_linears.quantize(container, check=False)
+    x = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="derivative for aten::_scaled_mm is not implemented"):
+        linear(x).sum().backward()
+    with fp8_linears.differentiable(container):
+        linear(x).float().sum().backward()
+    want = linear.weight.dequantize().float().sum(0)  # d sum(x W^T) / dx = column sums of W
+    assert torch.allclose(x.grad.float(), want.expand(4, -1), rtol=1e-2, atol=1e-2)
+    assert "forward" not in vars(linear)  # the FP8 matmul is back
