@@ -10,7 +10,10 @@
   plan-only artifact's files are written by the same writer (`serialization._write_contents` with weights ``base``,
   which never reads a tensor; 28 steps, every head an arrow head: the plan's size does not depend on its methods),
   without a reproducibility record (two 1024² records add ~0.2 MB); the self-contained size adds the transformer's
-  safetensors file, computed from the tensor shapes in bfloat16 (its 8-byte header length and JSON header aside).
+  safetensors file, computed from the tensor shapes in bfloat16 (its 8-byte header length and JSON header aside);
+  the FP8-linears size adds one byte per weight and a float32 scale per output row of `fp8_linears.eligible`.
+* **FP8 linears** on mini-mmdit: measured (bfloat16, converted on the CPU, ``transformer_fp8.safetensors`` read back
+  bit for bit).
 """
 
 from __future__ import annotations
@@ -27,8 +30,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ditfa_optimum import fp8_linears  # noqa: E402
 from ditfa_optimum.apply import uniform_plan  # noqa: E402
-from ditfa_optimum.serialization import StoredWeights, _write_contents, read_artifact, write_artifact  # noqa: E402
+from ditfa_optimum.serialization import (  # noqa: E402
+    LINEARS_FILE,
+    StoredWeights,
+    _write_contents,
+    read_artifact,
+    write_artifact,
+)
 
 MB = 1e6
 
@@ -64,6 +74,17 @@ def mini_rows(tmp: Path) -> list[dict]:
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), transformer.state_dict().values()))
     rows.insert(1, dict(model="mini-mmdit", weights="base+delta (one 192x192 projection)", bytes=size(path),
                         measured=True))
+    # FP8 linears: converted on the CPU (only running them needs an FP8 GPU); the file read back bit for bit
+    transformer.to(torch.bfloat16)
+    names = fp8_linears.quantize(transformer, check=False)
+    path = opt.save_pretrained(tmp / "fp8")
+    art = read_artifact(path)
+    stored, mine = load_file(path / LINEARS_FILE), fp8_linears.state(transformer)
+    assert art.linears == names and art.weights == "base" and stored.keys() == mine.keys()
+    assert all(torch.equal(stored[k].view(torch.uint8), mine[k].view(torch.uint8)) if mine[k].element_size() == 1
+               else torch.equal(stored[k], mine[k]) for k in mine)
+    rows.append(dict(model="mini-mmdit", weights=f"base + FP8 linears ({len(names)} layers)", bytes=size(path),
+                     measured=True))
     return rows
 
 
@@ -84,6 +105,10 @@ def full_size_rows(tmp: Path) -> list[dict]:
         weights = sum(t.numel() * t.element_size() for t in transformer.state_dict().values())
         rows.append(dict(model=label, weights="base", bytes=plan_only, measured=True))
         rows.append(dict(model=label, weights="included (bfloat16)", bytes=plan_only + weights, measured=False))
+        linears = [transformer.get_submodule(n) for n in fp8_linears.eligible(transformer)]
+        fp8 = sum(m.out_features * m.in_features + 4 * m.out_features for m in linears)  # e4m3 bytes + fp32 scales
+        rows.append(dict(model=label, weights=f"base + FP8 linears ({len(linears)} layers)", bytes=plan_only + fp8,
+                         measured=False))
     return rows
 
 
