@@ -59,7 +59,8 @@ def test_only_the_blocks_linear_layers_with_widths_of_16_convert(family):
     names = fp8_linears.eligible(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert names and set(names) < set(linears)
-    assert all(n.split(".")[0] in fp8_linears.BLOCK_LISTS for n in names)
+    assert all(n.split(".")[0] in fp8_linears.BLOCK_LISTS and ".norm" not in n for n in names)
+    assert any(".norm" in n for n in linears)  # the modulation layers exist and stay
     assert not any(n.startswith(("time_text_embed", "context_embedder", "norm_out", "proj_out", "x_embedder"))
                    for n in names)
     assert all(model.get_submodule(n).in_features % 16 == 0 and model.get_submodule(n).out_features % 16 == 0
