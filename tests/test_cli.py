@@ -83,6 +83,8 @@ def test_optimize_reads_a_prompts_file(tmp_path, capsys):
     (["--threshold", "-1"], "threshold must be a finite number >= 0"),
     (["--method", "bogus"], "unknown attention method 'bogus'"),
     (["--prompts", "/no/such/file.txt"], "cannot read the prompts file"),
+    # no FP8 GPU here, and a float32 model on one: refused before calibrating, either way
+    (["--quantize-linears", "fp8"], "FP8 linear layers"),
 ])
 def test_optimize_user_errors(args, words, capsys):
     assert main(["optimize", "--quiet", *args]) == 1

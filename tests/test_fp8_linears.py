@@ -301,3 +301,21 @@ def test_gradients_pass_through_fp8_linears_while_differentiable():
     want = linear.weight.dequantize().float().sum(0)  # d sum(x W^T) / dx = column sums of W
     assert torch.allclose(x.grad.float(), want.expand(4, -1), rtol=1e-2, atol=1e-2)
     assert "forward" not in vars(linear)  # the FP8 matmul is back
+
+
+def test_an_fp8_artifact_of_the_mini_model_loads_as_a_pipeline_and_draws(monkeypatch, tmp_path):
+    """`load_pipeline` end to end: the embedded model's files in bfloat16, the stored FP8 layers, the plan applied."""
+    from ditfa_optimum import DiTFastAttnOptimizer, load_pipeline
+
+    monkeypatch.setattr(fp8_linears, "check_available", lambda: None)
+    opt = DiTFastAttnOptimizer.from_pretrained("mini-mmdit")
+    opt.pipeline.transformer.to(torch.bfloat16)
+    names = fp8_linears.quantize(opt.pipeline.transformer, check=False)
+    opt.plan = uniform_plan(opt.pipeline.transformer, num_steps=3, method="arrow:1/4", block_size=32)
+    opt.plan.metadata["search"] = {"config": opt.default_config().replace(num_inference_steps=3).to_dict()}
+    path = opt.save_pretrained(tmp_path / "art", reproducibility_prompts=0)
+    pipe = load_pipeline(path)
+    assert fp8_linears.quantized_names(pipe.transformer) == names
+    assert same_state(fp8_linears.state(pipe.transformer), fp8_linears.state(opt.pipeline.transformer))
+    images = pipe(["a small red circle in the center"], num_inference_steps=3, output_type="pt").images
+    assert images.shape == (1, 3, 64, 64) and bool(images.isfinite().all())
