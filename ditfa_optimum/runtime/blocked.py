@@ -24,9 +24,7 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: T
     n_img, n_txt, bs, n_blk = (layout.num_image_tokens, layout.num_text_tokens, layout.block_size,
                                layout.num_image_blocks)
     img, txt = layout.image_slice(), layout.text_slice()
-    out = torch.empty_like(q)
-    if n_txt:
-        out[..., txt, :] = F.scaled_dot_product_attention(q[..., txt, :], k, v)
+    text_rows = F.scaled_dot_product_attention(q[..., txt, :], k, v) if n_txt else None
 
     pad = n_blk * bs - n_img  # the last image block may be short: pad it, and mask the padded keys
 
@@ -48,8 +46,11 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: T
         mask = valid[:, None, :]  # [n_blk, 1, keys]: broadcast over the block's query rows
     queries = padded(q).unflatten(-2, (n_blk, bs))
     rows = F.scaled_dot_product_attention(queries, band(k), band(v), attn_mask=mask)
-    out[..., img, :] = rows.flatten(-3, -2)[..., :n_img, :]
-    return out
+    image_rows = rows.flatten(-3, -2)[..., :n_img, :]
+    if text_rows is None:
+        return image_rows
+    # joined, not written into a buffer: a traced graph (ONNX export) keeps slice writes into a fresh tensor wrong
+    return torch.cat([image_rows, text_rows] if layout.image_first else [text_rows, image_rows], dim=-2)
 
 
 @register_backend

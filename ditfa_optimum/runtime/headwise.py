@@ -121,7 +121,10 @@ class ModuleRuntime:
         widths = self.widths(step, program, layout, B, cfg)
         # every backend runs an all-full call as plain SDPA, which autograd differentiates
         backend = get_backend(rt.backend_name, q.device, grad=not widths.all_full and needs_grad(q, k, v))
-        out = backend.attend(q, k, v, layout, widths) if widths.any else torch.empty_like(q)
+        if widths.any:
+            out = backend.attend(q, k, v, layout, widths)
+        else:  # every head finalized from memory below; traced for ONNX, empty_like's memory would become a constant
+            out = q * 0 if torch.jit.is_tracing() else torch.empty_like(q)
 
         memory = state.memory(self.spec.name)
         if program.finishing and out.requires_grad:

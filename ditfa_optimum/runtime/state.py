@@ -53,6 +53,8 @@ class StepState:
         self._step_memory: dict[int, dict] = {}
         self._warned_cfg = False
         self._warned_branches = False
+        #: set by `ditfa_optimum.export` while it traces one step on purpose: calls run that step, memory as given
+        self.export_step: int | None = None
 
     # ---------------------------------------------------------------- step tracking
     def reset(self) -> None:
@@ -70,6 +72,10 @@ class StepState:
         """Called before each transformer forward with what it knows of the call's position (see the module
         docstring): its ``timestep``, the text length of its inputs, and optionally the ``step_index`` (of the cache
         context or the scheduler; -1 before the scheduler's first step) and the cache ``context`` name."""
+        if self.export_step is not None:  # one step traced on purpose, its memory handed in (ditfa_optimum.export)
+            self.step, self.branch, self.calls_in_step = self.export_step, 0, 0
+            self.text_tokens = text_tokens
+            return
         if torch.jit.is_tracing():
             raise RuntimeError(TRACED_GRAPH)
         if step_index is not None:

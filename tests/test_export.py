@@ -1,0 +1,100 @@
+"""ONNX export with a plan (`ditfa_optimum.export`): the miniature model's step graphs run a whole 20-step CFG
+generation in onnxruntime, the heads' memory fed from step to step, and draw the PyTorch runtime's images; what cannot
+be exported is refused by name."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from ditfa_optimum import apply, fp8_linears, remove  # noqa: E402
+from ditfa_optimum.export import ExportError, OnnxPlanTransformer, export_onnx  # noqa: E402
+from ditfa_optimum.mini import mini_pipeline  # noqa: E402
+from ditfa_optimum.plan import CompressionPlan  # noqa: E402
+
+STEPS, GUIDANCE = 20, 4.0
+CAPTIONS = ["a small red circle in the center", "a large blue square on the left"]
+#: per head and step >= 1, rotating: every method the runtime carries between steps, and arrows of two widths
+ROTATION = ("full", "arrow:1/4", "cache", "cfg_share", "arrow:1/8", "cache")
+SKIPPED = (7, 12, 16)
+
+
+def mixed_plan(pipe) -> CompressionPlan:
+    from ditfa_optimum.adapters import get_adapter
+
+    specs = get_adapter(pipe.transformer).module_specs(pipe.transformer)
+    def method(h, step, i):
+        m = ROTATION[(h + step + i) % len(ROTATION)]
+        return "arrow:1/4" if m == "cache" and step - 1 in SKIPPED else m  # nothing to reuse after a skipped step
+
+    table = {s.name: [["full"] * s.num_heads] + [[method(h, step, i) for h in range(s.num_heads)]
+                                                 for step in range(1, STEPS)] for i, s in enumerate(specs)}
+    plan = CompressionPlan.from_methods(specs, table, block_size=32, model_class="SD3Transformer2DModel")
+    plan.set_skipped_steps(list(SKIPPED))
+    return plan
+
+
+def images(pipe, caption, seed):
+    return pipe([caption], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                generator=torch.Generator().manual_seed(seed), output_type="pt").images
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    pipe = mini_pipeline()
+    plan = mixed_plan(pipe)
+    out = export_onnx(pipe, plan, tmp_path_factory.mktemp("onnx") / "mini", prompt=[CAPTIONS[0]],
+                      num_inference_steps=STEPS, guidance_scale=GUIDANCE, progress=False)
+    return pipe, plan, out
+
+
+def test_a_whole_cfg_generation_in_onnxruntime_draws_the_pytorch_images(exported):
+    pipe, plan, out = exported
+    assert plan.method_counts().keys() >= {"full", "arrow", "cache", "cfg_share"} and plan.skipped_steps
+    apply(pipe, plan, backend="blocked")
+    try:
+        want = [images(pipe, c, i) for i, c in enumerate(CAPTIONS)]
+    finally:
+        remove(pipe)
+    stock = pipe.transformer
+    pipe.transformer = OnnxPlanTransformer(out, stock)
+    try:
+        got = [images(pipe, c, i) for i, c in enumerate(CAPTIONS)]  # the generator starts a new one each time
+    finally:
+        pipe.transformer = stock
+    for a, b in zip(want, got):
+        mse = float((a - b).pow(2).mean())
+        assert mse == 0 or 10 * torch.log10(torch.tensor(1 / mse)) >= 60  # measured: identical or ~1e-7 apart
+    dense = images(pipe, CAPTIONS[0], 0)
+    assert not torch.allclose(dense, want[0], atol=1e-3)  # the plan changes the image: the check is not vacuous
+
+
+def test_the_export_holds_one_graph_per_computed_step_and_one_copy_of_the_weights(exported):
+    import onnx
+
+    pipe, plan, out = exported
+    manifest = json.loads((out / "export.json").read_text())
+    graphs = [s["graph"] for s in manifest["steps"]]
+    assert [g is None for g in graphs] == [not plan.runs_step(t) for t in range(STEPS)]
+    assert manifest["skipped_steps"] == plan.skipped_steps
+    weights = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
+    assert (out / "weights.bin").stat().st_size < 2 * weights  # shared, not once per graph
+    model = onnx.load(out / graphs[0], load_external_data=False)
+    assert sum(len(t.raw_data) for t in model.graph.initializer) < 1 << 20  # the weights live in weights.bin
+    cached = next(s for s in manifest["steps"][1:] if s["graph"])
+    assert cached["memory_in"] or cached["memory_out"]  # cache heads carry memory between the graphs
+
+
+def test_what_cannot_be_exported_is_refused(tmp_path, monkeypatch):
+    pipe = mini_pipeline()
+    plan = mixed_plan(pipe)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ExportError, match="not empty"):
+        export_onnx(pipe, plan, tmp_path / "full", prompt=["a small red circle in the center"])
+    monkeypatch.setattr(fp8_linears, "quantized_names", lambda t: ["transformer_blocks.0.ff.net.2"])
+    with pytest.raises(ExportError, match="FP8 linear layers"):
+        export_onnx(pipe, plan, tmp_path / "fp8", prompt=["a small red circle in the center"])
