@@ -348,6 +348,34 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .apply import remove
+    from .calibrate import pipeline_kwargs
+    from .export import export_onnx
+
+    try:
+        art = _read(args.artifact)
+        if args.steps not in (None, art.plan.num_steps):
+            raise UserError(f"--steps {args.steps}: the export runs the plan's own {art.plan.num_steps} steps (a "
+                            "remapped plan is not exported); leave --steps out")
+        if args.batch < 1:
+            raise UserError(f"--batch must be >= 1, got {args.batch}")
+        settings = _settings(art, args, args.seed)
+        pipe = _pipeline(args, art, art.plan.num_steps)
+        _check_resolution(pipe, settings.height, settings.width)
+        remove(pipe)  # export_onnx applies the plan itself, one step per graph
+        kwargs = pipeline_kwargs(pipe, [args.prompt] * args.batch, settings, prompt_encoder=art.prompt_encoder(pipe))
+        kwargs.pop("generator")
+        out = export_onnx(pipe, art.plan, args.out, progress=not args.quiet, **kwargs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    except ImportError as e:
+        raise UserError(f"ONNX export needs onnx and onnxruntime: pip install 'ditfa-optimum[onnx]' ({e})") from None
+    print(f"wrote {out}: one ONNX graph per computed step of {art.plan.num_steps}, weights in weights.bin, "
+          f"export.json; run it with ditfa_optimum.export.OnnxPlanTransformer({str(out)!r}, pipe.transformer)")
+    return 0
+
+
 def _latent_preview(latents, pipe, height, width):
     from PIL import Image
 
@@ -581,6 +609,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true")
     generation_args(gen)
     gen.set_defaults(func=_cmd_generate)
+
+    exp = sub.add_parser("export", help="export the artifact's transformer with its plan to ONNX (one graph per "
+                                        "computed step; docs/export.md)")
+    exp.add_argument("format", choices=["onnx"])
+    artifact_args(exp)
+    exp.add_argument("out", help="new directory for the graphs")
+    exp.add_argument("--prompt", default="a small red circle in the center",
+                     help="the caption of the recorded call (its text length fixes the graphs')")
+    exp.add_argument("--batch", type=int, default=1, help="prompts per call the graphs take (default 1)")
+    exp.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--quiet", action="store_true")
+    generation_args(exp)
+    exp.set_defaults(func=_cmd_export)
 
     ins = sub.add_parser("inspect", help="summary table of an artifact, and a PNG picture of its plan")
     artifact_args(ins, load=False)

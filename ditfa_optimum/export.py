@@ -152,13 +152,22 @@ class _StepGraph(torch.nn.Module):
         return (out, *[after[s] for s in self.slots_out])
 
 
-def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, prompt: str | list[str],
+def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, prompt: str | list[str] | None = None,
                 num_inference_steps: int | None = None, opset: int = 18, progress: bool = True,
                 **pipeline_kwargs) -> Path:
     """Export ``pipeline.transformer`` with ``plan`` to ``out_dir`` (see the module docstring).
 
     The graphs have the shapes of one call of ``pipeline(prompt, num_inference_steps=..., **pipeline_kwargs)``
-    (batch, resolution, text length; run once here to record them). Returns ``out_dir``.
+    (batch, resolution, text length; run once here, in latent output, to record them; ``prompt`` may be left out
+    when ``pipeline_kwargs`` holds ``prompt_embeds``). ``pipeline`` must not run a plan already. Returns
+    ``out_dir``.
+
+    Example (the embedded miniature model, its default 20 steps, 64 px, CFG 4):
+        >>> from ditfa_optimum.mini import mini_pipeline
+        >>> pipe = mini_pipeline()                                                   # doctest: +SKIP
+        >>> export_onnx(pipe, plan, "mini-onnx", prompt=["a small red circle in the center"],
+        ...             guidance_scale=4.0)                                           # doctest: +SKIP
+        >>> pipe.transformer = OnnxPlanTransformer("mini-onnx", pipe.transformer)      # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 
@@ -183,8 +192,9 @@ def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, 
     out.mkdir(parents=True, exist_ok=True)
     runtime = apply(pipeline, plan, backend="blocked")
     try:
-        calls = _record(pipeline, runtime, lambda: pipeline(prompt, num_inference_steps=steps,
-                                                            output_type="latent", **pipeline_kwargs))
+        given = {} if prompt is None else {"prompt": prompt}
+        calls = _record(pipeline, runtime, lambda: pipeline(**given, **{**pipeline_kwargs, "num_inference_steps": steps,
+                                                                         "output_type": "latent"}))
         if len(calls) != plan.num_steps:
             raise ExportError(f"the generation called the transformer {len(calls)} times for the plan's "
                               f"{plan.num_steps} steps; the export needs one call per step")

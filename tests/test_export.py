@@ -98,3 +98,19 @@ def test_what_cannot_be_exported_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(fp8_linears, "quantized_names", lambda t: ["transformer_blocks.0.ff.net.2"])
     with pytest.raises(ExportError, match="FP8 linear layers"):
         export_onnx(pipe, plan, tmp_path / "fp8", prompt=["a small red circle in the center"])
+
+
+def test_the_cli_exports_an_artifact_and_refuses_a_remapped_plan(tmp_path, capsys):
+    from ditfa_optimum import DiTFastAttnOptimizer
+    from ditfa_optimum.apply import uniform_plan
+    from ditfa_optimum.cli import main
+
+    opt = DiTFastAttnOptimizer.from_pretrained("mini-mmdit")
+    opt.plan = uniform_plan(opt.pipeline.transformer, num_steps=4, method="arrow:1/4", full_steps=1, block_size=32)
+    opt.plan.metadata["search"] = {"config": opt.default_config().replace(num_inference_steps=4).to_dict()}
+    art = opt.save_pretrained(tmp_path / "art", reproducibility_prompts=0)
+    assert main(["export", "onnx", str(art), str(tmp_path / "onnx"), "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert [s["graph"] for s in manifest["steps"]] == [f"step_{t:02d}.onnx" for t in range(4)]
+    assert main(["export", "onnx", str(art), str(tmp_path / "other"), "--steps", "8", "--quiet"]) == 1
+    assert "the export runs the plan's own 4 steps" in capsys.readouterr().err
