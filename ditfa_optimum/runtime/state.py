@@ -181,8 +181,8 @@ TRACED_TIMESTEP = ("the ditfa plan reads the step from this call's timestep, whi
 TRACED_GRAPH = ("a TorchScript trace (torch.jit.trace, or torch.onnx.export with dynamo=False) of a model with a ditfa "
                 "plan would record the methods of the one step it runs as constants: the graph would run them at "
                 "every step, silently wrong. Trace or export the model without a plan (ditfa_optimum.remove(model) "
-                "first); ONNX export with a plan is not supported yet, and torch.compile follows the steps "
-                "(docs/runtime.md)")
+                "first), export with the plan through ditfa_optimum.export.export_onnx (one graph per step; "
+                "docs/export.md), or use torch.compile, which follows the steps (docs/runtime.md)")
 
 
 def _first_value(timestep) -> float | None:
