@@ -322,4 +322,8 @@ class OnnxPlanTransformer(torch.nn.Module):
             sample = torch.from_numpy(results[0]).to(hidden_states.device)
             self.memory = dict(zip(entry["memory_out"], results[1:]))
         self.outputs[self.step] = sample
-        return (sample,) if not return_dict else type("Output", (), {"sample": sample})()
+        if not return_dict:
+            return (sample,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=sample)
