@@ -171,9 +171,8 @@ def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, 
     """
     from tqdm.auto import tqdm
 
-    from .apply import apply, remove
-
     from .adapters import get_adapter
+    from .apply import apply, remove
 
     family = get_adapter(pipeline.transformer).model_class
     if family != "SD3Transformer2DModel":
