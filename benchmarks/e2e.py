@@ -303,6 +303,14 @@ def time_calls(case: Case, inputs: dict, before=None, step: int | None = None) -
     return times, out
 
 
+def run_steps(case: Case, stop: int) -> None:
+    """The real trajectory's first ``stop`` steps through ``case.model`` (a plan applied to it follows them)."""
+    with torch.no_grad():
+        for s in range(stop):
+            with step_context(case, s):
+                case.model(**case.steps[s])
+
+
 def peak_of(case: Case, inputs: dict) -> int | None:
     """Run one transformer call; the peak allocated GPU bytes during it (None on the CPU)."""
     if case.clock.cuda:
@@ -434,10 +442,7 @@ def run_case(case: Case, emit) -> None:
         # the real trajectory up to step t-1, once, with the first backend; memory measured on its last step
         runtime = apply(case.model, plan, backend=backend, cfg=case.cfg)
         held_before = allocated(case)
-        with torch.no_grad():
-            for s in range(t - 1):
-                with step_context(case, s):
-                    case.model(**case.steps[s])
+        run_steps(case, t - 1)
         with step_context(case, t - 1):
             peak = peak_of(case, case.steps[t - 1])
         memory = dict(held_delta_mib=mib(None if held_before is None else allocated(case) - held_before),

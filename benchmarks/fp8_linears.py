@@ -16,7 +16,7 @@ speed-ups are against compiled stock); ``--compiled-rows`` picks which (default:
 targets compare, since a FLUX.1-dev compile takes about a minute). The model is converted to FP8 in place after the
 bfloat16 rows, so rows run in the order above.
 
-    python benchmarks/fp8_linears.py --sizes 2048 [--arch sd3|flux|both] [--compile] [--out PATH]
+    python benchmarks/fp8_linears.py --sizes 2048 [--arch sd3|flux|both] [--compile] [--profile DIR] [--out PATH]
     python benchmarks/fp8_linears.py --tiny      (CPU: the tiny models, the conversion without the GPU check)
 """
 
@@ -42,8 +42,25 @@ from ditfa_optimum import apply, fp8_linears, remove  # noqa: E402
 ROWS = ("stock", "plan", "fp8 linears", "plan + fp8 linears")
 
 
-def time_row(case: e2e.Case, plan, compiled: bool):
-    """(milliseconds per call, the last output) of one row: ``plan`` None for stock attention."""
+def profile_call(case: e2e.Case, inputs: dict, before, step: int, path: Path) -> None:
+    """One more call under torch.profiler: its kernels by total device time, written to ``path`` (what the time of a
+    row goes to: the GEMMs, the activations' FP8 rounding, attention)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = case.compiled if case.args.compile else case.model
+    if before is not None:
+        before()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with e2e.step_context(case, step):
+            model(**inputs)
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
+
+
+def time_row(case: e2e.Case, plan, compiled: bool, profile_to: Path | None = None):
+    """(milliseconds per call, the last output, the timed step) of one row: ``plan`` None for stock attention;
+    ``profile_to``: also write a profile of one call there (`profile_call`)."""
     case.args.compile = compiled
 
     def compile_model():
@@ -55,18 +72,19 @@ def time_row(case: e2e.Case, plan, compiled: bool):
     if plan is None:
         compile_model()
         times, out = e2e.time_calls(case, case.steps[mid], step=mid)
+        if profile_to is not None:
+            profile_call(case, case.steps[mid], None, mid, profile_to)
         return times, out, mid
     report = plan.flops(case.image_tokens, case.text_tokens, cfg=case.cfg)
     t = e2e.timed_step(report.cut_per_step(), report.cut)
     runtime = apply(case.model, plan, backend=case.args.backends[0], cfg=case.cfg)
     try:
-        with torch.no_grad():
-            for s in range(t):
-                with e2e.step_context(case, s):
-                    case.model(**case.steps[s])
+        e2e.run_steps(case, t)
         point = e2e.checkpoint(runtime)
         compile_model()
         times, out = e2e.time_calls(case, case.steps[t], before=lambda: e2e.rewind(runtime, point), step=t)
+        if profile_to is not None:
+            profile_call(case, case.steps[t], lambda: e2e.rewind(runtime, point), t, profile_to)
     finally:
         remove(case.model)
     return times, out, t
@@ -84,7 +102,11 @@ def run_case(case: e2e.Case, target: float, emit) -> None:
             if compiled and name not in case.args.compiled_rows:
                 continue
             case.check_budget(f"{name}{' (compiled)' if compiled else ''}")
-            times, out, step = time_row(case, plan if name.startswith("plan") else None, compiled)
+            profile_to = None
+            if case.args.profile and case.clock.cuda:
+                slug = name.replace(" + ", "-").replace(" ", "-") + ("-compiled" if compiled else "")
+                profile_to = Path(case.args.profile) / f"{case.arch}-{case.size}-{slug}.txt"
+            times, out, step = time_row(case, plan if name.startswith("plan") else None, compiled, profile_to)
             ms = statistics.median(times)
             if name == "stock":
                 baseline[compiled] = ms
@@ -121,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--reps", type=int)
     parser.add_argument("--budget", type=float, default=480.0, help="start no row after this many seconds")
+    parser.add_argument("--profile", metavar="DIR", help="also profile one call of each row (GPU), tables to DIR")
     parser.add_argument("--out", help="JSON path (default docs/benchmarks/fp8-linears-<date>-<card>.json)")
     args = parser.parse_args(argv)
     if not args.tiny:
