@@ -80,6 +80,7 @@ def reference_rowwise_fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: to
     return (xq @ wq.T) * xs * ws.T + bias.float()
 
 
+@pytest.mark.cpu_fp8
 def test_an_fp8_linear_matches_the_rowwise_reference_on_fresh_inputs():
     torch.manual_seed(torch.seed() % 2**31)  # fresh inputs on every run
     linear = torch.nn.Linear(64, 96).to(torch.bfloat16)
@@ -167,6 +168,7 @@ def save(transformer, path, base_dir, **kwargs):
                           base_model={"id": str(base_dir), "revision": None, "embedded": False}, **kwargs)
 
 
+@pytest.mark.cpu_fp8
 def test_an_fp8_artifact_stores_only_the_fp8_layers_and_loads_them_exactly(base_dir, tmp_path, monkeypatch):
     transformer = loaded(base_dir)
     names = fp8_linears.quantize(transformer, check=False)
@@ -272,6 +274,7 @@ def test_fp8_linears_on_the_gpu_match_the_rowwise_reference(family):
     assert same_state({k: v.cpu() for k, v in fp8_linears.state(fresh).items()}, fp8_linears.state(model))
 
 
+@pytest.mark.cpu_fp8
 def test_optimize_with_fp8_linears_searches_the_fp8_model_and_saves_it(monkeypatch, tmp_path):
     """The whole flow on the CPU (the GPU check stubbed): the linears convert before calibrating, the sensitivity
     sweep differentiates through them (straight through their activation rounding), and the artifact stores them."""
@@ -288,6 +291,7 @@ def test_optimize_with_fp8_linears_searches_the_fp8_model_and_saves_it(monkeypat
     assert plan.metadata["search"]["config"]["quantize_linears"] == "fp8"
 
 
+@pytest.mark.cpu_fp8
 def test_gradients_pass_through_fp8_linears_while_differentiable():
     linear = torch.nn.Linear(32, 48).to(torch.bfloat16)
     container = torch.nn.Module()
@@ -303,6 +307,7 @@ def test_gradients_pass_through_fp8_linears_while_differentiable():
     assert "forward" not in vars(linear)  # the FP8 matmul is back
 
 
+@pytest.mark.cpu_fp8
 def test_an_fp8_artifact_of_the_mini_model_loads_as_a_pipeline_and_draws(monkeypatch, tmp_path):
     """`load_pipeline` end to end: the embedded model's files in bfloat16, the stored FP8 layers, the plan applied."""
     from ditfa_optimum import DiTFastAttnOptimizer, load_pipeline

@@ -12,6 +12,7 @@ pytest.importorskip("torchao")
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
+@pytest.mark.cpu_fp8
 def test_tiny_run_measures_every_row(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     try:
