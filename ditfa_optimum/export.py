@@ -63,12 +63,13 @@ class Slot:
 
 
 def _memory(state) -> dict[Slot, torch.Tensor]:
-    branches = {branch for _, branch in state._memory}
+    memories = state.head_memories()
+    branches = {branch for _, branch in memories}
     if branches - {0}:
         raise ExportError("the pipeline calls the transformer more than once per step (skip-layer guidance or true "
                           "CFG): the ONNX export runs one call per step; disable those options to export")
     found = {}
-    for (module, _), heads in state._memory.items():
+    for (module, _), heads in memories.items():
         for head, mem in heads.items():
             for field in FIELDS:
                 tensor = getattr(mem, field)
@@ -78,7 +79,7 @@ def _memory(state) -> dict[Slot, torch.Tensor]:
 
 
 def _widths(state) -> dict[tuple[str, int], int | None]:
-    return {(module, head): mem.residual_width for (module, _), heads in state._memory.items()
+    return {(module, head): mem.residual_width for (module, _), heads in state.head_memories().items()
             for head, mem in heads.items()}
 
 
@@ -133,11 +134,12 @@ class _StepGraph(torch.nn.Module):
         from .methods import HeadMemory
 
         state = self.state
-        state._memory.clear()
+        memories: dict = {}
         for slot, tensor in zip(self.slots_in, memory):
-            heads = state._memory.setdefault((slot.module, 0), {})
+            heads = memories.setdefault((slot.module, 0), {})
             mem = heads.setdefault(slot.head, HeadMemory(residual_width=self.widths.get((slot.module, slot.head))))
             setattr(mem, slot.field, tensor)
+        state.set_head_memories(memories)
         state.export_step = self.step
         try:
             out = self.transformer(hidden_states=hidden_states, timestep=timestep,
@@ -282,6 +284,7 @@ class OnnxPlanTransformer(torch.nn.Module):
                          for entry in self.manifest["steps"] if entry["graph"]}
         self.config, self._dtype = like.config, like.dtype
         self.register_buffer("_device_anchor", torch.zeros(0, dtype=like.dtype), persistent=False)
+        self.last_reader = self._last_reader()
         self.reset()
 
     @property
@@ -295,7 +298,17 @@ class OnnxPlanTransformer(torch.nn.Module):
     def reset(self) -> None:
         self.step, self.last_timestep = -1, None
         self.memory: dict[str, object] = {}
+        #: the outputs a later skipped step still extrapolates from (each dropped after its last reader)
         self.outputs: dict[int, torch.Tensor] = {}
+
+    def _last_reader(self) -> dict[int, int]:
+        """step -> the last skipped step that extrapolates from its output."""
+        last = {}
+        for step, anchors in enumerate(self.manifest["step_sources"]):
+            if self.manifest["steps"][step]["graph"] is None:
+                for anchor in anchors:
+                    last[anchor] = step
+        return last
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, return_dict=False,
                 **unused):
@@ -320,7 +333,9 @@ class OnnxPlanTransformer(torch.nn.Module):
             results = session.run(None, feeds)
             sample = torch.from_numpy(results[0]).to(hidden_states.device)
             self.memory = dict(zip(entry["memory_out"], results[1:]))
-        self.outputs[self.step] = sample
+        if self.step in self.last_reader:
+            self.outputs[self.step] = sample
+        self.outputs = {s: out for s, out in self.outputs.items() if self.last_reader[s] > self.step}
         if not return_dict:
             return (sample,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput

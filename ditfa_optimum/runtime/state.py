@@ -149,6 +149,15 @@ class StepState:
         """Head memories of ``module`` for the current branch, by head index."""
         return self._memory.setdefault((module, self.branch), {})
 
+    def head_memories(self) -> dict[tuple[str, int], dict[int, HeadMemory]]:
+        """Every head memory: (module, branch) -> head -> memory (a copy of the mapping; the memories themselves)."""
+        return {key: dict(heads) for key, heads in self._memory.items()}
+
+    def set_head_memories(self, memories: dict[tuple[str, int], dict[int, HeadMemory]]) -> None:
+        """Replace every head memory by ``memories`` (as `head_memories` returns them): the ONNX export feeds a traced
+        step the memory earlier steps left."""
+        self._memory = {key: dict(heads) for key, heads in memories.items()}
+
     def block_memory(self, block: str) -> BlockMemory:
         """What block ``block`` keeps from earlier steps, for the current branch (residuals, MLP outputs)."""
         return self._block_memory.setdefault((block, self.branch), BlockMemory())
