@@ -366,7 +366,7 @@ def _cmd_export(args) -> int:
         remove(pipe)  # export_onnx applies the plan itself, one step per graph
         kwargs = pipeline_kwargs(pipe, [args.prompt] * args.batch, settings, prompt_encoder=art.prompt_encoder(pipe))
         kwargs.pop("generator")
-        out = export_onnx(pipe, art.plan, args.out, progress=not args.quiet, **kwargs)
+        out = export_onnx(pipe, art.plan, args.out, dynamo=args.dynamo, progress=not args.quiet, **kwargs)
     except ValueError as e:
         raise UserError(str(e)) from None
     except ImportError as e:
@@ -619,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the caption of the recorded call (its text length fixes the graphs')")
     exp.add_argument("--batch", type=int, default=1, help="prompts per call the graphs take (default 1)")
     exp.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--dynamo", action="store_true",
+                     help="trace with torch.onnx's dynamo exporter (needs onnxscript; about 5x slower to export, "
+                          "the same graphs)")
     exp.add_argument("--quiet", action="store_true")
     generation_args(exp)
     exp.set_defaults(func=_cmd_export)

@@ -155,13 +155,15 @@ class _StepGraph(torch.nn.Module):
 
 
 def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, prompt: str | list[str] | None = None,
-                num_inference_steps: int | None = None, opset: int = 18, progress: bool = True,
+                num_inference_steps: int | None = None, opset: int = 18, dynamo: bool = False, progress: bool = True,
                 **pipeline_kwargs) -> Path:
     """Export ``pipeline.transformer`` with ``plan`` to ``out_dir`` (see the module docstring).
 
     The graphs have the shapes of one call of ``pipeline(prompt, num_inference_steps=..., **pipeline_kwargs)``
     (batch, resolution, text length; run once here, in latent output, to record them; ``prompt`` may be left out
-    when ``pipeline_kwargs`` holds ``prompt_embeds``). ``pipeline`` must not run a plan already. Returns
+    when ``pipeline_kwargs`` holds ``prompt_embeds``). ``pipeline`` must not run a plan already. ``dynamo``: trace
+    with torch.onnx's dynamo exporter (torch.export; needs onnxscript) instead of its TorchScript exporter: the same
+    graphs to float rounding and the same speed in onnxruntime, about 5x slower to export (docs/export.md). Returns
     ``out_dir``.
 
     Example (the embedded miniature model, its default 20 steps, 64 px, CFG 4):
@@ -186,6 +188,12 @@ def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, 
     if fp8_linears.quantized_names(pipeline.transformer):
         raise ExportError("FP8 linear layers (torchao Float8Tensor) have no ONNX export here; export the model in "
                           "its own dtype")
+    if dynamo:
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise ExportError("dynamo=True needs onnxscript (torch.onnx's dynamo exporter); install it: pip install "
+                              "onnxscript, or export with dynamo=False") from None
     steps = num_inference_steps or plan.num_steps
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -214,8 +222,8 @@ def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, 
             names_in = [n for n, _ in INPUTS] + [f"mem_in_{i}" for i in range(len(slots_in))]
             names_out = ["sample"] + [f"mem_out_{i}" for i in range(len(call.after))]
             with torch.no_grad():
-                torch.onnx.export(graph, args, path, dynamo=False, opset_version=opset, input_names=names_in,
-                                  output_names=names_out)
+                torch.onnx.export(graph, args, path, dynamo=dynamo, opset_version=opset, input_names=names_in,
+                                  output_names=names_out, verbose=False)
             graphs.append(path)
             manifest["steps"].append({"graph": path.name, "memory_in": [s.key() for s in slots_in],
                                       "memory_out": [s.key() for s in call.after]})
@@ -227,14 +235,18 @@ def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, 
 
 
 def _share_weights(paths: list[Path], target: Path, min_bytes: int = 1024) -> None:
-    """Move every initializer of at least ``min_bytes`` into one external file, each distinct tensor once."""
+    """Move every initializer of at least ``min_bytes`` into one external file, each distinct tensor once (the
+    external data files the exporter wrote per graph, the dynamo exporter's, are read and removed)."""
     import onnx
-    from onnx.external_data_helper import set_external_data
+    from onnx.external_data_helper import load_external_data_for_model, set_external_data
 
     offsets: dict[str, tuple[int, int]] = {}
     with open(target, "wb") as blob:
         for path in paths:
-            model = onnx.load(path)
+            model = onnx.load(path, load_external_data=False)
+            written = {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
+                       if entry.key == "location"}
+            load_external_data_for_model(model, str(path.parent))
             graph = model.graph
             for node in list(graph.node):  # large folded constants (masks, indices) become shared initializers too
                 if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value" \
@@ -255,6 +267,8 @@ def _share_weights(paths: list[Path], target: Path, min_bytes: int = 1024) -> No
                 set_external_data(tensor, target.name, offset=offset, length=length)
                 tensor.ClearField("raw_data")
             onnx.save(model, path)
+            for name in written - {target.name}:
+                (path.parent / name).unlink(missing_ok=True)
 
 
 def _numpy(value):

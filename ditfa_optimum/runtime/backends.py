@@ -185,19 +185,28 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` always on 4-D tensors: a 3-D ``[G, S, D]`` call gets a leading dimension
+    (torch.onnx's dynamo exporter translates only 4-D attention; the result is the same)."""
+    import torch.nn.functional as F
+
+    if q.dim() == 3:
+        mask = None if attn_mask is None else attn_mask.unsqueeze(0)
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
 def attend_by_width(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, widths,
                     arrow: Callable[..., torch.Tensor]) -> torch.Tensor:
     """The PyTorch backends' loop: an all-full call is one plain SDPA call; otherwise the (sample, head) pairs are
     grouped by band width, full groups run plain SDPA and arrow groups ``arrow(q, k, v, layout, width)`` on ``[G, S,
     D]`` tensors. Skipped pairs (width 0) are left unwritten."""
-    import torch.nn.functional as F
-
     widths = Widths.of(widths, layout.num_image_blocks)
     if widths.all_full:
-        return F.scaled_dot_product_attention(q, k, v)
+        return sdpa(q, k, v)
     out = torch.empty_like(q)
     for width, (b, h) in widths.groups().items():
-        attend = F.scaled_dot_product_attention if width == widths.full else (
+        attend = sdpa if width == widths.full else (
             lambda q_, k_, v_, w=width: arrow(q_, k_, v_, layout, w))
         out[b, h] = attend(q[b, h], k[b, h], v[b, h])
     return out

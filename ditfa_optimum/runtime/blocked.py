@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import TokenLayout, window_start
-from .backends import attend_by_width, register_backend
+from .backends import attend_by_width, register_backend, sdpa
 
 
 def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
@@ -24,7 +24,7 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: T
     n_img, n_txt, bs, n_blk = (layout.num_image_tokens, layout.num_text_tokens, layout.block_size,
                                layout.num_image_blocks)
     img, txt = layout.image_slice(), layout.text_slice()
-    text_rows = F.scaled_dot_product_attention(q[..., txt, :], k, v) if n_txt else None
+    text_rows = sdpa(q[..., txt, :], k, v) if n_txt else None
 
     pad = n_blk * bs - n_img  # the last image block may be short: pad it, and mask the padded keys
 
@@ -45,7 +45,7 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: T
                            torch.ones(n_blk, n_txt, dtype=torch.bool, device=q.device)], dim=1)
         mask = valid[:, None, :]  # [n_blk, 1, keys]: broadcast over the block's query rows
     queries = padded(q).unflatten(-2, (n_blk, bs))
-    rows = F.scaled_dot_product_attention(queries, band(k), band(v), attn_mask=mask)
+    rows = sdpa(queries, band(k), band(v), attn_mask=mask)
     image_rows = rows.flatten(-3, -2)[..., :n_img, :]
     if text_rows is None:
         return image_rows
