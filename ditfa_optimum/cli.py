@@ -418,13 +418,15 @@ def _cmd_inspect(args) -> int:
           "attention    FLOP cut not recorded (the plan was made without a search)")
     try:
         report = plan.report()
-    except ValueError as e:
-        raise UserError(f"{art.path}: cannot draw the plan's table: {e}") from None
-    if report.transformer_cut is not None:
+    except ValueError as e:  # a plan made without a search may not know its token counts: no FLOP table then
+        report = None
+        print(f"table        not drawn: {e}")
+    if report is not None and report.transformer_cut is not None:
         print(f"transformer  {report.transformer_cut:.1%} of the whole transformer's FLOPs skipped"
               + (f" (steps skipped whole: {plan.skipped_steps})" if plan.skipped_steps else ""))
-    print()
-    print(report.table())
+    if report is not None:
+        print()
+        print(report.table())
     if png:
         path = _picture(plan, f"{base.get('id')}: {plan.num_steps} steps", png, "--png")
         print(f"\nwrote {path}")
@@ -511,10 +513,18 @@ def _cmd_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditfa-optimum", description=__doc__.split("\n\n")[0])
+    add_commands(parser)
+    return parser
+
+
+def add_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Put the subcommands (optimize, generate, export, ...) on ``parser``: `build_parser`'s, or the ``optimum-cli
+    ditfa`` command's (optimum/commands/register/register_ditfa_optimum.py). Each sets ``run``, the function that
+    `run_command` calls."""
     from .config import BUDGET_SCHEDULES, ERROR_NORMALIZATIONS
     from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
 
-    parser = argparse.ArgumentParser(prog="ditfa-optimum", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"ditfa-optimum {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     opt = sub.add_parser("optimize", help="calibrate on prompts and search a head-wise plan")
@@ -580,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--no-picture", dest="plan_picture", action="store_false",
                      help="do not write plan.png into the artifact")
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
-    opt.set_defaults(func=_cmd_optimize)
+    opt.set_defaults(run=_cmd_optimize)
 
     def artifact_args(p, load=True):
         p.add_argument("artifact", help="artifact directory or Hub repo id")
@@ -608,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--quiet", action="store_true")
     generation_args(gen)
-    gen.set_defaults(func=_cmd_generate)
+    gen.set_defaults(run=_cmd_generate)
 
     exp = sub.add_parser("export", help="export the artifact's transformer with its plan to ONNX (one graph per "
                                         "computed step; docs/export.md)")
@@ -624,32 +634,32 @@ def build_parser() -> argparse.ArgumentParser:
                           "the same graphs)")
     exp.add_argument("--quiet", action="store_true")
     generation_args(exp)
-    exp.set_defaults(func=_cmd_export)
+    exp.set_defaults(run=_cmd_export)
 
     ins = sub.add_parser("inspect", help="summary table of an artifact, and a PNG picture of its plan")
     artifact_args(ins, load=False)
     ins.add_argument("--png", default=None, help="write the plan picture here (e.g. plan.png)")
-    ins.set_defaults(func=_cmd_inspect)
+    ins.set_defaults(run=_cmd_inspect)
 
     bench = sub.add_parser("bench", help="time per denoising step, dense vs the artifact, on this device")
     artifact_args(bench)
     bench.add_argument("--prompt", default="a lighthouse at dusk")
     bench.add_argument("--repeats", type=int, default=3)
     generation_args(bench)
-    bench.set_defaults(func=_cmd_bench)
+    bench.set_defaults(run=_cmd_bench)
 
     ver = sub.add_parser("verify", help="regenerate the artifact's reference images and compare (exit 3 on failure)")
     artifact_args(ver)
     ver.add_argument("--psnr-floor", type=float, default=30.0,
                      help="PSNR floor in dB when device/backend/dtype differ from the saving machine (default 30)")
-    ver.set_defaults(func=_cmd_verify)
+    ver.set_defaults(run=_cmd_verify)
 
     push = sub.add_parser("push", help="upload an artifact to the Hugging Face Hub (checked first)")
     artifact_args(push, load=False)
     push.add_argument("repo_id", help="the Hub model repo to create or update (user/name)")
     push.add_argument("--private", action="store_true", help="create the repo private")
     push.add_argument("--message", default="Upload ditfa-optimum artifact", help="commit message")
-    push.set_defaults(func=_cmd_push)
+    push.set_defaults(run=_cmd_push)
 
     demo = sub.add_parser("demo", help="run a head-wise plan on the embedded tiny model and report cut, time, error")
     demo.add_argument("--family", choices=["sd3", "sd35", "flux"], default="sd3")
@@ -664,17 +674,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default=None, help="directory to save the plan in (not an artifact directory)")
     demo.add_argument("--overwrite", action="store_true", help="replace a plan already saved in --out")
-    demo.set_defaults(func=_cmd_demo)
+    demo.set_defaults(run=_cmd_demo)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand; its exit status (a user error printed, 1)."""
     try:
-        return args.func(args)
+        return args.run(args)
     except UserError as e:
         print(f"ditfa-optimum: error: {e}", file=sys.stderr)
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,8 +6,11 @@ The config is never mutated by the code that reads it; `resolved()` returns a co
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import fp8_linears, schema
 from .masks import DEFAULT_BLOCK_SIZE
@@ -35,6 +38,9 @@ SEARCHED_BLOCK_METHODS = ("block_cache", "block_taylor")
 #: the 4096-token model. A predicted-quality default was tried: its prediction is model-specific (latent variance,
 #: VAE) and anchored by one generation only, so the default states the saving and reports the predicted quality.
 DEFAULT_TARGET_CUT = 0.3
+#: the file `DiTFastAttnConfig.save_pretrained` writes (an artifact's own ``ditfa_config.json`` is another file: the
+#: artifact's record, which holds the search config among much else)
+SEARCH_CONFIG_NAME = "ditfa_search_config.json"
 
 
 @dataclass(frozen=True)
@@ -288,6 +294,78 @@ class DiTFastAttnConfig:
             if key in data and isinstance(data[key], list):
                 data[key] = tuple(data[key])
         return cls(**data)
+
+
+    # ---------------------------------------------------------------- Optimum-style files
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write the config to ``save_directory/ditfa_search_config.json`` (`SEARCH_CONFIG_NAME`; the directory is
+        created), as Optimum's configurations save themselves; an existing config file there is replaced atomically,
+        nothing else is touched. Returns the file's path."""
+        directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"save_pretrained: {directory} is a file; pass a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / SEARCH_CONFIG_NAME
+        tmp = directory / f".{SEARCH_CONFIG_NAME}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, target)
+        return target
+
+    @classmethod
+    def from_pretrained(cls, config_path: str | os.PathLike, *, revision: str | None = None,
+                        **changes) -> "DiTFastAttnConfig":
+        """A config `save_pretrained` wrote, read from: its directory or the JSON file itself; an artifact (its
+        directory or Hub repo id: the config of the search that made its plan); or a Hub repo id holding
+        ``ditfa_search_config.json`` (``revision``: a branch, tag or commit). ``changes`` replace fields, as
+        ``from_pretrained(path, target_cut=0.5)``."""
+        from .serialization import CONFIG_NAME, read_artifact
+
+        path = Path(config_path)
+        if path.is_file():
+            data = _read_json(path)
+        elif path.is_dir() and (path / SEARCH_CONFIG_NAME).is_file():
+            data = _read_json(path / SEARCH_CONFIG_NAME)
+        elif path.is_dir() and not (path / CONFIG_NAME).is_file():
+            raise ValueError(f"{path} holds neither {SEARCH_CONFIG_NAME} (DiTFastAttnConfig.save_pretrained) nor an "
+                             f"artifact's {CONFIG_NAME}; pass the directory save_pretrained wrote to")
+        elif path.exists() or _is_local_like(str(config_path)):
+            data = _artifact_search_config(read_artifact(path), path)
+        else:  # a Hub repo id: a saved config, else an artifact
+            data = _hub_config(str(config_path), revision)
+            if data is None:
+                data = _artifact_search_config(read_artifact(str(config_path), revision=revision), config_path)
+        return cls.from_dict(data).replace(**changes) if changes else cls.from_dict(data)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON DiTFastAttnConfig ({e}); write it with "
+                         "DiTFastAttnConfig.save_pretrained") from None
+
+
+def _is_local_like(text: str) -> bool:
+    return text.startswith((".", "/", "~")) or text.count("/") != 1
+
+
+def _artifact_search_config(artifact, where) -> dict:
+    config = artifact.search_config
+    if config is None:
+        raise ValueError(f"{where}: the artifact's plan was made without a search, so it records no "
+                         "DiTFastAttnConfig; pass a config file or directory instead")
+    return config
+
+
+def _hub_config(repo_id: str, revision: str | None) -> dict | None:
+    """The repo's ``ditfa_search_config.json``, or None when it has none (then it may be an artifact)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return _read_json(Path(hf_hub_download(repo_id, SEARCH_CONFIG_NAME, revision=revision)))
+    except EntryNotFoundError:
+        return None
 
 
 def _positive_int(name: str, value) -> None:

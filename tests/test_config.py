@@ -74,3 +74,64 @@ def test_configs_saved_before_the_budget_options_read_as_the_paper_settings():
     del old["budget_schedule"], old["error_normalization"]
     config = DiTFastAttnConfig.from_dict(old)
     assert (config.budget_schedule, config.error_normalization, config.threshold) == ("constant", "head", 0.2)
+
+
+def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
+    """Optimum-style files: a directory or the JSON file itself, fields replaced by keywords, a resave replacing the
+    file atomically and touching nothing else."""
+    from ditfa_optimum.config import SEARCH_CONFIG_NAME
+
+    config = DiTFastAttnConfig(target_cut=0.45, methods=("arrow:1/8", "cache"), num_inference_steps=12, seed=3)
+    path = config.save_pretrained(tmp_path / "cfg")
+    assert path == tmp_path / "cfg" / SEARCH_CONFIG_NAME
+    assert DiTFastAttnConfig.from_pretrained(tmp_path / "cfg") == config
+    assert DiTFastAttnConfig.from_pretrained(path) == config
+    assert DiTFastAttnConfig.from_pretrained(str(tmp_path / "cfg"), target_cut=0.6) == config.replace(target_cut=0.6)
+    (tmp_path / "cfg" / "notes.txt").write_text("mine")
+    config.replace(seed=4).save_pretrained(tmp_path / "cfg")
+    assert DiTFastAttnConfig.from_pretrained(tmp_path / "cfg").seed == 4
+    assert sorted(p.name for p in (tmp_path / "cfg").iterdir()) == [SEARCH_CONFIG_NAME, "notes.txt"]
+
+
+def test_from_pretrained_refuses_what_holds_no_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds neither ditfa_search_config.json"):
+        DiTFastAttnConfig.from_pretrained(tmp_path / "empty")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a JSON DiTFastAttnConfig"):
+        DiTFastAttnConfig.from_pretrained(tmp_path / "bad.json")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file; pass a directory"):
+        DiTFastAttnConfig().save_pretrained(tmp_path / "file")
+
+
+def test_from_pretrained_reads_the_search_config_of_an_artifact(tmp_path):
+    from pathlib import Path
+
+    from ditfa_optimum import DiTFastAttnOptimizer
+    from ditfa_optimum.apply import uniform_plan
+
+    opt = DiTFastAttnOptimizer.from_pretrained("mini-mmdit")
+    config = opt.default_config().replace(num_inference_steps=4, target_cut=0.5)
+    opt.plan = uniform_plan(opt.pipeline.transformer, num_steps=4, method="cache", full_steps=1, block_size=32)
+    opt.plan.metadata["search"] = {"config": config.to_dict()}
+    art = opt.save_pretrained(tmp_path / "art", reproducibility_prompts=0)
+    assert DiTFastAttnConfig.from_pretrained(art) == config
+    fixture = Path(__file__).parent / "fixtures" / "artifact-schema-2"  # a plan made without a search
+    with pytest.raises(ValueError, match="made without a search"):
+        DiTFastAttnConfig.from_pretrained(fixture)
+
+
+def test_from_pretrained_reads_a_hub_repo(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    saved = DiTFastAttnConfig(target_cut=0.4).save_pretrained(tmp_path / "hub")
+    asked = []
+
+    def download(repo_id, filename, revision=None, **kwargs):
+        asked.append((repo_id, filename, revision))
+        return str(saved)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert DiTFastAttnConfig.from_pretrained("someone/ditfa-config", revision="v1").target_cut == 0.4
+    assert asked == [("someone/ditfa-config", "ditfa_search_config.json", "v1")]
