@@ -78,6 +78,8 @@ class StepState:
             return
         if torch.jit.is_tracing():
             raise RuntimeError(TRACED_GRAPH)
+        if torch.compiler.is_exporting():  # torch.export in any mode: torch.onnx's dynamo exporter falls back to a
+            raise RuntimeError(TRACED_TIMESTEP)  # draft export that would bake this call's step in, silently wrong
         if step_index is not None:
             position = float(step_index)
         else:
@@ -182,8 +184,9 @@ TRACED_TIMESTEP = ("the ditfa plan reads the step from this call's timestep, whi
                    "is symbolic: torch.export, or a graph traced with a data-dependent timestep). A plan picks each "
                    "head's method by the step its hook tracks from call to call, which an exported graph cannot hold: "
                    "it would run one step's methods at every step. Export the model without a plan "
-                   "(ditfa_optimum.remove(model) first), or use torch.compile, which follows the steps "
-                   "(docs/runtime.md)")
+                   "(ditfa_optimum.remove(model) first), export it with the plan to ONNX through "
+                   "ditfa_optimum.export.export_onnx (one graph per step; docs/export.md), or use torch.compile, which "
+                   "follows the steps (docs/runtime.md)")
 
 
 #: why a TorchScript trace (torch.jit.trace; torch.onnx.export with dynamo=False) of a planned model is refused

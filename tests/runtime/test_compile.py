@@ -115,3 +115,24 @@ def test_a_torchscript_trace_of_a_planned_transformer_is_refused():
         assert dfa.get_runtime(model).state.step == 0
         dfa.remove(model)
         torch.jit.trace(model, args, strict=False)
+
+
+def test_the_dynamo_onnx_export_of_a_planned_transformer_is_refused(tmp_path):
+    """torch.onnx.export(dynamo=True) retries a failed torch.export as a draft export, which would bake one step's
+    methods into the graph: every export mode is refused (export_onnx exports a plan, one graph per step)."""
+    pytest.importorskip("onnxscript")
+    import warnings
+
+    from ditfa_optimum.tiny import tiny_inputs, tiny_transformer
+
+    model = tiny_transformer("sd3")
+    inputs = tiny_inputs(model, batch=1, height=4, width=4)
+    dfa.apply(model, dfa.uniform_plan(model, num_steps=2, block_size=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception, match=r"(?s)reads the step from this call's timestep.*export_onnx"):
+            torch.onnx.export(model, (), tmp_path / "x.onnx", kwargs=inputs, dynamo=True, verbose=False)
+    assert not (tmp_path / "x.onnx").exists()
+    with torch.no_grad():
+        model(**inputs)
+    assert dfa.get_runtime(model).state.step == 0
