@@ -1,26 +1,35 @@
 #!/usr/bin/env bash
-# FP8 linears on a GPU machine, one device call: the FP8 tests (failures named), the step table (SD3-medium and
-# FLUX.1-dev at 2048², eager and compiled) and the mini-mmdit quality rows. Logs and JSON go to $OUT (or /tmp/fp8-out).
+# FP8 linears on a GPU machine, one device call: the FP8 tests (failures named), whether torchao finds fbgemm's fused
+# kernels (fbgemm-gpu-genai: one fused per-row quantization per activation in eager mode, where torchao's own path runs
+# about six kernels per layer), and the step table at 2048², eager, and compiled for stock, FP8 linears and plan + FP8
+# linears (what FP8 and the plan each add when compiled). Logs and JSON go to $OUT (or /tmp/fp8-out), written as they come.
 #   bash ../shared/gpu/prepare-wheels.sh cache-dit==1.5.3 pytest-xdist execnet pytest-timeout hypothesis \
 #       sortedcontainers attrs jsonschema jsonschema-specifications referencing rpds-py torchao==0.18.0
-#   bash benchmarks/gpu_fp8.sh                       # on the GPU machine, .whl/ carried; about 9 minutes
+#   pip download fbgemm-gpu-genai==1.6.0 --no-deps --python-version 3.12 --only-binary=:all: \
+#       --platform manylinux_2_28_x86_64 -d .whl      # optional: the fused eager path (35 MB; the carry takes 64 MiB)
+#   bash benchmarks/gpu_fp8.sh [sd3|flux]            # on the GPU machine, .whl/ carried; about 9 minutes
 set -uo pipefail
 out=${OUT:-/tmp/fp8-out}
+arch=${1:-sd3}
 mkdir -p "$out"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
+    >"$out/pip.log" 2>&1 || { tail -5 "$out/pip.log"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
 fi
-timeout 90 python3 -m pytest -q -rfE --tb=short -n 4 -p no:cacheprovider tests/test_fp8_linears.py \
-  tests/test_artifact_weights.py 2>&1 | tail -25
-echo "tests done at $SECONDS s"
-timeout 120 python3 benchmarks/quality.py --out "$out" --tag fp8 --prompts 16 --batch 16 --curves fp8 \
-  >"$out/quality.log" 2>&1
-echo "quality exit $? at $SECONDS s"
-grep -E "^(bf16|fp8)" "$out/quality.log"
+timeout 120 python3 -m pytest -q -rfEs --tb=short -n 4 -p no:cacheprovider tests/test_fp8_linears.py \
+  tests/test_artifact_weights.py >"$out/tests.log" 2>&1
+echo "tests exit $? at $SECONDS s"
+grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | tail -12
+timeout 30 python3 - >"$out/fbgemm.log" 2>&1 <<'PY'
+import torch
+from torchao.utils import is_fbgemm_gpu_genai_available
+print("torchao finds fbgemm-gpu-genai:", is_fbgemm_gpu_genai_available())
+PY
+cat "$out/fbgemm.log" | tail -3
 left=$((560 - SECONDS))
-timeout "$left" python3 benchmarks/fp8_linears.py --sizes 2048 --compile --warmup 2 --reps 5 \
-  --budget $((left - 90)) --out "$out/fp8-linears.json" >"$out/fp8.log" 2>&1
+timeout "$left" python3 benchmarks/fp8_linears.py --arch "$arch" --sizes 2048 --compile --warmup 2 --reps 5 \
+  --compiled-rows stock "fp8 linears" "plan + fp8 linears" --budget $((left - 60)) \
+  --out "$out/fp8-linears-$arch.json" >"$out/fp8.log" 2>&1
 echo "step table exit $? at $SECONDS s"
-grep -E "^\[|^\|" "$out/fp8.log"
+grep -E "^\[|^\||stopped" "$out/fp8.log"
