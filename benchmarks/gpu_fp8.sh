@@ -30,6 +30,6 @@ cat "$out/fbgemm.log" | tail -3
 left=$((560 - SECONDS))
 timeout "$left" python3 benchmarks/fp8_linears.py --arch "$arch" --sizes 2048 --compile --warmup 2 --reps 5 \
   --compiled-rows stock "fp8 linears" "plan + fp8 linears" --budget $((left - 60)) \
-  --out "$out/fp8-linears-$arch.json" >"$out/fp8.log" 2>&1
+  --profile "$out/prof" --out "$out/fp8-linears-$arch.json" >"$out/fp8.log" 2>&1
 echo "step table exit $? at $SECONDS s"
 grep -E "^\[|^\||stopped" "$out/fp8.log"
