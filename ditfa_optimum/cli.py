@@ -629,9 +629,9 @@ def add_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="the caption of the recorded call (its text length fixes the graphs')")
     exp.add_argument("--batch", type=int, default=1, help="prompts per call the graphs take (default 1)")
     exp.add_argument("--seed", type=int, default=0)
-    exp.add_argument("--dynamo", action="store_true",
+    exp.add_argument("--dynamo", action="store_true", default=None,
                      help="trace with torch.onnx's dynamo exporter (needs onnxscript; about 5x slower to export, "
-                          "the same graphs)")
+                          "the same graphs); default: TorchScript, dynamo where it lacks an operator (FLUX)")
     exp.add_argument("--quiet", action="store_true")
     generation_args(exp)
     exp.set_defaults(run=_cmd_export)

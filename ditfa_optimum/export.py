@@ -18,16 +18,19 @@ step's graph its memory, so ``pipe.transformer = OnnxPlanTransformer(...)`` gene
 Arrow heads are exported as the blocked computation the runtime's "blocked" backend runs (gathered key blocks and
 standard ops): onnxruntime has no block-sparse attention kernel.
 
-Exported: SD3-family transformers (the miniature model, SD3, SD3.5) at the batch, resolution and text length of the
-recorded call (export again for another). Not exported (refused with a message): FLUX (other call inputs), block
-methods (`block_cache`, `block_taylor`), more than one transformer call per step (SD3 skip-layer guidance), FP8
-linear layers.
+Exported: SD3-family transformers (the miniature model, SD3, SD3.5) and FLUX.1 transformers (their image and text
+ids and, for guidance-distilled models, the guidance as inputs too), at the batch, resolution and text length of the
+recorded call (export again for another). Not exported (refused with a message): block methods (`block_cache`,
+`block_taylor`), more than one transformer call per step (SD3 skip-layer guidance, FLUX true CFG), FP8 linear
+layers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +40,20 @@ import torch
 from . import fp8_linears
 from .plan import CompressionPlan
 
+logger = logging.getLogger(__name__)
+
 MANIFEST = "export.json"
 WEIGHTS = "weights.bin"
 FORMAT = 1
-#: the inputs of every step graph, in order, and the transformer keyword each feeds
-INPUTS = (("hidden_states", "hidden_states"), ("timestep", "timestep"),
-          ("encoder_hidden_states", "encoder_hidden_states"), ("pooled_projections", "pooled_projections"))
+#: per transformer class, the tensor keywords of a call that become the step graphs' inputs, in order (FLUX's
+#: ``guidance`` only for guidance-distilled models: a keyword the recorded call left None is not an input)
+INPUTS = {
+    "SD3Transformer2DModel": ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"),
+    "FluxTransformer2DModel": ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections", "txt_ids",
+                               "img_ids", "guidance"),
+}
+#: inputs every call must give (the others may be None)
+REQUIRED = ("hidden_states", "timestep", "encoder_hidden_states")
 FIELDS = ("previous_output", "residual")
 
 
@@ -91,19 +102,21 @@ class _Call:
     after: list[Slot]
 
 
-def _record(pipeline, runtime, generate) -> list[_Call]:
-    """Run ``generate()`` (one generation of ``pipeline`` with the plan applied) and record every transformer call."""
+def _record(pipeline, runtime, generate, names: tuple[str, ...]) -> list[_Call]:
+    """Run ``generate()`` (one generation of ``pipeline`` with the plan applied) and record every transformer call
+    (its tensor keywords among ``names``)."""
     transformer = pipeline.transformer
     calls: list[_Call] = []
     state = runtime.state
     pending: dict = {}
 
     def before(module, args, kwargs):
-        missing = [name for _, name in INPUTS if kwargs.get(name) is None]
+        missing = [name for name in REQUIRED if kwargs.get(name) is None]
         if args or missing:
             raise ExportError(f"the pipeline calls the transformer without {missing or 'keywords'}; the export "
-                              f"takes {[name for _, name in INPUTS]} as keyword inputs")
-        pending["inputs"] = {name: kwargs[name].detach().clone() for _, name in INPUTS}
+                              f"takes {list(names)} as keyword inputs")
+        pending["inputs"] = {name: kwargs[name].detach().clone() for name in names
+                             if isinstance(kwargs.get(name), torch.Tensor)}
         pending["before"] = {s: t.detach().clone() for s, t in _memory(state).items()}
         pending["widths"] = _widths(state)
 
@@ -125,14 +138,16 @@ def _record(pipeline, runtime, generate) -> list[_Call]:
 class _StepGraph(torch.nn.Module):
     """The transformer at one fixed step, its head memory in and out (what is traced)."""
 
-    def __init__(self, transformer, state, step: int, slots_in: list[Slot], widths: dict, slots_out: list[Slot]):
+    def __init__(self, transformer, state, step: int, names: list[str], slots_in: list[Slot], widths: dict,
+                 slots_out: list[Slot]):
         super().__init__()
-        self.transformer = transformer
+        self.transformer, self.names = transformer, names
         self.state, self.step, self.slots_in, self.widths, self.slots_out = state, step, slots_in, widths, slots_out
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, *memory):
+    def forward(self, *tensors):
         from .methods import HeadMemory
 
+        inputs, memory = dict(zip(self.names, tensors)), tensors[len(self.names):]
         state = self.state
         memories: dict = {}
         for slot, tensor in zip(self.slots_in, memory):
@@ -142,9 +157,7 @@ class _StepGraph(torch.nn.Module):
         state.set_head_memories(memories)
         state.export_step = self.step
         try:
-            out = self.transformer(hidden_states=hidden_states, timestep=timestep,
-                                   encoder_hidden_states=encoder_hidden_states,
-                                   pooled_projections=pooled_projections, return_dict=False)[0]
+            out = self.transformer(**inputs, return_dict=False)[0]
         finally:
             state.export_step = None
         after = _memory(state)
@@ -155,16 +168,18 @@ class _StepGraph(torch.nn.Module):
 
 
 def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, prompt: str | list[str] | None = None,
-                num_inference_steps: int | None = None, opset: int = 18, dynamo: bool = False, progress: bool = True,
+                num_inference_steps: int | None = None, opset: int = 18, dynamo: bool | None = None,
+                progress: bool = True,
                 **pipeline_kwargs) -> Path:
     """Export ``pipeline.transformer`` with ``plan`` to ``out_dir`` (see the module docstring).
 
     The graphs have the shapes of one call of ``pipeline(prompt, num_inference_steps=..., **pipeline_kwargs)``
     (batch, resolution, text length; run once here, in latent output, to record them; ``prompt`` may be left out
-    when ``pipeline_kwargs`` holds ``prompt_embeds``). ``pipeline`` must not run a plan already. ``dynamo``: trace
-    with torch.onnx's dynamo exporter (torch.export; needs onnxscript) instead of its TorchScript exporter: the same
-    graphs to float rounding and the same speed in onnxruntime, about 5x slower to export (docs/export.md). Returns
-    ``out_dir``.
+    when ``pipeline_kwargs`` holds ``prompt_embeds``). ``pipeline`` must not run a plan already. ``dynamo``: True traces
+    with torch.onnx's dynamo exporter (torch.export; needs onnxscript), False with its TorchScript exporter: the same
+    graphs to float rounding and the same speed in onnxruntime, dynamo about 5x slower to export (docs/export.md).
+    None (default): TorchScript, and dynamo for a model with an operator the TorchScript exporter lacks (FLUX's and
+    SD3.5's RMSNorm at opset 18). Returns ``out_dir``.
 
     Example (the embedded miniature model, its default 20 steps, 64 px, CFG 4):
         >>> from ditfa_optimum.mini import mini_pipeline
@@ -179,9 +194,8 @@ def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, 
     from .apply import apply, remove
 
     family = get_adapter(pipeline.transformer).model_class
-    if family != "SD3Transformer2DModel":
-        raise ExportError(f"the ONNX export takes SD3-family transformers (the miniature model, SD3, SD3.5); a "
-                          f"{family} call has other inputs (image and text ids, guidance) that it does not map yet")
+    if family not in INPUTS:
+        raise ExportError(f"the ONNX export takes {sorted(INPUTS)} transformers, got {family}")
     if any(name != "compute" for name in plan.block_counts()):
         raise ExportError("the plan has block methods (block_cache / block_taylor), which the ONNX export does not "
                           "carry between steps yet; search without block_methods to export")
@@ -189,11 +203,7 @@ def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, 
         raise ExportError("FP8 linear layers (torchao Float8Tensor) have no ONNX export here; export the model in "
                           "its own dtype")
     if dynamo:
-        try:
-            import onnxscript  # noqa: F401
-        except ImportError:
-            raise ExportError("dynamo=True needs onnxscript (torch.onnx's dynamo exporter); install it: pip install "
-                              "onnxscript, or export with dynamo=False") from None
+        _need_onnxscript("dynamo=True")
     steps = num_inference_steps or plan.num_steps
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -203,11 +213,15 @@ def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, 
     try:
         given = {} if prompt is None else {"prompt": prompt}
         calls = _record(pipeline, runtime, lambda: pipeline(**given, **{**pipeline_kwargs, "num_inference_steps": steps,
-                                                                         "output_type": "latent"}))
+                                                                         "output_type": "latent"}), INPUTS[family])
         if len(calls) != plan.num_steps:
             raise ExportError(f"the generation called the transformer {len(calls)} times for the plan's "
                               f"{plan.num_steps} steps; the export needs one call per step")
-        manifest = {"format": FORMAT, "num_steps": plan.num_steps, "inputs": [n for n, _ in INPUTS],
+        names = list(calls[0].inputs)
+        if any(list(call.inputs) != names for call in calls):
+            raise ExportError("the pipeline's transformer calls do not all give the same inputs; the export needs "
+                              "one set of inputs for every step")
+        manifest = {"format": FORMAT, "num_steps": plan.num_steps, "inputs": names,
                     "skipped_steps": list(plan.skipped_steps), "step_sources": [list(s) for s in plan.step_sources()],
                     "steps": []}
         graphs = []
@@ -216,14 +230,12 @@ def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, 
                 manifest["steps"].append({"graph": None})
                 continue
             slots_in = sorted(call.before, key=Slot.key)
-            graph = _StepGraph(pipeline.transformer, runtime.state, step, slots_in, call.widths, call.after)
+            graph = _StepGraph(pipeline.transformer, runtime.state, step, names, slots_in, call.widths, call.after)
             path = out / f"step_{step:02d}.onnx"
-            args = tuple(call.inputs[name] for _, name in INPUTS) + tuple(call.before[s] for s in slots_in)
-            names_in = [n for n, _ in INPUTS] + [f"mem_in_{i}" for i in range(len(slots_in))]
+            args = tuple(call.inputs[name] for name in names) + tuple(call.before[s] for s in slots_in)
+            names_in = names + [f"mem_in_{i}" for i in range(len(slots_in))]
             names_out = ["sample"] + [f"mem_out_{i}" for i in range(len(call.after))]
-            with torch.no_grad():
-                torch.onnx.export(graph, args, path, dynamo=dynamo, opset_version=opset, input_names=names_in,
-                                  output_names=names_out, verbose=False)
+            dynamo = _export_graph(graph, args, path, dynamo, opset, names_in, names_out)
             graphs.append(path)
             manifest["steps"].append({"graph": path.name, "memory_in": [s.key() for s in slots_in],
                                       "memory_out": [s.key() for s in call.after]})
@@ -232,6 +244,38 @@ def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, 
     _share_weights(graphs, out / WEIGHTS)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
+
+
+def _need_onnxscript(why: str) -> None:
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ExportError(f"{why} needs onnxscript (torch.onnx's dynamo exporter); install it: pip install "
+                          "onnxscript (in the [onnx] extra)") from None
+
+
+def _export_graph(graph, args, path: Path, dynamo: bool | None, opset: int, names_in, names_out) -> bool:
+    """Export one step graph; returns the ``dynamo`` setting for the next one (None: TorchScript, falling back to
+    dynamo, and to dynamo for every later graph, when the TorchScript exporter lacks an operator)."""
+    from torch.onnx.errors import UnsupportedOperatorError
+
+    def export(use_dynamo: bool) -> None:
+        with torch.no_grad():
+            torch.onnx.export(graph, args, path, dynamo=use_dynamo, opset_version=opset, input_names=names_in,
+                              output_names=names_out, verbose=False)
+
+    if dynamo is not None:
+        export(dynamo)
+        return dynamo
+    try:
+        export(False)
+        return None  # still automatic for the next graph
+    except UnsupportedOperatorError as e:
+        _need_onnxscript(f"this model ({e})")
+        logger.info("ditfa: the TorchScript ONNX exporter cannot export this model (%s); using the dynamo exporter", e)
+        path.unlink(missing_ok=True)
+        export(True)
+        return True
 
 
 def _share_weights(paths: list[Path], target: Path, min_bytes: int = 1024) -> None:
@@ -309,6 +353,12 @@ class OnnxPlanTransformer(torch.nn.Module):
     def device(self) -> torch.device:
         return self._device_anchor.device
 
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """What FLUX pipelines wrap each transformer call in (diffusers' ``CacheMixin``): nothing to switch here, an
+        export runs one call per step."""
+        yield
+
     def reset(self) -> None:
         self.step, self.last_timestep = -1, None
         self.memory: dict[str, object] = {}
@@ -324,8 +374,7 @@ class OnnxPlanTransformer(torch.nn.Module):
                     last[anchor] = step
         return last
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, return_dict=False,
-                **unused):
+    def forward(self, hidden_states, timestep, return_dict=False, **call):
         from .methods import step_taylor
 
         t = float(timestep.reshape(-1)[0])
@@ -338,8 +387,12 @@ class OnnxPlanTransformer(torch.nn.Module):
             anchors = self.manifest["step_sources"][self.step]
             sample = step_taylor.extrapolate({s: self.outputs[s] for s in anchors}, self.step, anchors)
         else:
-            feeds = {"hidden_states": hidden_states, "timestep": timestep,
-                     "encoder_hidden_states": encoder_hidden_states, "pooled_projections": pooled_projections}
+            feeds = {name: call.get(name) for name in self.manifest["inputs"]}
+            feeds.update(hidden_states=hidden_states, timestep=timestep)
+            missing = [name for name, value in feeds.items() if value is None]
+            if missing:
+                raise ExportError(f"the exported graphs take {self.manifest['inputs']}; this call did not give "
+                                  f"{missing}")
             feeds.update({f"mem_in_{i}": self.memory[key] for i, key in enumerate(entry["memory_in"])})
             session = self.sessions[entry["graph"]]
             # an input the step does not depend on is pruned from its graph (every head cached: no text stream)

@@ -118,6 +118,46 @@ def test_the_dynamo_exporter_gives_the_same_images(tmp_path):
     assert mse == 0 or 10 * torch.log10(torch.tensor(1 / mse)) >= 60  # measured: 124.6 dB on the 20-step plan
 
 
+def test_a_flux_plan_exports_and_draws_the_pytorch_latents(tmp_path):
+    """FLUX (tiny, guidance-distilled: no CFG): its image and text ids and guidance become graph inputs; the
+    TorchScript exporter has no RMSNorm at opset 18, so the export falls back to the dynamo exporter on its own."""
+    pytest.importorskip("onnxscript")
+    from ditfa_optimum.adapters import get_adapter
+    from ditfa_optimum.tiny import TinyPromptEncoder, tiny_pipeline
+
+    pipe = tiny_pipeline("flux")
+    encode = TinyPromptEncoder(pipe.transformer)
+    specs = get_adapter(pipe.transformer).module_specs(pipe.transformer)
+    rotation = ("full", "arrow:1/4", "cache")
+    table = {s.name: [["full"] * s.num_heads] + [[rotation[(h + t + i) % 3] for h in range(s.num_heads)]
+                                                 for t in range(1, 4)] for i, s in enumerate(specs)}
+    plan = CompressionPlan.from_methods(specs, table, block_size=4, model_class="FluxTransformer2DModel")
+    plan.set_skipped_steps([3])
+    call = dict(height=64, width=64, num_inference_steps=4, output_type="latent")
+    out = export_onnx(pipe, plan, tmp_path / "flux", **encode(["a red cube"]), **call, progress=False)
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["inputs"][:3] == ["hidden_states", "timestep", "encoder_hidden_states"]
+    assert {"txt_ids", "img_ids"} <= set(manifest["inputs"])
+
+    def latents():
+        return pipe(**encode(["a blue ball"]), **call, generator=torch.Generator().manual_seed(1)).images
+
+    dense = latents()
+    apply(pipe, plan, backend="blocked")
+    try:
+        want = latents()
+    finally:
+        remove(pipe)
+    stock = pipe.transformer
+    pipe.transformer = OnnxPlanTransformer(out, stock)
+    try:
+        got = latents()
+    finally:
+        pipe.transformer = stock
+    assert (want - got).abs().max() <= 1e-4 * want.abs().max()  # measured: 1.0e-5
+    assert (want - dense).abs().max() > 0.1  # the plan changes the latents: the check is not vacuous
+
+
 def test_what_cannot_be_exported_is_refused(tmp_path, monkeypatch):
     pipe = mini_pipeline()
     plan = mixed_plan(pipe)
