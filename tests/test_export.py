@@ -42,6 +42,23 @@ def images(pipe, caption, seed, steps=STEPS):
                 generator=torch.Generator().manual_seed(seed), output_type="pt").images
 
 
+def planned_and_onnx(pipe, plan, out, draw, onnx=None):
+    """``draw()`` with the plan applied in PyTorch, then with the export in onnxruntime in place of the transformer
+    (``onnx``: that OnnxPlanTransformer, else a new one)."""
+    apply(pipe, plan, backend="blocked")
+    try:
+        want = draw()
+    finally:
+        remove(pipe)
+    stock = pipe.transformer
+    pipe.transformer = onnx or OnnxPlanTransformer(out, stock)
+    try:
+        got = draw()
+    finally:
+        pipe.transformer = stock
+    return want, got
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     pipe = mini_pipeline()
@@ -54,19 +71,11 @@ def exported(tmp_path_factory):
 def test_a_whole_cfg_generation_in_onnxruntime_draws_the_pytorch_images(exported):
     pipe, plan, out = exported
     assert plan.method_counts().keys() >= {"full", "arrow", "cache", "cfg_share"} and plan.skipped_steps
-    apply(pipe, plan, backend="blocked")
-    try:
-        want = [images(pipe, c, i) for i, c in enumerate(CAPTIONS)]
-    finally:
-        remove(pipe)
-    stock = pipe.transformer
-    pipe.transformer = onnx = OnnxPlanTransformer(out, stock)
+    onnx = OnnxPlanTransformer(out, pipe.transformer)
     held = []
     onnx.register_forward_hook(lambda *_: held.append(len(onnx.outputs)))
-    try:
-        got = [images(pipe, c, i) for i, c in enumerate(CAPTIONS)]  # the generator starts a new one each time
-    finally:
-        pipe.transformer = stock
+    # the generator starts a new generation each time
+    want, got = planned_and_onnx(pipe, plan, out, lambda: [images(pipe, c, i) for i, c in enumerate(CAPTIONS)], onnx)
     # the outputs a skipped step extrapolates from are kept only until their last reader: two at most here
     assert max(held) == 2 and onnx.outputs == {}
     for a, b in zip(want, got):
@@ -103,17 +112,7 @@ def test_the_dynamo_exporter_gives_the_same_images(tmp_path):
                       guidance_scale=GUIDANCE, dynamo=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "step_00.onnx", "step_01.onnx", "step_02.onnx",
                                                      "weights.bin"]
-    apply(pipe, plan, backend="blocked")
-    try:
-        want = images(pipe, CAPTIONS[1], 3, steps=4)
-    finally:
-        remove(pipe)
-    stock = pipe.transformer
-    pipe.transformer = OnnxPlanTransformer(out, stock)
-    try:
-        got = images(pipe, CAPTIONS[1], 3, steps=4)
-    finally:
-        pipe.transformer = stock
+    want, got = planned_and_onnx(pipe, plan, out, lambda: images(pipe, CAPTIONS[1], 3, steps=4))
     mse = float((want - got).pow(2).mean())
     assert mse == 0 or 10 * torch.log10(torch.tensor(1 / mse)) >= 60  # measured: 124.6 dB on the 20-step plan
 
@@ -143,17 +142,7 @@ def test_a_flux_plan_exports_and_draws_the_pytorch_latents(tmp_path):
         return pipe(**encode(["a blue ball"]), **call, generator=torch.Generator().manual_seed(1)).images
 
     dense = latents()
-    apply(pipe, plan, backend="blocked")
-    try:
-        want = latents()
-    finally:
-        remove(pipe)
-    stock = pipe.transformer
-    pipe.transformer = OnnxPlanTransformer(out, stock)
-    try:
-        got = latents()
-    finally:
-        pipe.transformer = stock
+    want, got = planned_and_onnx(pipe, plan, out, latents)
     assert (want - got).abs().max() <= 1e-4 * want.abs().max()  # measured: 1.0e-5
     assert (want - dense).abs().max() > 0.1  # the plan changes the latents: the check is not vacuous
 
