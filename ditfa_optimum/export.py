@@ -7,8 +7,8 @@ model is refused, `ditfa_optimum.runtime.state.TRACED_GRAPH`). `export_onnx` the
 
 1. runs one generation in PyTorch with the plan applied, recording each transformer call's inputs and what the heads
    remember after it (which (module, head) keeps which tensor: fixed by the plan, not by the data);
-2. traces each step the plan computes into its own graph (``step_NN.onnx``, torch.onnx's TorchScript exporter) with
-   the step fixed, taking the memory the step reads as inputs (``mem_in_*``) and returning what later steps read
+2. traces each step the plan computes into its own graph (``step_NN.onnx``; torch.onnx's TorchScript exporter, or
+   its dynamo exporter where asked or where TorchScript lacks an operator) with the step fixed, taking the memory the step reads as inputs (``mem_in_*``) and returning what later steps read
    (``mem_out_*``) beside the transformer's output (``sample``);
 3. stores every weight once (``weights.bin``, external data shared by all graphs) and writes ``export.json``: per step
    the graph (or null for a skipped step, extrapolated by `step_taylor` from earlier outputs) and its memory slots.
