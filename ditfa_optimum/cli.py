@@ -371,8 +371,10 @@ def _cmd_export(args) -> int:
         raise UserError(str(e)) from None
     except ImportError as e:
         raise UserError(f"ONNX export needs onnx and onnxruntime: pip install 'ditfa-optimum[onnx]' ({e})") from None
-    print(f"wrote {out}: one ONNX graph per computed step of {art.plan.num_steps}, weights in weights.bin, "
-          f"export.json; run it with ditfa_optimum.export.OnnxPlanTransformer({str(out)!r}, pipe.transformer)")
+    graphs = len(list(Path(out).glob("*.onnx")))
+    print(f"wrote {out}: {graphs} ONNX graphs for the {art.plan.num_steps} steps (one per distinct step program), "
+          f"weights in weights.bin, export.json; run it with ditfa_optimum.export.OnnxPlanTransformer({str(out)!r}, "
+          "pipe.transformer)")
     return 0
 
 

@@ -10,8 +10,9 @@ model is refused, `ditfa_optimum.runtime.state.TRACED_GRAPH`). `export_onnx` the
 2. traces each step the plan computes into its own graph (``step_NN.onnx``; torch.onnx's TorchScript exporter, or
    its dynamo exporter where asked or where TorchScript lacks an operator) with the step fixed, taking the memory the step reads as inputs (``mem_in_*``) and returning what later steps read
    (``mem_out_*``) beside the transformer's output (``sample``);
-3. stores every weight once (``weights.bin``, external data shared by all graphs) and writes ``export.json``: per step
-   the graph (or null for a skipped step, extrapolated by `step_taylor` from earlier outputs) and its memory slots.
+3. stores every weight once (``weights.bin``, external data shared by all graphs), keeps one graph file per distinct
+   step program (steps that run the same methods share it) and writes ``export.json``: per step the graph (or null
+   for a skipped step, extrapolated by `step_taylor` from earlier outputs) and its memory slots.
 
 `OnnxPlanTransformer` runs the export in onnxruntime as a drop-in for the pipeline's transformer, feeding each
 step's graph its memory, so ``pipe.transformer = OnnxPlanTransformer(...)`` generates with the plan in onnxruntime.
@@ -242,8 +243,26 @@ def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, 
     finally:
         remove(pipeline)
     _share_weights(graphs, out / WEIGHTS)
+    _share_graphs(graphs, manifest)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
+
+
+def _share_graphs(paths: list[Path], manifest: dict) -> None:
+    """Keep one file per distinct step program: steps whose graphs came out byte for byte the same (the same methods
+    and memory slots; the weights are already in the shared file) point at the first one, the copies are removed."""
+    first: dict[str, str] = {}
+    renamed: dict[str, str] = {}
+    for path in paths:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest in first:
+            renamed[path.name] = first[digest]
+            path.unlink()
+        else:
+            first[digest] = path.name
+    for entry in manifest["steps"]:
+        if entry["graph"] in renamed:
+            entry["graph"] = renamed[entry["graph"]]
 
 
 def _need_onnxscript(why: str) -> None:
