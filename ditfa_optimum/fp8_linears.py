@@ -106,7 +106,18 @@ def _set_weight(module: torch.nn.Linear, weight) -> None:
     module.weight = torch.nn.Parameter(weight, requires_grad=False)
 
 
+#: name parts of PEFT adapter layers (a LoRA loaded without fusing wraps each linear as ``<name>.base_layer`` beside
+#: ``<name>.lora_A.<adapter>`` / ``lora_B``)
+ADAPTER_PARTS = ("base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
 def _check_model(transformer: torch.nn.Module) -> None:
+    adapters = [name for name, _ in transformer.named_modules() if set(name.split(".")) & set(ADAPTER_PARTS)]
+    if adapters:
+        raise Fp8Unavailable(f"the transformer carries unfused adapter layers ({adapters[0]!r} and "
+                             f"{len(adapters) - 1} more, e.g. a LoRA): FP8 would quantize the adapter too and record "
+                             "layer names the base model lacks; fuse and unload it first (pipe.fuse_lora(); "
+                             "pipe.unload_lora_weights()): the artifact then stores the fused weights as base+delta")
     dtypes = {module.weight.dtype for name in eligible(transformer)
               for module in [transformer.get_submodule(name)]}
     if dtypes != {torch.bfloat16}:

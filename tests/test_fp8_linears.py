@@ -245,6 +245,34 @@ def test_the_optimizer_refuses_fp8_on_a_machine_without_fp8_tensor_cores(monkeyp
     assert not fp8_linears.quantized_names(opt.pipeline.transformer)
 
 
+def test_unfused_adapters_are_refused_with_the_fix():
+    """A LoRA loaded without fusing wraps each linear (``to_q.base_layer``, ``to_q.lora_A.default``): quantizing would
+    put the adapter in FP8 and record names the base model lacks. Refused, naming the fix (fuse and unload)."""
+    model = bf16("sd3")
+    attn = model.transformer_blocks[0].attn
+    wrapped = torch.nn.Module()
+    wrapped.base_layer = attn.to_q
+    wrapped.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(attn.to_q.in_features, 16, bias=False)})
+    wrapped.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(16, attn.to_q.out_features, bias=False)})
+    attn.to_q = wrapped
+    with pytest.raises(fp8_linears.Fp8Unavailable, match=r"unfused adapter layers .*fuse_lora\(\); "
+                                                          r"pipe.unload_lora_weights\(\)"):
+        fp8_linears.quantize(model, check=False)
+    assert not fp8_linears.quantized_names(model)
+
+
+def test_a_real_peft_lora_is_refused_and_a_fused_one_converts():
+    peft = pytest.importorskip("peft")
+    model = bf16("sd3")
+    model.add_adapter(peft.LoraConfig(r=16, lora_alpha=16, target_modules=["to_q", "to_k"], init_lora_weights=False))
+    with pytest.raises(fp8_linears.Fp8Unavailable, match="unfused adapter layers"):
+        fp8_linears.quantize(model, check=False)
+    model.fuse_lora()
+    model.unload_lora()
+    assert fp8_linears.quantize(model, check=False) == fp8_linears.eligible(model)
+    assert not [n for n in fp8_linears.quantized_names(model) if "lora" in n or "base_layer" in n]
+
+
 def _fp8_gpu() -> bool:
     try:
         fp8_linears.check_available()
