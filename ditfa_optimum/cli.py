@@ -522,8 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Put the subcommands (optimize, generate, export, ...) on ``parser``: `build_parser`'s, or the ``optimum-cli
-    ditfa`` command's (optimum/commands/register/register_ditfa_optimum.py). Each sets ``run``, the function that
-    `run_command` calls."""
+    ditfa`` command's (integrations/optimum-cli). Each sets ``run``, the function that `run_command` calls."""
     from .config import BUDGET_SCHEDULES, ERROR_NORMALIZATIONS
     from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
 
@@ -623,7 +622,7 @@ def add_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     gen.set_defaults(run=_cmd_generate)
 
     exp = sub.add_parser("export", help="export the artifact's transformer with its plan to ONNX (one graph per "
-                                        "computed step; docs/export.md)")
+                                        "distinct step program; docs/export.md)")
     exp.add_argument("format", choices=["onnx"])
     artifact_args(exp)
     exp.add_argument("out", help="new directory for the graphs")

@@ -295,7 +295,6 @@ class DiTFastAttnConfig:
                 data[key] = tuple(data[key])
         return cls(**data)
 
-
     # ---------------------------------------------------------------- Optimum-style files
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write the config to ``save_directory/ditfa_search_config.json`` (`SEARCH_CONFIG_NAME`; the directory is

@@ -1,5 +1,5 @@
-"""ONNX export of a transformer with its plan: one graph per computed denoising step, the heads' memory as explicit
-inputs and outputs, one shared copy of the weights.
+"""ONNX export of a transformer with its plan: one graph per distinct computed step program, the heads' memory as
+explicit inputs and outputs, one shared copy of the weights.
 
 A plan changes what each head computes from step to step and carries head outputs between steps (`cache`,
 `arrow_residual`); one traced graph would freeze one step's methods (the reason `torch.onnx.export` of a planned
@@ -8,8 +8,9 @@ model is refused, `ditfa_optimum.runtime.state.TRACED_GRAPH`). `export_onnx` the
 1. runs one generation in PyTorch with the plan applied, recording each transformer call's inputs and what the heads
    remember after it (which (module, head) keeps which tensor: fixed by the plan, not by the data);
 2. traces each step the plan computes into its own graph (``step_NN.onnx``; torch.onnx's TorchScript exporter, or
-   its dynamo exporter where asked or where TorchScript lacks an operator) with the step fixed, taking the memory the step reads as inputs (``mem_in_*``) and returning what later steps read
-   (``mem_out_*``) beside the transformer's output (``sample``);
+   its dynamo exporter where asked or where TorchScript lacks an operator) with the step fixed, taking the memory
+   the step reads as inputs (``mem_in_*``) and returning what later steps read (``mem_out_*``) beside the
+   transformer's output (``sample``);
 3. stores every weight once (``weights.bin``, external data shared by all graphs), keeps one graph file per distinct
    step program (steps that run the same methods share it) and writes ``export.json``: per step the graph (or null
    for a skipped step, extrapolated by `step_taylor` from earlier outputs) and its memory slots.
@@ -170,8 +171,7 @@ class _StepGraph(torch.nn.Module):
 
 def export_onnx(pipeline, plan: CompressionPlan, out_dir: str | os.PathLike, *, prompt: str | list[str] | None = None,
                 num_inference_steps: int | None = None, opset: int = 18, dynamo: bool | None = None,
-                progress: bool = True,
-                **pipeline_kwargs) -> Path:
+                progress: bool = True, **pipeline_kwargs) -> Path:
     """Export ``pipeline.transformer`` with ``plan`` to ``out_dir`` (see the module docstring).
 
     The graphs have the shapes of one call of ``pipeline(prompt, num_inference_steps=..., **pipeline_kwargs)``
@@ -273,7 +273,7 @@ def _need_onnxscript(why: str) -> None:
                           "onnxscript (in the [onnx] extra)") from None
 
 
-def _export_graph(graph, args, path: Path, dynamo: bool | None, opset: int, names_in, names_out) -> bool:
+def _export_graph(graph, args, path: Path, dynamo: bool | None, opset: int, names_in, names_out) -> bool | None:
     """Export one step graph; returns the ``dynamo`` setting for the next one (None: TorchScript, falling back to
     dynamo, and to dynamo for every later graph, when the TorchScript exporter lacks an operator)."""
     from torch.onnx.errors import UnsupportedOperatorError

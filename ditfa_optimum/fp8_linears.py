@@ -108,11 +108,11 @@ def _set_weight(module: torch.nn.Linear, weight) -> None:
 
 #: name parts of PEFT adapter layers (a LoRA loaded without fusing wraps each linear as ``<name>.base_layer`` beside
 #: ``<name>.lora_A.<adapter>`` / ``lora_B``)
-ADAPTER_PARTS = ("base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+ADAPTER_PARTS = frozenset({"base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"})
 
 
 def _check_model(transformer: torch.nn.Module) -> None:
-    adapters = [name for name, _ in transformer.named_modules() if set(name.split(".")) & set(ADAPTER_PARTS)]
+    adapters = [name for name, _ in transformer.named_modules() if ADAPTER_PARTS.intersection(name.split("."))]
     if adapters:
         raise Fp8Unavailable(f"the transformer carries unfused adapter layers ({adapters[0]!r} and "
                              f"{len(adapters) - 1} more, e.g. a LoRA): FP8 would quantize the adapter too and record "
