@@ -128,9 +128,13 @@ def test_the_dynamo_onnx_export_of_a_planned_transformer_is_refused(tmp_path):
     model = tiny_transformer("sd3")
     inputs = tiny_inputs(model, batch=1, height=4, width=4)
     dfa.apply(model, dfa.uniform_plan(model, num_steps=2, block_size=4))
+    # diffusers < 0.42: torch.export cannot bind keyword inputs to the hooked forward and fails before the plan is
+    # reached (a TypeError naming 'module', see above); the export must still fail and write nothing
+    message = (r"(?s)reads the step from this call's timestep.*export_onnx" if _diffusers_version() >= (0, 42)
+               else r"(?s)reads the step from this call's timestep.*export_onnx|required argument: 'module'")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(Exception, match=r"(?s)reads the step from this call's timestep.*export_onnx"):
+        with pytest.raises(Exception, match=message):
             torch.onnx.export(model, (), tmp_path / "x.onnx", kwargs=inputs, dynamo=True, verbose=False)
     assert not (tmp_path / "x.onnx").exists()
     with torch.no_grad():
