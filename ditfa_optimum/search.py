@@ -608,6 +608,8 @@ class TrajectoryProblem:
 
     #: head-damage weights `solve` tries (see there)
     HEAD_WEIGHTS = (1.0, 4.0, np.inf)
+    #: head-only plans: the rhythms of `cache` that `variants` offers (one computed step in every k)
+    HEAD_RHYTHMS = (2, 3, 4)
 
     def variants(self, config: DiTFastAttnConfig) -> list[dict]:
         """The plan settings `solve` and `alternatives` explore, as JSON-ready dicts:
@@ -620,9 +622,24 @@ class TrajectoryProblem:
           skipped between, ``k - 1 <= max_skip_run``), every head full, with the latest start ``s`` that meets the
           target.
 
-        Without skipped steps only ``{"head_weight": 1, "max_skip_run": max_skip_run}``."""
+        Without skipped steps (head methods only), beside ``{"head_weight": 1, "max_skip_run": max_skip_run}``, where
+        `cache` is a candidate: ``{"head_rhythm": k, "start": s}``, steps ``0 .. s`` full, then every head computed
+        at one step in every ``k`` and `cache` between (where the per-head cap allows it), with the latest start
+        that meets the target. Cached outputs refreshed on a fixed rhythm change the images far less than the error
+        model predicts (it prices each cached step alone, along the flow of its own plan): on mini-mmdit at a 60%
+        attention cut the model's plan measured 25.6 dB, one computed step in 3 from step 2 on 31.3 dB
+        (docs/search.md). The measured check (`ditfa_optimum.calibrate.select_plan`) decides between them."""
         if self.step_damage is None:
-            return [{"head_weight": 1.0, "max_skip_run": self.max_skip_run}]
+            out = [{"head_weight": 1.0, "max_skip_run": self.max_skip_run}]
+            if self.cache_index is None:
+                return out
+            T = next(iter(self.damage.values())).shape[0] if self.damage else 0
+            for k in self.HEAD_RHYTHMS:
+                for start in range(T - 2, self.full_steps - 2, -1):
+                    if self._meets(config, self._head_rhythm(k, start)):
+                        out.append({"head_rhythm": k, "start": start})
+                        break
+            return out
         runs = sorted({self.max_skip_run, max(1, self.max_skip_run - 1)}, reverse=True)
         out = [{"head_weight": _finite(w), "max_skip_run": r} for w in self.HEAD_WEIGHTS for r in runs]
         for k in range(2, self.max_skip_run + 2):
@@ -639,6 +656,19 @@ class TrajectoryProblem:
         for block in self.blocks:
             heads[f"block:{block}"] = np.zeros(T, dtype=np.int64)
         heads["steps"] = np.array([t > start and (t - start) % k != 0 for t in range(T)])
+        return heads
+
+    def _head_rhythm(self, k: int, start: int) -> dict[str, np.ndarray]:
+        """Steps ``0 .. start`` full; after it every head computed at every ``k``-th step (counted from ``start``)
+        and cached between, where the cap allows `cache` (elsewhere full); blocks computed."""
+        heads = {}
+        for n in self.names:
+            T = self.damage[n].shape[0]
+            cached = np.array([t > start and (t - start) % k != 0 for t in range(T)])[:, None]
+            heads[n] = np.where(cached & self.allowed[n][..., self.cache_index], self.cache_index,
+                                self.full_index).astype(np.int64)
+        for block in self.blocks:
+            heads[f"block:{block}"] = np.zeros(next(iter(self.damage.values())).shape[0], dtype=np.int64)
         return heads
 
     def solve_variant(self, config: DiTFastAttnConfig, variant: dict, warn: bool = True
@@ -664,6 +694,17 @@ class TrajectoryProblem:
             self.weigh_heads(np.inf)
             self.run_limit = k - 1
             return None if state_only else (None, self._rhythm(k, start))
+        if "head_rhythm" in variant:
+            if self.step_damage is not None or self.cache_index is None:
+                raise ValueError(f"the selected plan variant {variant} refreshes cached heads on a rhythm, which "
+                                 "this search does not offer (it skips whole steps, or has no `cache` candidate); "
+                                 "search with the config the variant was selected for")
+            k, start = int(variant["head_rhythm"]), int(variant["start"])
+            if k < 2 or not 0 <= start < next(iter(self.damage.values())).shape[0]:
+                raise ValueError(f"a head rhythm computes one step in k >= 2 after a start step inside the plan, "
+                                 f"got k={k}, start={start}")
+            self.weigh_heads(1.0)
+            return None if state_only else (None, self._head_rhythm(k, start))
         weight, run = _weight(variant["head_weight"]), int(variant["max_skip_run"])
         if self.step_damage is not None and not 1 <= run <= self.max_skip_run:
             raise ValueError(f"a selected plan variant skips runs of up to {run} steps, but this search allows "
@@ -675,7 +716,8 @@ class TrajectoryProblem:
 
     def alternatives(self, config: DiTFastAttnConfig) -> list[tuple[dict, float | None, dict]]:
         """Every distinct plan that one of the `variants` gives for the target: ``(variant, lam, choices)``, those
-        meeting the target first, then by predicted damage (``target_cut``) or cut (``target_snr_db``)."""
+        meeting the target first, by predicted damage (``target_cut``) or cut (``target_snr_db``), then those missing
+        it, closest first (the largest cut; the least damage)."""
         kind, value = config.target()
         found, seen = [], set()
         for variant in self.variants(config):
@@ -685,7 +727,9 @@ class TrajectoryProblem:
                 continue
             seen.add(key)
             cut, damage = self.totals(choices)
-            rank = (not self._meets(config, choices), damage if kind == "cut" else -cut)
+            meets = self._meets(config, choices)
+            # meeting the target: least damage (a cut target) or most saving; missing it: the closest to it
+            rank = (not meets, damage if (kind == "cut") == meets else -cut)
             found.append((rank, variant, lam, choices))
         found.sort(key=lambda f: f[0])
         if found[0][0][0] and kind == "cut":

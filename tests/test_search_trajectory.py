@@ -430,3 +430,54 @@ def test_solved_variants_are_reused_by_the_plans_built_from_them(stats, monkeypa
     assert solved == []  # nothing solved twice
     with pytest.raises(ValueError, match="TrajectoryProblem is for allocation='trajectory'"):
         search(stats, config(allocation="local"), problem=problem)
+
+
+# ------------------------------------------------------------------------------------------ head-only variants
+def test_head_only_search_offers_cache_rhythms(stats):
+    """Without skipped steps the measured check gets, beside the model's choice, fixed rhythms of `cache` from the
+    latest start that still meets the target."""
+    cfg = config(target_cut=0.3, max_head_rse=1e9)  # no cap: every head may be cached
+    problem = problem_of(stats, cfg)
+    assert problem.step_damage is None and problem.cache_index is not None
+    variants = problem.variants(cfg)
+    assert variants[0] == {"head_weight": 1.0, "max_skip_run": cfg.max_skip_run}
+    rhythms = [v for v in variants if "head_rhythm" in v]
+    assert len(variants) == 1 + len(rhythms)
+    assert [v["head_rhythm"] for v in rhythms] == list(TrajectoryProblem.HEAD_RHYTHMS)
+    for v in rhythms:
+        k, start = v["head_rhythm"], v["start"]
+        lam, choices = problem.solve_variant(cfg, v)
+        assert lam is None and problem.variant == v
+        for n in problem.names:
+            expected = [problem.full_index if t <= start or (t - start) % k == 0 else problem.cache_index
+                        for t in range(T)]
+            assert choices[n].tolist() == [[c] * choices[n].shape[1] for c in expected]
+        assert problem.totals(choices)[0] >= 0.3 - 1e-9
+        assert not problem._meets(cfg, problem._head_rhythm(k, start + 1))  # the latest start meeting the target
+
+
+def test_a_head_rhythm_keeps_heads_full_where_the_cap_rules_cache_out(stats):
+    cfg = config(target_cut=0.2, max_head_rse=0.01)
+    problem = problem_of(stats, cfg)
+    choices = problem._head_rhythm(2, 0)
+    for n in problem.names:
+        cached = choices[n] == problem.cache_index
+        assert cached.any() and problem.allowed[n][..., problem.cache_index][cached].all()
+        assert not cached[0::2].any()  # steps 0, 2, 4 computed
+        assert (choices[n][1::2] == np.where(problem.allowed[n][1::2, :, problem.cache_index], problem.cache_index,
+                                             problem.full_index)).all()
+
+
+def test_head_rhythm_variants_are_refused_where_they_do_not_apply(stats):
+    cfg = config(target_cut=0.3)
+    problem = problem_of(stats, cfg)
+    with pytest.raises(ValueError, match="k >= 2"):
+        problem.solve_variant(cfg, {"head_rhythm": 1, "start": 2})
+    with pytest.raises(ValueError, match="k >= 2 after a start step inside the plan"):
+        problem.solve_variant(cfg, {"head_rhythm": 3, "start": T})
+    no_cache = config(target_cut=0.3, methods=("arrow:1/8", "cfg_share"))
+    stats_nc = attach_sensitivity(synthetic_stats(num_steps=T, methods=("arrow:1/8", "cfg_share")))
+    plain = problem_of(stats_nc, no_cache)
+    assert plain.variants(no_cache) == [{"head_weight": 1.0, "max_skip_run": no_cache.max_skip_run}]
+    with pytest.raises(ValueError, match="no `cache` candidate"):
+        plain.solve_variant(no_cache, {"head_rhythm": 3, "start": 1})

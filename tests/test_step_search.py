@@ -79,6 +79,8 @@ def test_rhythm_variants_take_the_latest_start_meeting_the_target():
     assert problem.variant == {"rhythm": 3, "start": 4}  # what `describe` reports
     with pytest.raises(ValueError, match="allows runs of up to max_skip_run=3"):
         problem.solve_variant(config, {"rhythm": 5, "start": 4})
+    with pytest.raises(ValueError, match="refreshes cached heads on a rhythm.*skips whole steps"):
+        problem.solve_variant(config, {"head_rhythm": 3, "start": 4})  # head-only plans' rhythms
 
 
 def test_anchors_are_the_two_computed_steps_before_each_run():
