@@ -619,13 +619,13 @@ class TrajectoryProblem:
           fewer);
         * ``{"rhythm": k, "start": s}``: with skipped steps, the fixed rhythm of the peers' caches (diffusers'
           TaylorSeer, cache-dit): steps ``0 .. s`` computed, then one step computed in every ``k`` (``k - 1``
-          skipped between, ``k - 1 <= max_skip_run``), every head full, with the latest start ``s`` that meets the
-          target.
+          skipped between, ``k - 1 <= max_skip_run``), every head full, with the latest start ``s`` that meets a
+          ``target_cut`` (the earliest that meets a ``target_snr_db``).
 
         Without skipped steps (head methods only), beside ``{"head_weight": 1, "max_skip_run": max_skip_run}``, where
         `cache` is a candidate: ``{"head_rhythm": k, "start": s}``, steps ``0 .. s`` full, then every head computed
-        at one step in every ``k`` and `cache` between (where the per-head cap allows it), with the latest start
-        that meets the target. Cached outputs refreshed on a fixed rhythm change the images far less than the error
+        at one step in every ``k`` and `cache` between (where the per-head cap allows it), started as the fixed
+        rhythms above. Cached outputs refreshed on a fixed rhythm change the images far less than the error
         model predicts (it prices each cached step alone, along the flow of its own plan): on mini-mmdit at a 60%
         attention cut the model's plan measured 25.6 dB, one computed step in 3 from step 2 on 31.3 dB
         (docs/search.md). The measured check (`ditfa_optimum.calibrate.select_plan`) decides between them."""
@@ -635,19 +635,25 @@ class TrajectoryProblem:
                 return out
             T = next(iter(self.damage.values())).shape[0] if self.damage else 0
             for k in self.HEAD_RHYTHMS:
-                for start in range(T - 2, self.full_steps - 2, -1):
-                    if self._meets(config, self._head_rhythm(k, start)):
-                        out.append({"head_rhythm": k, "start": start})
-                        break
+                start = self._rhythm_start(config, lambda s: self._head_rhythm(k, s), self.full_steps - 1, T - 2)
+                if start is not None:
+                    out.append({"head_rhythm": k, "start": start})
             return out
         runs = sorted({self.max_skip_run, max(1, self.max_skip_run - 1)}, reverse=True)
         out = [{"head_weight": _finite(w), "max_skip_run": r} for w in self.HEAD_WEIGHTS for r in runs]
         for k in range(2, self.max_skip_run + 2):
-            for start in range(self.step_damage.shape[0] - 2, max(self.full_steps, 1) - 1, -1):
-                if self._meets(config, self._rhythm(k, start)):
-                    out.append({"rhythm": k, "start": start})
-                    break
+            start = self._rhythm_start(config, lambda s: self._rhythm(k, s), max(self.full_steps, 1) - 1,
+                                       self.step_damage.shape[0] - 2)
+            if start is not None:
+                out.append({"rhythm": k, "start": start})
         return out
+
+    def _rhythm_start(self, config: DiTFastAttnConfig, build, first: int, last: int) -> int | None:
+        """The start step in ``first .. last`` of the rhythm ``build(start)`` for the target: the latest one that
+        meets a ``target_cut`` (the least damage), the earliest one that meets a ``target_snr_db`` (the most saving);
+        None when no start meets it."""
+        starts = range(last, first - 1, -1) if config.target()[0] == "cut" else range(first, last + 1)
+        return next((s for s in starts if self._meets(config, build(s))), None)
 
     def _rhythm(self, k: int, start: int) -> dict[str, np.ndarray]:
         """Every head full; steps ``start + 1 ..`` skipped except every ``k``-th (counted from ``start``)."""

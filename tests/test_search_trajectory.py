@@ -481,3 +481,15 @@ def test_head_rhythm_variants_are_refused_where_they_do_not_apply(stats):
     assert plain.variants(no_cache) == [{"head_weight": 1.0, "max_skip_run": no_cache.max_skip_run}]
     with pytest.raises(ValueError, match="no `cache` candidate"):
         plain.solve_variant(no_cache, {"head_rhythm": 3, "start": 1})
+
+
+def test_a_quality_target_takes_the_earliest_rhythm_start_that_keeps_it(stats):
+    """For ``target_snr_db`` a rhythm starts as early as the predicted quality allows (the most saving)."""
+    cfg = config(target_snr_db=20.0, max_head_rse=1e9)
+    problem = problem_of(stats, cfg)
+    rhythms = [v for v in problem.variants(cfg) if "head_rhythm" in v]
+    assert rhythms
+    for v in rhythms:
+        k, start = v["head_rhythm"], v["start"]
+        assert problem._meets(cfg, problem._head_rhythm(k, start))
+        assert start == cfg.full_steps - 1 or not problem._meets(cfg, problem._head_rhythm(k, start - 1))
