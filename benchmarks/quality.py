@@ -202,7 +202,7 @@ class Evaluator:
                           flop_cut=plan.flops(stats.image_tokens, stats.text_tokens, cfg=stats.cfg).cut,
                           predicted_psnr=info.get("predicted_psnr_db"), methods=plan.method_counts(),
                           head_weight=info.get("head_weight"), max_skip_run=info.get("max_skip_run"),
-                          skipped_steps=plan.skipped_steps,
+                          skipped_steps=plan.skipped_steps, variant=info.get("variant"),
                           alternatives=(info.get("selected_by_measurement") or {}).get("alternatives"))
 
 

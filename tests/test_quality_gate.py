@@ -19,10 +19,13 @@ from ditfa_optimum.search import search
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-#: the cut the gate runs at (whole-transformer FLOPs for the default, attention FLOPs for heads only), the PSNR measured
-#: on 2026-12-01 (CPU, 2 captions) and the margin below it
-GATE_CUT = 0.45
-RECORDED_PSNR = {"default": 48.16, "heads only": 30.96}
+#: the cut the gate runs at (whole-transformer FLOPs for the default, attention FLOPs for heads only: the issue's
+#: 60% attention cut), the PSNR measured (CPU, 2 captions; default 2026-12-01, heads only 2026-12-02) and the margin.
+#: Heads only, 2 calibration prompts: the check measures a rhythm of `cache` 1.8x better than the model's plan, short
+#: of its 2x margin, and keeps the model's plan (27.0 dB); with the default 8 prompts it picks the rhythm (30.6 dB on
+#: 32 captions, docs/benchmarks.md)
+GATE_CUT = {"default": 0.45, "heads only": 0.6}
+RECORDED_PSNR = {"default": 48.16, "heads only": 27.01}
 MARGIN_DB = 1.5
 
 
@@ -34,15 +37,19 @@ def test_default_search_keeps_its_quality_at_a_fixed_cut(search_kind):
     d = DEFAULTS["mini-mmdit"]
     config = DiTFastAttnConfig(num_inference_steps=d["steps"], height=d["size"], width=d["size"],
                                guidance_scale=d["guidance"], block_size=d["block_size"], backend="blocked",
-                               target_cut=GATE_CUT, num_prompts=2, batch_size=2,
+                               target_cut=GATE_CUT[search_kind], num_prompts=2, batch_size=2,
                                skip_steps=False if search_kind == "heads only" else None)
     torch.manual_seed(0)
     pipe = mini_pipeline()
     prompts = pipe.default_prompts(2, config.seed)
     plan = search(calibrate(pipe, config, prompts, progress=False), config)
     info = plan.metadata["search"]
-    assert (info["whole_cut"] if search_kind == "default" else info["flop_cut"]) >= GATE_CUT - 1e-9
+    cut = GATE_CUT[search_kind]
+    assert (info["whole_cut"] if search_kind == "default" else info["flop_cut"]) >= cut - 1e-9
     assert bool(plan.skipped_steps) == (search_kind == "default")
+    checked = [r["variant"] for r in info["selected_by_measurement"]["alternatives"]]
+    # the measured check ran the fixed rhythms beside the model's choice (skipped steps' or cached heads')
+    assert any(("rhythm" if search_kind == "default" else "head_rhythm") in v for v in checked), checked
     captions = held_out_captions(2, prompts)
     seeds = [0, 1]
 
@@ -57,8 +64,8 @@ def test_default_search_keeps_its_quality_at_a_fixed_cut(search_kind):
         remove(pipe)
     value = float(psnr(dense, planned).clamp(max=99).mean())
     recorded = RECORDED_PSNR[search_kind]
-    print(f"quality gate ({search_kind}): PSNR {value:.2f} dB at a {GATE_CUT:.0%} cut")
+    print(f"quality gate ({search_kind}): PSNR {value:.2f} dB at a {cut:.0%} cut, variant {info['variant']}")
     assert value >= recorded - MARGIN_DB, (
-        f"the {search_kind} search lost quality: {value:.2f} dB at a {GATE_CUT:.0%} cut, recorded {recorded:.2f} dB "
+        f"the {search_kind} search lost quality: {value:.2f} dB at a {cut:.0%} cut, recorded {recorded:.2f} dB "
         f"(floor {recorded - MARGIN_DB:.2f}); if the change is intended, re-measure and update RECORDED_PSNR "
         "with the new number in the CHANGELOG")
