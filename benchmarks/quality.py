@@ -261,6 +261,10 @@ def main(argv=None) -> int:
     parser.add_argument("--curves", default=",".join(c for c in CURVES if c != "peers"),
                         help=f"comma-separated subset of {','.join(CURVES)} (--peers adds peers)")
     parser.add_argument("--max-head-rse", type=float, default=None, help="override the per-head (and block) cap")
+    parser.add_argument("--targets", default=None,
+                        help="comma-separated target cuts of the head-only curve (default: 0.3,0.45,0.6,0.7,0.8,0.9)")
+    parser.add_argument("--calibration-prompts", type=int, default=None,
+                        help="calibration captions (default: the config's 8; fewer for CPU runs of the 4096-token model)")
     args = parser.parse_args(argv)
     if args.report:  # the table again, and the plot beside the JSON (--out: elsewhere)
         path = Path(args.report)
@@ -275,6 +279,9 @@ def main(argv=None) -> int:
                                guidance_scale=d["guidance"], block_size=d["block_size"], backend=args.backend)
     if args.max_head_rse is not None:
         config = config.replace(max_head_rse=args.max_head_rse)
+    if args.calibration_prompts is not None:
+        config = config.replace(num_prompts=args.calibration_prompts,
+                                batch_size=min(config.batch_size, args.calibration_prompts))
     curves = set(args.curves.split(",")) | ({"peers"} if args.peers else set())
     unknown = curves - set(CURVES)
     if unknown:
@@ -285,6 +292,8 @@ def main(argv=None) -> int:
     captions = held_out_captions(args.prompts, calibration)
     ev = Evaluator(pipe, captions, config, args.batch)
     targets = TARGET_CUTS[1::2] if args.quick else TARGET_CUTS
+    if args.targets:
+        targets = tuple(float(t) for t in args.targets.split(","))
     thresholds = THRESHOLDS[2::2] if args.quick else THRESHOLDS
     rows = []
 
@@ -292,8 +301,9 @@ def main(argv=None) -> int:
         return calibrate(pipe, cfg, calibration, progress=False)
 
     start = time.perf_counter()
-    # every curve but the peers and fp8 (which calibrates its own model) reads the default calibration
-    stats = calibrated(config) if curves - {"fp8", "peers"} else None
+    # every curve but the peers, fp8 (which calibrates its own model) and the head-only sweep (one calibration per
+    # target) reads the default calibration
+    stats = calibrated(config) if curves - {"fp8", "peers", "trajectory"} else None
     seconds = time.perf_counter() - start
     if "default" in curves:
         kind, value = config.target()
@@ -302,8 +312,9 @@ def main(argv=None) -> int:
     if "trajectory" in curves:
         for cut in targets:
             cfg = config.replace(target_cut=cut, skip_steps=False)
-            rows.append(ev.plan_row("trajectory (heads only)", f"target {cut:.0%}", search(calibrated(cfg), cfg),
-                                    stats, args.backend))
+            own = calibrated(cfg)
+            rows.append(ev.plan_row("trajectory (heads only)", f"target {cut:.0%}", search(own, cfg), own,
+                                    args.backend))
     if "blocks" in curves:
         for cut in WHOLE_TARGETS[1::2] if args.quick else WHOLE_TARGETS:
             cfg = config.replace(target_cut=cut, block_methods=BLOCK_METHODS, skip_steps=False)
