@@ -467,7 +467,7 @@ class TrajectoryProblem:
 
     def _step_values(self, choices: dict, lam: float) -> np.ndarray:
         """``[T]``: what the heads (and block skips) of each step save minus ``lam`` times their damage."""
-        T = next(iter(self.damage.values())).shape[0]
+        T = self.num_steps
         value = np.zeros(T)
         skipped = {}
         for block, (modules, block_damage, _, block_saved) in self.blocks.items():
@@ -633,9 +633,9 @@ class TrajectoryProblem:
             out = [{"head_weight": 1.0, "max_skip_run": self.max_skip_run}]
             if self.cache_index is None:
                 return out
-            T = next(iter(self.damage.values())).shape[0] if self.damage else 0
             for k in self.HEAD_RHYTHMS:
-                start = self._rhythm_start(config, lambda s: self._head_rhythm(k, s), self.full_steps - 1, T - 2)
+                start = self._rhythm_start(config, lambda s: self._head_rhythm(k, s), self.full_steps - 1,
+                                           self.num_steps - 2)
                 if start is not None:
                     out.append({"head_rhythm": k, "start": start})
             return out
@@ -643,7 +643,7 @@ class TrajectoryProblem:
         out = [{"head_weight": _finite(w), "max_skip_run": r} for w in self.HEAD_WEIGHTS for r in runs]
         for k in range(2, self.max_skip_run + 2):
             start = self._rhythm_start(config, lambda s: self._rhythm(k, s), max(self.full_steps, 1) - 1,
-                                       self.step_damage.shape[0] - 2)
+                                       self.num_steps - 2)
             if start is not None:
                 out.append({"rhythm": k, "start": start})
         return out
@@ -655,26 +655,35 @@ class TrajectoryProblem:
         starts = range(last, first - 1, -1) if config.target()[0] == "cut" else range(first, last + 1)
         return next((s for s in starts if self._meets(config, build(s))), None)
 
+    @property
+    def num_steps(self) -> int:
+        return self.step_damage.shape[0] if self.step_damage is not None else next(iter(self.damage.values())).shape[0]
+
+    @staticmethod
+    def _off_beats(k: int, start: int, T: int) -> np.ndarray:
+        """``[T]`` bool: the steps after ``start`` that a rhythm of one computed step in every ``k`` (counted from
+        ``start``) does not compute."""
+        t = np.arange(T)
+        return (t > start) & ((t - start) % k != 0)
+
     def _rhythm(self, k: int, start: int) -> dict[str, np.ndarray]:
         """Every head full; steps ``start + 1 ..`` skipped except every ``k``-th (counted from ``start``)."""
-        T = self.step_damage.shape[0]
+        T = self.num_steps
         heads = {n: np.full(self.damage[n].shape[:2], self.full_index, dtype=np.int64) for n in self.names}
         for block in self.blocks:
             heads[f"block:{block}"] = np.zeros(T, dtype=np.int64)
-        heads["steps"] = np.array([t > start and (t - start) % k != 0 for t in range(T)])
+        heads["steps"] = self._off_beats(k, start, T)
         return heads
 
     def _head_rhythm(self, k: int, start: int) -> dict[str, np.ndarray]:
         """Steps ``0 .. start`` full; after it every head computed at every ``k``-th step (counted from ``start``)
         and cached between, where the cap allows `cache` (elsewhere full); blocks computed."""
-        heads = {}
-        for n in self.names:
-            T = self.damage[n].shape[0]
-            cached = np.array([t > start and (t - start) % k != 0 for t in range(T)])[:, None]
-            heads[n] = np.where(cached & self.allowed[n][..., self.cache_index], self.cache_index,
-                                self.full_index).astype(np.int64)
+        T = self.num_steps
+        cached = self._off_beats(k, start, T)[:, None]
+        heads = {n: np.where(cached & self.allowed[n][..., self.cache_index], self.cache_index,
+                             self.full_index).astype(np.int64) for n in self.names}
         for block in self.blocks:
-            heads[f"block:{block}"] = np.zeros(next(iter(self.damage.values())).shape[0], dtype=np.int64)
+            heads[f"block:{block}"] = np.zeros(T, dtype=np.int64)
         return heads
 
     def solve_variant(self, config: DiTFastAttnConfig, variant: dict, warn: bool = True
@@ -706,7 +715,7 @@ class TrajectoryProblem:
                                  "this search does not offer (it skips whole steps, or has no `cache` candidate); "
                                  "search with the config the variant was selected for")
             k, start = int(variant["head_rhythm"]), int(variant["start"])
-            if k < 2 or not 0 <= start < next(iter(self.damage.values())).shape[0]:
+            if k < 2 or not 0 <= start < self.num_steps:
                 raise ValueError(f"a head rhythm computes one step in k >= 2 after a start step inside the plan, "
                                  f"got k={k}, start={start}")
             self.weigh_heads(1.0)
