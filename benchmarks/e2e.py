@@ -146,6 +146,7 @@ class Case:
     args: argparse.Namespace
     compiled: object = None  # torch.compile(model, fullgraph=True) with --compile
     host_ms: float | None = None  # host time of the last timed row's calls (median)
+    overlapped_ms: list[float] | None = None  # the last timed row's calls issued back to back (args.overlap)
 
     @property
     def batch(self) -> int:
@@ -300,7 +301,28 @@ def time_calls(case: Case, inputs: dict, before=None, step: int | None = None) -
                 times.append(case.clock.ms(start, end))
                 host.append(issued * 1e3)
     case.host_ms = statistics.median(host)
+    if getattr(case.args, "overlap", False):
+        case.overlapped_ms = overlapped_calls(case, model, inputs, before, step)
     return times, out
+
+
+def overlapped_calls(case: Case, model, inputs: dict, before, step: int | None) -> list[float]:
+    """Per-call milliseconds of ``--reps`` calls issued back to back, as a pipeline issues its steps: one
+    synchronisation before the first, none between calls, so the host prepares call n+1 (hooks, Dynamo's guards,
+    launches) while the device still runs call n. An event between consecutive calls times each: a call's device
+    time plus any time the device waited for the host. `time_calls` synchronises before every call, which also
+    counts the host's lead-in before the first kernel of each call (guards, hooks) as step time."""
+    case.clock.sync()
+    marks = []
+    with torch.no_grad():
+        for _ in range(case.args.reps):
+            if before is not None:
+                before()
+            marks.append(case.clock.mark())
+            with step_context(case, step):
+                model(**inputs)
+        marks.append(case.clock.mark())
+    return [case.clock.ms(a, b) for a, b in zip(marks, marks[1:])]
 
 
 def run_steps(case: Case, stop: int) -> None:

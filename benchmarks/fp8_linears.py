@@ -94,12 +94,13 @@ def run_case(case: e2e.Case, target: float, emit) -> None:
     plan = e2e.mixed_plan(case.model, target, case.image_tokens, case.text_tokens, case.block_size, case.cfg)
     cut = plan.flops(case.image_tokens, case.text_tokens, cfg=case.cfg).cut
     modes = [False] + ([True] if case.args.compile else [])
-    baseline, reference = {}, None
+    wanted = {False: case.args.eager_rows, True: case.args.compiled_rows}
+    baseline, overlapped_base, reference = {}, {}, None
     for name in ROWS:
         if name == "fp8 linears":  # from here on the linear layers are FP8 (in place, once)
             count = len(fp8_linears.quantize(case.model, check=not case.args.tiny))
         for compiled in modes:
-            if compiled and name not in case.args.compiled_rows:
+            if name not in wanted[compiled]:
                 continue
             case.check_budget(f"{name}{' (compiled)' if compiled else ''}")
             profile_to = None
@@ -108,27 +109,32 @@ def run_case(case: e2e.Case, target: float, emit) -> None:
                 profile_to = Path(case.args.profile) / f"{case.arch}-{case.size}-{slug}.txt"
             times, out, step = time_row(case, plan if name.startswith("plan") else None, compiled, profile_to)
             ms = statistics.median(times)
+            overlapped = statistics.median(case.overlapped_ms) if case.args.overlap else None
             if name == "stock":
-                baseline[compiled] = ms
-                reference = out.float() if not compiled else reference
+                baseline[compiled], overlapped_base[compiled] = ms, overlapped
+                reference = out.float() if reference is None else reference  # eager stock when it runs
             diff = None if reference is None else float((out.float() - reference).norm() / reference.norm())
             emit(dict(arch=case.arch, size=case.size, image_tokens=case.image_tokens, text_tokens=case.text_tokens,
                       batch=case.batch, row=name if not name.startswith("plan") else name.replace("plan",
                       f"plan {target:.0%}"), compiled=compiled, timed_step=step,
                       attention_cut=cut if name.startswith("plan") else 0.0,
                       fp8_linears=count if "fp8" in name else 0, ms=ms, ms_all=times,
-                      speedup=baseline[compiled] / ms, rel_diff_vs_eager_stock=diff,
+                      speedup=baseline[compiled] / ms, rel_diff_vs_stock=diff, ms_overlapped=overlapped,
+                      ms_overlapped_all=case.overlapped_ms if case.args.overlap else None,
+                      speedup_overlapped=None if overlapped is None else overlapped_base[compiled] / overlapped,
                       output_finite=bool(out.isfinite().all())))
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| arch | size | row | compiled | attention cut | FP8 linears | ms / step | speed-up | rel. diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arch | size | row | compiled | attention cut | FP8 linears | ms / step | speed-up | back to back ms "
+             "| speed-up | rel. diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         arch = {"sd3": "SD3-medium", "flux": "FLUX.1-dev"}.get(r["arch"], r["arch"])
-        diff = "–" if r["rel_diff_vs_eager_stock"] is None else f"{r['rel_diff_vs_eager_stock']:.3f}"
+        diff = "–" if r["rel_diff_vs_stock"] is None else f"{r['rel_diff_vs_stock']:.3f}"
         lines.append(f"| {arch} | {r['size']}² | {r['row']} | {'yes' if r['compiled'] else 'no'} | "
-                     f"{r['attention_cut']:.1%} | {r['fp8_linears']} | {r['ms']:.2f} | {r['speedup']:.2f}× | {diff} |")
+                     f"{r['attention_cut']:.1%} | {r['fp8_linears']} | {r['ms']:.2f} | {r['speedup']:.2f}× | "
+                     + ("– | – | " if r.get("ms_overlapped") is None else
+                        f"{r['ms_overlapped']:.2f} | {r['speedup_overlapped']:.2f}× | ") + f"{diff} |")
     return "\n".join(lines)
 
 
@@ -139,10 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.68, help="attention-FLOP cut of the plan rows")
     parser.add_argument("--compile", action="store_true", help="also the compiled rows (--compiled-rows)")
     parser.add_argument("--compiled-rows", nargs="+", default=["stock", "plan + fp8 linears"], choices=ROWS)
+    parser.add_argument("--eager-rows", nargs="*", default=list(ROWS), choices=ROWS,
+                        help="the eager rows to time (default all; none: compiled rows only)")
     parser.add_argument("--tiny", action="store_true", help="CPU run on the tiny models")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--reps", type=int)
     parser.add_argument("--budget", type=float, default=480.0, help="start no row after this many seconds")
+    parser.add_argument("--overlap", action="store_true",
+                        help="also time each row's calls back to back, as a pipeline issues steps (e2e.overlapped_calls)")
     parser.add_argument("--profile", metavar="DIR", help="also profile one call of each row (GPU), tables to DIR")
     parser.add_argument("--out", help="JSON path (default docs/benchmarks/fp8-linears-<date>-<card>.json)")
     args = parser.parse_args(argv)
@@ -169,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"[{time.perf_counter() - started:6.1f} s] {row['arch']} {row['size']} {row['row']}"
-              f"{' (compiled)' if row['compiled'] else ''}: {row['ms']:.2f} ms, {row['speedup']:.2f}x", flush=True)
+              f"{' (compiled)' if row['compiled'] else ''}: {row['ms']:.2f} ms, {row['speedup']:.2f}x"
+              + ("" if row["ms_overlapped"] is None else
+                 f"; back to back {row['ms_overlapped']:.2f} ms, {row['speedup_overlapped']:.2f}x"), flush=True)
 
     def run(case, emit):
         if args.tiny:  # the tiny models are float32; FP8 linears need bfloat16

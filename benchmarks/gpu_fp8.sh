@@ -7,10 +7,13 @@
 #       sortedcontainers attrs jsonschema jsonschema-specifications referencing rpds-py torchao==0.18.0
 #   pip download fbgemm-gpu-genai==1.6.0 --no-deps --python-version 3.12 --only-binary=:all: \
 #       --platform manylinux_2_28_x86_64 -d .whl      # optional: the fused eager path (35 MB; the carry takes 64 MiB)
-#   bash benchmarks/gpu_fp8.sh [sd3|flux]            # on the GPU machine, .whl/ carried; about 9 minutes
+#   bash benchmarks/gpu_fp8.sh [sd3|flux] [compiled]  # on the GPU machine, .whl/ carried; about 9 minutes
+# "compiled": the four compiled rows (stock, plan, FP8 linears, plan + FP8 linears) and no eager row.
 set -uo pipefail
 out=${OUT:-/tmp/fp8-out}
 arch=${1:-sd3}
+rows=(--compiled-rows stock "fp8 linears" "plan + fp8 linears")
+[ "${2:-}" = compiled ] && rows=(--compiled-rows stock plan "fp8 linears" "plan + fp8 linears" --eager-rows)
 mkdir -p "$out"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -29,7 +32,7 @@ PY
 cat "$out/fbgemm.log" | tail -3
 left=$((560 - SECONDS))
 timeout "$left" python3 benchmarks/fp8_linears.py --arch "$arch" --sizes 2048 --compile --warmup 2 --reps 5 \
-  --compiled-rows stock "fp8 linears" "plan + fp8 linears" --budget $((left - 60)) \
+  "${rows[@]}" --budget $((left - 60)) \
   --profile "$out/prof" --out "$out/fp8-linears-$arch.json" >"$out/fp8.log" 2>&1
 echo "step table exit $? at $SECONDS s"
 grep -E "^\[|^\||stopped" "$out/fp8.log"

@@ -22,6 +22,7 @@ from .methods import AttentionMethod
 from .plan import CompressionPlan
 from .runtime.blocks import BlockRuntime, InstalledBlocks, _hook, _invalidate_registry_caches, install_blocks
 from .runtime.headwise import PlanRuntime
+from .runtime.log import allow_in_compiled_graphs
 from .runtime.steps import install_steps
 from .runtime.transformer_hook import COPIED, TRANSFORMER_HOOK, transformer_hook
 
@@ -207,6 +208,7 @@ def install(transformer: torch.nn.Module, adapter: Adapter, modules: list, runti
 
     scheduler = getattr(pipeline, "scheduler", None)
     hook = transformer_hook(transformer, state, read_call, guard, scheduler if hasattr(scheduler, "step_index") else None)
+    allow_in_compiled_graphs()  # the runtime's messages inside torch.compile(fullgraph=True): runtime/log.py
     hooked = _hook(transformer, TRANSFORMER_HOOK, hook, "the transformer")
     _invalidate_registry_caches(transformer)
     setattr(transformer, _ATTR, _Installed(runtime, adapter, originals, {s.name: m for s, m in modules},

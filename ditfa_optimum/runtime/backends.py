@@ -31,8 +31,8 @@ from typing import Callable, Protocol
 import torch
 
 from ..masks import TokenLayout
+from .log import say
 
-logger = logging.getLogger(__name__)
 
 AUTO_ORDER = ("triton", "flex", "blocked")
 ENV_VAR = "DITFA_BACKEND"
@@ -155,9 +155,10 @@ def get_backend(name: str | None, device: torch.device, grad: bool = False) -> B
                 continue
             if passed_over and (device.type, backend.name) not in _warned_grad:
                 _warned_grad.add((device.type, backend.name))
-                logger.warning("ditfa: these attention calls need gradients, which %s cannot compute, so they run on "
-                               "%r (slower); for inference call the transformer under torch.no_grad() (diffusers "
-                               "pipelines do)", " and ".join(passed_over), backend.name)
+                say(__name__, logging.WARNING,
+                    "ditfa: these attention calls need gradients, which %s cannot compute, so they run on %r "
+                    "(slower); for inference call the transformer under torch.no_grad() (diffusers pipelines do)",
+                    " and ".join(passed_over), backend.name)
             return backend
         raise RuntimeError(f"no attention backend can run on {device}{' with gradients' if grad else ''}; "
                            f"registered: {backend_names()}")

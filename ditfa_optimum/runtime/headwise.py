@@ -23,8 +23,8 @@ from ..methods import AttentionMethod, CfgShare, HeadMemory, make_method
 from ..plan import CompressionPlan, ModuleSpec
 from .backends import Widths, check_backend_name, get_backend, needs_grad, remember
 from .state import StepState
+from .log import note
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,10 @@ class ModuleRuntime:
         layout = self.spec.layout(num_image_tokens, num_text_tokens, self.runtime.plan.block_size)
         if layout.num_image_blocks <= 1 and not self.runtime.warned_small:
             self.runtime.warned_small = True
-            logger.warning("ditfa: %d image tokens make %d mask block(s) of %d tokens: every arrow head computes full "
-                           "attention here (correct, but nothing is saved); plan with a smaller block_size for this "
-                           "resolution", num_image_tokens, layout.num_image_blocks, self.runtime.plan.block_size)
+            note(__name__, logging.WARNING,
+                "ditfa: %d image tokens make %d mask block(s) of %d tokens: every arrow head computes full attention "
+                "here (correct, but nothing is saved); plan with a smaller block_size for this resolution",
+                num_image_tokens, layout.num_image_blocks, self.runtime.plan.block_size)
         return layout
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text_tokens: int) -> torch.Tensor:

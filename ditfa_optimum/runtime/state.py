@@ -30,12 +30,22 @@ from typing import Callable
 import torch
 
 from ..methods import BlockMemory, HeadMemory
+from .log import note, say
 
-logger = logging.getLogger(__name__)
 
 
 #: calls at one timestep from which the state warns (SD3 skip-layer guidance and FLUX true CFG make 2)
 MANY_BRANCHES = 4
+
+
+def exporting() -> bool:
+    """Whether torch.export (strict, non-strict or draft) is tracing this call; False inside torch.compile.
+
+    Reads torch's export flag itself: up to torch 2.11, Dynamo answers ``torch.compiler.is_exporting()`` with True
+    while it traces any graph, torch.compile's included (pytorch/pytorch#176347), which refused every compiled call
+    of a planned transformer there."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 class StepState:
@@ -60,7 +70,8 @@ class StepState:
     def reset(self) -> None:
         """Forget the step position and every stored head output (start of a new generation)."""
         if 0 <= self.step < self.num_steps - 1:
-            logger.info("ditfa: a generation ended after step %d of the plan's %d", self.step, self.num_steps)
+            note(__name__, logging.INFO, "ditfa: a generation ended after step %d of the plan's %d", self.step,
+                self.num_steps)
         self.step, self.branch, self.calls_in_step, self.last_position = -1, 0, 0, None
         self._branches.clear()
         self._memory.clear()
@@ -78,7 +89,7 @@ class StepState:
             return
         if torch.jit.is_tracing():
             raise RuntimeError(TRACED_GRAPH)
-        if torch.compiler.is_exporting():  # torch.export in any mode: torch.onnx's dynamo exporter falls back to a
+        if exporting():  # torch.export in any mode: torch.onnx's dynamo exporter falls back to a
             raise RuntimeError(TRACED_TIMESTEP)  # draft export that would bake this call's step in, silently wrong
         if step_index is not None:
             position = float(step_index)
@@ -96,10 +107,11 @@ class StepState:
             self.calls_in_step += 1
             self.branch = self.calls_in_step
             if self.calls_in_step == MANY_BRANCHES and not self._warned_branches and context is None:
-                logger.warning("ditfa: %d transformer calls at the same step: each is taken as another branch of "
-                               "step %d (like a CFG half run on its own) and keeps its own cached outputs until the "
-                               "generation ends. For independent calls, call ditfa_optimum.reset_state(transformer) "
-                               "between them", self.calls_in_step + 1, self.step)
+                note(__name__, logging.WARNING,
+                    "ditfa: %d transformer calls at the same step: each is taken as another branch of step %d (like "
+                    "a CFG half run on its own) and keeps its own cached outputs until the generation ends. For "
+                    "independent calls, call ditfa_optimum.reset_state(transformer) between them",
+                    self.calls_in_step + 1, self.step)
                 self._warned_branches = True
         if context is not None:
             self.branch = self._branches.setdefault(context, len(self._branches))
@@ -140,8 +152,9 @@ class StepState:
         value = self._cfg() if callable(self._cfg) else self._cfg
         if value is None:
             if needed and not self._warned_cfg:
-                logger.warning("ditfa: the plan has `cfg_share` heads but the runtime cannot tell whether the batch "
-                               "is batched CFG; computing them in full. Pass the pipeline to apply(), or cfg=True.")
+                say(__name__, logging.WARNING,
+                    "ditfa: the plan has `cfg_share` heads but the runtime cannot tell whether the batch is batched "
+                    "CFG; computing them in full. Pass the pipeline to apply(), or cfg=True.")
                 self._warned_cfg = True
             return False
         return bool(value)

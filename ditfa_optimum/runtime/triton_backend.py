@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from ..masks import TokenLayout
 from .backends import HostCache, Widths, get_backend, register_backend
+from .log import say
 
-logger = logging.getLogger(__name__)
 _MAX_CACHED_WIDTHS = 256
 
 
@@ -80,7 +80,7 @@ class TritonBackend:
     def _fallback(self, reason: str, q: torch.Tensor):
         if reason not in self._warned:
             self._warned.add(reason)
-            logger.warning("ditfa: the triton backend hands these calls to another backend: %s", reason)
+            say(__name__, logging.WARNING, "ditfa: the triton backend hands these calls to another backend: %s", reason)
         # compiled FlexAttention needs head dim >= 16 as well
         flex_ok = q.device.type == "cuda" and q.shape[-1] >= 16
         return get_backend("flex" if flex_ok else "reference", q.device)

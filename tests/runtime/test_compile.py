@@ -140,3 +140,92 @@ def test_the_dynamo_onnx_export_of_a_planned_transformer_is_refused(tmp_path):
     with torch.no_grad():
         model(**inputs)
     assert dfa.get_runtime(model).state.step == 0
+
+
+def test_the_runtime_logs_from_inside_a_compiled_transformer(caplog):
+    """Dynamo cannot trace a logger call, so under fullgraph a message the runtime logs mid-step was a compile error
+    (found on a GPU: a generation cut short, then another started in the same compiled transformer, failed with
+    "logging.Logger method not supported"). Now the restart compiles and runs as eager, and a message without step
+    numbers (the CFG warning, `runtime.log.say`) still reaches the log from the compiled graph."""
+    import logging
+
+    from ditfa_optimum.tiny import tiny_inputs
+
+    torch._dynamo.reset()
+    pipe = tiny_pipeline("sd3")
+    plan = dfa.uniform_plan(pipe, num_steps=STEPS, method="full", block_size=4)
+    for name in plan.module_names:
+        plan.set(name, 1, 0, "cfg_share")  # the pipeline is not running, so the runtime cannot tell CFG: a warning
+        plan.set(name, 1, 1, "arrow:1/2")
+    dfa.apply(pipe, plan)
+    pipe.scheduler.set_timesteps(STEPS)  # the plan's step count, as the pipeline would set it
+    inputs = tiny_inputs(pipe.transformer, batch=2, height=8, width=8)
+    compiled = torch.compile(pipe.transformer, fullgraph=True, backend="eager")
+
+    def call(step):  # positioned as a pipeline positions its calls: the scheduler's step_index, no device sync
+        pipe.scheduler._step_index = step
+        return compiled(**inputs).sample
+
+    try:
+        with caplog.at_level(logging.INFO, logger="ditfa_optimum"), torch.no_grad():
+            first, second = call(0), call(1)
+            restarted = call(0)  # a new generation after step 1 of 4, without the pipeline's reset
+            eager_pipe = tiny_pipeline("sd3")
+            dfa.apply(eager_pipe, plan)
+            eager_pipe.scheduler.set_timesteps(STEPS)
+            eager_pipe.scheduler._step_index = 0
+            eager_first = eager_pipe.transformer(**inputs).sample
+            eager_pipe.scheduler._step_index = 1
+            eager_second = eager_pipe.transformer(**inputs).sample
+    finally:
+        torch._dynamo.reset()
+    text = caplog.text
+    assert "cannot tell whether the batch is batched CFG" in text
+    assert torch.equal(restarted, first)
+    assert torch.allclose(first, eager_first, atol=1e-5) and torch.allclose(second, eager_second, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor with the triton kernel: a GPU test")
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_inductor_compile_with_the_triton_kernel_follows_the_plan(family):
+    """What users run on a GPU: `torch.compile(transformer, fullgraph=True)` (inductor) with the fused kernel as a
+    custom op, stepped as a pipeline steps it (scheduler ``step_index``), equal to eager at every step of a plan with
+    arrow, cache and (SD3) cfg_share heads."""
+    import types
+
+    from ditfa_optimum.runtime.transformer_hook import TRANSFORMER_HOOK
+    from ditfa_optimum.tiny import tiny_inputs, tiny_transformer
+
+    heads = dict(attention_head_dim=64, num_attention_heads=2)  # 128 wide
+    heads.update(axes_dims_rope=(16, 24, 24)) if family == "flux" else heads.update(caption_projection_dim=128)
+    # float32 (the kernel computes it without TF32): in bfloat16, inductor's fusions alone moved the all-full step 0
+    # of this random model by 4% (relative norm) from eager, more than a plan's error would show
+    model = tiny_transformer(family, **heads).to("cuda")
+    inputs = {k: v.to("cuda") for k, v in tiny_inputs(model, batch=2, height=32, width=32, text_tokens=16).items()}
+    plan = dfa.uniform_plan(model, num_steps=STEPS, method="full", block_size=64)  # 1024 image tokens, 16 blocks
+    for name in plan.module_names:
+        for step in range(1, STEPS):
+            plan.set(name, step, 0, "arrow:1/4")
+            plan.set(name, step, 1, "cache" if step % 2 or family == "flux" else "cfg_share")
+
+    def generation(run):
+        dfa.apply(model, plan, backend="triton", cfg=family == "sd3")
+        hook = model._diffusers_hook.get_hook(TRANSFORMER_HOOK)
+        outs = []
+        try:
+            with torch.no_grad():
+                for step in range(STEPS):
+                    hook.scheduler = types.SimpleNamespace(step_index=step)
+                    outs.append(run(**inputs).sample)
+        finally:
+            dfa.remove(model)
+        return outs
+
+    eager = generation(model)
+    torch._dynamo.reset()
+    try:
+        compiled = generation(torch.compile(model, fullgraph=True))
+    finally:
+        torch._dynamo.reset()
+    for step, (c, e) in enumerate(zip(compiled, eager)):  # a wrong step or cached head would differ wholesale
+        assert float((c - e).norm() / e.norm()) < 1e-3, (step, float((c - e).norm() / e.norm()))
