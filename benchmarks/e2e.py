@@ -306,6 +306,11 @@ def time_calls(case: Case, inputs: dict, before=None, step: int | None = None) -
     return times, out
 
 
+def overlapped_median(case: Case) -> float | None:
+    """The median of the last timed row's back-to-back calls (``--overlap``), else None."""
+    return statistics.median(case.overlapped_ms) if getattr(case.args, "overlap", False) else None
+
+
 def overlapped_calls(case: Case, model, inputs: dict, before, step: int | None) -> list[float]:
     """Per-call milliseconds of ``--reps`` calls issued back to back, as a pipeline issues its steps: one
     synchronisation before the first, none between calls, so the host prepares call n+1 (hooks, Dynamo's guards,
@@ -408,22 +413,24 @@ def run_case(case: Case, emit) -> None:
         case.compiled = torch.compile(case.model, fullgraph=True)
     times, stock_out = time_calls(case, case.steps[mid], step=mid)
     stock_host = case.host_ms
+    stock_over = overlapped_median(case)
     stock_ms, stock_peak = statistics.median(times), peak_of(case, case.steps[mid])
     share = attention_share(case, case.steps[mid])
     zero = 0.0 if case.clock.cuda else None  # memory deltas of the baseline against itself
     emit(dict(common, row="stock", backend=None, timed_step=mid, plan_cut=0.0, step_cut=0.0, ms=stock_ms,
               ms_all=times, speedup=1.0, amdahl_limit=1.0, of_limit=1.0, cache_mib=0.0, held_delta_mib=zero,
               peak_delta_mib=zero, output_finite=bool(stock_out.isfinite().all()), compiled=case.args.compile,
-              host_ms=stock_host, **share))
+              host_ms=stock_host, ms_overlapped=stock_over, speedup_overlapped=None if stock_over is None else 1.0,
+              **share))
 
     def row(name, backend, plan_cut, step, step_cut, times, out, **extra):  # out: the last timed output
-        ms = statistics.median(times)
+        ms, over = statistics.median(times), overlapped_median(case)
         limit = 1 / (1 - share["attention_share"] * step_cut)
         emit(dict(common, row=name, backend=backend, timed_step=step, plan_cut=plan_cut, step_cut=step_cut, ms=ms,
                   ms_all=times, speedup=stock_ms / ms, attention_share=share["attention_share"], amdahl_limit=limit,
                   of_limit=stock_ms / ms / limit, output_finite=bool(out.isfinite().all()), compiled=case.args.compile,
                   host_ms=case.host_ms, extra_host_us_per_attention_call=(case.host_ms - stock_host) * 1e3 / modules,
-                  **extra))
+                  ms_overlapped=over, speedup_overlapped=None if over is None else stock_over / over, **extra))
 
     modules = share["attention_calls"]
     backend = case.args.backends[0]
@@ -586,13 +593,14 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def step_table(rows: list[dict]) -> str:
     return markdown(["arch", "size", "row", "backend", "FLOP cut (plan / step)", "ms / step", "speed-up",
-                     "attention share", "Amdahl limit", "of limit", "host ms", "cache MiB", "held +MiB",
-                     "peak +MiB"],
+                     "attention share", "Amdahl limit", "of limit", "host ms", "back to back ms", "speed-up",
+                     "cache MiB", "held +MiB", "peak +MiB"],
                     [[r["arch"], f"{r['size']}²", r["row"] + (" (compiled)" if r.get("compiled") else ""),
                       r["backend"] or "stock",
                       f"{r['plan_cut']:.1%} / {r['step_cut']:.1%}", f"{r['ms']:.2f}", f"{r['speedup']:.2f}×",
                       f"{r['attention_share']:.1%}", f"{r['amdahl_limit']:.2f}×", f"{r['of_limit']:.2f}",
-                      fmt(r.get("host_ms"), ".1f"), fmt(r["cache_mib"], ".1f"), fmt(r["held_delta_mib"], ".1f"), fmt(r["peak_delta_mib"], ".1f")]
+                      fmt(r.get("host_ms"), ".1f"), fmt(r.get("ms_overlapped"), ".2f"),
+                      fmt(r.get("speedup_overlapped"), ".2f"), fmt(r["cache_mib"], ".1f"), fmt(r["held_delta_mib"], ".1f"), fmt(r["peak_delta_mib"], ".1f")]
                      for r in rows])
 
 
@@ -644,6 +652,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "that skip whole steps, against stock (default sizes 1024)")
     parser.add_argument("--compile", action="store_true", help="step mode: time torch.compile(fullgraph=True) of the "
                         "stock and the planned transformer (each row compiles its graph first)")
+    parser.add_argument("--overlap", action="store_true", help="step mode: also time each row's calls back to back, "
+                        "as a pipeline issues its steps (overlapped_calls; the host's lead-in before a call's first "
+                        "kernel hides behind the previous call)")
     parser.add_argument("--tiny", action="store_true", help="CPU run of the whole script on the tiny models")
     parser.add_argument("--warmup", type=int, help="untimed calls per row (default 3; --tiny 1)")
     parser.add_argument("--reps", type=int, help="timed calls per row, median reported (default 10; --tiny 2)")

@@ -203,3 +203,30 @@ def test_plan_through_diffusers_with_the_triton_backend(family):
         latents[backend] = run_pipeline(pipe, ["a red cube"], config, prompt_encoder=encoder)
         remove(pipe)
     torch.testing.assert_close(latents["triton"], latents["reference"], atol=1e-4, rtol=1e-4)
+
+
+def test_eager_calls_skip_the_dispatcher_and_traces_see_the_custom_op(monkeypatch):
+    """The backend launches the kernel directly in eager calls (the custom op's dispatch is host time only tracing
+    needs), with the custom op's result; under a fake-tensor mode (what tracing runs) it goes through the custom op,
+    whose fake implementation gives the shapes without launching."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ditfa_optimum.runtime import triton_backend
+
+    layout = LAYOUTS["image-first-ragged"]
+    q, k, v = (torch.randn(2, 4, layout.seq_len, 16, device=DEVICE) for _ in range(3))
+    widths = random_widths(layout, 2, 4)
+    backend = get_backend("triton", DEVICE)
+    computed = widths > 0
+    through_op = []
+    op = triton_backend.headwise_attention
+    monkeypatch.setattr(triton_backend, "headwise_attention", lambda *a: through_op.append(1) or op(*a))
+    eager = backend.attend(q, k, v, layout, widths)
+    assert not through_op  # launched directly
+    op_out, _ = op(q, k, v, *backend.device_widths(widths, q.device), layout.num_image_tokens,
+                   layout.num_text_tokens, layout.image_first, layout.block_size)
+    assert torch.equal(eager[computed], op_out[computed])
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the cached launch table is a real tensor
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fake = backend.attend(fq, fk, fv, layout, widths)
+    assert fake.shape == q.shape and through_op == [1]
