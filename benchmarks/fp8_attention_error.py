@@ -44,6 +44,9 @@ VARIANTS = {  # name: fp8_attention keywords
     "per head, K and V smoothed": dict(granularity="head", smooth_k=True, smooth_v=True),
     "Q.K^T only (P.V bfloat16), K smoothed": dict(granularity="head", smooth_k=True, fp8_pv=False),
     "INT8 Q.K^T per 64 tokens, K smoothed": dict(granularity="block", block=64, smooth_k=True, qk_format="int8"),
+    "INT8 Q.K^T per token, K smoothed": dict(granularity="block", block=1, smooth_k=True, qk_format="int8"),
+    "INT8 Q.K^T per 64 tokens, P.V bfloat16, K smoothed": dict(granularity="block", block=64, smooth_k=True,
+                                                               qk_format="int8", fp8_pv=False),
 }
 ARROW_FRACTION = 1 / 8
 
