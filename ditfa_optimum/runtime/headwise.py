@@ -22,8 +22,8 @@ from ..masks import TokenLayout
 from ..methods import AttentionMethod, CfgShare, HeadMemory, make_method
 from ..plan import CompressionPlan, ModuleSpec
 from .backends import Widths, check_backend_name, get_backend, needs_grad, remember
-from .state import StepState
 from .log import note
+from .state import StepState
 
 
 
