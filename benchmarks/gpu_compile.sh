@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 18 on a GPU machine, one device call: the GPU compile tests (inductor with the fused kernel, SD3 and FLUX),
+# then the compiled step rows (stock, all-full plan, 50% and 68% plans) timed per call and back to back
+# (`e2e.py --compile --overlap`). Logs and JSON go to $OUT (or /tmp/compile-out), written as they come.
+#   bash ../shared/gpu/prepare-wheels.sh cache-dit==1.5.3 pytest-xdist execnet pytest-timeout hypothesis \
+#       sortedcontainers attrs jsonschema jsonschema-specifications referencing rpds-py torchao==0.18.0
+#   bash benchmarks/gpu_compile.sh [sd3|flux] [SIZE ...]   # on the GPU machine, .whl/ carried; about 9 minutes
+# A FLUX.1-dev row compiles the 57-block model from scratch (about a minute): one size per call for FLUX.
+set -uo pipefail
+out=${OUT:-/tmp/compile-out}
+arch=${1:-sd3}
+shift || true
+sizes=${*:-1024}
+mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$out/pip.log" 2>&1 || { tail -5 "$out/pip.log"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+timeout 200 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider tests/runtime/test_compile.py -k inductor \
+  >"$out/compile-tests.log" 2>&1
+echo "compile tests exit $? at $SECONDS s"
+grep -E "^(FAILED|ERROR)|^E .{0,200}|passed|failed" "$out/compile-tests.log" | head -12
+left=$((560 - SECONDS))
+# shellcheck disable=SC2086  # sizes is a list
+timeout "$left" python3 benchmarks/e2e.py --compile --overlap --arch "$arch" --sizes $sizes --backends triton \
+  --warmup 3 --reps 5 --share-reps 1 --budget $((left - 90)) --out "$out/e2e-compiled-$arch.json" >"$out/e2e.log" 2>&1
+echo "e2e exit $? at $SECONDS s"
+grep -E "^\||stopped|Error" "$out/e2e.log" | head -20
