@@ -87,12 +87,11 @@ def captured_inputs(model: str, device, steps: int, layers: list[int] | None):
     plan = dfa.uniform_plan(pipe, num_steps=num_steps, method="full")
     dfa.apply(pipe, plan, backend="fp8-error-capture")
     wanted = sorted({round(i * (num_steps - 1) / max(steps - 1, 1)) for i in range(steps)})
-    calls_per_step = total
     keep_steps: dict[int, list] = {}
 
     def on_step_end(pipeline, step, timestep, kwargs):
         if step in wanted:
-            keep_steps[step] = captured[-calls_per_step:]
+            keep_steps[step] = captured[-total:]  # one call per layer
         captured.clear()
         return kwargs
 

@@ -109,7 +109,7 @@ def run_case(case: e2e.Case, target: float, emit) -> None:
                 profile_to = Path(case.args.profile) / f"{case.arch}-{case.size}-{slug}.txt"
             times, out, step = time_row(case, plan if name.startswith("plan") else None, compiled, profile_to)
             ms = statistics.median(times)
-            overlapped = statistics.median(case.overlapped_ms) if case.args.overlap else None
+            overlapped = e2e.overlapped_median(case)
             if name == "stock":
                 baseline[compiled], overlapped_base[compiled] = ms, overlapped
                 reference = out.float() if reference is None else reference  # eager stock when it runs

@@ -26,7 +26,6 @@ from .log import note
 from .state import StepState
 
 
-
 @dataclass(frozen=True)
 class _StepProgram:
     methods: tuple[AttentionMethod, ...]

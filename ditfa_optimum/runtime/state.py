@@ -33,7 +33,6 @@ from ..methods import BlockMemory, HeadMemory
 from .log import note, say
 
 
-
 #: calls at one timestep from which the state warns (SD3 skip-layer guidance and FLUX true CFG make 2)
 MANY_BRANCHES = 4
 
