@@ -30,6 +30,8 @@ float32, so only the accumulation order differs from a kernel. `relative_error` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -122,3 +124,86 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` over the whole tensor (Frobenius norms)."""
     ref = ref.float()
     return float((out.float() - ref).norm() / ref.norm())
+
+
+# ---- the shipped scheme: what the quantized methods compute and the fused kernel runs --------------------------------
+
+LOG2E = 1.4426950408889634
+#: P is scaled by the format's largest value before rounding to e4m3 (the softmax's row
+#: maxima become 448, the smallest kept probabilities stay above e4m3's subnormals); the row sums carry the same
+#: factor, so it cancels
+P_SCALE = E4M3_MAX
+
+
+@dataclass(frozen=True)
+class QuantizedQKV:
+    """One attention call's inputs in 8 bits, as the fused kernel reads them (`quantize_qkv`).
+
+    Attributes:
+        q8: ``[B, H, S, D]`` int8, each query token scaled by its own absolute maximum.
+        k8: ``[B, H, S, D]`` int8: the keys minus their per-channel mean over the tokens (K smoothing, exact under
+            softmax), one scale per (sample, head).
+        row_scale: ``[B, H, S]`` float32: ``q_scale * k_scale * D**-0.5 * log2(e)``, what turns an integer score
+            into the base-2 logit the kernel exponentiates.
+        v: ``[B, H, S, D]``: V in bf16/fp16/fp32 as given (``fp8_pv=False``), or e4m3 laid out ``[B, H, D, S]``
+            (a transposed view of a buffer whose rows are padded to 16 bytes: the FP8 tensor cores take P.V's
+            right operand K-major), each channel scaled by its absolute maximum over the tokens.
+        v_scale: ``[B, H, D]`` float32 channel scales of the e4m3 V (None with ``fp8_pv=False``).
+    """
+
+    q8: torch.Tensor
+    k8: torch.Tensor
+    row_scale: torch.Tensor
+    v: torch.Tensor
+    v_scale: torch.Tensor | None
+
+    @property
+    def fp8_pv(self) -> bool:
+        return self.v_scale is not None
+
+
+def _scale(amax: torch.Tensor, top: float) -> torch.Tensor:
+    return torch.where(amax > 0, amax / top, torch.ones_like(amax))
+
+
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: bool = True) -> QuantizedQKV:
+    """Quantize one attention call's ``q, k, v`` (``[B, H, S, D]``, one float dtype) for `quantized_attention` and
+    the fused kernel: Q in INT8 per token, K smoothed and in INT8 per (sample, head), V in e4m3 per channel (or kept
+    as it is with ``fp8_pv=False``). Plain PyTorch on any device."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must be [B, H, S, D] of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, H, S, D = q.shape
+    qf = q.float()
+    q_scale = _scale(qf.abs().amax(dim=-1, keepdim=True), INT8_MAX)  # [B, H, S, 1]
+    q8 = torch.round(qf / q_scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    kf = k.float()
+    kf = kf - kf.mean(dim=-2, keepdim=True)
+    k_scale = _scale(kf.abs().amax(dim=(-2, -1), keepdim=True), INT8_MAX)  # [B, H, 1, 1]
+    k8 = torch.round(kf / k_scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    row_scale = (q_scale * k_scale * (D ** -0.5 * LOG2E)).squeeze(-1).contiguous()
+    if not fp8_pv:
+        return QuantizedQKV(q8, k8, row_scale, v, None)
+    vf = v.float()
+    v_scale = _scale(vf.abs().amax(dim=-2), E4M3_MAX)  # [B, H, D]
+    padded = -(-S // 16) * 16
+    vt = torch.empty(B, H, D, padded, dtype=E4M3, device=v.device)[..., :S]
+    vt.copy_((vf / v_scale[..., None, :]).clamp_(-E4M3_MAX, E4M3_MAX).transpose(-1, -2))
+    return QuantizedQKV(q8, k8, row_scale, vt, v_scale.contiguous())
+
+
+def quantized_attention(qq: QuantizedQKV, keep: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+                        ) -> torch.Tensor:
+    """Attention computed from `quantize_qkv`'s tensors the way the fused kernel computes it (integer scores, base-2
+    softmax in float32, P rounded to e4m3 after scaling by `P_SCALE` when V is in e4m3, else to ``v``'s dtype);
+    ``keep`` as in `fp8_attention`. Output ``[B, H, S, D]`` in ``dtype``."""
+    scores = (qq.q8.float() @ qq.k8.float().transpose(-1, -2)) * qq.row_scale[..., None]  # base-2 logits
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    p = torch.exp2(scores - scores.amax(dim=-1, keepdim=True))
+    if qq.fp8_pv:
+        p = p * P_SCALE
+        out = (p.to(E4M3).float() @ qq.v.float().transpose(-1, -2)) * qq.v_scale[..., None, :]
+    else:
+        out = p.to(qq.v.dtype).float() @ qq.v.float()
+    return (out / p.sum(dim=-1, keepdim=True)).to(dtype)

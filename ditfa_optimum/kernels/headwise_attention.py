@@ -33,7 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..fp8_attention import E4M3, QuantizedQKV
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+#: the kernel's QUANT values: bf16/fp16/fp32 heads; INT8 Q.K^T with P.V in the inputs' dtype; INT8 Q.K^T and e4m3 P.V
+QUANT_NONE, QUANT_QK, QUANT_QK_PV = 0, 1, 2
 #: DITFA_TRITON_AUTOTUNE=0: one configuration, no autotuning (test suites that compile many small shapes)
 AUTOTUNE = os.environ.get("DITFA_TRITON_AUTOTUNE", "1") != "0"
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -61,60 +65,99 @@ def _tile(config) -> tuple[int, int, int, int]:
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
-def fits(config, block_size: int, head_dim: int) -> bool:
-    """Whether a configuration's tiles divide the mask's block size and are not too big for the head dim."""
+def fits(config, block_size: int, head_dim: int, quant: int = 0) -> bool:
+    """Whether a configuration's tiles divide the mask's block size and are not too big for the head dim (8-bit
+    keys: twice as many fit)."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    return (block_size % bm == 0 and block_size % bn == 0 and bn <= max(head_dim, 32)
+    return (block_size % bm == 0 and block_size % bn == 0 and bn <= max(head_dim, 32) * (2 if quant else 1)
             and not (head_dim >= 256 and bm * bn > 64 * 64))
 
 
+#: the 8-bit launches' candidates: the tiles `benchmarks/fp8_probe.py` ran correctly on an H200 (2026-12-02; an
+#: autotuning run over a longer list met an illegal instruction on an H100); 8-bit tiles hold twice the keys in the
+#: same shared memory, so D=64 also tries 128-key tiles
+TILES_8BIT = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    128: [(128, 128, 8, 3), (128, 64, 4, 3)],
+}
+
+
 def _prune(configs, named_args, **kwargs):
-    """The configurations that fit; of those, this head dim's shortlist (`TILES`) when any of it fits (not, e.g., a
-    64-token block with D=128)."""
+    """The configurations that fit; of those, this head dim's shortlist (`TILES`, `TILES_8BIT`) when any of it fits
+    (not, e.g., a 64-token block with D=128)."""
     bs, d = kwargs.get("BS", named_args.get("BS")), kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-    fitting = [c for c in configs if fits(c, bs, d)]
-    return [c for c in fitting if _tile(c) in TILES.get(d, ())] or fitting
+    quant = kwargs.get("QUANT", named_args.get("QUANT"))
+    fitting = [c for c in configs if fits(c, bs, d, quant)]
+    return [c for c in fitting if _tile(c) in (TILES_8BIT if quant else TILES).get(d, ())] or fitting
 
 
 @triton.jit
 def _attend_chunk(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, b, h, start, hi, offs_n, offs_d, qk_scale,
                   PRECISION: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr):
     """Online-softmax update with the keys [start, start + BLOCK_N) (MASKED: only those below ``hi``).
 
     With USE_TMA, ``k_base`` / ``v_base`` are host-built tensor descriptors of the whole [B, H, S, D] keys / values
-    (Hopper's copy engine); rows past the sequence read as zeros and masked columns are removed from the scores."""
+    (Hopper's copy engine); rows past the sequence read as zeros and masked columns are removed from the scores.
+    QUANT (`QUANT_NONE`, `QUANT_QK`, `QUANT_QK_PV`): q and the keys are INT8, the scores integers turned into base-2
+    logits by the per-row ``qk_scale``; with QUANT_QK_PV the values are e4m3 laid out [B, H, D, S] (``stride_vn``
+    is then the channel stride) and P is rounded to e4m3 after scaling by 448 (the row sums carry the same factor)."""
     cols = start + offs_n
     valid = cols < hi
     if USE_TMA:
         k = k_base.load([b, h, start, 0]).reshape([BLOCK_N, HEAD_DIM]).T
-        v = v_base.load([b, h, start, 0]).reshape([BLOCK_N, HEAD_DIM])
     elif MASKED:
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0)
     else:
         k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])
+    if QUANT == 2:  # e4m3 values stored transposed: loaded [D, BLOCK_N], used as [BLOCK_N, D]
+        if USE_TMA:
+            v = v_base.load([b, h, 0, start]).reshape([HEAD_DIM, BLOCK_N]).T
+        elif MASKED:
+            v = tl.load(v_base + offs_d[None, :] * stride_vn + cols[:, None], mask=valid[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + offs_d[None, :] * stride_vn + cols[:, None])
+    elif USE_TMA:
+        v = v_base.load([b, h, start, 0]).reshape([BLOCK_N, HEAD_DIM])
+    elif MASKED:
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+    else:
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
-    qk = tl.dot(q, k, input_precision=PRECISION)
+    if QUANT:
+        qk = tl.dot(q, k, out_dtype=tl.int32)
+        # int32 -> float32 by the exponent trick (an integer add and a float subtract, both at the full ALU rate,
+        # where a conversion instruction runs at the exponential's quarter rate): exact while |qk| < 2^22, and
+        # |qk| <= 127^2 * 256 < 2^22 for every head dim the kernel takes
+        qk = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        qk = tl.dot(q, k, input_precision=PRECISION)
     if MASKED:
         qk = tl.where(valid[None, :], qk, float("-inf"))
+    # qk_scale: one number, or (QUANT) one positive number per query row
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    scale = qk_scale[:, None] if QUANT else qk_scale
+    if QUANT == 2:  # P scaled by 448 = 2^8.807: exp2(x + log2(448))
+        p = tl.math.exp2(qk * scale - (m_new - 8.807354922057604)[:, None])
+    else:
+        p = tl.math.exp2(qk * scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    if QUANT == 2:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _headwise_attention_kernel(
-        Q, K, V, Out, Lse, Table,
+        Q, K, V, Out, Lse, Table, RowScale, VScale,
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os,
         H, S, T, N_IMG, N_BLK, sm_scale, TUNE_KEY,
         HEAD_DIM: tl.constexpr, BS: tl.constexpr, IMAGE_FIRST: tl.constexpr, STORE_LSE: tl.constexpr,
         PRECISION: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, Q_TMA: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # longest programs first: every head's text tiles (they visit every key), then the image tiles head by head in
     # the table's order (decreasing band width), so the shortest programs fill the tail
     n_text_tiles = tl.cdiv(T, BLOCK_M)
@@ -165,7 +208,10 @@ def _headwise_attention_kernel(
         k_src = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
         v_src = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
 
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 instead of exp
+    if QUANT:  # per query row: the quantization scales of the row and of the head's keys, times sm_scale * log2(e)
+        qk_scale = tl.load(RowScale + pid_bh.to(tl.int64) * S + offs_m, mask=rows_ok, other=1.0)
+    else:
+        qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 instead of exp
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -181,15 +227,20 @@ def _headwise_attention_kernel(
     for j in range(0, n_text + n_band):
         start = tl.where(j < n_text, text_start + j * BLOCK_N, band_start + (j - n_text) * BLOCK_N)
         acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, b, h, start, start,
-                                      offs_n, offs_d, qk_scale, PRECISION, False, USE_TMA, BLOCK_N, HEAD_DIM)
+                                      offs_n, offs_d, qk_scale, PRECISION, False, USE_TMA, BLOCK_N, HEAD_DIM,
+                                      QUANT)
     for start in tl.range(text_start + n_text * BLOCK_N, text_end, BLOCK_N, num_stages=1):
         acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, b, h, start, text_end,
-                                      offs_n, offs_d, qk_scale, PRECISION, True, USE_TMA, BLOCK_N, HEAD_DIM)
+                                      offs_n, offs_d, qk_scale, PRECISION, True, USE_TMA, BLOCK_N, HEAD_DIM,
+                                      QUANT)
     for start in tl.range(band_start + n_band * BLOCK_N, band_end, BLOCK_N, num_stages=1):
         acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, b, h, start, band_end,
-                                      offs_n, offs_d, qk_scale, PRECISION, True, USE_TMA, BLOCK_N, HEAD_DIM)
+                                      offs_n, offs_d, qk_scale, PRECISION, True, USE_TMA, BLOCK_N, HEAD_DIM,
+                                      QUANT)
 
     acc = acc * (1.0 / l_i)[:, None]
+    if QUANT == 2:  # the e4m3 values' channel scales
+        acc = acc * tl.load(VScale + pid_bh.to(tl.int64) * HEAD_DIM + offs_d)[None, :]
     if TMA_STORE:  # Out is a descriptor: one asynchronous bulk copy; rows past the sequence are clipped
         Out.store([b, h, row_start, 0], acc.to(Out.dtype).reshape([1, 1, BLOCK_M, HEAD_DIM]))
     else:
@@ -197,13 +248,14 @@ def _headwise_attention_kernel(
         tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(Out.dtype.element_ty),
                  mask=rows_ok[:, None])
     if STORE_LSE:
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        log2_sum = tl.math.log2(l_i) - 8.807354922057604 if QUANT == 2 else tl.math.log2(l_i)  # P's factor 448
+        lse = (m_i + log2_sum) * 0.6931471805599453
         tl.store(Lse + pid_bh.to(tl.int64) * S + offs_m, lse, mask=rows_ok)
 
 
 # TUNE_KEY (`tune_key`): the plan's typical band, so short-band plans get their own configuration
 _autotuned_kernel = triton.autotune(configs=CONFIGS, key=["S", "T", "HEAD_DIM", "BS", "IMAGE_FIRST", "PRECISION",
-                                                          "USE_TMA", "TMA_STORE", "Q_TMA", "TUNE_KEY"],
+                                                          "USE_TMA", "TMA_STORE", "Q_TMA", "QUANT", "TUNE_KEY"],
                                     prune_configs_by={"early_config_prune": _prune})(_headwise_attention_kernel)
 
 
@@ -222,6 +274,26 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
     return None
 
 
+def check_quantized(quant: QuantizedQKV, q: torch.Tensor) -> str | None:
+    """Why `quantize_qkv`'s tensors cannot stand for ``q, k, v`` in a kernel launch (None when they can)."""
+    B, H, S, D = q.shape
+    if quant.q8.shape != q.shape or quant.k8.shape != q.shape or quant.row_scale.shape != (B, H, S):
+        return (f"quantized inputs must be quantize_qkv(q, k, v) of q {tuple(q.shape)}, got q8 "
+                f"{tuple(quant.q8.shape)}, k8 {tuple(quant.k8.shape)}, row scales {tuple(quant.row_scale.shape)}")
+    if quant.q8.dtype != torch.int8 or quant.k8.dtype != torch.int8 or quant.row_scale.dtype != torch.float32:
+        return f"q8, k8 must be int8 and the row scales float32, got {quant.q8.dtype}, {quant.k8.dtype}, " \
+               f"{quant.row_scale.dtype}"
+    expected = (B, H, D, S) if quant.fp8_pv else (B, H, S, D)
+    if quant.v.shape != expected or (quant.fp8_pv and quant.v.dtype != E4M3):
+        return f"quantized v must be {'e4m3 ' if quant.fp8_pv else ''}{expected}, got {quant.v.dtype} " \
+               f"{tuple(quant.v.shape)}"
+    if not quant.row_scale.is_contiguous() or (quant.fp8_pv and not quant.v_scale.is_contiguous()):
+        return "the quantization scales must be contiguous"
+    if quant.q8.stride(-1) != 1 or quant.k8.stride(-1) != 1 or quant.v.stride(-1) != 1:
+        return "the last dimension of the quantized tensors must be contiguous"
+    return None
+
+
 def check_call(name: str, problem: str | None, q: torch.Tensor, widths: torch.Tensor, num_image_tokens: int,
                num_text_tokens: int) -> None:
     """Raise ``ValueError`` (prefixed with the launcher's name) for an input problem, a token count that does not make
@@ -237,8 +309,10 @@ def check_call(name: str, problem: str | None, q: torch.Tensor, widths: torch.Te
                          f"{widths.device}")
 
 
-#: DITFA_TRITON_TMA=0 switches the Hopper copy-engine loads off (pointer loads everywhere)
+#: DITFA_TRITON_TMA=0 switches the Hopper copy-engine loads off (pointer loads everywhere); DITFA_TRITON_TMA_8BIT=0
+#: only in the 8-bit launches
 USE_TMA = os.environ.get("DITFA_TRITON_TMA", "1") != "0"
+USE_TMA_8BIT = os.environ.get("DITFA_TRITON_TMA_8BIT", "1") != "0"
 
 
 def _hopper(device: torch.device) -> bool:
@@ -259,8 +333,9 @@ def _tma_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def _descriptor_hook(nargs):
     """Autotuning changes BLOCK_M / BLOCK_N: give the K/V (and Out) descriptors the matching block shapes."""
     if nargs.get("USE_TMA"):
-        for name in ("K", "V"):
-            nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+        nargs["K"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+        nargs["V"].block_shape = ([1, 1, nargs["HEAD_DIM"], nargs["BLOCK_N"]] if nargs.get("QUANT") == QUANT_QK_PV
+                                  else [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]])
     if nargs.get("TMA_STORE"):
         nargs["Out"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["HEAD_DIM"]]
     if nargs.get("Q_TMA"):
@@ -273,13 +348,17 @@ def _flat_widths(widths) -> list[int]:
     return [int(w) for row in rows for w in row]
 
 
-def launch_table(widths) -> torch.Tensor:
+def launch_table(widths, drop_skipped: bool = False) -> torch.Tensor:
     """The kernel's launch table: ``[B * H, 2]`` int32 rows ``(sample * H + head, width)`` by decreasing width, on the
-    device of ``widths`` (a ``[B, H]`` tensor, read on the host) or, from rows of ints, on the CPU."""
+    device of ``widths`` (a ``[B, H]`` tensor, read on the host) or, from rows of ints, on the CPU. ``drop_skipped``:
+    only the computed pairs' rows (the kernel launches one head's tiles per row; a launch that computes some heads
+    in 8 bits and the rest in bf16 is two launches, each with the rows of its own heads)."""
     flat = _flat_widths(widths)
     order = sorted(range(len(flat)), key=lambda i: -flat[i])  # Python's sort is stable: ties keep their order
+    if drop_skipped:
+        order = [i for i in order if flat[i]]
     device = widths.device if isinstance(widths, torch.Tensor) else "cpu"
-    return torch.tensor([[i, flat[i]] for i in order], dtype=torch.int32, device=device).reshape(len(flat), 2)
+    return torch.tensor([[i, flat[i]] for i in order], dtype=torch.int32, device=device).reshape(len(order), 2)
 
 
 def tune_key(widths) -> int:
@@ -296,29 +375,43 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
                        num_image_tokens: int, num_text_tokens: int, image_first: bool, block_size: int,
                        out: torch.Tensor | None = None, lse: torch.Tensor | None = None, store_lse: bool = True,
                        table: torch.Tensor | None = None, key: int | None = None,
-                       config: triton.Config | None = None):
+                       config: triton.Config | None = None, quant: QuantizedQKV | None = None):
     """Launch the kernel. ``widths``: ``[B, H]`` int32 on q's device; ``table``: `launch_table(widths)` (on q's
-    device) and ``key``: `tune_key(widths)` (both computed when not given). Returns ``(out, lse)``.
+    device; or only some of its rows, e.g. ``drop_skipped``) and ``key``: `tune_key(widths)` (both computed when not
+    given). Returns ``(out, lse)``.
 
     ``out`` / ``lse`` may be given (e.g. poisoned by tests); skipped (sample, head) entries are never written.
     ``config`` runs one configuration (``BLOCK_M``, ``BLOCK_N``, warps, stages) instead of the autotuned choice
     (benchmarks); its tiles must divide ``block_size``.
+    ``quant``: `quantize_qkv(q, k, v)` of these inputs: the table's heads are computed from those 8-bit tensors
+    (`ditfa_optimum.fp8_attention`'s scheme; q, k, v then give only the shapes and the output dtype).
     """
     check_call("headwise_attention", check_inputs(q, k, v, block_size), q, widths, num_image_tokens, num_text_tokens)
     B, H, S, D = q.shape
     n_blk = -(-num_image_tokens // block_size)
     widths = widths.to(torch.int32).contiguous()
     table = launch_table(widths) if table is None else table
-    if table.shape != (B * H, 2) or table.dtype != torch.int32 or table.device != q.device:
-        raise ValueError(f"headwise_attention: table must be launch_table(widths), [{B * H}, 2] int32 on {q.device}, "
-                         f"got {tuple(table.shape)} {table.dtype} on {table.device}")
+    if (table.dim() != 2 or table.shape[1] != 2 or table.shape[0] > B * H or table.dtype != torch.int32
+            or table.device != q.device):
+        raise ValueError(f"headwise_attention: table must be launch_table(widths) (or some of its rows), [{B * H}, 2] "
+                         f"int32 on {q.device}, got {tuple(table.shape)} {table.dtype} on {table.device}")
+    if quant is not None:
+        problem = check_quantized(quant, q)
+        if problem:
+            raise ValueError(f"headwise_attention: {problem}")
     key = tune_key(widths) if key is None else key
     if out is None:
         out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
 
-    use_tma = _tma_ok(q, k, v)
+    if table.shape[0] == 0:
+        return out, lse
+    row_scale = v_scale = lse  # placeholders the kernel does not read unless QUANT
+    if quant is not None:  # the kernel reads the 8-bit tensors; q keeps giving the output dtype
+        q, k, v, row_scale = quant.q8, quant.k8, quant.v, quant.row_scale
+        v_scale = quant.v_scale if quant.fp8_pv else lse
+    use_tma = _tma_ok(q, k, v) and (quant is None or USE_TMA_8BIT)
     # the output by bulk copies (Hopper) when no query tile straddles the two segments: the first segment (text or
     # image) ends on a tile boundary (128 is a multiple of every tile), the second at S, where the copy clips.
     # Measured: storing from registers cost ~2.8 us of an SM per tile (docs/benchmarks.md)
@@ -327,23 +420,25 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        k_arg, v_arg = (TensorDescriptor.from_tensor(t, [1, 1, 64, D]) for t in (k, v))  # block set per config
+        k_arg = TensorDescriptor.from_tensor(k, [1, 1, 64, D])  # blocks set per config
+        v_arg = TensorDescriptor.from_tensor(v, [1, 1, D, 64] if quant is not None and quant.fp8_pv else [1, 1, 64, D])
     else:
         k_arg, v_arg = k, v
     o_arg = TensorDescriptor.from_tensor(out, [1, 1, 64, D]) if tma_store else out
     q_tma = tma_store and _aligned(q)  # the same condition: no query tile straddles the segments
     q_arg = TensorDescriptor.from_tensor(q, [1, 1, 64, D]) if q_tma else q
-    args = (q_arg, k_arg, v_arg, o_arg, lse, table.contiguous(),
+    args = (q_arg, k_arg, v_arg, o_arg, lse, table.contiguous(), row_scale, v_scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             H, S, num_text_tokens, num_image_tokens, n_blk, D ** -0.5, key)
     consts = dict(HEAD_DIM=D, BS=block_size, IMAGE_FIRST=bool(image_first), STORE_LSE=store_lse,
-                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
-                  USE_TMA=use_tma, TMA_STORE=tma_store, Q_TMA=q_tma)
+                  PRECISION="ieee" if v.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
+                  USE_TMA=use_tma, TMA_STORE=tma_store, Q_TMA=q_tma,
+                  QUANT=QUANT_NONE if quant is None else QUANT_QK_PV if quant.fp8_pv else QUANT_QK)
 
     def grid(meta):
         bm = meta["BLOCK_M"]
-        return ((triton.cdiv(num_text_tokens, bm) + n_blk * (block_size // bm)) * B * H,)
+        return ((triton.cdiv(num_text_tokens, bm) + n_blk * (block_size // bm)) * table.shape[0],)
 
     if config is not None:
         meta = config.all_kwargs()
