@@ -24,7 +24,7 @@ from ..fp8_attention import E4M3, LOG2E, QuantizedQKV
 
 SPLITS = 16  # token slices per head in the statistics pass (B * H * 16 programs: every SM busy at B = 1)
 BLOCK = 64  # tokens per program of the quantization pass
-_ROUND = 12582912.0  # 1.5 * 2^23: (x + _ROUND) - _ROUND rounds a float32 |x| < 2^22 to the nearest even integer
+_ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + _ROUND) - _ROUND rounds a float32 |x| < 2^22 to the nearest even integer
 
 
 @triton.jit
