@@ -4,8 +4,8 @@ against the bf16 kernel and cuDNN, in one run.
 Modes (`ditfa_optimum.fp8_attention`, the kernel's QUANT): "int8 qk" (Q.K^T in INT8, P.V in bf16) and "int8 qk +
 e4m3 pv" (P.V in e4m3 as well).
 
-1. Correctness, ragged (2000 + 77, image first) and aligned (2048 + 256, text first) lengths, D = 64 and 128, plans mixed /
-   all 1/8 / all full, B = 2: the kernel against `quantized_attention` (the same scheme in PyTorch: the gap is
+1. Correctness, ragged (2000 + 77, image first) and aligned (2048 + 256, text first) lengths, D = 64 and 128,
+   plans mixed / all 1/8 / all full, B = 2: the kernel against `quantized_attention` (the same scheme in PyTorch: the gap is
    accumulation order and rounding ties) and against an fp32 reference (beside the bf16 kernel's own error);
    keys with a common offset (smoothing matters), outputs poisoned with NaN first.
 2. Timing, B = 1, 24 heads, `triton.testing.do_bench` medians, SD3 (D=64) and FLUX (D=128) at 2048^2 and 1024^2:
@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends import CASES, HEADS, bench, case_inputs, head_methods, kept_fraction, save_results, setup, widths_for  # noqa: E402,E501
+from backends import (CASES, HEADS, bench, case_inputs, head_methods, kept_fraction, save_results,  # noqa: E402
+                      setup, widths_for)
 
 from ditfa_optimum.fp8_attention import quantize_qkv, quantized_attention  # noqa: E402
 from ditfa_optimum.kernels.headwise_attention import headwise_attention, launch_table, tune_key  # noqa: E402
@@ -174,7 +175,8 @@ def main():
         f"{m} ms | {m} speed-up | + fused pre-pass" for m in MODES) + " |")
     print("|---|---|---|---|---|" + "---|---|---|" * len(MODES))
     for r in timings:
-        print(f"| {r['case']} | {r['plan']} | {r['kept']:.3f} | {r['cudnn_dense_ms']:.3f} | {r['bf16_kernel_ms']:.3f} | "
+        print(f"| {r['case']} | {r['plan']} | {r['kept']:.3f} | {r['cudnn_dense_ms']:.3f} | "
+              f"{r['bf16_kernel_ms']:.3f} | "
               + " | ".join(f"{r[m]['kernel_ms']:.3f} | {r[m]['speedup_vs_bf16']:.2f}x | "
                            f"{r[m]['speedup_with_fused_prepass']:.2f}x" for m in MODES) + " |")
 

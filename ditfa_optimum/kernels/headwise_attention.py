@@ -277,6 +277,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
 def check_quantized(quant: QuantizedQKV, q: torch.Tensor) -> str | None:
     """Why `quantize_qkv`'s tensors cannot stand for ``q, k, v`` in a kernel launch (None when they can)."""
     B, H, S, D = q.shape
+    if D < 32:
+        return f"8-bit heads need a head dim of at least 32 (the INT8 tensor cores' depth), got {D}"
     if quant.q8.shape != q.shape or quant.k8.shape != q.shape or quant.row_scale.shape != (B, H, S):
         return (f"quantized inputs must be quantize_qkv(q, k, v) of q {tuple(q.shape)}, got q8 "
                 f"{tuple(quant.q8.shape)}, k8 {tuple(quant.k8.shape)}, row scales {tuple(quant.row_scale.shape)}")
