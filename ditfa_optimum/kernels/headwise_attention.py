@@ -274,11 +274,15 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
     return None
 
 
-def check_quantized(quant: QuantizedQKV, q: torch.Tensor) -> str | None:
-    """Why `quantize_qkv`'s tensors cannot stand for ``q, k, v`` in a kernel launch (None when they can)."""
+def check_quantized(quant: QuantizedQKV, q: torch.Tensor, block_size: int = 128) -> str | None:
+    """Why `quantize_qkv`'s tensors cannot stand for ``q, k, v`` in a kernel launch with this mask block size (None
+    when they can)."""
     B, H, S, D = q.shape
     if D < 32:
         return f"8-bit heads need a head dim of at least 32 (the INT8 tensor cores' depth), got {D}"
+    if quant.fp8_pv and block_size % 32:
+        return (f"e4m3 P.V needs key tiles of at least 32 tokens, so a mask block size that is a multiple of 32, got "
+                f"{block_size}; plan with such a block size or quantize with fp8_pv=False")
     if quant.q8.shape != q.shape or quant.k8.shape != q.shape or quant.row_scale.shape != (B, H, S):
         return (f"quantized inputs must be quantize_qkv(q, k, v) of q {tuple(q.shape)}, got q8 "
                 f"{tuple(quant.q8.shape)}, k8 {tuple(quant.k8.shape)}, row scales {tuple(quant.row_scale.shape)}")
@@ -398,7 +402,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
         raise ValueError(f"headwise_attention: table must be launch_table(widths) (or some of its rows), [{B * H}, 2] "
                          f"int32 on {q.device}, got {tuple(table.shape)} {table.dtype} on {table.device}")
     if quant is not None:
-        problem = check_quantized(quant, q)
+        problem = check_quantized(quant, q, block_size)
         if problem:
             raise ValueError(f"headwise_attention: {problem}")
     key = tune_key(widths) if key is None else key
