@@ -22,6 +22,9 @@ Hopper's INT8 tensor cores run at the FP8 rate), P.V in bfloat16 (``fp8_pv=False
 e4m3 1.8e-2 relative error, INT8 Q.K^T with e4m3 P.V 7.6e-3, INT8 Q.K^T with bfloat16 P.V 3.9e-3 (bfloat16
 attention 2.0e-3).
 
+The scheme the fused kernel runs (`quantize_qkv`, `quantized_attention`; bottom of this module) is the measured best
+split: Q in INT8 per token, K smoothed in INT8 per (sample, head), P.V in the inputs' dtype or in e4m3.
+
 Rounding is emulated by casting to ``torch.float8_e4m3fn`` (round to nearest even, as the hardware conversion) or
 rounding to integers, so this runs on any device and in CI; products of two e4m3 (or INT8) values are exact in
 float32, so only the accumulation order differs from a kernel. `relative_error` is the measure the issue sets (goal
