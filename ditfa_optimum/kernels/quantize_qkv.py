@@ -1,10 +1,10 @@
-"""The 8-bit heads' quantization pre-pass in two Triton launches: `ditfa_optimum.fp8_attention.quantize_qkv`'s
+"""The 8-bit heads' quantization pre-pass in two Triton launches, over the heads a plan computes in 8 bits: `ditfa_optimum.fp8_attention.quantize_qkv`'s
 scheme, fused (PyTorch's eager version takes about as long as the attention kernel itself at 2K: 1.05 ms for SD3,
 1.9 ms for FLUX on an H200, docs/benchmarks.md).
 
-1. ``_stats_kernel``, grid ``(B * H, SPLITS)``: each program reduces one slice of the tokens of one head to per-channel
-   partials: the keys' sum, minimum and maximum, the values' absolute maximum (``[B * H, SPLITS, D]`` each).
-2. ``_quantize_kernel``, grid ``(B * H, cdiv(S, BLOCK))``: each program combines its head's partials (the keys' mean,
+1. ``_stats_kernel``, grid ``(heads, SPLITS)``: each program reduces one slice of the tokens of one head to per-channel
+   partials: the keys' sum, minimum and maximum, the values' absolute maximum (``[heads, SPLITS, D]`` each).
+2. ``_quantize_kernel``, grid ``(heads, cdiv(S, BLOCK))``: each program combines its head's partials (the keys' mean,
    the head's key scale ``max |k - mean| / 127``, the values' channel scales ``amax / 448``) and writes one block of
    tokens: Q in INT8 per token with its row scale, the smoothed K in INT8, V in e4m3 into the transposed ``[B, H, D,
    S]`` buffer.
@@ -31,9 +31,11 @@ _ROUND = tl.constexpr(12582912.0)
 
 
 @triton.jit
-def _stats_kernel(K, V, KSum, KMin, KMax, VMax, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, H, S,
-                  chunk, WITH_V: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    bh = tl.program_id(0)
+def _stats_kernel(K, V, KSum, KMin, KMax, VMax, Heads, stride_heads, stride_kb, stride_kh, stride_ks, stride_vb,
+                  stride_vh, stride_vs, H, S, chunk,
+                  WITH_V: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)  # this program's head: sample * H + head, from the list of heads to quantize
+    bh = tl.load(Heads + row * stride_heads)
     k_head = K + (bh // H).to(tl.int64) * stride_kb + (bh % H).to(tl.int64) * stride_kh
     v_head = V + (bh // H).to(tl.int64) * stride_vb + (bh % H).to(tl.int64) * stride_vh
     split = tl.program_id(1)
@@ -56,7 +58,7 @@ def _stats_kernel(K, V, KSum, KMin, KMax, VMax, stride_kb, stride_kh, stride_ks,
             v = tl.load(v_head + rows[:, None] * stride_vs + offs_d[None, :], mask=ok,
                         other=0.0).to(tl.float32)
             v_max = tl.maximum(v_max, tl.max(tl.abs(v), 0))
-    out = (bh * tl.num_programs(1) + split) * HEAD_DIM + offs_d
+    out = (row * tl.num_programs(1) + split) * HEAD_DIM + offs_d
     tl.store(KSum + out, k_sum)
     tl.store(KMin + out, k_min)
     tl.store(KMax + out, k_max)
@@ -65,18 +67,19 @@ def _stats_kernel(K, V, KSum, KMin, KMax, VMax, stride_kb, stride_kh, stride_ks,
 
 
 @triton.jit
-def _quantize_kernel(Q, K, V, Q8, K8, VT, RowScale, VScale, KSum, KMin, KMax, VMax,
+def _quantize_kernel(Q, K, V, Q8, K8, VT, RowScale, VScale, KSum, KMin, KMax, VMax, Heads, stride_heads,
                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                      stride_vth, stride_vtd, H, S, sm_scale_log2e,
                      WITH_V: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)  # the vt buffer and the scales: contiguous, indexed by sample * H + head
+    row = tl.program_id(0)
+    bh = tl.load(Heads + row * stride_heads).to(tl.int64)  # outputs: contiguous, indexed by sample * H + head
     b = bh // H
     h = bh % H
     rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = rows < S
     # this head's statistics from the partials of every slice
-    part = (bh * SPLITS + tl.arange(0, SPLITS))[:, None] * HEAD_DIM + offs_d[None, :]
+    part = (row * SPLITS + tl.arange(0, SPLITS))[:, None] * HEAD_DIM + offs_d[None, :]
     k_mean = tl.sum(tl.load(KSum + part), 0) / S
     k_amax = tl.max(tl.maximum(tl.max(tl.load(KMax + part), 0) - k_mean, k_mean - tl.min(tl.load(KMin + part), 0)),
                     0)
@@ -107,10 +110,12 @@ def _quantize_kernel(Q, K, V, Q8, K8, VT, RowScale, VScale, KSum, KMin, KMax, VM
         tl.store(VT + bh * stride_vth + offs_d[None, :] * stride_vtd + rows[:, None], v8, mask=ok[:, None])
 
 
-def quantize_qkv_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: bool = True) -> QuantizedQKV:
+def quantize_qkv_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: bool = True,
+                       heads: torch.Tensor | None = None) -> QuantizedQKV:
     """`ditfa_optimum.fp8_attention.quantize_qkv` in two Triton launches (``q, k, v``: ``[B, H, S, D]`` of one float
     dtype, any strides with the last dimension contiguous, e.g. diffusers' ``[B, S, H, D]`` transposed; head dim a
-    power of two)."""
+    power of two). ``heads``: a 1-D int32 tensor on q's device of the ``sample * H + head`` indices to quantize (any
+    stride, e.g. the first column of a launch table); the other heads' entries are left unwritten. Default: all."""
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must be [B, H, S, D] of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -119,10 +124,17 @@ def quantize_qkv_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv
         raise ValueError(f"the fused pre-pass needs a power-of-two head dim and contiguous channels, got D={D}, "
                          f"strides {q.stride()}, {k.stride()}, {v.stride()}")
     dev = q.device
-    partial = [torch.empty(B * H, SPLITS, D, dtype=torch.float32, device=dev) for _ in range(4)]
+    if heads is None:
+        heads = torch.arange(B * H, dtype=torch.int32, device=dev)
+    if heads.dim() != 1 or heads.dtype != torch.int32 or heads.device != dev:
+        raise ValueError(f"heads must be a 1-D int32 tensor on {dev}, got {tuple(heads.shape)} {heads.dtype} on "
+                         f"{heads.device}")
+    n = heads.shape[0]
+    partial = [torch.empty(max(n, 1), SPLITS, D, dtype=torch.float32, device=dev) for _ in range(4)]
     chunk = -(-S // SPLITS)
-    _stats_kernel[(B * H, SPLITS)](k, v, *partial, *k.stride()[:3], *v.stride()[:3], H, S, chunk,
-                                   WITH_V=fp8_pv, HEAD_DIM=D, BLOCK_S=32)
+    if n:
+        _stats_kernel[(n, SPLITS)](k, v, *partial, heads, heads.stride(0), *k.stride()[:3], *v.stride()[:3], H, S,
+                                   chunk, WITH_V=fp8_pv, HEAD_DIM=D, BLOCK_S=32)
     q8 = torch.empty(B, H, S, D, dtype=torch.int8, device=dev)
     k8 = torch.empty_like(q8)
     row_scale = torch.empty(B, H, S, dtype=torch.float32, device=dev)
@@ -132,10 +144,12 @@ def quantize_qkv_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv
         v_scale = torch.empty(B, H, D, dtype=torch.float32, device=dev)
     else:
         vt, v_scale = q8, row_scale  # not read
-    _quantize_kernel[(B * H, triton.cdiv(S, BLOCK))](
-        q, k, v, q8, k8, vt, row_scale, v_scale, *partial, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        vt.stride(1) if fp8_pv else 0, vt.stride(2) if fp8_pv else 0, H, S, D ** -0.5 * LOG2E,
-        WITH_V=fp8_pv, SPLITS=SPLITS, HEAD_DIM=D, BLOCK_S=BLOCK)
+    if n:
+        _quantize_kernel[(n, triton.cdiv(S, BLOCK))](
+            q, k, v, q8, k8, vt, row_scale, v_scale, *partial, heads, heads.stride(0), *q.stride()[:3],
+            *k.stride()[:3], *v.stride()[:3],
+            vt.stride(1) if fp8_pv else 0, vt.stride(2) if fp8_pv else 0, H, S, D ** -0.5 * LOG2E,
+            WITH_V=fp8_pv, SPLITS=SPLITS, HEAD_DIM=D, BLOCK_S=BLOCK)
     if not fp8_pv:
         return QuantizedQKV(q8, k8, row_scale, v, None)
     return QuantizedQKV(q8, k8, row_scale, vt[..., :S], v_scale)

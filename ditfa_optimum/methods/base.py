@@ -92,6 +92,8 @@ class AttentionMethod:
     needs_previous_output: ClassVar[bool] = False
     #: reads a residual recorded at the last full step (`HeadMemory.residual`)
     needs_residual: ClassVar[bool] = False
+    #: computed in 8 bits: `kernel_widths` are negative (`ditfa_optimum.runtime.backends.Widths`)
+    quantized: ClassVar[bool] = False
 
     @classmethod
     def from_param(cls, param: float | None) -> "AttentionMethod":
@@ -108,7 +110,8 @@ class AttentionMethod:
         return self.name
 
     def kernel_widths(self, layout: TokenLayout, batch_size: int, cfg: bool) -> list[int]:
-        """Per batch element: 0 = not computed, else the arrow band width in image blocks (n_blk = full)."""
+        """Per batch element: 0 = not computed, else the arrow band width in image blocks (n_blk = full); negative
+        for a band computed in 8 bits (`quantized` methods)."""
         raise NotImplementedError
 
     def finalize(self, out: torch.Tensor, memory: HeadMemory, cfg: bool) -> torch.Tensor:

@@ -5,7 +5,12 @@ A backend computes one layer's mixed plan in one call::
     attend(q, k, v, layout, widths) -> out
     q, k, v, out: [B, H, S, D]   (the joint sequence laid out as `layout` says)
     widths:       `Widths` (or a [B, H] int tensor)   0 = skip this (sample, head); W >= 1 = arrow band of W image
-                                 blocks; W == layout.num_image_blocks = full attention
+                                 blocks; W == layout.num_image_blocks = full attention; W <= -1 = the band of -W
+                                 blocks computed in 8 bits (the `quantized` methods: `full_int8`, `arrow_int8`)
+
+8-bit pairs follow `ditfa_optimum.fp8_attention`'s scheme (INT8 Q.K^T, P.V in the inputs' dtype): the triton backend
+runs them in the fused kernel (a second launch), the PyTorch backends through the scheme's PyTorch form
+(`attend_8bit`: correct, no faster). They are inference-only (rounding has no useful gradient).
 
 Backends decide on `Widths.rows`, plain Python ints known on the host, never on tensor values: no device sync, and
 no data-dependent branch for `torch.compile` to trip on.
@@ -90,6 +95,18 @@ class Widths:
     @property
     def all_full(self) -> bool:
         return all(w == self.full for row in self.rows for w in row)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any (sample, head) is computed in 8 bits (a negative width)."""
+        return any(w < 0 for row in self.rows for w in row)
+
+    def split(self) -> tuple["Widths", "Widths"]:
+        """``(plain, eight)``: the pairs computed in the inputs' dtype, and the 8-bit ones as positive widths (the
+        others 0 in each)."""
+        plain = tuple(tuple(max(w, 0) for w in row) for row in self.rows)
+        eight = tuple(tuple(max(-w, 0) for w in row) for row in self.rows)
+        return Widths(plain, self.full), Widths(eight, self.full)
 
     def groups(self) -> dict[int, tuple[list[int], list[int]]]:
         """Computed width -> (sample indices, head indices) of the pairs with that width."""
@@ -201,15 +218,41 @@ def attend_by_width(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: T
                     arrow: Callable[..., torch.Tensor]) -> torch.Tensor:
     """The PyTorch backends' loop: an all-full call is one plain SDPA call; otherwise the (sample, head) pairs are
     grouped by band width, full groups run plain SDPA and arrow groups ``arrow(q, k, v, layout, width)`` on ``[G, S,
-    D]`` tensors. Skipped pairs (width 0) are left unwritten."""
+    D]`` tensors, 8-bit groups `attend_8bit`. Skipped pairs (width 0) are left unwritten."""
     widths = Widths.of(widths, layout.num_image_blocks)
     if widths.all_full:
         return sdpa(q, k, v)
     out = torch.empty_like(q)
     for width, (b, h) in widths.groups().items():
+        if width < 0:
+            out[b, h] = attend_8bit(q[b, h][None], k[b, h][None], v[b, h][None], layout, -width)[0]
+            continue
         attend = sdpa if width == widths.full else (
             lambda q_, k_, v_, w=width: arrow(q_, k_, v_, layout, w))
         out[b, h] = attend(q[b, h], k[b, h], v[b, h])
+    return out
+
+
+def attend_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, width: int) -> torch.Tensor:
+    """Attention of ``[B, H, S, D]`` tensors with a band of ``width`` image blocks (``layout.num_image_blocks``:
+    full) in `ditfa_optimum.fp8_attention`'s 8-bit scheme, in PyTorch (INT8 Q.K^T, P.V in q's dtype); q's dtype."""
+    from ..fp8_attention import quantize_qkv, quantized_attention
+    from ..masks import arrow_mask
+
+    keep = None if width >= layout.num_image_blocks else arrow_mask(layout, width, device=q.device)
+    return quantized_attention(quantize_qkv(q, k, v, fp8_pv=False), keep, dtype=q.dtype)
+
+
+def with_8bit_heads(attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    layout: TokenLayout, widths: Widths) -> torch.Tensor:
+    """``attend(q, k, v, layout, plain)`` for the pairs in the inputs' dtype, then `attend_8bit` for the 8-bit ones,
+    written into the same output (a backend whose own path computes no 8-bit heads)."""
+    plain, eight = widths.split()
+    out = attend(q, k, v, layout, plain) if plain.any else torch.empty_like(q)
+    if out is q or out is k or out is v:  # never write into an input
+        out = out.clone()
+    for width, (b, h) in eight.groups().items():
+        out[b, h] = attend_8bit(q[b, h][None], k[b, h][None], v[b, h][None], layout, width)[0]
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import TokenLayout, arrow_keep, constant_runs
-from .backends import HostCache, Widths, register_backend
+from .backends import HostCache, Widths, register_backend, with_8bit_heads
 
 _MAX_CACHED_MASKS = 64
 
@@ -111,6 +111,8 @@ class FlexBackend:
         widths = Widths.of(widths, layout.num_image_blocks)
         if widths.all_full:
             return F.scaled_dot_product_attention(q, k, v)
+        if widths.quantized:  # FlexAttention has no 8-bit path: those heads through the scheme in PyTorch
+            return with_8bit_heads(self.attend, q, k, v, layout, widths)
         flex, block_mask = self._flex(q.device), self.block_mask(layout, widths, q.device)
         if q.device.type == "cpu":
             return flex(q, k, v, block_mask=block_mask)

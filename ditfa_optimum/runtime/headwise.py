@@ -119,8 +119,13 @@ class ModuleRuntime:
         program = rt.programs[self.spec.name][step]
         cfg = state.cfg(needed=program.uses_cfg)
         widths = self.widths(step, program, layout, B, cfg)
+        grad = needs_grad(q, k, v)
+        if grad and widths.quantized:
+            raise ValueError(f"module {self.spec.name!r} step {step}: the plan computes heads in 8 bits (full_int8 / "
+                             "arrow_int8), which are inference-only (rounding has no useful gradient); run under "
+                             "torch.no_grad(), or plan without 8-bit candidates for training")
         # every backend runs an all-full call as plain SDPA, which autograd differentiates
-        backend = get_backend(rt.backend_name, q.device, grad=not widths.all_full and needs_grad(q, k, v))
+        backend = get_backend(rt.backend_name, q.device, grad=not widths.all_full and grad)
         if widths.any:
             out = backend.attend(q, k, v, layout, widths)
         else:  # every head finalized from memory below; traced for ONNX, empty_like's memory would become a constant

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..masks import TokenLayout
-from .backends import HostCache, Widths, get_backend, register_backend
+from .backends import HostCache, Widths, get_backend, register_backend, with_8bit_heads
 from .log import say
 
 _MAX_CACHED_WIDTHS = 256
@@ -61,6 +61,18 @@ def _(q, k, v, widths, table, tune_key, num_image_tokens, num_text_tokens, image
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, H, S, dtype=torch.float32)
 
 
+def _quantize(q, k, v, heads: torch.Tensor):
+    """The 8-bit heads' pre-pass: the fused Triton one on CUDA, over ``heads`` (``sample * H + head`` indices) only;
+    PyTorch's, over every head, under the CPU interpreter (the same INT8 tensors)."""
+    if q.device.type == "cuda":
+        from ..kernels.quantize_qkv import quantize_qkv_fused
+
+        return quantize_qkv_fused(q, k, v, fp8_pv=False, heads=heads)
+    from ..fp8_attention import quantize_qkv
+
+    return quantize_qkv(q, k, v, fp8_pv=False)
+
+
 @register_backend
 class TritonBackend:
     name = "triton"
@@ -79,16 +91,19 @@ class TritonBackend:
             return True
         return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
-    def device_widths(self, widths, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``widths`` as int32 on ``device``, its launch table and its autotuning key, made on the host from the rows
-        and cached by value (`HostCache`: no copy, sort or device sync per call)."""
+    def device_widths(self, widths, device: torch.device, drop_skipped: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``widths`` as int32 on ``device``, its launch table (``drop_skipped``: only the computed pairs' rows) and
+        its autotuning key, made on the host from the rows and cached by value (`HostCache`: no copy, sort or device
+        sync per call)."""
         widths = Widths.of(widths, 0)  # (full attention plays no part here)
 
         def make():
-            return (widths.tensor(device, torch.int32), _kernel().launch_table(widths.rows).to(device),
+            return (widths.tensor(device, torch.int32),
+                    _kernel().launch_table(widths.rows, drop_skipped=drop_skipped).to(device),
                     _kernel().tune_key(widths.rows))
 
-        return self._widths.get((widths.rows, str(device)), make)
+        return self._widths.get((widths.rows, str(device), drop_skipped), make)
 
     def _fallback(self, reason: str, q: torch.Tensor):
         if reason not in self._warned:
@@ -106,6 +121,31 @@ class TritonBackend:
         problem = _kernel().check_inputs(q, k, v, layout.block_size)
         if problem:
             return self._fallback(problem, q).attend(q, k, v, layout, widths)
+        if widths.quantized:
+            return self._attend_8bit(q, k, v, layout, widths)
         out, _ = _launch(q, k, v, *self.device_widths(widths, q.device), layout.num_image_tokens,
                          layout.num_text_tokens, layout.image_first, layout.block_size)
+        return out
+
+    def _attend_8bit(self, q, k, v, layout: TokenLayout, widths: Widths) -> torch.Tensor:
+        """A layer with 8-bit heads: the kernel twice into one output, once on the plain heads' rows and once on the
+        8-bit heads' rows with the quantized inputs (fused pre-pass on CUDA, PyTorch's on the CPU interpreter). Traces
+        (compile, export) see the custom op for the plain heads and the scheme in PyTorch for the 8-bit ones."""
+        from ..kernels.headwise_attention import check_quantized, headwise_attention
+
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+            return with_8bit_heads(self.attend, q, k, v, layout, widths)
+        plain, eight = widths.split()
+        eight_widths, eight_table, eight_key = self.device_widths(eight, q.device, drop_skipped=True)
+        quant = _quantize(q, k, v, eight_table[:, 0])  # only the 8-bit heads
+        problem = check_quantized(quant, q, layout.block_size)
+        if problem:
+            return self._fallback(problem, q).attend(q, k, v, layout, widths)
+        common = (layout.num_image_tokens, layout.num_text_tokens, layout.image_first, layout.block_size)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        if plain.any:
+            dev_widths, table, key = self.device_widths(plain, q.device, drop_skipped=True)
+            headwise_attention(q, k, v, dev_widths, *common, out=out, store_lse=False, table=table, key=key)
+        headwise_attention(q, k, v, eight_widths, *common, out=out, store_lse=False, table=eight_table, key=eight_key,
+                           quant=quant)
         return out

@@ -146,3 +146,16 @@ def test_the_scheme_is_exact_up_to_its_rounding_and_smoothing_removes_key_offset
     qq = quantize_qkv(q, k, v)
     assert qq.q8.dtype == qq.k8.dtype == torch.int8 and int(qq.q8.abs().max()) == 127
     assert qq.v.shape == (1, 2, 32, layout.seq_len) and qq.v_scale.shape == (1, 2, 32)
+
+
+def test_the_fused_prepass_quantizes_only_the_heads_it_is_given():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 40, 32, generator=g).to(DEVICE) for _ in range(3))
+    heads = torch.tensor([[4, 7], [1, 7]], dtype=torch.int32, device=DEVICE)[:, 0]  # a strided column: heads 4, 1
+    a, b = quantize_qkv(q, k, v, fp8_pv=False), quantize_qkv_fused(q, k, v, fp8_pv=False, heads=heads)
+    for bh in (1, 4):
+        s, h = divmod(bh, 3)
+        assert torch.equal(a.q8[s, h], b.q8[s, h]) and torch.equal(a.k8[s, h], b.k8[s, h])
+        torch.testing.assert_close(b.row_scale[s, h], a.row_scale[s, h], rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="1-D int32"):
+        quantize_qkv_fused(q, k, v, heads=heads.long())
