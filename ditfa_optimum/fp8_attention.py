@@ -131,6 +131,9 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 # ---- the shipped scheme: what the quantized methods compute and the fused kernel runs --------------------------------
 
+#: the 8-bit heads' scheme as plans record it (`CompressionPlan.to_json_dict`'s "attention_quantization"); change it
+#: whenever what `quantize_qkv` / `quantized_attention` compute changes
+SCHEME = "int8-qk:q-per-token,k-smoothed-per-head;pv-model-dtype"
 LOG2E = 1.4426950408889634
 #: P is scaled by the format's largest value before rounding to e4m3 (the softmax's row
 #: maxima become 448, the smallest kept probabilities stay above e4m3's subnormals); the row sums carry the same

@@ -691,8 +691,18 @@ class CompressionPlan:
         return keeps
 
     # ---------------------------------------------------------------- serialization
+    def uses_quantized_heads(self) -> bool:
+        """Whether any head is computed in 8 bits (`full_int8`, `arrow_int8`)."""
+        return any(method_class(name).quantized for name in self.method_counts())
+
     def to_json_dict(self) -> dict:
+        extra = {}
+        if self.uses_quantized_heads():  # what the 8-bit heads compute, so a later package cannot run them otherwise
+            from .fp8_attention import SCHEME
+
+            extra["attention_quantization"] = {"scheme": SCHEME, "scales": "dynamic"}
         return schema.stamp({
+            **extra,
             "model_class": self.model_class,
             "block_size": self.block_size,
             "num_steps": self.num_steps,
@@ -755,6 +765,7 @@ class CompressionPlan:
                    skipped_steps=skipped)
         if plan.num_steps != info.get("num_steps", plan.num_steps):
             raise ValueError(f"plan.json says {info['num_steps']} steps, the tensors hold {plan.num_steps}")
+        check_attention_quantization(plan, info.get("attention_quantization"))
         return plan
 
     @classmethod
@@ -960,3 +971,19 @@ def _predicted_rse(value, modules: list[str], steps: int) -> torch.Tensor | None
     ok = all(isinstance(r, list) and len(r) == steps and all(
         isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in r) for r in rows)
     return torch.tensor(rows, dtype=torch.float64) if ok else None
+
+
+def check_attention_quantization(plan: "CompressionPlan", entry) -> None:
+    """A plan with 8-bit heads must say which scheme they compute, and it must be this package's
+    (`ditfa_optimum.fp8_attention.SCHEME`, scales computed per call): else the heads would run another computation
+    than the one the search measured."""
+    if not plan.uses_quantized_heads():
+        return
+    from .fp8_attention import SCHEME
+
+    if not isinstance(entry, dict) or entry.get("scheme") != SCHEME or entry.get("scales") != "dynamic":
+        eight = ", ".join(n for n in plan.method_counts() if method_class(n).quantized)
+        raise ValueError(f"the plan computes heads in 8 bits ({eight}) "
+                         f"with attention_quantization {entry!r}, but this version of ditfa-optimum computes them as "
+                         f"{{'scheme': {SCHEME!r}, 'scales': 'dynamic'}}; install the version that made the plan, or "
+                         "search the plan again")

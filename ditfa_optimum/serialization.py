@@ -5,7 +5,8 @@
                                from, plan (structure, and the search's config and results in its metadata),
                                reproducibility record, sha256 of every other file
     plan.safetensors           "<module>.method" (int16) / "<module>.param" (float64), [steps, heads]
-    scales.safetensors         quantization scales (reserved: empty until quantized methods exist)
+    scales.safetensors         quantization scales (empty: the 8-bit attention heads compute theirs per call, which
+                               the plan records as "attention_quantization")
     reproducibility.safetensors  downsampled reference latents of a few generations ("image_<i>")
     transformer_delta.safetensors  weights "base+delta": the tensors that differ from the base model's
     transformer_fp8.safetensors    FP8 linear layers (``transformer.linears``): "<module>.weight" (float8_e4m3fn) and
@@ -213,7 +214,11 @@ def _write_contents(tmp: Path, transformer, plan: CompressionPlan, weights: Stor
     from safetensors.torch import save_file
 
     save_file(plan.state_dict(), tmp / PLAN_FILE, metadata={"format": "pt"})
-    save_file({}, tmp / SCALES_FILE, metadata={"format": "pt", "contents": "reserved for quantization scales"})
+    # 8-bit attention heads compute their scales per call (the plan's "attention_quantization" says so): nothing to
+    # store; the file stays for scales a static scheme would calibrate
+    contents = ("empty: the plan's 8-bit attention heads compute their scales per call (dynamic)"
+                if plan.uses_quantized_heads() else "reserved for quantization scales")
+    save_file({}, tmp / SCALES_FILE, metadata={"format": "pt", "contents": contents})
     if weights.mode == "included":
         transformer.save_pretrained(tmp / TRANSFORMER_DIR, safe_serialization=True)
     elif weights.mode == "base+delta":

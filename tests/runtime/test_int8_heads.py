@@ -1,6 +1,7 @@
 """The 8-bit attention methods (`full_int8`, `arrow_int8`) through the runtime: signed widths, every backend,
 a whole planned generation, the artifact, calibration and search (CPU; on a GPU the triton cases compile)."""
 
+import json
 import os
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import ditfa_optimum as dfa
 from conftest import DEVICES, naive_attention, naive_keep, rand_qkv
 from ditfa_optimum.calibrate import calibrate
-from ditfa_optimum.fp8_attention import quantize_qkv, quantized_attention, relative_error
+from ditfa_optimum.fp8_attention import SCHEME, quantize_qkv, quantized_attention, relative_error
 from ditfa_optimum.masks import TokenLayout, arrow_kept_pairs, window_blocks
 from ditfa_optimum.methods import dense_flops, make_method, method_class
 from ditfa_optimum.plan import CompressionPlan, ModuleSpec
@@ -117,6 +118,18 @@ def test_a_planned_generation_with_8bit_heads_and_its_artifact(tmp_path):
     for name in plan.module_names:
         assert torch.equal(loaded.methods[name], plan.methods[name])
         assert torch.equal(loaded.params[name], plan.params[name])
+    info = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert info["attention_quantization"] == {"scheme": SCHEME, "scales": "dynamic"}
+    info["attention_quantization"]["scheme"] = "int8-qk:some-future-scheme"
+    (tmp_path / "plan" / "plan.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="computes them as"):
+        CompressionPlan.load(tmp_path / "plan")
+    del info["attention_quantization"]
+    (tmp_path / "plan" / "plan.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="8 bits"):
+        CompressionPlan.load(tmp_path / "plan")
+    plain = dfa.uniform_plan(pipe, num_steps=config.num_inference_steps, method="full", block_size=16)
+    assert "attention_quantization" not in plain.to_json_dict()
 
 
 def test_calibration_and_search_weigh_8bit_candidates():
