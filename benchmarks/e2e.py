@@ -235,6 +235,21 @@ def mixed_plan(model: torch.nn.Module, target: float, image_tokens: int, text_to
                                          method_counts={n: int((index == k).sum()) for k, n in enumerate(names)}))
 
 
+def int8_full_heads(plan: CompressionPlan) -> CompressionPlan:
+    """``plan`` with every `full` head after step 0 computed in 8 bits (`full_int8`)."""
+    full, int8 = make_method("full").method_id, make_method("full_int8").method_id
+    methods = {}
+    for name in plan.module_names:
+        ids = plan.methods[name].clone()
+        ids[1:][ids[1:] == full] = int8
+        methods[name] = ids
+    moved = sum(int((m == int8).sum()) for m in methods.values())
+    counts = dict(plan.metadata["method_counts"])
+    counts.update(full=counts["full"] - moved, full_int8=moved)
+    return CompressionPlan(plan.modules, methods, dict(plan.params), block_size=plan.block_size,
+                           model_class=plan.model_class, metadata=dict(plan.metadata, method_counts=counts))
+
+
 def timed_step(per_step_cut: torch.Tensor, plan_cut: float) -> int:
     """The step in the middle half of the trajectory whose own FLOP cut is closest to the plan's average."""
     middle = range(NUM_STEPS // 4, 3 * NUM_STEPS // 4)
@@ -461,10 +476,14 @@ def run_case(case: Case, emit) -> None:
         overhead_vs_stock=statistics.median(times) / stock_ms - 1)
     remove(case.model)
 
-    for target in TARGET_CUTS:
-        name = f"plan {target:.0%}"
+    variants = [(f"plan {target:.0%}", target, False) for target in TARGET_CUTS]
+    if case.args.int8:  # the same plans with their full heads (after step 0) in 8 bits
+        variants += [(f"plan {target:.0%} + int8 full heads", target, True) for target in TARGET_CUTS]
+    for name, target, int8 in variants:
         case.check_budget(name)
         plan = mixed_plan(case.model, target, case.image_tokens, case.text_tokens, case.block_size, case.cfg)
+        if int8:
+            plan = int8_full_heads(plan)
         report = plan.flops(case.image_tokens, case.text_tokens, cfg=case.cfg)
         per_step = report.cut_per_step()
         t = timed_step(per_step, report.cut)
@@ -655,6 +674,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overlap", action="store_true", help="step mode: also time each row's calls back to back, "
                         "as a pipeline issues its steps (overlapped_calls; the host's lead-in before a call's first "
                         "kernel hides behind the previous call)")
+    parser.add_argument("--int8", action="store_true", help="step mode: also each plan with its full heads after "
+                        "step 0 computed in 8 bits (full_int8)")
     parser.add_argument("--tiny", action="store_true", help="CPU run of the whole script on the tiny models")
     parser.add_argument("--warmup", type=int, help="untimed calls per row (default 3; --tiny 1)")
     parser.add_argument("--reps", type=int, help="timed calls per row, median reported (default 10; --tiny 2)")

@@ -14,6 +14,8 @@ calls that really run). Strategies:
   (``target_snr_db``) as one point;
 * **trajectory + blocks / + steps / + steps + blocks**: the same search with block methods, whole skipped steps
   (``skip_steps``) or both; and whole skipped steps without head methods; ``target_cut`` on whole-transformer FLOPs;
+* **trajectory (heads only) + int8**: the head-only sweep with `full_int8` (Q.K^T in INT8) among the candidates,
+  costed at its measured price (issue 16);
 * **trajectory, 1 pass**: the same allocation on one dense-flow calibration (shows what the second pass buys);
 * **paper**: the first wave's search (``allocation="local"``, constant budget per step, per-head RSE) over δ;
 * **local quadratic module-norm**: the best first-wave option, over δ;
@@ -55,7 +57,10 @@ TARGET_CUTS = (0.3, 0.45, 0.6, 0.7, 0.8, 0.9)
 WHOLE_TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 BLOCK_METHODS = ("block_cache", "block_taylor")
 CURVES = ("default", "trajectory", "blocks", "steps", "steps-unverified", "steps-only",
-          "steps-blocks", "one-pass", "paper", "local-quadratic", "uniform", "fp8", "peers")
+          "steps-blocks", "one-pass", "paper", "local-quadratic", "uniform", "int8", "fp8", "peers")
+#: the 8-bit candidates the "int8" curve adds to the default ones (`arrow_int8` costs more than `arrow` at its measured
+#: price on an H200, so it cannot reach the frontier and is left out of the sweep)
+INT8_METHODS = ("full_int8",)
 UNIFORM_STARTS = (4, 8, 12, 16)
 
 
@@ -314,6 +319,12 @@ def main(argv=None) -> int:
             cfg = config.replace(target_cut=cut, skip_steps=False)
             own = calibrated(cfg)
             rows.append(ev.plan_row("trajectory (heads only)", f"target {cut:.0%}", search(own, cfg), own,
+                                    args.backend))
+    if "int8" in curves:  # the head-only sweep again, with 8-bit heads among the candidates at their measured cost
+        for cut in targets:
+            cfg = config.replace(target_cut=cut, skip_steps=False, methods=tuple(config.methods) + INT8_METHODS)
+            own = calibrated(cfg)
+            rows.append(ev.plan_row("trajectory (heads only) + int8", f"target {cut:.0%}", search(own, cfg), own,
                                     args.backend))
     if "blocks" in curves:
         for cut in WHOLE_TARGETS[1::2] if args.quick else WHOLE_TARGETS:

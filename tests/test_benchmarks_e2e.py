@@ -143,3 +143,18 @@ def test_search_mode_reports_search_time_runs(e2e, monkeypatch):
     assert calls == [("sd3_medium", 8, 28, 1024), ("flux_dev", 4, 28, 1024)]
     assert [r["arch"] for r in rows] == ["sd3", "flux"]
     assert "| sd3 | 8 (16) | 1024² | 28 | 10.0 | 30.0 | 2.0 | 32.0 | 12.3 (4.1) | 90.0% |" in e2e.search_table(rows)
+
+
+def test_int8_rows_turn_the_full_heads_after_step_0_into_8bit_heads(e2e):
+    model, _, image_tokens, text_tokens, block_size, cfg = tiny_case(e2e, "sd3")
+    plan = e2e.mixed_plan(model, 0.5, image_tokens, text_tokens, block_size, cfg)
+    int8 = e2e.int8_full_heads(plan)
+    for name in plan.module_names:
+        assert all(str(m) == "full" for m in int8.step_methods(name, 0))
+        for step in range(1, e2e.NUM_STEPS):
+            for before, after in zip(plan.step_methods(name, step), int8.step_methods(name, step)):
+                assert str(after) == ("full_int8" if str(before) == "full" else str(before))
+    counts = int8.metadata["method_counts"]
+    assert counts["full_int8"] > 0 and sum(counts.values()) == sum(plan.metadata["method_counts"].values())
+    # the 8-bit heads are counted at their measured price: a little more is cut
+    assert int8.flops(image_tokens, text_tokens, cfg=cfg).cut > plan.flops(image_tokens, text_tokens, cfg=cfg).cut
