@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends import (CASES, HEADS, bench, case_inputs, head_methods, kept_fraction, save_results,  # noqa: E402
-                      setup, widths_for)
+from backends import (CASES, HEADS, bench, case_inputs, head_methods, kept_fraction, rel_err,  # noqa: E402
+                      save_results, setup, widths_for)
 
 from ditfa_optimum.fp8_attention import quantize_qkv, quantized_attention  # noqa: E402
 from ditfa_optimum.kernels.headwise_attention import headwise_attention, launch_table, tune_key  # noqa: E402
@@ -41,11 +41,6 @@ PLANS = ("mixed", "all 1/8", "all full")
 #: ragged image-first (query tiles straddle the segments, stores from registers), aligned text-first (bulk copies)
 CHECK_LAYOUTS = [TokenLayout(2000, 77, image_first=True, block_size=128),
                  TokenLayout(2048, 256, image_first=False, block_size=128)]
-
-
-def rel_err(out, ref, keep):
-    out, ref = out[keep].float(), ref[keep].float()
-    return float((out - ref).norm() / ref.norm())
 
 
 def emulated(qq, layout, widths):

@@ -28,18 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends import (CASES, HEADS, PLANS, bench, case_inputs, head_methods, kept_fraction, save_results,  # noqa: E402
-                      setup, widths_for)
+from backends import (CASES, HEADS, PLANS, bench, case_inputs, head_methods, kept_fraction, rel_err,  # noqa: E402
+                      save_results, setup, widths_for)
 
 from ditfa_optimum.kernels.headwise_attention import headwise_attention  # noqa: E402
 from ditfa_optimum.masks import TokenLayout  # noqa: E402
 from ditfa_optimum.runtime import get_backend  # noqa: E402
 from ditfa_optimum.runtime.backends import Widths  # noqa: E402
-
-
-def rel_err(out, ref, keep):
-    out, ref = out[keep].float(), ref[keep].float()
-    return float((out - ref).norm() / ref.norm())
 
 
 #: the correctness layouts: ragged (2000 + 77 tokens: query tiles straddle the segments, stores from registers) and

@@ -222,11 +222,10 @@ def attend_by_width(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: T
     widths = Widths.of(widths, layout.num_image_blocks)
     if widths.all_full:
         return sdpa(q, k, v)
+    if widths.quantized:
+        return with_8bit_heads(lambda *a: attend_by_width(*a, arrow), q, k, v, layout, widths)
     out = torch.empty_like(q)
     for width, (b, h) in widths.groups().items():
-        if width < 0:
-            out[b, h] = attend_8bit(q[b, h][None], k[b, h][None], v[b, h][None], layout, -width)[0]
-            continue
         attend = sdpa if width == widths.full else (
             lambda q_, k_, v_, w=width: arrow(q_, k_, v_, layout, w))
         out[b, h] = attend(q[b, h], k[b, h], v[b, h])
