@@ -27,7 +27,7 @@ Limits (checked by the host wrapper, not the kernel): D in {16, 32, 64, 128, 256
 instead of q, k, v: INT8 Q and smoothed K with one float per query row (``RowScale``) that turns an integer score
 into a base-2 logit, and V in the inputs' dtype (`QUANT_QK`) or in e4m3 laid out ``[B, H, D, S]`` with channel
 scales (`QUANT_QK_PV`). One launch is either kind; a layer with both is two launches with a table each
-(`launch_table(..., drop_skipped=True)`). They need D >= 32, and e4m3 P.V a block size that is a multiple of 32. The
+(`launch_table(..., drop_skipped=True)`). They need D >= 32 and, on a GPU, a block size that is a multiple of 64. The
 LSE of an 8-bit head is that of the smoothed keys' scores (it differs from the exact one by ``q . mean(k)`` per row).
 Measured on an H200 (docs/benchmarks.md): 1.07-1.28x faster than bf16 heads at 2K, before the pre-pass.
 """
@@ -282,15 +282,27 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
     return None
 
 
-def check_quantized(quant: QuantizedQKV, q: torch.Tensor, block_size: int = 128) -> str | None:
+def quantized_shape_problem(head_dim: int, block_size: int, device: torch.device | bool) -> str | None:
+    """Why 8-bit heads of this head dim and mask block size cannot run in the kernel on ``device`` (or, given a bool,
+    on a GPU or not), before anything is quantized; None when they can."""
+    gpu = (device.type == "cuda" and not INTERPRET) if isinstance(device, torch.device) else device
+    if head_dim < 32:
+        return f"8-bit heads need a head dim of at least 32 (the INT8 tensor cores' depth), got {head_dim}"
+    if gpu and block_size % 64:
+        # 32-token tiles met an illegal instruction (e4m3 P.V, H200); only `TILES_8BIT`'s tiles ran correctly
+        return (f"8-bit heads on a GPU need a mask block size that is a multiple of 64 (the 64- and 128-token tiles "
+                f"verified on Hopper), got {block_size}; plan with such a block size or keep these heads in bf16")
+    return None
+
+
+def check_quantized(quant: QuantizedQKV, q: torch.Tensor, block_size: int = 128,
+                    gpu: bool | None = None) -> str | None:
     """Why `quantize_qkv`'s tensors cannot stand for ``q, k, v`` in a kernel launch with this mask block size (None
-    when they can)."""
+    when they can). ``gpu``: judge for a compiled launch on a GPU (default: q's device, unless the interpreter runs)."""
     B, H, S, D = q.shape
-    if D < 32:
-        return f"8-bit heads need a head dim of at least 32 (the INT8 tensor cores' depth), got {D}"
-    if quant.fp8_pv and block_size % 32:
-        return (f"e4m3 P.V needs key tiles of at least 32 tokens, so a mask block size that is a multiple of 32, got "
-                f"{block_size}; plan with such a block size or quantize with fp8_pv=False")
+    problem = quantized_shape_problem(D, block_size, q.device if gpu is None else gpu)
+    if problem:
+        return problem
     if quant.q8.shape != q.shape or quant.k8.shape != q.shape or quant.row_scale.shape != (B, H, S):
         return (f"quantized inputs must be quantize_qkv(q, k, v) of q {tuple(q.shape)}, got q8 "
                 f"{tuple(quant.q8.shape)}, k8 {tuple(quant.k8.shape)}, row scales {tuple(quant.row_scale.shape)}")

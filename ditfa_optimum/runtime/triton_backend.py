@@ -131,10 +131,13 @@ class TritonBackend:
         """A layer with 8-bit heads: the kernel twice into one output, once on the plain heads' rows and once on the
         8-bit heads' rows with the quantized inputs (fused pre-pass on CUDA, PyTorch's on the CPU interpreter). Traces
         (compile, export) see the custom op for the plain heads and the scheme in PyTorch for the 8-bit ones."""
-        from ..kernels.headwise_attention import check_quantized, headwise_attention
+        from ..kernels.headwise_attention import check_quantized, headwise_attention, quantized_shape_problem
 
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
             return with_8bit_heads(self.attend, q, k, v, layout, widths)
+        problem = quantized_shape_problem(q.shape[-1], layout.block_size, q.device)
+        if problem:  # before the pre-pass, which would be thrown away
+            return self._fallback(problem, q).attend(q, k, v, layout, widths)
         plain, eight = widths.split()
         eight_widths, eight_table, eight_key = self.device_widths(eight, q.device, drop_skipped=True)
         quant = _quantize(q, k, v, eight_table[:, 0])  # only the 8-bit heads

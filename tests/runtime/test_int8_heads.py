@@ -2,6 +2,7 @@
 a whole planned generation, the artifact, calibration and search (CPU; on a GPU the triton cases compile)."""
 
 import json
+import logging
 import os
 
 import pytest
@@ -21,10 +22,11 @@ from ditfa_optimum.search import search
 from search_helpers import tiny_setup
 
 LAYOUT = TokenLayout(num_image_tokens=70, num_text_tokens=9, image_first=True, block_size=32)
+LAYOUT_GPU = TokenLayout(num_image_tokens=134, num_text_tokens=9, image_first=True, block_size=64)
 
 
-def scheme(q, k, v, width=None):
-    keep = None if width is None else naive_keep(LAYOUT, width)
+def scheme(q, k, v, width=None, layout=LAYOUT):
+    keep = None if width is None else naive_keep(layout, width)
     return quantized_attention(quantize_qkv(q, k, v, fp8_pv=False), keep)
 
 
@@ -57,21 +59,25 @@ if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
 
 
 @pytest.mark.parametrize("device, backend", BACKENDS)
-def test_every_backend_computes_8bit_heads_as_the_scheme_and_the_others_as_before(device, backend):
-    n = LAYOUT.num_image_blocks
-    q, k, v = rand_qkv(2, 4, LAYOUT.seq_len, 32)
+def test_every_backend_computes_8bit_heads_as_the_scheme_and_the_others_as_before(device, backend, caplog):
+    # the compiled kernel's 8-bit heads need 64-token blocks on a GPU (refused otherwise, and handed elsewhere)
+    layout = LAYOUT_GPU if (device, backend) == ("cuda", "triton") else LAYOUT
+    n = layout.num_image_blocks
+    q, k, v = rand_qkv(2, 4, layout.seq_len, 32)
     rows = ((n, -n, -1, 0), (-2, 1, n, -n))
-    out = get_backend(backend, torch.device(device)).attend(*(x.to(device) for x in (q, k, v)), LAYOUT,
-                                                            Widths(rows, n)).cpu()
+    with caplog.at_level(logging.WARNING):
+        out = get_backend(backend, torch.device(device)).attend(*(x.to(device) for x in (q, k, v)), layout,
+                                                                Widths(rows, n)).cpu()
+    assert "hands these calls" not in caplog.text  # computed by the backend asked for
     for b, row in enumerate(rows):
         for h, w in enumerate(row):
             if w > 0:
-                want = naive_attention(q[b, h], k[b, h], v[b, h], naive_keep(LAYOUT, w)).float()
+                want = naive_attention(q[b, h], k[b, h], v[b, h], naive_keep(layout, w)).float()
                 assert relative_error(out[b, h], want) < 1e-5
             elif w < 0:
-                want = scheme(q[b:b + 1, h:h + 1], k[b:b + 1, h:h + 1], v[b:b + 1, h:h + 1], -w)[0, 0]
-                assert relative_error(out[b, h], want) < 1e-5
-                exact = naive_attention(q[b, h], k[b, h], v[b, h], naive_keep(LAYOUT, -w)).float()
+                want = scheme(q[b:b + 1, h:h + 1], k[b:b + 1, h:h + 1], v[b:b + 1, h:h + 1], -w, layout)[0, 0]
+                assert relative_error(out[b, h], want) < (1e-4 if device == "cuda" else 1e-5)  # GPU: ex2.approx
+                exact = naive_attention(q[b, h], k[b, h], v[b, h], naive_keep(layout, -w)).float()
                 assert relative_error(out[b, h], exact) < 3e-2  # the scheme's own error on random inputs
 
 
