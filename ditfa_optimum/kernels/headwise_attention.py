@@ -27,7 +27,7 @@ Limits (checked by the host wrapper, not the kernel): D in {16, 32, 64, 128, 256
 instead of q, k, v: INT8 Q and smoothed K with one float per query row (``RowScale``) that turns an integer score
 into a base-2 logit, and V in the inputs' dtype (`QUANT_QK`) or in e4m3 laid out ``[B, H, D, S]`` with channel
 scales (`QUANT_QK_PV`). One launch is either kind; a layer with both is two launches with a table each
-(`launch_table(..., drop_skipped=True)`). They need D >= 32 and, on a GPU, a block size that is a multiple of 64. The
+(`launch_table(..., drop_skipped=True)`). They need D >= 32 and, on a GPU, D = 64 or 128 and a block size that is a multiple of 64. The
 LSE of an 8-bit head is that of the smoothed keys' scores (it differs from the exact one by ``q . mean(k)`` per row).
 Measured on an H200 (docs/benchmarks.md): 1.07-1.28x faster than bf16 heads at 2K, before the pre-pass.
 """
@@ -288,6 +288,10 @@ def quantized_shape_problem(head_dim: int, block_size: int, device: torch.device
     gpu = (device.type == "cuda" and not INTERPRET) if isinstance(device, torch.device) else device
     if head_dim < 32:
         return f"8-bit heads need a head dim of at least 32 (the INT8 tensor cores' depth), got {head_dim}"
+    if gpu and head_dim not in TILES_8BIT:
+        # the autotuner would try tiles never verified: a D=32 e4m3 P.V launch met an illegal instruction (H200)
+        return (f"8-bit heads on a GPU run head dims {sorted(TILES_8BIT)} (the tiles verified on Hopper), got "
+                f"{head_dim}; keep these heads in bf16")
     if gpu and block_size % 64:
         # 32-token tiles met an illegal instruction (e4m3 P.V, H200); only `TILES_8BIT`'s tiles ran correctly
         return (f"8-bit heads on a GPU need a mask block size that is a multiple of 64 (the 64- and 128-token tiles "

@@ -26,7 +26,10 @@ LAYOUTS = {
 }
 
 
-def inputs(layout, B=2, H=3, D=32, dtype=torch.float16, seed=0):
+D_8BIT = 64 if DEVICE.type == "cuda" else 32  # the head dims with verified 8-bit tiles on a GPU: 64 and 128
+
+
+def inputs(layout, B=2, H=3, D=D_8BIT, dtype=torch.float16, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, H, layout.seq_len, D, generator=g) for _ in range(3))
     k = k + 3.0 * torch.randn(B, H, 1, D, generator=g)  # a shared key offset: smoothing has work to do
@@ -108,8 +111,11 @@ def test_quantized_inputs_of_another_shape_are_refused():
     assert "int8" in check_quantized(bad, q[:, :2])
     small = q[..., :16].contiguous()
     assert "at least 32" in check_quantized(quantize_qkv(small, small, small), small)
-    assert "multiple of 64" in check_quantized(quantize_qkv(q, k, v), q, block_size=32, gpu=True)
-    assert check_quantized(quantize_qkv(q, k, v), q, block_size=128, gpu=True) is None
+    q64 = torch.cat([q, q], dim=-1)[..., :64]
+    assert "multiple of 64" in check_quantized(quantize_qkv(q64, q64, q64), q64, block_size=32, gpu=True)
+    assert check_quantized(quantize_qkv(q64, q64, q64), q64, block_size=128, gpu=True) is None
+    q32 = q[..., :32].contiguous()
+    assert "head dims [64, 128]" in check_quantized(quantize_qkv(q32, q32, q32), q32, block_size=128, gpu=True)
     assert check_quantized(quantize_qkv(q, k, v, fp8_pv=False), q, block_size=16, gpu=False) is None
 
 
@@ -149,7 +155,7 @@ def test_the_scheme_is_exact_up_to_its_rounding_and_smoothing_removes_key_offset
     assert err_shifted < 1.1 * err
     qq = quantize_qkv(q, k, v)
     assert qq.q8.dtype == qq.k8.dtype == torch.int8 and int(qq.q8.abs().max()) == 127
-    assert qq.v.shape == (1, 2, 32, layout.seq_len) and qq.v_scale.shape == (1, 2, 32)
+    assert qq.v.shape == (1, 2, D_8BIT, layout.seq_len) and qq.v_scale.shape == (1, 2, D_8BIT)
 
 
 def test_the_fused_prepass_quantizes_only_the_heads_it_is_given():

@@ -63,7 +63,7 @@ def test_every_backend_computes_8bit_heads_as_the_scheme_and_the_others_as_befor
     # the compiled kernel's 8-bit heads need 64-token blocks on a GPU (refused otherwise, and handed elsewhere)
     layout = LAYOUT_GPU if (device, backend) == ("cuda", "triton") else LAYOUT
     n = layout.num_image_blocks
-    q, k, v = rand_qkv(2, 4, layout.seq_len, 32)
+    q, k, v = rand_qkv(2, 4, layout.seq_len, 64 if layout is LAYOUT_GPU else 32)  # GPU 8-bit tiles: D 64 or 128
     rows = ((n, -n, -1, 0), (-2, 1, n, -n))
     with caplog.at_level(logging.WARNING):
         out = get_backend(backend, torch.device(device)).attend(*(x.to(device) for x in (q, k, v)), layout,
