@@ -175,7 +175,10 @@ def install(transformer: torch.nn.Module, adapter: Adapter, modules: list, runti
     check_processor_equivalence(adapter, modules)
     originals = {spec.name: module.processor for spec, module in modules}
     for spec, module in modules:
-        module.set_processor(adapter.make_processor(spec, runtime.module(spec)))
+        planned = adapter.make_processor(spec, runtime.module(spec))
+        # applied after transformer.enable_parallelism(...): keep running under its context parallelism
+        planned._parallel_config = getattr(originals[spec.name], "_parallel_config", None)
+        module.set_processor(planned)
     processors = {spec.name: module.processor for spec, module in modules}
 
     signature = inspect.signature(transformer.forward)
@@ -256,7 +259,11 @@ def remove(model) -> CompressionPlan | None:
         installed.blocks.remove()
     for name, module in installed.modules.items():
         if type(module.processor).__name__ == installed.adapter.planned_processor_name(name):
-            module.set_processor(installed.originals[name])
+            original = installed.originals[name]
+            parallel = getattr(module.processor, "_parallel_config", None)
+            if parallel is not None and hasattr(original, "_parallel_config"):
+                original._parallel_config = parallel  # enable_parallelism ran while the plan was applied
+            module.set_processor(original)
         # else: replaced after apply (set_attn_processor, an IP-adapter loader): keep what the user set
     installed.hook.remove()
     installed.runtime.state.reset()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import schema
+from . import distributed, schema
 from .config import DiTFastAttnConfig
 from .methods import AttentionMethod, CfgShare, HeadMemory, make_method
 from .plan import BlockSpec, CompressionPlan, ModuleSpec
@@ -248,6 +248,38 @@ class _Session:
 
     def module(self, spec: ModuleSpec) -> "_ModuleCalibration":
         return _ModuleCalibration(self, spec)
+
+    def take_batch_stats(self) -> dict[str, torch.Tensor]:
+        """The sums measured since the last call (one prompt batch's), the accumulators reset to zero."""
+        sums = {"err": self.err, "err_guided": self.err_guided, "ref": self.ref, "calls": self.calls}
+        if self.blocks is not None:
+            sums.update(block_err=self.blocks.err, block_err_guided=self.blocks.err_guided, block_ref=self.blocks.ref)
+        taken = {f"{kind}/{name}": t.clone() for kind, table in sums.items() for name, t in table.items()}
+        for table in sums.values():
+            for t in table.values():
+                t.zero_()
+        return taken
+
+    def put_stats(self, total: dict[str, torch.Tensor]) -> None:
+        """Set the accumulators to ``total`` (`take_batch_stats`'s keys)."""
+        for key, value in total.items():
+            kind, name = key.split("/", 1)
+            owner = self.blocks if kind.startswith("block_") else self
+            getattr(owner, kind.removeprefix("block_"))[name].copy_(value)
+
+    def decisions(self) -> dict:
+        """What the first prompt batch decided and the others follow (handed from rank 0 under torchrun)."""
+        return dict(decided=self.decided, head_value=self.head_value, cost_flops=self.cost_flops,
+                    cost_seconds=self.cost_seconds, layouts=self.layouts, cfg_seen=self.cfg_seen,
+                    block_decided=None if self.blocks is None else self.blocks.decided,
+                    block_cost=None if self.blocks is None else self.blocks.cost)
+
+    def follow(self, decisions: dict) -> None:
+        self.decided, self.head_value = decisions["decided"], decisions["head_value"]
+        self.cost_flops, self.cost_seconds = decisions["cost_flops"], decisions["cost_seconds"]
+        self.layouts, self.cfg_seen = decisions["layouts"], decisions["cfg_seen"]
+        if self.blocks is not None:
+            self.blocks.decided, self.blocks.cost = decisions["block_decided"], decisions["block_cost"]
 
     def memory(self, module: str) -> _Memory:
         if self.state.step == 0:  # a new generation (or the next prompt batch) starts from nothing
@@ -617,8 +649,9 @@ def calibrate(pipeline, config: DiTFastAttnConfig, prompts: list[str], *, prompt
     from .search import TrajectoryProblem
 
     start = time.perf_counter()
-    sensitivity = measure_sensitivity(pipeline, config, prompts[:config.sensitivity_prompts],
-                                      prompt_encoder=prompt_encoder, seed=config.seed, progress=progress)
+    sensitivity = distributed.from_rank0(lambda: measure_sensitivity(  # a couple of prompts: rank 0's, handed out
+        pipeline, config, prompts[:config.sensitivity_prompts], prompt_encoder=prompt_encoder, seed=config.seed,
+        progress=progress))
     stats = _calibration_pass(pipeline, config, prompts, prompt_encoder, None, progress, sensitivity=sensitivity,
                               desc="ditfa calibration (dense flow)", record_outputs=config.measures_steps)
     step_damage = stats.step_damage
@@ -631,7 +664,11 @@ def calibrate(pipeline, config: DiTFastAttnConfig, prompts: list[str], *, prompt
                                   lam=lam, desc="ditfa calibration (plan flow)")
         stats.step_damage = step_damage  # skipped steps are priced on the dense flow (see step_skip_damage)
     stats.passes = passes
-    select_plan(pipeline, stats, config, prompts, prompt_encoder=prompt_encoder, progress=progress)
+    def selected():
+        select_plan(pipeline, stats, config, prompts, prompt_encoder=prompt_encoder, progress=progress)
+        return stats.selections, stats.damage_scale
+
+    stats.selections, stats.damage_scale = distributed.from_rank0(selected)
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -757,18 +794,39 @@ def _calibration_pass(pipeline, config: DiTFastAttnConfig, prompts: list[str], p
 
     recorder = transformer.register_forward_hook(record) if record_outputs else None
     start = time.perf_counter()
+    rank, ranks = distributed.world()
+    progress = progress and rank == 0
+    per_batch: dict[int, tuple] = {}  # batch index -> (its statistics, its recorded outputs)
     try:
         batches = [(i, prompts[i:i + config.batch_size]) for i in range(0, len(prompts), config.batch_size)]
+
+        def run(index: int, first: int, batch: list[str]) -> None:
+            session.state.reset()
+            outputs.clear()
+            run_pipeline(pipeline, batch, config, prompt_encoder=prompt_encoder, first=first)
+            per_batch[index] = (session.take_batch_stats(), list(outputs))
+
         with torch.inference_mode(), progress_bars(pipeline, progress):
-            for first, batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-                session.state.reset()
-                run_pipeline(pipeline, batch, config, prompt_encoder=prompt_encoder, first=first)
+            bar = tqdm(total=len(batches), desc=desc, unit="batch", disable=not progress)
+            if rank == 0:  # the first batch makes the flowing choices; under torchrun the other ranks follow them
+                run(0, *batches[0])
+            bar.update(1)
+            if ranks > 1:
+                session.follow(distributed.from_rank0(session.decisions))
+            for index, (first, batch) in zip(distributed.my_batches(list(range(len(batches)))),
+                                              distributed.my_batches(batches)):
+                run(index, first, batch)
+                bar.update(ranks)
+            bar.close()
     finally:
         if recorder is not None:
             recorder.remove()
         if installed_blocks is not None:
             installed_blocks.remove()
         remove(transformer)
+    parts = distributed.gathered(per_batch)  # every rank's batches, in batch order: the same sums on every rank
+    session.put_stats(distributed.summed([stats for stats, _ in parts]))
+    outputs = [batch for _, recorded in parts for batch in recorded]
 
     for spec in specs:
         missing = torch.nonzero(session.calls[spec.name] == 0).flatten().tolist()

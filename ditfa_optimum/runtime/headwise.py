@@ -34,6 +34,17 @@ class _StepProgram:
     records: tuple[tuple[int, AttentionMethod], ...]  # (head, arrow) residual records at this step
     uses_cfg: bool
 
+    def heads(self, lo: int, hi: int) -> "_StepProgram":
+        """The program of heads ``lo .. hi - 1`` only, renumbered from 0 (a rank's share of the heads under
+        context parallelism, `ditfa_optimum.runtime.parallel`)."""
+        def local(heads):
+            return tuple(h - lo for h in heads if lo <= h < hi)
+
+        methods = self.methods[lo:hi]
+        return _StepProgram(methods=methods, finishing=local(self.finishing), keeps=local(self.keeps),
+                            records=tuple((h - lo, m) for h, m in self.records if lo <= h < hi),
+                            uses_cfg=any(isinstance(m, CfgShare) for m in methods))
+
 
 class PlanRuntime:
     """Everything the processors of one transformer share."""
@@ -44,6 +55,16 @@ class PlanRuntime:
         self.state = StepState(plan.num_steps, cfg=cfg)
         self.programs = {spec.name: self._compile(spec) for spec in plan.modules}
         self.warned_small = False  # one warning when the image is smaller than two mask blocks
+        self._sliced: dict[tuple[str, int, int], list[_StepProgram]] = {}
+
+    def module_programs(self, name: str, heads: tuple[int, int] | None = None) -> list[_StepProgram]:
+        """The step programs of module ``name``, or of its heads ``heads = (lo, hi)`` only."""
+        if heads is None:
+            return self.programs[name]
+        key = (name, *heads)
+        if key not in self._sliced:
+            self._sliced[key] = [p.heads(*heads) for p in self.programs[name]]
+        return self._sliced[key]
 
     def _compile(self, spec: ModuleSpec) -> list[_StepProgram]:
         keeps = self.plan.output_keeps(spec.name)
@@ -75,18 +96,20 @@ class ModuleRuntime:
         self._widths: dict[tuple, Widths] = {}
         self._record_widths: dict[tuple, Widths] = {}
 
-    def widths(self, step: int, program: _StepProgram, layout: TokenLayout, batch: int, cfg: bool) -> Widths:
+    def widths(self, step: int, program: _StepProgram, layout: TokenLayout, batch: int, cfg: bool,
+               heads: tuple[int, int] | None = None) -> Widths:
         """The band widths of the computed (sample, head) pairs at ``step`` (0 = skipped); memoised."""
-        key = (step, layout, batch, cfg)
+        key = (step, layout, batch, cfg, heads)
         if key not in self._widths:
             per_head = [m.kernel_widths(layout, batch, cfg) for m in program.methods]
             return remember(self._widths, key, Widths(tuple(tuple(int(h[b]) for h in per_head) for b in range(batch)),
                                                    layout.num_image_blocks))
         return self._widths[key]
 
-    def record_widths(self, step: int, program: _StepProgram, layout: TokenLayout, batch: int) -> Widths:
+    def record_widths(self, step: int, program: _StepProgram, layout: TokenLayout, batch: int,
+                      heads: tuple[int, int] | None = None) -> Widths:
         """The widths of the arrow attention whose residual `arrow_residual` heads record at ``step``; memoised."""
-        key = (step, layout, batch)
+        key = (step, layout, batch, heads)
         if key not in self._record_widths:
             row = [0] * len(program.methods)
             for h, arrow in program.records:
@@ -104,21 +127,30 @@ class ModuleRuntime:
                 num_image_tokens, layout.num_image_blocks, self.runtime.plan.block_size)
         return layout
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text_tokens: int) -> torch.Tensor:
-        """Attention of the joint sequence ``q, k, v`` (``[B, H, S, D]``) under the plan's current step."""
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text_tokens: int,
+                 heads: tuple[int, int] | None = None) -> torch.Tensor:
+        """Attention of the joint sequence ``q, k, v`` (``[B, H, S, D]``) under the plan's current step.
+
+        ``heads = (lo, hi)``: q, k, v hold only the module's heads ``lo .. hi - 1`` (one rank's share under context
+        parallelism), which run their part of the plan; their cached outputs are this process's."""
         rt, state = self.runtime, self.runtime.state
         B, H, S, _ = q.shape
-        if H != self.spec.num_heads:
+        if heads is not None and not (0 <= heads[0] < heads[1] <= self.spec.num_heads
+                                      and heads[1] - heads[0] == H):
+            raise ValueError(f"module {self.spec.name!r}: heads {heads} are not {H} of its {self.spec.num_heads} "
+                             "heads")
+        if heads is None and H != self.spec.num_heads:
             raise ValueError(f"module {self.spec.name!r} was planned with {self.spec.num_heads} heads but attends "
-                             f"with {H}; the plan does not fit this model")
+                             f"with {H}; the plan does not fit this model (under tensor parallelism each rank holds "
+                             "a share of the heads: not supported with a plan; use context parallelism)")
         text = num_text_tokens if self.spec.joint else 0
         if not 0 <= text < S:
             raise ValueError(f"module {self.spec.name!r}: {text} text tokens do not fit a joint sequence of {S}")
         layout = self.layout(S - text, text)
         step = state.current_step()
-        program = rt.programs[self.spec.name][step]
+        program = rt.module_programs(self.spec.name, heads)[step]
         cfg = state.cfg(needed=program.uses_cfg)
-        widths = self.widths(step, program, layout, B, cfg)
+        widths = self.widths(step, program, layout, B, cfg, heads)
         grad = needs_grad(q, k, v)
         if grad and widths.quantized:
             raise ValueError(f"module {self.spec.name!r} step {step}: the plan computes heads in 8 bits (full_int8 / "
@@ -137,7 +169,7 @@ class ModuleRuntime:
         for h in program.finishing:
             out[:, h] = program.methods[h].finalize(out[:, h], memory.setdefault(h, HeadMemory()), cfg)
         if program.records:
-            arrow_out = backend.attend(q, k, v, layout, self.record_widths(step, program, layout, B))
+            arrow_out = backend.attend(q, k, v, layout, self.record_widths(step, program, layout, B, heads))
             for h, _ in program.records:
                 memory.setdefault(h, HeadMemory()).residual = (out[:, h] - arrow_out[:, h]).detach()
         for h, mem in memory.items():

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from .parallel import context_parallel, ulysses_attention
+
+
 class PlannedProcessor:
     """Base of the families' planned processors (see the module docstring).
 
@@ -27,6 +30,10 @@ class PlannedProcessor:
     diffusers' IP-adapter and LoRA loaders re-create the current processor class with no arguments: that must not crash
     inside diffusers; such a processor refuses to run, and the plan's guard reports the replaced processor.
     """
+
+    #: set by diffusers' ``transformer.enable_parallelism(config=...)`` (as on its stock processors); under context
+    #: parallelism (Ulysses) the plan runs this rank's heads over the whole sequence (`ditfa_optimum.runtime.parallel`)
+    _parallel_config = None
 
     def __init__(self, module_runtime=None, spec=None):
         self.runtime, self.spec = module_runtime, spec
@@ -55,7 +62,32 @@ class PlannedProcessor:
                              "re-creates the current processor class while loading an IP-adapter or LoRA); remove "
                              "the plan first (ditfa_optimum.remove(pipe)), load, then apply the plan again")
         q, k, v = autocast_inputs(q, k, v)
+        cp = context_parallel(self)
+        if cp is not None:
+            from .headwise import ModuleRuntime
+
+            if not isinstance(self.runtime, ModuleRuntime):
+                raise ValueError("calibration does not run under context parallelism: calibrate on whole sequences "
+                                 "and shard the prompts over the ranks instead (torchrun, docs/parallel.md)")
+            return ulysses_attention(self.runtime, q, k, v, cp, self.local_text_tokens(encoder_hidden_states),
+                                     self.spec.image_first)
         return self.runtime(q, k, v, num_text_tokens=self.text_tokens(encoder_hidden_states))
+
+    def local_text_tokens(self, encoder_hidden_states: torch.Tensor | None) -> int:
+        """Under context parallelism: the text tokens in this rank's chunk of the call's sequence. Modules that get
+        ``encoder_hidden_states`` see their chunk and record its length; FLUX's single-stream blocks, which get the
+        concatenated chunk, take the length the double-stream blocks of the same call recorded (whether the
+        transformer hook saw the call before or after diffusers split it depends on the order of installation)."""
+        state = self.runtime.runtime.state
+        if encoder_hidden_states is not None:
+            state.local_text_tokens = int(encoder_hidden_states.shape[1])
+            return state.local_text_tokens
+        if not self.spec.joint:
+            return 0
+        if state.local_text_tokens is None:
+            raise RuntimeError(f"{self.name} ran under context parallelism before any module that receives the text "
+                               "tokens: its share of the text is unknown")
+        return state.local_text_tokens
 
 
 def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:

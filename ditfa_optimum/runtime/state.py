@@ -57,6 +57,7 @@ class StepState:
         self.last_position: float | None = None
         self._branches: dict[str, int] = {}  # cache-context name -> branch, for this generation
         self.text_tokens: int | None = None
+        self.local_text_tokens: int | None = None  # this rank's text tokens under context parallelism
         self._memory: dict[tuple[str, int], dict[int, HeadMemory]] = {}
         self._block_memory: dict[tuple[str, int], BlockMemory] = {}
         self._step_memory: dict[int, dict] = {}
