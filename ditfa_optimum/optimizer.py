@@ -202,9 +202,18 @@ class DiTFastAttnOptimizer:
                 when the base has no files to refer to (a pipeline passed as an object). True: always store the whole transformer
                 (air-gapped deployment; mind the base model's licence before publishing its weights). False: never.
 
+        Under ``torchrun`` (several processes) rank 0 writes and every rank returns once it has.
+
         Example:
             >>> opt.save_pretrained("sd3-ditfa")          # doctest: +SKIP
         """
+        from . import distributed
+
+        return Path(distributed.from_rank0(lambda: str(self._save_pretrained(
+            directory, overwrite=overwrite, reproducibility_prompts=reproducibility_prompts,
+            self_contained=self_contained))))
+
+    def _save_pretrained(self, directory, *, overwrite, reproducibility_prompts, self_contained) -> Path:
         from .apply import apply, get_runtime, remove
         from .runtime import get_backend
         from .serialization import EMBEDDED_MODELS, write_artifact
@@ -251,25 +260,35 @@ class DiTFastAttnOptimizer:
         """
         import tempfile
 
+        from . import distributed
         from .serialization import push_artifact
 
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / "artifact", reproducibility_prompts=reproducibility_prompts,
-                                          self_contained=self_contained)
-            return push_artifact(folder, repo_id, private=private, token=token, commit_message=commit_message)
+        def push():
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = self._save_pretrained(Path(tmp) / "artifact", overwrite=False,
+                                               reproducibility_prompts=reproducibility_prompts,
+                                               self_contained=self_contained)
+                return push_artifact(folder, repo_id, private=private, token=token, commit_message=commit_message)
+
+        return distributed.from_rank0(push)  # under torchrun: one upload, by rank 0
 
     def save_plan(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the plan (and the calibration statistics under ``calibration/``) into ``directory``; an existing plan
-        there is replaced only with ``overwrite``, an artifact directory never."""
+        there is replaced only with ``overwrite``, an artifact directory never. Under ``torchrun`` rank 0 writes."""
+        from . import distributed
         from .serialization import check_plan_target
 
         if self.plan is None:
             raise ValueError("no plan to save yet; call optimize() first")
-        directory = check_plan_target(directory, overwrite)
-        self.plan.save(directory)
-        if self.stats is not None:
-            self.stats.save(directory / "calibration")
-        return directory
+
+        def write() -> str:
+            target = check_plan_target(directory, overwrite)
+            self.plan.save(target)
+            if self.stats is not None:
+                self.stats.save(target / "calibration")
+            return str(target)
+
+        return Path(distributed.from_rank0(write))
 
     def apply(self, backend: str | None = None):
         """Run the searched plan in this optimizer's pipeline (see `ditfa_optimum.apply`)."""

@@ -195,3 +195,25 @@ def test_calibration_shared_out_over_two_processes_equals_one_process(tmp_path):
         untimed = [{k: v for k, v in p.metadata["search"].items() if not k.endswith("seconds")}
                    for p in (got["plan"], plan)]
         assert got["plan"] == plan and untimed[0] == untimed[1]
+
+
+def _writer_worker(rank, out):
+    from ditfa_optimum import distributed
+    from ditfa_optimum.optimizer import DiTFastAttnOptimizer
+    from ditfa_optimum.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("flux")
+    opt = DiTFastAttnOptimizer(pipe)
+    opt.plan = dfa.uniform_plan(pipe, num_steps=STEPS, method="arrow:1/2", block_size=4)
+    calls = []
+    assert distributed.from_rank0(lambda: calls.append(rank) or "rank 0's") == "rank 0's"
+    assert calls == ([0] if rank == 0 else []) and distributed.world() == (rank, 2)
+    assert distributed.my_batches(list(range(6))) == [[1, 3, 5], [2, 4]][rank]
+    for name in ("plan", "again"):  # one writer: no clash over the directory, no "exists" refusal on rank 1
+        saved = opt.save_plan(os.path.join(out, name))
+        assert saved.name == name and (saved / "plan.json").exists()  # written before any rank returns
+
+
+def test_only_rank_0_writes_and_every_rank_returns_after_it(tmp_path):
+    _spawn(_writer_worker, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "plan"]
