@@ -38,9 +38,20 @@ def from_rank0(compute: Callable[[], T]) -> T:
     rank, size = world()
     if size == 1:
         return compute()
-    box: list[Any] = [compute() if rank == 0 else None]
+    box: list[Any] = [None]
+    error = None
+    if rank == 0:
+        try:
+            box[0] = ("ok", compute())
+        except Exception as e:  # the other ranks wait on the broadcast: tell them, then raise here
+            error, box[0] = e, ("error", f"{type(e).__name__}: {e}")
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    if error is not None:
+        raise error
+    kind, value = box[0]
+    if kind == "error":
+        raise RuntimeError(f"rank 0 failed where every rank waited for its result: {value}")
+    return value
 
 
 def my_batches(batches: list[T]) -> list[T]:

@@ -209,6 +209,8 @@ def _writer_worker(rank, out):
     assert distributed.from_rank0(lambda: calls.append(rank) or "rank 0's") == "rank 0's"
     assert calls == ([0] if rank == 0 else []) and distributed.world() == (rank, 2)
     assert distributed.my_batches(list(range(6))) == [[1, 3, 5], [2, 4]][rank]
+    with pytest.raises((ZeroDivisionError, RuntimeError), match="division by zero"):  # no rank left waiting
+        distributed.from_rank0(lambda: 1 / 0)
     for name in ("plan", "again"):  # one writer: no clash over the directory, no "exists" refusal on rank 1
         saved = opt.save_plan(os.path.join(out, name))
         assert saved.name == name and (saved / "plan.json").exists()  # written before any rank returns
