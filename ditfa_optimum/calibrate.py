@@ -664,6 +664,7 @@ def calibrate(pipeline, config: DiTFastAttnConfig, prompts: list[str], *, prompt
                                   lam=lam, desc="ditfa calibration (plan flow)")
         stats.step_damage = step_damage  # skipped steps are priced on the dense flow (see step_skip_damage)
     stats.passes = passes
+
     def selected():
         select_plan(pipeline, stats, config, prompts, prompt_encoder=prompt_encoder, progress=progress)
         return stats.selections, stats.damage_scale
@@ -808,11 +809,14 @@ def _calibration_pass(pipeline, config: DiTFastAttnConfig, prompts: list[str], p
 
         with torch.inference_mode(), progress_bars(pipeline, progress):
             bar = tqdm(total=len(batches), desc=desc, unit="batch", disable=not progress)
-            if rank == 0:  # the first batch makes the flowing choices; under torchrun the other ranks follow them
+            def first_batch() -> dict:  # it makes the flowing choices; under torchrun the other ranks follow them
                 run(0, *batches[0])
+                return session.decisions()
+
+            decisions = distributed.from_rank0(first_batch)  # rank 0's failure reaches every rank
+            if rank > 0:
+                session.follow(decisions)
             bar.update(1)
-            if ranks > 1:
-                session.follow(distributed.from_rank0(session.decisions))
             for index, (first, batch) in zip(distributed.my_batches(list(range(len(batches)))),
                                               distributed.my_batches(batches)):
                 run(index, first, batch)
