@@ -35,7 +35,8 @@ def test_a_rank_runs_its_share_of_the_heads_as_the_whole_plan_does():
         want = whole.module(spec)(q, k, v, num_text_tokens=6)
         for i, rt in enumerate(halves):
             lo = 2 * i
-            got = rt.module(spec)(q[:, lo:lo + 2], k[:, lo:lo + 2], v[:, lo:lo + 2], num_text_tokens=6, heads=(lo, lo + 2))
+            got = rt.module(spec)(q[:, lo:lo + 2], k[:, lo:lo + 2], v[:, lo:lo + 2], num_text_tokens=6,
+                                  heads=(lo, lo + 2))
             assert torch.equal(got, want[:, lo:lo + 2])  # cached heads included: the same memory, per rank
     with pytest.raises(ValueError, match="are not 2 of its 4"):
         halves[0].module(spec)(q[:, :2], k[:, :2], v[:, :2], num_text_tokens=6, heads=(3, 5))

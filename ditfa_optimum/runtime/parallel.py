@@ -61,8 +61,8 @@ def _exchange(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def heads_to_sequence(x: torch.Tensor, n: int, group) -> torch.Tensor:
-    """``[B, H, S_local, D]`` (all heads, this rank's tokens) -> ``[B, H / n, n * S_local, D]`` (this rank's heads, every
-    rank's tokens, in rank order)."""
+    """``[B, H, S_local, D]`` (all heads, this rank's tokens) -> ``[B, H / n, n * S_local, D]`` (this rank's heads,
+    every rank's tokens, in rank order)."""
     B, H, S, D = x.shape
     parts = _exchange(x.reshape(B, n, H // n, S, D).transpose(0, 1).contiguous(), group)  # [n (rank), B, H/n, S, D]
     return parts.permute(1, 2, 0, 3, 4).reshape(B, H // n, n * S, D)
