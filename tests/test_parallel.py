@@ -134,15 +134,21 @@ def _ulysses_worker(rank, out, order):
     if order == "plan first":
         dfa.apply(pipe, _mixed_plan(pipe))
     pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
-    if order == "parallelism first":
+    if order in ("parallelism first", "compiled"):
         dfa.apply(pipe, _mixed_plan(pipe))
+    if order == "compiled":  # what Dynamo sees: no graph break (fullgraph) with the exchange
+        torch._dynamo.config.recompile_limit = 64
+        transformer = pipe.transformer
+        pipe.transformer = torch.compile(transformer, fullgraph=True, backend="eager")
     planned = _generate(pipe)
+    if order == "compiled":
+        pipe.transformer = transformer
     dfa.remove(pipe)
     stock = _generate(pipe)  # the stock processors run under the parallelism again, whichever came first
     torch.save({"planned": planned, "stock": stock}, os.path.join(out, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("order", ["parallelism first", "plan first"])
+@pytest.mark.parametrize("order", ["parallelism first", "plan first", "compiled"])
 def test_a_plan_under_ulysses_parallelism_equals_the_plan_in_one_process(tmp_path, order):
     pytest.importorskip("diffusers", minversion="0.36")
     from ditfa_optimum.tiny import tiny_pipeline
