@@ -441,11 +441,13 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     if quant is not None:  # the kernel reads the 8-bit tensors; q keeps giving the output dtype
         q, k, v, row_scale = quant.q8, quant.k8, quant.v, quant.row_scale
         v_scale = quant.v_scale if quant.fp8_pv else lse
-    use_tma = _tma_ok(q, k, v) and (quant is None or USE_TMA_8BIT)
     # the output by bulk copies (Hopper) when no query tile straddles the two segments: the first segment (text or
     # image) ends on a tile boundary (128 is a multiple of every tile), the second at S, where the copy clips.
     # Measured: storing from registers cost ~2.8 us of an SM per tile (docs/benchmarks.md)
     first = num_image_tokens if image_first else num_text_tokens
+    # e4m3 V is stored [B, H, D, S]: a bulk copy's start along S (its contiguous dim) must be 16-byte aligned, and the
+    # second segment's keys start at `first` (an unaligned start met an illegal instruction on an H200)
+    use_tma = _tma_ok(q, k, v) and (quant is None or (USE_TMA_8BIT and (not quant.fp8_pv or first % 16 == 0)))
     tma_store = use_tma and _aligned(out) and first % 128 == 0
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
