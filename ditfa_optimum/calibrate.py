@@ -249,23 +249,26 @@ class _Session:
     def module(self, spec: ModuleSpec) -> "_ModuleCalibration":
         return _ModuleCalibration(self, spec)
 
+    def _accumulators(self) -> dict[str, torch.Tensor]:
+        """Every tensor the calls add their measurements to, by a key naming its kind and module or block."""
+        tables = {"err": self.err, "err_guided": self.err_guided, "ref": self.ref, "calls": self.calls}
+        if self.blocks is not None:
+            tables.update(block_err=self.blocks.err, block_err_guided=self.blocks.err_guided, block_ref=self.blocks.ref)
+        return {f"{kind}/{name}": t for kind, table in tables.items() for name, t in table.items()}
+
     def take_batch_stats(self) -> dict[str, torch.Tensor]:
         """The sums measured since the last call (one prompt batch's), the accumulators reset to zero."""
-        sums = {"err": self.err, "err_guided": self.err_guided, "ref": self.ref, "calls": self.calls}
-        if self.blocks is not None:
-            sums.update(block_err=self.blocks.err, block_err_guided=self.blocks.err_guided, block_ref=self.blocks.ref)
-        taken = {f"{kind}/{name}": t.clone() for kind, table in sums.items() for name, t in table.items()}
-        for table in sums.values():
-            for t in table.values():
-                t.zero_()
+        accumulators = self._accumulators()
+        taken = {key: t.clone() for key, t in accumulators.items()}
+        for t in accumulators.values():
+            t.zero_()
         return taken
 
     def put_stats(self, total: dict[str, torch.Tensor]) -> None:
         """Set the accumulators to ``total`` (`take_batch_stats`'s keys)."""
+        accumulators = self._accumulators()
         for key, value in total.items():
-            kind, name = key.split("/", 1)
-            owner = self.blocks if kind.startswith("block_") else self
-            getattr(owner, kind.removeprefix("block_"))[name].copy_(value)
+            accumulators[key].copy_(value)
 
     def decisions(self) -> dict:
         """What the first prompt batch decided and the others follow (handed from rank 0 under torchrun)."""
@@ -809,6 +812,7 @@ def _calibration_pass(pipeline, config: DiTFastAttnConfig, prompts: list[str], p
 
         with torch.inference_mode(), progress_bars(pipeline, progress):
             bar = tqdm(total=len(batches), desc=desc, unit="batch", disable=not progress)
+
             def first_batch() -> dict:  # it makes the flowing choices; under torchrun the other ranks follow them
                 run(0, *batches[0])
                 return session.decisions()
@@ -817,8 +821,7 @@ def _calibration_pass(pipeline, config: DiTFastAttnConfig, prompts: list[str], p
             if rank > 0:
                 session.follow(decisions)
             bar.update(1)
-            for index, (first, batch) in zip(distributed.my_batches(list(range(len(batches)))),
-                                              distributed.my_batches(batches)):
+            for index, (first, batch) in distributed.my_batches(list(enumerate(batches))):
                 run(index, first, batch)
                 bar.update(ranks)
             bar.close()

@@ -8,7 +8,7 @@ numbers as one process would, bit for bit, and searches the same plan. What runs
 sensitivity measurement, the measured check of the search's alternatives) runs on rank 0 and is handed out.
 
 Nothing here starts a process group: call ``torch.distributed.init_process_group`` (or run under ``torchrun``, which
-sets the environment) first. Only rank 0 writes files (`is_writer`).
+sets the environment) first. Only rank 0 writes files (`from_rank0` around the writing).
 """
 
 from __future__ import annotations
@@ -26,11 +26,6 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def is_writer() -> bool:
-    """Whether this process writes shared outputs (artifacts, reports): rank 0, or the only process."""
-    return world()[0] == 0
 
 
 def from_rank0(compute: Callable[[], T]) -> T:

@@ -27,8 +27,8 @@ Limits (checked by the host wrapper, not the kernel): D in {16, 32, 64, 128, 256
 instead of q, k, v: INT8 Q and smoothed K with one float per query row (``RowScale``) that turns an integer score
 into a base-2 logit, and V in the inputs' dtype (`QUANT_QK`) or in e4m3 laid out ``[B, H, D, S]`` with channel
 scales (`QUANT_QK_PV`). One launch is either kind; a layer with both is two launches with a table each
-(`launch_table(..., drop_skipped=True)`). They need D >= 32 and, on a GPU, D = 64 or 128 and a block size that is a multiple of 64. The
-LSE of an 8-bit head is that of the smoothed keys' scores (it differs from the exact one by ``q . mean(k)`` per row).
+(`launch_table(..., drop_skipped=True)`). They need D >= 32 and, on a GPU, D = 64 or 128 and a block size that is a
+multiple of 64. The LSE of an 8-bit head is that of the smoothed keys' scores (it differs from the exact one by ``q . mean(k)`` per row).
 Measured on an H200 (docs/benchmarks.md): 1.07-1.28x faster than bf16 heads at 2K, before the pre-pass.
 """
 

@@ -34,16 +34,20 @@ class _StepProgram:
     records: tuple[tuple[int, AttentionMethod], ...]  # (head, arrow) residual records at this step
     uses_cfg: bool
 
+    @staticmethod
+    def of(methods: tuple[AttentionMethod, ...], keeps: tuple[int, ...],
+           records: tuple[tuple[int, AttentionMethod], ...]) -> "_StepProgram":
+        """The program of one step's ``methods`` (the fields that follow from them derived once, not per call)."""
+        return _StepProgram(
+            methods=methods,
+            finishing=tuple(h for h, m in enumerate(methods) if type(m).finalize is not AttentionMethod.finalize),
+            keeps=keeps, records=records, uses_cfg=any(isinstance(m, CfgShare) for m in methods))
+
     def heads(self, lo: int, hi: int) -> "_StepProgram":
         """The program of heads ``lo .. hi - 1`` only, renumbered from 0 (a rank's share of the heads under
         context parallelism, `ditfa_optimum.runtime.parallel`)."""
-        def local(heads):
-            return tuple(h - lo for h in heads if lo <= h < hi)
-
-        methods = self.methods[lo:hi]
-        return _StepProgram(methods=methods, finishing=local(self.finishing), keeps=local(self.keeps),
-                            records=tuple((h - lo, m) for h, m in self.records if lo <= h < hi),
-                            uses_cfg=any(isinstance(m, CfgShare) for m in methods))
+        return _StepProgram.of(self.methods[lo:hi], tuple(h - lo for h in self.keeps if lo <= h < hi),
+                               tuple((h - lo, m) for h, m in self.records if lo <= h < hi))
 
 
 class PlanRuntime:
@@ -73,14 +77,9 @@ class PlanRuntime:
             records.setdefault(step, []).append((head, make_method("arrow", fraction)))
         programs = []
         for step in range(self.plan.num_steps):
-            methods = tuple(self.plan.step_methods(spec.name, step))
-            programs.append(_StepProgram(
-                methods=methods,
-                finishing=tuple(h for h, m in enumerate(methods) if type(m).finalize is not AttentionMethod.finalize),
-                keeps=tuple(torch.nonzero(keeps[step]).flatten().tolist()),
-                records=tuple(records.get(step, ())),
-                uses_cfg=any(isinstance(m, CfgShare) for m in methods),
-            ))
+            programs.append(_StepProgram.of(tuple(self.plan.step_methods(spec.name, step)),
+                                            tuple(torch.nonzero(keeps[step]).flatten().tolist()),
+                                            tuple(records.get(step, ()))))
         return programs
 
     def module(self, spec: ModuleSpec) -> "ModuleRuntime":
