@@ -95,7 +95,8 @@ def test_flux_single_blocks_read_the_text_length_of_each_call():
         dfa.reset_state(model)
         forward(model, inputs)
         runtime = model.single_transformer_blocks[0].attn.processor.runtime
-        assert any(key[1].num_text_tokens == text_tokens for key in runtime._widths)
+        programs = runtime.runtime.module_programs(runtime.spec.name)
+        assert any(call.layout.num_text_tokens == text_tokens for p in programs for call in p.calls.values())
 
 
 # ---------------------------------------------------------------- real pipelines

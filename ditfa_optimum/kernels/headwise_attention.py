@@ -345,9 +345,17 @@ USE_TMA = os.environ.get("DITFA_TRITON_TMA", "1") != "0"
 USE_TMA_8BIT = os.environ.get("DITFA_TRITON_TMA_8BIT", "1") != "0"
 
 
+_HOPPER: dict[torch.device, bool] = {}
+
+
 def _hopper(device: torch.device) -> bool:
-    """Tensor descriptors allowed: a Hopper-or-newer GPU, not the interpreter, not switched off."""
-    return not INTERPRET and USE_TMA and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Tensor descriptors allowed: a Hopper-or-newer GPU, not the interpreter, not switched off (asked once per
+    device)."""
+    found = _HOPPER.get(device)
+    if found is None:
+        found = _HOPPER[device] = (not INTERPRET and USE_TMA and device.type == "cuda"
+                                   and torch.cuda.get_device_capability(device)[0] >= 9)
+    return found
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -408,7 +416,8 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
                        config: triton.Config | None = None, quant: QuantizedQKV | None = None):
     """Launch the kernel. ``widths``: ``[B, H]`` int32 on q's device; ``table``: `launch_table(widths)` (on q's
     device; or only some of its rows, e.g. ``drop_skipped``) and ``key``: `tune_key(widths)` (both computed when not
-    given). Returns ``(out, lse)``.
+    given). Returns ``(out, lse)``; with ``store_lse=False`` and no ``lse`` given, ``lse`` is a one-element
+    placeholder.
 
     ``out`` / ``lse`` may be given (e.g. poisoned by tests); skipped (sample, head) entries are never written.
     ``config`` runs one configuration (``BLOCK_M``, ``BLOCK_N``, warps, stages) instead of the autotuned choice
@@ -432,8 +441,8 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     key = tune_key(widths) if key is None else key
     if out is None:
         out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
-    if lse is None:
-        lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+    if lse is None:  # not stored: a placeholder the kernel never reads
+        lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device) if store_lse else _placeholder(q.device)
 
     if table.shape[0] == 0:
         return out, lse
@@ -488,5 +497,37 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
         _headwise_attention_kernel[grid({"BLOCK_M": tile})](*args, **consts, BLOCK_M=tile, BLOCK_N=tile,
                                                             num_warps=1 if INTERPRET else 4, num_stages=2)
     else:
-        _autotuned_kernel[grid](*args, **consts)
+        _launch_tuned(grid, args, consts, dict(Q=q_arg, K=k_arg, V=v_arg, Out=o_arg),
+                      (q.device, q.dtype, k.dtype, v.dtype, row_scale.dtype, v_scale.dtype, table.shape[0],
+                       *args[8:]))
     return out, lse
+
+
+_PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """One float32 element on ``device``: the LSE pointer of a launch that stores none."""
+    if device not in _PLACEHOLDERS:
+        _PLACEHOLDERS[device] = torch.empty(1, dtype=torch.float32, device=device)
+    return _PLACEHOLDERS[device]
+
+
+#: the configuration the autotuner chose, by everything a launch's tuning depends on (`_launch_tuned`)
+_TUNED: dict[tuple, triton.Config] = {}
+
+
+def _launch_tuned(grid, args: tuple, consts: dict, descriptors: dict, shape_key: tuple) -> None:
+    """Launch with the autotuned configuration. The first launch of a ``shape_key`` (device, dtypes, launch-table
+    rows, the integer arguments: more specific than the autotuner's own key) goes through the autotuner; later ones
+    launch its choice directly, skipping its per-call dispatch (argument dictionaries, key, hooks), which measured
+    as a large share of the host time of a call (docs/benchmarks.md, host time)."""
+    key = (shape_key, tuple(consts.items()))
+    config = _TUNED.get(key)
+    if config is None:
+        _autotuned_kernel[grid](*args, **consts)
+        _TUNED[key] = _autotuned_kernel.best_config
+        return
+    meta = config.all_kwargs()
+    _descriptor_hook({**consts, **descriptors, "BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"]})
+    _headwise_attention_kernel[grid(meta)](*args, **consts, **meta)

@@ -23,14 +23,23 @@ class ArrowResidual(Arrow):
     needs_residual = True
 
     def finalize(self, out: torch.Tensor, memory: HeadMemory, cfg: bool) -> torch.Tensor:
+        return out + self._residual(memory, out.shape)
+
+    def finalize_heads(self, out: torch.Tensor, heads: tuple[int, ...], index: torch.Tensor,
+                       memories: list[HeadMemory], cfg: bool) -> None:
+        residual = torch.stack([self._residual(m, out[:, 0].shape) for m in memories], dim=1)
+        out.index_copy_(1, index, out.index_select(1, index) + residual)
+
+    @staticmethod
+    def _residual(memory: HeadMemory, shape: torch.Size) -> torch.Tensor:
         res = memory.residual
         if res is None:
             raise RuntimeError("an `arrow_residual` head found no stored residual; the step state is out of sync "
                                "(call ditfa_optimum.reset_state(transformer) before a new generation)")
-        if res.shape != out.shape:
+        if res.shape != shape:
             raise RuntimeError(f"an `arrow_residual` head's residual has shape {tuple(res.shape)} but this step "
-                               f"computes {tuple(out.shape)}: batch size or resolution changed inside one generation")
-        return out + res
+                               f"computes {tuple(shape)}: batch size or resolution changed inside one generation")
+        return res
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                   residual: torch.Tensor | None = None) -> torch.Tensor:

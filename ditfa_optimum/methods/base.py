@@ -118,6 +118,14 @@ class AttentionMethod:
         """Turn what the backend computed for this head (``[B, S, D]``) into the head's output."""
         return out
 
+    def finalize_heads(self, out: torch.Tensor, heads: tuple[int, ...], index: torch.Tensor,
+                       memories: list[HeadMemory], cfg: bool) -> None:
+        """`finalize` the heads ``heads`` of ``out`` (``[B, H, S, D]``) in place; ``index``: the same heads as a
+        tensor on ``out``'s device, ``memories``: theirs, in order. Methods override it to finish all their heads
+        in one or two tensor operations instead of one per head (host time per call)."""
+        for h, memory in zip(heads, memories):
+            out[:, h] = self.finalize(out[:, h], memory, cfg)
+
     def flops(self, layout: TokenLayout, head_dim: int, cfg: bool) -> float:
         """Attention FLOPs (QK^T and PV, 2 per multiply-add) of this head for one sample."""
         raise NotImplementedError

@@ -23,6 +23,11 @@ class Cache(AttentionMethod):
     def finalize(self, out: torch.Tensor, memory: HeadMemory, cfg: bool) -> torch.Tensor:
         return self.reference(memory, out.shape)
 
+    def finalize_heads(self, out: torch.Tensor, heads: tuple[int, ...], index: torch.Tensor,
+                       memories: list[HeadMemory], cfg: bool) -> None:
+        shape = out[:, 0].shape
+        out.index_copy_(1, index, torch.stack([self.reference(m, shape) for m in memories], dim=1))
+
     def flops(self, layout: TokenLayout, head_dim: int, cfg: bool) -> float:
         return 0.0
 

@@ -38,6 +38,12 @@ class CfgShare(AttentionMethod):
         half = check_cfg_batch(out.shape[0])
         return torch.cat([out[half:], out[half:]], dim=0)
 
+    def finalize_heads(self, out: torch.Tensor, heads: tuple[int, ...], index: torch.Tensor,
+                       memories: list[HeadMemory], cfg: bool) -> None:
+        if cfg:
+            half = check_cfg_batch(out.shape[0])
+            out[:half].index_copy_(1, index, out[half:].index_select(1, index))
+
     def flops(self, layout: TokenLayout, head_dim: int, cfg: bool) -> float:
         return dense_flops(layout, head_dim) * (0.5 if cfg else 1.0)
 

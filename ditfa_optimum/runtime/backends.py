@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -78,6 +78,16 @@ class Widths:
 
     rows: tuple[tuple[int, ...], ...]
     full: int  # layout.num_image_blocks: the width of full attention
+    #: derived from the rows once (backends ask on every call)
+    any: bool = field(init=False, compare=False, repr=False)  # whether any (sample, head) is computed
+    all_full: bool = field(init=False, compare=False, repr=False)
+    quantized: bool = field(init=False, compare=False, repr=False)  # any (sample, head) in 8 bits (negative width)
+
+    def __post_init__(self):
+        flat = [w for row in self.rows for w in row]
+        object.__setattr__(self, "any", any(flat))
+        object.__setattr__(self, "all_full", all(w == self.full for w in flat))
+        object.__setattr__(self, "quantized", any(w < 0 for w in flat))
 
     @classmethod
     def of(cls, widths, full: int) -> "Widths":
@@ -86,20 +96,6 @@ class Widths:
             return widths
         rows = widths.tolist() if isinstance(widths, torch.Tensor) else widths
         return cls(tuple(tuple(int(w) for w in row) for row in rows), full)
-
-    @property
-    def any(self) -> bool:
-        """Whether any (sample, head) is computed."""
-        return any(w for row in self.rows for w in row)
-
-    @property
-    def all_full(self) -> bool:
-        return all(w == self.full for row in self.rows for w in row)
-
-    @property
-    def quantized(self) -> bool:
-        """Whether any (sample, head) is computed in 8 bits (a negative width)."""
-        return any(w < 0 for row in self.rows for w in row)
 
     def split(self) -> tuple["Widths", "Widths"]:
         """``(plain, eight)``: the pairs computed in the inputs' dtype, and the 8-bit ones as positive widths (the

@@ -3,10 +3,14 @@
 `PlanRuntime` is shared by all modules of a transformer (plan, step state, backend choice); `ModuleRuntime` is the
 callable each attention processor invokes with the joint ``q, k, v`` (``[B, H, S, D]``). Per call it
 
-1. looks up the methods of this module's heads at the current step (precomputed once per plan);
-2. builds the ``[B, H]`` band-width table and makes ONE backend call for every computed (sample, head);
-3. lets each method finish its head (fill from cache, copy the conditional CFG half, add the residual);
-4. records what later steps need, and only that: outputs read by a `cache` head at the next step, and
+1. looks up the step program of this module (its heads' methods at the current step, precomputed once per plan;
+   equal programs are one object) and what a call of it derives from its shapes (`_Call`: layout, ``[B, H]``
+   band-width table, backend, head indices; derived once per program and shape, so the host work per call is a few
+   dictionary lookups);
+2. makes ONE backend call for every computed (sample, head);
+3. lets each method finish its heads, all of one method at once (fill from cache, copy the conditional CFG half, add
+   the residual: one or two tensor operations per method, not per head);
+4. records what later steps need, and only that: outputs read by a `cache` head at the next step (one gather), and
    ``full - arrow`` residuals at the full steps that `arrow_residual` heads follow.
 """
 
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,28 +30,59 @@ from .log import note
 from .state import StepState
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per distinct program of a module (`PlanRuntime.module_programs`)
 class _StepProgram:
     methods: tuple[AttentionMethod, ...]
-    finishing: tuple[int, ...]  # heads whose method has a finalize step
+    groups: tuple[tuple[AttentionMethod, tuple[int, ...]], ...]  # heads whose method finishes them, by method
     keeps: tuple[int, ...]  # heads whose output the next step reads
     records: tuple[tuple[int, AttentionMethod], ...]  # (head, arrow) residual records at this step
     uses_cfg: bool
+    #: what a call of this program derives from its shapes (`_Call`), by (image tokens, text tokens, batch, cfg,
+    #: device, grad): steps with equal programs share it, so a generation derives it once per distinct program
+    calls: dict = field(default_factory=dict, repr=False)
 
     @staticmethod
     def of(methods: tuple[AttentionMethod, ...], keeps: tuple[int, ...],
            records: tuple[tuple[int, AttentionMethod], ...]) -> "_StepProgram":
         """The program of one step's ``methods`` (the fields that follow from them derived once, not per call)."""
-        return _StepProgram(
-            methods=methods,
-            finishing=tuple(h for h, m in enumerate(methods) if type(m).finalize is not AttentionMethod.finalize),
-            keeps=keeps, records=records, uses_cfg=any(isinstance(m, CfgShare) for m in methods))
+        groups: dict[AttentionMethod, list[int]] = {}
+        for h, m in enumerate(methods):
+            if type(m).finalize is not AttentionMethod.finalize:
+                groups.setdefault(m, []).append(h)
+        return _StepProgram(methods=methods, groups=tuple((m, tuple(hs)) for m, hs in groups.items()), keeps=keeps,
+                            records=records, uses_cfg=any(isinstance(m, CfgShare) for m in methods))
+
+    def key(self) -> tuple:
+        return self.methods, self.keeps, self.records
 
     def heads(self, lo: int, hi: int) -> "_StepProgram":
         """The program of heads ``lo .. hi - 1`` only, renumbered from 0 (a rank's share of the heads under
         context parallelism, `ditfa_optimum.runtime.parallel`)."""
         return _StepProgram.of(self.methods[lo:hi], tuple(h - lo for h in self.keeps if lo <= h < hi),
                                tuple((h - lo, m) for h, m in self.records if lo <= h < hi))
+
+
+def _interned(programs: list[_StepProgram]) -> list[_StepProgram]:
+    """``programs`` with equal programs replaced by one object (they then share their derived `_Call`s)."""
+    seen: dict[tuple, _StepProgram] = {}
+    return [seen.setdefault(p.key(), p) for p in programs]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What one call of a step program derives from its shapes, once (`ModuleRuntime.prepare`)."""
+
+    layout: TokenLayout
+    widths: Widths
+    record_widths: Widths | None
+    backend: object
+    group_index: tuple[torch.Tensor, ...]  # each finishing group's heads, on the call's device
+    keep_index: torch.Tensor | None  # the kept heads, on the call's device
+
+
+def _memory_of(memory: dict[int, HeadMemory], head: int) -> HeadMemory:
+    found = memory.get(head)
+    return found if found is not None else memory.setdefault(head, HeadMemory())
 
 
 class PlanRuntime:
@@ -67,7 +102,7 @@ class PlanRuntime:
             return self.programs[name]
         key = (name, *heads)
         if key not in self._sliced:
-            self._sliced[key] = [p.heads(*heads) for p in self.programs[name]]
+            self._sliced[key] = _interned([p.heads(*heads) for p in self.programs[name]])
         return self._sliced[key]
 
     def _compile(self, spec: ModuleSpec) -> list[_StepProgram]:
@@ -80,7 +115,7 @@ class PlanRuntime:
             programs.append(_StepProgram.of(tuple(self.plan.step_methods(spec.name, step)),
                                             tuple(torch.nonzero(keeps[step]).flatten().tolist()),
                                             tuple(records.get(step, ()))))
-        return programs
+        return _interned(programs)
 
     def module(self, spec: ModuleSpec) -> "ModuleRuntime":
         return ModuleRuntime(self, spec)
@@ -92,29 +127,30 @@ class ModuleRuntime:
     def __init__(self, runtime: PlanRuntime, spec: ModuleSpec):
         self.runtime = runtime
         self.spec = spec
-        self._widths: dict[tuple, Widths] = {}
-        self._record_widths: dict[tuple, Widths] = {}
 
-    def widths(self, step: int, program: _StepProgram, layout: TokenLayout, batch: int, cfg: bool,
-               heads: tuple[int, int] | None = None) -> Widths:
-        """The band widths of the computed (sample, head) pairs at ``step`` (0 = skipped); memoised."""
-        key = (step, layout, batch, cfg, heads)
-        if key not in self._widths:
+    def prepare(self, program: _StepProgram, num_image_tokens: int, num_text_tokens: int, batch: int, cfg: bool,
+                device: torch.device, grad: bool) -> _Call:
+        """What a call of ``program`` with these shapes needs (layout, band widths, backend, head indices); derived
+        once per (program, shapes), shared by the steps that run an equal program."""
+        key = (num_image_tokens, num_text_tokens, batch, cfg, device, grad)
+        call = program.calls.get(key)
+        if call is None:
+            layout = self.layout(num_image_tokens, num_text_tokens)
             per_head = [m.kernel_widths(layout, batch, cfg) for m in program.methods]
-            return remember(self._widths, key, Widths(tuple(tuple(int(h[b]) for h in per_head) for b in range(batch)),
-                                                   layout.num_image_blocks))
-        return self._widths[key]
-
-    def record_widths(self, step: int, program: _StepProgram, layout: TokenLayout, batch: int,
-                      heads: tuple[int, int] | None = None) -> Widths:
-        """The widths of the arrow attention whose residual `arrow_residual` heads record at ``step``; memoised."""
-        key = (step, layout, batch, heads)
-        if key not in self._record_widths:
-            row = [0] * len(program.methods)
-            for h, arrow in program.records:
-                row[h] = arrow.width(layout)
-            return remember(self._record_widths, key, Widths((tuple(row),) * batch, layout.num_image_blocks))
-        return self._record_widths[key]
+            widths = Widths(tuple(tuple(int(h[b]) for h in per_head) for b in range(batch)), layout.num_image_blocks)
+            record_widths = None
+            if program.records:
+                row = [0] * len(program.methods)
+                for h, arrow in program.records:
+                    row[h] = arrow.width(layout)
+                record_widths = Widths((tuple(row),) * batch, layout.num_image_blocks)
+            # every backend runs an all-full call as plain SDPA, which autograd differentiates
+            backend = get_backend(self.runtime.backend_name, device, grad=not widths.all_full and grad)
+            index = lambda heads: torch.tensor(heads, dtype=torch.long, device=device)  # noqa: E731
+            call = remember(program.calls, key, _Call(
+                layout, widths, record_widths, backend, tuple(index(heads) for _, heads in program.groups),
+                index(program.keeps) if program.keeps else None))
+        return call
 
     def layout(self, num_image_tokens: int, num_text_tokens: int) -> TokenLayout:
         layout = self.spec.layout(num_image_tokens, num_text_tokens, self.runtime.plan.block_size)
@@ -145,36 +181,36 @@ class ModuleRuntime:
         text = num_text_tokens if self.spec.joint else 0
         if not 0 <= text < S:
             raise ValueError(f"module {self.spec.name!r}: {text} text tokens do not fit a joint sequence of {S}")
-        layout = self.layout(S - text, text)
         step = state.current_step()
         program = rt.module_programs(self.spec.name, heads)[step]
         cfg = state.cfg(needed=program.uses_cfg)
-        widths = self.widths(step, program, layout, B, cfg, heads)
         grad = needs_grad(q, k, v)
+        call = self.prepare(program, S - text, text, B, cfg, q.device, grad)
+        widths = call.widths
         if grad and widths.quantized:
             raise ValueError(f"module {self.spec.name!r} step {step}: the plan computes heads in 8 bits (full_int8 / "
                              "arrow_int8), which are inference-only (rounding has no useful gradient); run under "
                              "torch.no_grad(), or plan without 8-bit candidates for training")
-        # every backend runs an all-full call as plain SDPA, which autograd differentiates
-        backend = get_backend(rt.backend_name, q.device, grad=not widths.all_full and grad)
         if widths.any:
-            out = backend.attend(q, k, v, layout, widths)
+            out = call.backend.attend(q, k, v, call.layout, widths)
         else:  # every head finalized from memory below; traced for ONNX, empty_like's memory would become a constant
             out = q * 0 if torch.jit.is_tracing() else torch.empty_like(q)
 
         memory = state.memory(self.spec.name)
-        if program.finishing and out.requires_grad:
+        if program.groups and out.requires_grad:
             out = out.clone()  # a backend may return a tensor autograd saved (SDPA's output): finish a copy
-        for h in program.finishing:
-            out[:, h] = program.methods[h].finalize(out[:, h], memory.setdefault(h, HeadMemory()), cfg)
+        for (method, group), index in zip(program.groups, call.group_index):
+            method.finalize_heads(out, group, index, [_memory_of(memory, h) for h in group], cfg)
         if program.records:
-            arrow_out = backend.attend(q, k, v, layout, self.record_widths(step, program, layout, B, heads))
+            arrow_out = call.backend.attend(q, k, v, call.layout, call.record_widths)
             for h, _ in program.records:
-                memory.setdefault(h, HeadMemory()).residual = (out[:, h] - arrow_out[:, h]).detach()
-        for h, mem in memory.items():
+                _memory_of(memory, h).residual = (out[:, h] - arrow_out[:, h]).detach()
+        for mem in memory.values():
             mem.previous_output = None
-        for h in program.keeps:
-            memory.setdefault(h, HeadMemory()).previous_output = out[:, h].detach().clone()  # no graph across steps
+        if program.keeps:  # one gather for every kept head (a copy: no graph across steps), a view per head
+            kept = out.detach().index_select(1, call.keep_index)
+            for i, h in enumerate(program.keeps):
+                _memory_of(memory, h).previous_output = kept[:, i]
         if step == rt.plan.num_steps - 1:
             memory.clear()  # nothing reads past the last step
         return out

@@ -46,13 +46,14 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
 
 
 def _launch(q, k, v, widths, table, tune_key, num_image_tokens, num_text_tokens, image_first, block_size):
-    """The custom op's function for eager calls (no dispatcher); inside any trace (Dynamo, torch.export, a
-    fake-tensor or other dispatch mode) the custom op itself, which those can see."""
+    """The custom op's function for eager calls (no dispatcher, no LSE stored: the backend reads only the output);
+    inside any trace (Dynamo, torch.export, a fake-tensor or other dispatch mode) the custom op itself, which those
+    can see."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return headwise_attention(q, k, v, widths, table, tune_key, num_image_tokens, num_text_tokens, image_first,
                                   block_size)
     return _kernel().headwise_attention(q, k, v, widths, num_image_tokens, num_text_tokens, image_first, block_size,
-                                        table=table, key=tune_key)
+                                        table=table, key=tune_key, store_lse=False)  # (the backend reads no LSE)
 
 
 @headwise_attention.register_fake
@@ -131,7 +132,7 @@ class TritonBackend:
         """A layer with 8-bit heads: the kernel twice into one output, once on the plain heads' rows and once on the
         8-bit heads' rows with the quantized inputs (fused pre-pass on CUDA, PyTorch's on the CPU interpreter). Traces
         (compile, export) see the custom op for the plain heads and the scheme in PyTorch for the 8-bit ones."""
-        from ..kernels.headwise_attention import check_quantized, headwise_attention, quantized_shape_problem
+        from ..kernels.headwise_attention import headwise_attention, quantized_shape_problem
 
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
             return with_8bit_heads(self.attend, q, k, v, layout, widths)
@@ -140,10 +141,7 @@ class TritonBackend:
             return self._fallback(problem, q).attend(q, k, v, layout, widths)
         plain, eight = widths.split()
         eight_widths, eight_table, eight_key = self.device_widths(eight, q.device, drop_skipped=True)
-        quant = _quantize(q, k, v, eight_table[:, 0])  # only the 8-bit heads
-        problem = check_quantized(quant, q, layout.block_size)
-        if problem:
-            return self._fallback(problem, q).attend(q, k, v, layout, widths)
+        quant = _quantize(q, k, v, eight_table[:, 0])  # only the 8-bit heads (the launch checks its tensors)
         common = (layout.num_image_tokens, layout.num_text_tokens, layout.image_first, layout.block_size)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         if plain.any:

@@ -167,6 +167,52 @@ def test_one_named_configuration_matches_the_default_launch():
         headwise_attention(*args, config=triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}))
 
 
+def test_without_the_lse_the_output_is_the_same():
+    """``store_lse=False`` (the runtime's launches) writes the same output and allocates no LSE."""
+    layout = LAYOUTS["block-32"]
+    q, k, v = (torch.randn(2, 3, layout.seq_len, 16, device=DEVICE) for _ in range(3))
+    widths = random_widths(layout, 2, 3).to(DEVICE)
+    args = (q, k, v, widths, layout.num_image_tokens, layout.num_text_tokens, layout.image_first, layout.block_size)
+    out, lse = headwise_attention(*args)
+    out2, placeholder = headwise_attention(*args, store_lse=False)
+    computed = widths > 0
+    assert torch.equal(out2[computed], out[computed])
+    assert lse.shape == (2, 3, layout.seq_len) and placeholder.numel() == 1
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the autotuner runs on a GPU only (the interpreter runs one tile)")
+def test_later_launches_run_the_tuned_configuration_directly(monkeypatch):
+    """The first launch of a shape goes through the autotuner; later ones launch its choice without it: the same
+    output on the same inputs, and the definition's on fresh ones."""
+    from ditfa_optimum.kernels import headwise_attention as kernel
+
+    monkeypatch.setattr(kernel, "AUTOTUNE", True)  # (the suite's conftest switches autotuning off)
+
+    layout = TokenLayout(512, 77, image_first=False, block_size=64)
+    B, H, D = 1, 4, 64
+    widths = torch.tensor([[0, 1, 4, layout.num_image_blocks]], dtype=torch.int32, device=DEVICE)
+    args = (widths, layout.num_image_tokens, layout.num_text_tokens, layout.image_first, layout.block_size)
+    q, k, v = (torch.randn(B, H, layout.seq_len, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    tuned = len(kernel._TUNED)
+    first, _ = headwise_attention(q, k, v, *args, store_lse=False)
+    assert len(kernel._TUNED) == tuned + 1
+    calls = []
+    original = kernel._autotuned_kernel.run
+    kernel._autotuned_kernel.run = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    try:
+        second, _ = headwise_attention(q, k, v, *args, store_lse=False)
+        q2, k2, v2 = (torch.randn_like(q) for _ in range(3))
+        fresh, _ = headwise_attention(q2, k2, v2, *args, store_lse=False)
+    finally:
+        kernel._autotuned_kernel.run = original
+    assert not calls, "a tuned shape went through the autotuner again"
+    computed = (widths > 0).cpu()
+    assert torch.equal(second[computed], first[computed])
+    ref, _ = reference(q2, k2, v2, layout, widths.cpu())
+    err = float((fresh[computed].double().cpu() - ref[computed]).abs().max())
+    assert err <= max(2 * torch_error(q2, k2, v2, layout, widths.cpu(), ref), 2e-3), err
+
+
 @pytest.mark.parametrize("problem, words", [
     (dict(head_dim=24), "head dim must be one of"),
     (dict(dtype=torch.float64), "dtype must be fp16, bf16 or fp32"),
