@@ -95,8 +95,7 @@ def test_flux_single_blocks_read_the_text_length_of_each_call():
         dfa.reset_state(model)
         forward(model, inputs)
         runtime = model.single_transformer_blocks[0].attn.processor.runtime
-        programs = runtime.runtime.module_programs(runtime.spec.name)
-        assert any(call.layout.num_text_tokens == text_tokens for p in programs for call in p.calls.values())
+        assert any(call.layout.num_text_tokens == text_tokens for call in calls_seen(runtime).values())
 
 
 # ---------------------------------------------------------------- real pipelines
@@ -117,8 +116,16 @@ def run_sd3(pipe, prompts=2, guidance=5.0, steps=4, seed=0):
                 num_inference_steps=steps, guidance_scale=guidance, output_type="latent", generator=torch.Generator().manual_seed(seed)).images
 
 
-def widths_seen(pipe):
-    return {key for attn in (b.attn for b in pipe.transformer.transformer_blocks) for key in attn.processor.runtime._widths}
+def calls_seen(runtime):
+    """What a module's runtime derived per call shape: (image tokens, text tokens, batch, cfg, device, grad) ->
+    `_Call`, over all its step programs."""
+    return {key: call for program in runtime.runtime.module_programs(runtime.spec.name)
+            for key, call in program.calls.items()}
+
+
+def call_keys_seen(pipe):
+    return {key for attn in (b.attn for b in pipe.transformer.transformer_blocks)
+            for key in calls_seen(attn.processor.runtime)}
 
 
 @pytest.mark.parametrize("guidance,prompts", [(5.0, 1), (5.0, 3), (1.0, 3)], ids=["cfg", "cfg-x3", "no-cfg-x3"])
@@ -146,9 +153,9 @@ def test_sd3_pipeline_mixed_plan(guidance):
     # each generation starts afresh at step 0 with empty caches: the same call gives the same latents
     assert torch.equal(run_sd3(pipe, guidance=guidance), first)
     # CFG is read from the pipeline's call: batched [uncond, cond] only when guidance > 1
-    cfg_flags = {key[3] for key in widths_seen(pipe)}
+    cfg_flags = {key[3] for key in call_keys_seen(pipe)}
     assert cfg_flags == {guidance > 1}
-    batches = {key[2] for key in widths_seen(pipe)}
+    batches = {key[2] for key in call_keys_seen(pipe)}
     assert batches == {4 if guidance > 1 else 2}
 
 
