@@ -468,10 +468,10 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     o_arg = TensorDescriptor.from_tensor(out, [1, 1, 64, D]) if tma_store else out
     q_tma = tma_store and _aligned(q)  # the same condition: no query tile straddles the segments
     q_arg = TensorDescriptor.from_tensor(q, [1, 1, 64, D]) if q_tma else q
-    args = (q_arg, k_arg, v_arg, o_arg, lse, table.contiguous(), row_scale, v_scale,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            H, S, num_text_tokens, num_image_tokens, n_blk, D ** -0.5, key)
+    numbers = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+               H, S, num_text_tokens, num_image_tokens, n_blk, D ** -0.5, key)
+    args = (q_arg, k_arg, v_arg, o_arg, lse, table.contiguous(), row_scale, v_scale, *numbers)
     consts = dict(HEAD_DIM=D, BS=block_size, IMAGE_FIRST=bool(image_first), STORE_LSE=store_lse,
                   PRECISION="ieee" if v.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
                   USE_TMA=use_tma, TMA_STORE=tma_store, Q_TMA=q_tma,
@@ -499,7 +499,7 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, widths
     else:
         _launch_tuned(grid, args, consts, dict(Q=q_arg, K=k_arg, V=v_arg, Out=o_arg),
                       (q.device, q.dtype, k.dtype, v.dtype, row_scale.dtype, v_scale.dtype, table.shape[0],
-                       *args[8:]))
+                       *numbers))
     return out, lse
 
 
