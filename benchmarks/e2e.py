@@ -80,7 +80,7 @@ sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "benchmarks")) if p not in sys
 
 import search_time  # noqa: E402
 
-from ditfa_optimum import apply, get_adapter, remove, reset_state, uniform_plan  # noqa: E402
+from ditfa_optimum import apply, compile_blocks, get_adapter, remove, reset_state, uniform_plan  # noqa: E402
 from ditfa_optimum.methods import make_method  # noqa: E402
 from ditfa_optimum.plan import CompressionPlan  # noqa: E402
 from ditfa_optimum.runtime.transformer_hook import TRANSFORMER_HOOK  # noqa: E402
@@ -422,15 +422,24 @@ def run_case(case: Case, emit) -> None:
     common = dict(arch=case.arch, size=case.size, image_tokens=case.image_tokens, text_tokens=case.text_tokens,
                   batch=case.batch, cfg=case.cfg)
 
+    def recompile():  # every compiled row compiles its graphs from scratch
+        if case.args.compile:
+            torch._dynamo.reset()
+            if case.args.compile == "blocks":
+                compile_blocks(case.model, fullgraph=True)
+                case.compiled = case.model  # its blocks compiled, the transformer's own code (the hook) eager
+            else:
+                case.compiled = torch.compile(case.model, fullgraph=True)
+
     case.check_budget("stock")
-    if case.args.compile:
-        torch._dynamo.reset()  # every row compiles its own graph, from scratch
-        case.compiled = torch.compile(case.model, fullgraph=True)
+    for _, block in get_adapter(case.model).blocks(case.model):
+        block._compiled_call_impl = None  # blocks compiled by an earlier case run eagerly again (nn.Module.compile)
+    share = attention_share(case, case.steps[mid])  # instrumented eager stock calls
+    recompile()
     times, stock_out = time_calls(case, case.steps[mid], step=mid)
     stock_host = case.host_ms
     stock_over = overlapped_median(case)
     stock_ms, stock_peak = statistics.median(times), peak_of(case, case.steps[mid])
-    share = attention_share(case, case.steps[mid])
     zero = 0.0 if case.clock.cuda else None  # memory deltas of the baseline against itself
     emit(dict(common, row="stock", backend=None, timed_step=mid, plan_cut=0.0, step_cut=0.0, ms=stock_ms,
               ms_all=times, speedup=1.0, amdahl_limit=1.0, of_limit=1.0, cache_mib=0.0, held_delta_mib=zero,
@@ -449,11 +458,6 @@ def run_case(case: Case, emit) -> None:
 
     modules = share["attention_calls"]
     backend = case.args.backends[0]
-
-    def recompile():
-        if case.args.compile:
-            torch._dynamo.reset()
-            case.compiled = torch.compile(case.model, fullgraph=True)
 
     case.check_budget("all-full plan")
     held_before = allocated(case)
@@ -487,6 +491,22 @@ def run_case(case: Case, emit) -> None:
         report = plan.flops(case.image_tokens, case.text_tokens, cfg=case.cfg)
         per_step = report.cut_per_step()
         t = timed_step(per_step, report.cut)
+        if case.args.compile == "blocks":  # the trajectory through the compiled blocks: their memory is the tables'
+            for b in case.args.backends:
+                case.check_budget(f"{name} ({b})")
+                runtime = apply(case.model, plan, backend=b, cfg=case.cfg)
+                recompile()
+                held_before = allocated(case)
+                run_steps(case, t)
+                memory = dict(held_delta_mib=mib(None if held_before is None else allocated(case) - held_before),
+                              peak_delta_mib=None, memory_backend=b)
+                point = checkpoint(runtime)
+                times, out = time_calls(case, case.steps[t], before=lambda: rewind(runtime, point), step=t)
+                row(name, b, report.cut, t, float(per_step[t]), times, out, target_cut=target,
+                    runtime_step=runtime.state.step, cache_mib=mib(runtime.state.memory_bytes()),
+                    method_counts=plan.metadata["method_counts"], strength=plan.metadata["strength"], **memory)
+                remove(case.model)
+            continue
         # the real trajectory up to step t-1, once, with the first backend; memory measured on its last step
         runtime = apply(case.model, plan, backend=backend, cfg=case.cfg)
         held_before = allocated(case)
@@ -614,7 +634,7 @@ def step_table(rows: list[dict]) -> str:
     return markdown(["arch", "size", "row", "backend", "FLOP cut (plan / step)", "ms / step", "speed-up",
                      "attention share", "Amdahl limit", "of limit", "host ms", "back to back ms", "speed-up",
                      "cache MiB", "held +MiB", "peak +MiB"],
-                    [[r["arch"], f"{r['size']}²", r["row"] + (" (compiled)" if r.get("compiled") else ""),
+                    [[r["arch"], f"{r['size']}²", r["row"] + (f" (compiled{', blocks' if r.get('compiled') == 'blocks' else ''})" if r.get("compiled") else ""),
                       r["backend"] or "stock",
                       f"{r['plan_cut']:.1%} / {r['step_cut']:.1%}", f"{r['ms']:.2f}", f"{r['speedup']:.2f}×",
                       f"{r['attention_share']:.1%}", f"{r['amdahl_limit']:.2f}×", f"{r['of_limit']:.2f}",
@@ -669,8 +689,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--search", action="store_true", help="calibration + search time instead of step time")
     parser.add_argument("--generation", action="store_true", help="whole trajectories (NUM_STEPS calls) of plans "
                         "that skip whole steps, against stock (default sizes 1024)")
-    parser.add_argument("--compile", action="store_true", help="step mode: time torch.compile(fullgraph=True) of the "
-                        "stock and the planned transformer (each row compiles its graph first)")
+    parser.add_argument("--compile", nargs="?", const="whole", choices=["whole", "blocks"],
+                        help="step mode: time compiled rows, stock and planned, each compiled from scratch with "
+                        "fullgraph=True: 'whole' (default) torch.compile of the transformer, 'blocks' each block "
+                        "compiled (ditfa_optimum.compile_blocks, regional compilation)")
     parser.add_argument("--overlap", action="store_true", help="step mode: also time each row's calls back to back, "
                         "as a pipeline issues its steps (overlapped_calls; the host's lead-in before a call's first "
                         "kernel hides behind the previous call)")
@@ -706,7 +728,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     mode = "-".join(m for m, on in (("search", args.search), ("generation", args.generation),
-                                    ("compiled", args.compile), ("tiny", args.tiny)) if on) or None
+                                    ("compiled", args.compile == "whole"),
+                                    ("compiled-blocks", args.compile == "blocks"), ("tiny", args.tiny)) if on) or None
     today = str(date.today())
     name = f"e2e{'-' + mode if mode else ''}-{today}-{card_slug(card)}.json"
     out = Path(args.out or ROOT / "docs" / "benchmarks" / name)

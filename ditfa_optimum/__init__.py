@@ -3,7 +3,7 @@
 __version__ = "0.1.0.dev0"
 
 from .adapters import get_adapter, register_adapter
-from .apply import apply, get_runtime, remove, reset_state, uniform_plan
+from .apply import apply, compile_blocks, get_runtime, remove, reset_state, uniform_plan
 from .calibrate import CalibrationStats, calibrate
 from .config import DiTFastAttnConfig
 from .masks import TokenLayout, arrow_mask, window_blocks
@@ -17,7 +17,7 @@ from .serialization import Artifact, ArtifactError, read_artifact
 from .verify import VerifyReport, verify_artifact
 
 __all__ = [
-    "__version__", "get_adapter", "register_adapter", "apply", "get_runtime", "remove", "reset_state", "uniform_plan",
+    "__version__", "get_adapter", "register_adapter", "apply", "compile_blocks", "get_runtime", "remove", "reset_state", "uniform_plan",
     "TokenLayout", "arrow_mask", "window_blocks", "AttentionMethod", "make_method", "register_method",
     "CompressionPlan", "FlopReport", "ModuleSpec", "PlanReport", "BlockSpec", "TransformerFlopReport",
     "backend_names", "register_backend",

@@ -30,6 +30,12 @@ class ArrowResidual(Arrow):
         residual = torch.stack([self._residual(m, out[:, 0].shape) for m in memories], dim=1)
         out.index_copy_(1, index, out.index_select(1, index) + residual)
 
+    def finish_masked(self, out: torch.Tensor, mask: torch.Tensor, memory: dict[str, torch.Tensor],
+                      cfg: bool) -> torch.Tensor:
+        residual = memory.get("residual")
+        # absent only before the first recording step, where no plan adds one (StepState.place checks it)
+        return out if residual is None else torch.where(mask, out + residual, out)
+
     @staticmethod
     def _residual(memory: HeadMemory, shape: torch.Size) -> torch.Tensor:
         res = memory.residual

@@ -126,6 +126,16 @@ class AttentionMethod:
         for h, memory in zip(heads, memories):
             out[:, h] = self.finalize(out[:, h], memory, cfg)
 
+    def finish_masked(self, out: torch.Tensor, mask: torch.Tensor, memory: dict[str, torch.Tensor],
+                      cfg: bool) -> torch.Tensor:
+        """The step-independent form of `finalize_heads`, for compiled blocks (`ditfa_optimum.runtime.tables`):
+        ``out`` with the heads where ``mask`` (``[1, H, 1, 1]`` bool on out's device) is True finished, as a new tensor
+        (``torch.where``: which heads is known only on the device). ``memory``: the module's kept tensors for this
+        branch, ``"previous"`` (its whole output at the step before, ``[B, H, S, D]``) and ``"residual"`` (``full -
+        arrow`` at the last recording step), absent before they are first stored. A method that overrides `finalize`
+        must override this too, or plans that use it run their step programs when compiled (a graph per step)."""
+        raise NotImplementedError(f"method {self.name!r} has no step-independent finish")
+
     def flops(self, layout: TokenLayout, head_dim: int, cfg: bool) -> float:
         """Attention FLOPs (QK^T and PV, 2 per multiply-add) of this head for one sample."""
         raise NotImplementedError

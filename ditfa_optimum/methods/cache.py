@@ -28,6 +28,12 @@ class Cache(AttentionMethod):
         shape = out[:, 0].shape
         out.index_copy_(1, index, torch.stack([self.reference(m, shape) for m in memories], dim=1))
 
+    def finish_masked(self, out: torch.Tensor, mask: torch.Tensor, memory: dict[str, torch.Tensor],
+                      cfg: bool) -> torch.Tensor:
+        previous = memory.get("previous")
+        # absent only at a branch's first call, where no plan caches (StepState.place checks it on the host)
+        return torch.where(mask, torch.zeros_like(out) if previous is None else previous, out)
+
     def flops(self, layout: TokenLayout, head_dim: int, cfg: bool) -> float:
         return 0.0
 

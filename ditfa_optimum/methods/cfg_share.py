@@ -44,6 +44,14 @@ class CfgShare(AttentionMethod):
             half = check_cfg_batch(out.shape[0])
             out[:half].index_copy_(1, index, out[half:].index_select(1, index))
 
+    def finish_masked(self, out: torch.Tensor, mask: torch.Tensor, memory: dict[str, torch.Tensor],
+                      cfg: bool) -> torch.Tensor:
+        if not cfg:
+            return out
+        half = check_cfg_batch(out.shape[0])
+        uncond = (torch.arange(out.shape[0], device=out.device) < half).view(-1, 1, 1, 1)
+        return torch.where(mask & uncond, torch.cat([out[half:], out[half:]], dim=0), out)
+
     def flops(self, layout: TokenLayout, head_dim: int, cfg: bool) -> float:
         return dense_flops(layout, head_dim) * (0.5 if cfg else 1.0)
 

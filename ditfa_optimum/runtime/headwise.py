@@ -28,6 +28,8 @@ from ..plan import CompressionPlan, ModuleSpec
 from .backends import Widths, check_backend_name, get_backend, needs_grad, remember
 from .log import note
 from .state import StepState
+from .tables import ModuleTable, Vocabulary, table_problem
+from . import tables
 
 
 @dataclass(frozen=True, eq=False)  # one object per distinct program of a module (`PlanRuntime.module_programs`)
@@ -95,6 +97,23 @@ class PlanRuntime:
         self.programs = {spec.name: self._compile(spec) for spec in plan.modules}
         self.warned_small = False  # one warning when the image is smaller than two mask blocks
         self._sliced: dict[tuple[str, int, int], list[_StepProgram]] = {}
+        # the step-independent form, for compiled blocks (`ditfa_optimum.runtime.tables`); none for plans it cannot
+        # express (8-bit heads), whose compiled blocks run the step programs
+        self.table_problem = table_problem(plan)
+        self.vocabulary = Vocabulary(plan) if self.table_problem is None else None
+        self.tables = {} if self.vocabulary is None else {
+            spec.name: ModuleTable(plan, spec.name, self.vocabulary) for spec in plan.modules}
+        if self.tables:
+            self.state.placer = self.place
+            self.state.table_memories = [table.memory for table in self.tables.values()]
+            self.state.memory_steps = frozenset(
+                step for spec in plan.modules for step in range(plan.num_steps)
+                if any(m.needs_previous_output or m.needs_residual for m in plan.step_methods(spec.name, step)))
+
+    def place(self, device: torch.device) -> None:
+        """Move every module's tables to ``device`` (`StepState.place`, at the first call on a device)."""
+        for table in self.tables.values():
+            table.place(device)
 
     def module_programs(self, name: str, heads: tuple[int, int] | None = None) -> list[_StepProgram]:
         """The step programs of module ``name``, or of its heads ``heads = (lo, hi)`` only."""
@@ -127,6 +146,7 @@ class ModuleRuntime:
     def __init__(self, runtime: PlanRuntime, spec: ModuleSpec):
         self.runtime = runtime
         self.spec = spec
+        self.table: ModuleTable | None = runtime.tables.get(spec.name)
 
     def prepare(self, program: _StepProgram, num_image_tokens: int, num_text_tokens: int, batch: int, cfg: bool,
                 device: torch.device, grad: bool) -> _Call:
@@ -181,6 +201,10 @@ class ModuleRuntime:
         text = num_text_tokens if self.spec.joint else 0
         if not 0 <= text < S:
             raise ValueError(f"module {self.spec.name!r}: {text} text tokens do not fit a joint sequence of {S}")
+        if self.table is not None and heads is None and torch.compiler.is_compiling():
+            out = self._traced_call(q, k, v, S - text, text)
+            if out is not None:
+                return out
         step = state.current_step()
         program = rt.module_programs(self.spec.name, heads)[step]
         cfg = state.cfg(needed=program.uses_cfg)
@@ -214,3 +238,18 @@ class ModuleRuntime:
         if step == rt.plan.num_steps - 1:
             memory.clear()  # nothing reads past the last step
         return out
+
+    def _traced_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_image_tokens: int,
+                     num_text_tokens: int) -> torch.Tensor | None:
+        """The call in step-independent form (`ditfa_optimum.runtime.tables`), when it applies: the blocks are
+        compiled but the transformer hook ran eagerly and placed the step on q's device, no gradients, a backend with
+        `attend_widths`. None otherwise (the step program runs)."""
+        rt, state = self.runtime, self.runtime.state
+        if (state.traced or state.export_step is not None or state.step_tensor is None
+                or self.table.choice.device != q.device or needs_grad(q, k, v)):
+            return None
+        backend = get_backend(rt.backend_name, q.device)
+        if not hasattr(backend, "attend_widths"):
+            return None
+        return tables.run(self.table, rt.vocabulary, backend, q, k, v, self.layout(num_image_tokens, num_text_tokens),
+                          state.step_tensor, state.branch, state.cfg(needed=self.table.uses_cfg))

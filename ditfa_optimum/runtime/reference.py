@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..masks import TokenLayout, arrow_mask
+from ..masks import TokenLayout, arrow_keep, arrow_mask
 from .backends import attend_by_width, register_backend
 
 
@@ -23,6 +23,17 @@ class ReferenceBackend:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                widths: torch.Tensor) -> torch.Tensor:
         return attend_by_width(q, k, v, layout, widths, masked_arrow)
+
+
+    def attend_widths(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                      widths: torch.Tensor, key: int = 0) -> torch.Tensor:
+        """The step-independent call (`ditfa_optimum.runtime.tables`): one SDPA call whose ``[B, H, S, S]`` mask is
+        made on the device from the ``[B, H]`` widths tensor (skipped pairs compute a band of one block, which the
+        runtime overwrites)."""
+        pos = torch.arange(layout.seq_len, device=q.device)
+        width = widths.clamp(min=1).to(torch.long)[:, :, None, None]
+        keep = arrow_keep(pos[:, None], pos[None, :], layout, width)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
 
 
 def masked_arrow(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, width: int) -> torch.Tensor:

@@ -65,6 +65,13 @@ class StepState:
         self._warned_branches = False
         #: set by `ditfa_optimum.export` while it traces one step on purpose: calls run that step, memory as given
         self.export_step: int | None = None
+        # the step-independent form of the plan (`ditfa_optimum.runtime.tables`), for compiled blocks
+        self.traced = False  # the transformer hook itself ran inside a trace (whole-transformer compile)
+        self.step_tensor: torch.Tensor | None = None  # the current step on the device, set by `place`
+        self.placer: Callable[[torch.device], None] | None = None  # moves the plan's tables to a device
+        self.table_memories: list[dict] = []  # the tables' memory (per branch), cleared by `reset`
+        self.memory_steps: frozenset[int] = frozenset()  # steps where some head reads memory (cache, residual)
+        self._ran_branches: set[int] = set()
 
     # ---------------------------------------------------------------- step tracking
     def reset(self) -> None:
@@ -74,7 +81,10 @@ class StepState:
                 self.num_steps)
         self.step, self.branch, self.calls_in_step, self.last_position = -1, 0, 0, None
         self._branches.clear()
+        self._ran_branches.clear()
         self._memory.clear()
+        for memory in self.table_memories:
+            memory.clear()
         self._block_memory.clear()
         self._step_memory.clear()
 
@@ -117,6 +127,29 @@ class StepState:
             self.branch = self._branches.setdefault(context, len(self._branches))
         self.last_position = position
         self.text_tokens = text_tokens
+
+    def place(self, device: torch.device | None) -> None:
+        """Called by the transformer hook after advancing: hand the step to the plan's tables on ``device``
+        (`ditfa_optimum.runtime.tables`, which compiled blocks run). One ``fill_`` of a one-element tensor per call;
+        the first call on a device moves the tables there. Inside a trace (the whole transformer compiled) it only
+        notes that the hook is traced: the step is then a constant of each graph, and the modules run their step
+        programs."""
+        self.traced = torch.compiler.is_compiling()
+        if self.traced or self.placer is None or device is None or self.step < 0:
+            return
+        if self.step_tensor is None or self.step_tensor.device != device:
+            with torch.inference_mode(False):  # a tensor later calls may update outside inference mode
+                self.step_tensor = torch.zeros(1, dtype=torch.long, device=device)
+                self.placer(device)
+        self.step_tensor.fill_(self.step)
+        if self.step in self.memory_steps and self.branch not in self._ran_branches:
+            self.reset()
+            raise RuntimeError("the plan reads cached head outputs at this call (step "
+                               f"{self.step}), but its branch ran no earlier step of this generation to cache them: "
+                               "the step state is out of sync (call ditfa_optimum.reset_state(transformer) before a new "
+                               "generation), or a second call per step (SD3 skip-layer guidance) starts at a step the "
+                               "plan caches; search the plan with the pipeline's settings")
+        self._ran_branches.add(self.branch)
 
     def _advance(self) -> None:
         self.step += 1
@@ -185,6 +218,8 @@ class StepState:
     def memory_bytes(self) -> int:
         total = sum(mem.nbytes() for mem in self._block_memory.values())
         total += sum(s.numel() * s.element_size() for mem in self._step_memory.values() for s, _ in mem.values())
+        total += sum(t.numel() * t.element_size() for memory in self.table_memories for kept in memory.values()
+                     for t in kept.values())
         for heads in self._memory.values():
             for mem in heads.values():
                 for t in (mem.previous_output, mem.residual):

@@ -96,6 +96,7 @@ def _classes():
                     step_index = -1 if step_index is None else step_index  # None: it has not stepped yet
                 state.on_transformer_call(timestep, text_tokens, step_index=step_index, context=name)
                 self.guard()
+                state.place(_device_of(timestep, args, kwargs))
                 forward = self.fn_ref.original_forward
                 if self.step_handler is not None:
                     return self.step_handler(module, forward, args, kwargs)
@@ -109,6 +110,16 @@ def _classes():
             return module
 
     return ContextProbe, TransformerHook
+
+
+def _device_of(timestep, args: tuple, kwargs: dict) -> torch.device | None:
+    """The device a transformer call computes on: its timestep's, else its first tensor input's."""
+    if isinstance(timestep, torch.Tensor):
+        return timestep.device
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
 
 
 def transformer_hook(owner: torch.nn.Module, state: StepState, read_call: ReadCall, guard: Callable[[], None],

@@ -128,6 +128,19 @@ class TritonBackend:
                          layout.num_text_tokens, layout.image_first, layout.block_size)
         return out
 
+    def attend_widths(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                      widths: torch.Tensor, key: int) -> torch.Tensor:
+        """The step-independent call (`ditfa_optimum.runtime.tables`): ``widths`` a ``[B, H]`` tensor on q's device
+        (no 8-bit heads), ``key`` the autotuning key; the launch table is made on the device, every (sample, head)
+        row launched (a skipped one returns at once), so the graph does not depend on the step."""
+        from .tables import launch_table
+
+        if _kernel().check_inputs(q, k, v, layout.block_size):
+            return get_backend("reference", q.device).attend_widths(q, k, v, layout, widths, key)
+        out, _ = _launch(q, k, v, widths.to(torch.int32), launch_table(widths.to(torch.int32)), key,
+                         layout.num_image_tokens, layout.num_text_tokens, layout.image_first, layout.block_size)
+        return out
+
     def _attend_8bit(self, q, k, v, layout: TokenLayout, widths: Widths) -> torch.Tensor:
         """A layer with 8-bit heads: the kernel twice into one output, once on the plain heads' rows and once on the
         8-bit heads' rows with the quantized inputs (fused pre-pass on CUDA, PyTorch's on the CPU interpreter). Traces

@@ -67,6 +67,89 @@ def test_fullgraph_compile_of_a_planned_transformer(family):
     assert len(graphs) == second
 
 
+def residual_plan(pipe, family: str, block_size: int = 4):
+    """Arrow, cache, CFG sharing (SD3) and an `arrow_residual` head (recorded at step 1, added at steps 2 and 3)."""
+    plan = dfa.uniform_plan(pipe, num_steps=STEPS, method="full", block_size=block_size)
+    for name in plan.module_names:
+        for step in range(1, STEPS):
+            plan.set(name, step, 1, "cache" if step % 2 else "arrow:1/2")
+        plan.set(name, 2, 0, "arrow_residual:1/2")
+        plan.set(name, 3, 0, "arrow_residual:1/2")
+        if family == "sd3":
+            plan.set(name, 2, 2, "cfg_share")
+            plan.set(name, 3, 3, "cfg_share")
+    return plan
+
+
+def block_kinds(transformer) -> int:
+    return len({type(block).__name__ + str(getattr(block, "context_pre_only", ""))
+                for _, block in dfa.get_adapter(transformer).blocks(transformer)})
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_compiled_blocks_share_their_graphs_over_blocks_and_steps(family):
+    """Regional compilation with a plan runs the plan's step-independent form (`runtime/tables.py`): the blocks of one
+    kind and all steps share one graph (two: the first call of a generation finds no memory yet) instead of one graph
+    per block and step, and the generation equals the eager one."""
+    torch._dynamo.reset()
+    pipe = tiny_pipeline(family)
+    pipe.set_progress_bar_config(disable=True)
+    encode = TinyPromptEncoder(pipe.transformer)
+    dfa.apply(pipe, residual_plan(pipe, family), backend="reference")
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    dfa.compile_blocks(pipe, fullgraph=True, backend=counting_backend)
+    kinds = block_kinds(pipe.transformer)
+    try:
+        with torch.no_grad():
+            compiled = generate(pipe, encode, family)
+            first = len(graphs)
+            again = generate(pipe, encode, family)
+    finally:
+        torch._dynamo.reset()
+    reference = tiny_pipeline(family)
+    reference.set_progress_bar_config(disable=True)
+    dfa.apply(reference, residual_plan(reference, family), backend="reference")
+    with torch.no_grad():
+        eager = generate(reference, encode, family)
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, compiled)
+    # per block kind: the first call (no memory yet) and the later ones; nothing compiles in the second generation.
+    # (The step programs compile one graph per block and step: 4 x 4 (SD3) and 6 x 4 (FLUX) here)
+    assert first <= 2 * kinds and len(graphs) == first
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_fused_kernel_runs_the_tables_as_the_step_programs(family):
+    """The triton backend's step-independent call (`attend_widths`: the launch table made on the device, every
+    (sample, head) launched) equals the reference's at every step of a plan, under Triton's interpreter."""
+    pytest.importorskip("triton")
+    from ditfa_optimum.runtime.backends import get_backend
+    from ditfa_optimum.runtime.tables import ModuleTable, Vocabulary
+
+    pipe = tiny_pipeline(family)
+    plan = residual_plan(pipe, family, block_size=16)
+    vocabulary = Vocabulary(plan)
+    name = plan.module_names[0]
+    table = ModuleTable(plan, name, vocabulary)
+    spec = plan.spec(name)
+    layout = spec.layout(64, 8, 16)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: Triton's interpreter (conftest)
+    table.place(device)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, spec.num_heads, layout.seq_len, 16, generator=gen).to(device) for _ in range(3))
+    for step in range(STEPS):
+        widths = vocabulary.widths(layout, 2, True, device).index_select(0, table.choice[step]).t()
+        fused = get_backend("triton", device).attend_widths(q, k, v, layout, widths, 0)
+        expected = get_backend("reference", device).attend_widths(q, k, v, layout, widths, 0)
+        computed = (widths > 0)[:, :, None, None].expand_as(q)
+        assert computed.any() and torch.allclose(fused[computed], expected[computed], atol=2e-5), step
+
+
 def _diffusers_version() -> tuple[int, ...]:
     import diffusers
 
@@ -186,11 +269,12 @@ def test_the_runtime_logs_from_inside_a_compiled_transformer(caplog):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor with the triton kernel: a GPU test")
+@pytest.mark.parametrize("mode", ["whole", "blocks"])
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_inductor_compile_with_the_triton_kernel_follows_the_plan(family):
+def test_inductor_compile_with_the_triton_kernel_follows_the_plan(family, mode):
     """What users run on a GPU: `torch.compile(transformer, fullgraph=True)` (inductor) with the fused kernel as a
     custom op, stepped as a pipeline steps it (scheduler ``step_index``), equal to eager at every step of a plan with
-    arrow, cache and (SD3) cfg_share heads."""
+    arrow, cache and (SD3) cfg_share heads; and the same with only the blocks compiled (regional compilation)."""
     import types
 
     from ditfa_optimum.runtime.transformer_hook import TRANSFORMER_HOOK
@@ -224,8 +308,38 @@ def test_inductor_compile_with_the_triton_kernel_follows_the_plan(family):
     eager = generation(model)
     torch._dynamo.reset()
     try:
-        compiled = generation(torch.compile(model, fullgraph=True))
+        if mode == "whole":
+            compiled = generation(torch.compile(model, fullgraph=True))
+        else:  # regional: the plan's step-independent form (runtime/tables.py)
+            dfa.compile_blocks(model, fullgraph=True)
+            compiled = generation(model)
     finally:
         torch._dynamo.reset()
     for step, (c, e) in enumerate(zip(compiled, eager)):  # a wrong step or cached head would differ wholesale
         assert float((c - e).norm() / e.norm()) < 1e-3, (step, float((c - e).norm() / e.norm()))
+
+
+def test_a_branch_that_starts_at_a_cached_step_is_refused_before_it_runs():
+    """The tables' finishing cannot check on the host whether a `cache` head has a stored output; the transformer hook
+    checks instead: a call whose branch ran no earlier step of the generation, at a step where the plan reads memory,
+    is refused (as the step programs refuse it in the module), and the next generation runs clean."""
+    import types
+
+    from ditfa_optimum.runtime.transformer_hook import TRANSFORMER_HOOK
+    from ditfa_optimum.tiny import tiny_inputs, tiny_transformer
+
+    model = tiny_transformer("sd3")
+    inputs = tiny_inputs(model, batch=1, height=8, width=8)
+    plan = dfa.uniform_plan(model, num_steps=STEPS, method="full", block_size=4)
+    for name in plan.module_names:
+        plan.set(name, 2, 0, "cache")
+    dfa.apply(model, plan)
+    hook = model._diffusers_hook.get_hook(TRANSFORMER_HOOK)
+    with torch.no_grad():
+        for step in (0, 1, 2):
+            hook.scheduler = types.SimpleNamespace(step_index=step)
+            model(**inputs)  # branch 0 at step 2 reads what it kept at step 1
+        with pytest.raises(RuntimeError, match=r"no earlier step of this generation"):
+            model(**inputs)  # a second call at step 2 (another branch, like SD3's skip-layer guidance): nothing kept
+    state = dfa.get_runtime(model).state
+    assert state.step == -1  # reset: the next call starts a new generation
