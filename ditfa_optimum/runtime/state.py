@@ -142,14 +142,20 @@ class StepState:
                 self.step_tensor = torch.zeros(1, dtype=torch.long, device=device)
                 self.placer(device)
         self.step_tensor.fill_(self.step)
-        if self.step in self.memory_steps and self.branch not in self._ran_branches:
+        if self.step in self.memory_steps and not self._has_memory(self.branch):
+            step = self.step
             self.reset()
             raise RuntimeError("the plan reads cached head outputs at this call (step "
-                               f"{self.step}), but its branch ran no earlier step of this generation to cache them: "
+                               f"{step}), but its branch ran no earlier step of this generation to cache them: "
                                "the step state is out of sync (call ditfa_optimum.reset_state(transformer) before a new "
                                "generation), or a second call per step (SD3 skip-layer guidance) starts at a step the "
                                "plan caches; search the plan with the pipeline's settings")
         self._ran_branches.add(self.branch)
+
+    def _has_memory(self, branch: int) -> bool:
+        """Whether ``branch`` ran an earlier step of this generation, or was handed memory (`set_head_memories`)."""
+        return (branch in self._ran_branches or any(b == branch for _, b in self._memory)
+                or any(branch in memory for memory in self.table_memories))
 
     def _advance(self) -> None:
         self.step += 1

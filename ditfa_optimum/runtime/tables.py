@@ -104,7 +104,7 @@ class ModuleTable:
         self.keeps = any(m.needs_previous_output for m in used)
         self.uses_cfg = any(isinstance(m, CfgShare) for m in used)
         self.all_full = all(m.name == "full" for m in used)
-        records = plan.residual_records(name)
+        records = list(plan.residual_records(name))  # (a generator: always true)
         self.records = None
         if records:
             table = torch.full_like(self.choice, vocabulary.none)

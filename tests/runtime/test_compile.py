@@ -123,6 +123,24 @@ def test_compiled_blocks_share_their_graphs_over_blocks_and_steps(family):
     assert first <= 2 * kinds and len(graphs) == first
 
 
+def test_only_modules_with_residual_heads_record_and_only_modules_with_cache_heads_keep():
+    """A module's tables launch the recording arrow call only when the module has `arrow_residual` heads, and keep its
+    output only when it has `cache` heads (each a second kernel launch or a whole output per module and step)."""
+    from ditfa_optimum.runtime.tables import ModuleTable, Vocabulary
+
+    pipe = tiny_pipeline("flux")
+    plan = dfa.uniform_plan(pipe, num_steps=STEPS, method="full", block_size=4)
+    first, second = plan.module_names[:2]
+    plan.set(first, 2, 0, "arrow_residual:1/2")
+    plan.set(second, 2, 0, "cache")
+    vocabulary = Vocabulary(plan)
+    recording, caching = ModuleTable(plan, first, vocabulary), ModuleTable(plan, second, vocabulary)
+    assert recording.records is not None and int((recording.records != vocabulary.none).sum()) == 1
+    assert not recording.keeps and caching.keeps and caching.records is None
+    full = dfa.uniform_plan(pipe, num_steps=STEPS, method="full", block_size=4)
+    assert ModuleTable(full, first, Vocabulary(full)).all_full and not recording.all_full
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_the_fused_kernel_runs_the_tables_as_the_step_programs(family):
     """The triton backend's step-independent call (`attend_widths`: the launch table made on the device, every
