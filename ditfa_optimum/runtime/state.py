@@ -19,6 +19,10 @@ Branches: where the pipeline names its calls with ``transformer.cache_context(na
 name is one branch with its own memory, whatever the order of the calls; otherwise the n-th call within a step is
 branch n (SD3's skip-layer guidance and FLUX true CFG make 2).
 
+After advancing, the hook hands the step to the plan's step-independent tables (`place`): a one-element tensor on
+the call's device that compiled blocks read instead of the Python step (`ditfa_optimum.runtime.tables`); `set_step`
+fills it too.
+
 `reset()` does the same explicitly (e.g. before reusing a pipeline whose first timestep could equal the last one).
 """
 
@@ -135,13 +139,14 @@ class StepState:
         notes that the hook is traced: the step is then a constant of each graph, and the modules run their step
         programs."""
         self.traced = torch.compiler.is_compiling()
-        if self.traced or self.placer is None or device is None or self.step < 0:
+        if self.traced or self.placer is None or self.step < 0:
             return
-        if self.step_tensor is None or self.step_tensor.device != device:
+        if device is not None and (self.step_tensor is None or self.step_tensor.device != device):
             with torch.inference_mode(False):  # a tensor later calls may update outside inference mode
                 self.step_tensor = torch.zeros(1, dtype=torch.long, device=device)
                 self.placer(device)
-        self.step_tensor.fill_(self.step)
+        if self.step_tensor is not None:
+            self.step_tensor.fill_(self.step)
         if self.step in self.memory_steps and not self._has_memory(self.branch):
             step = self.step
             self.reset()
@@ -178,6 +183,8 @@ class StepState:
         if not 0 <= step < self.num_steps:
             raise ValueError(f"step must be in [0, {self.num_steps}), got {step}")
         self.step, self.branch, self.calls_in_step = step, branch, branch
+        if self.step_tensor is not None:  # compiled blocks read the step from it (runtime/tables.py)
+            self.step_tensor.fill_(step)
 
     # ---------------------------------------------------------------- CFG
     def cfg(self, needed: bool) -> bool:

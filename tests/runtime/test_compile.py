@@ -361,3 +361,28 @@ def test_a_branch_that_starts_at_a_cached_step_is_refused_before_it_runs():
             model(**inputs)  # a second call at step 2 (another branch, like SD3's skip-layer guidance): nothing kept
     state = dfa.get_runtime(model).state
     assert state.step == -1  # reset: the next call starts a new generation
+
+
+def test_the_step_tensor_follows_every_way_the_step_is_set():
+    """Compiled blocks read the step from the state's device tensor: the hook fills it at every call, and so does
+    `set_step` (blocks driven by hand), so a traced block never runs a stale step."""
+    import types
+
+    from ditfa_optimum.runtime.transformer_hook import TRANSFORMER_HOOK
+    from ditfa_optimum.tiny import tiny_inputs, tiny_transformer
+
+    model = tiny_transformer("flux")
+    inputs = tiny_inputs(model, batch=1, height=8, width=8)
+    dfa.apply(model, dfa.uniform_plan(model, num_steps=STEPS, method="arrow:1/2", block_size=4))
+    state = dfa.get_runtime(model).state
+    hook = model._diffusers_hook.get_hook(TRANSFORMER_HOOK)
+    assert state.step_tensor is None  # made at the first call, on its device
+    with torch.no_grad():
+        for step in range(2):
+            hook.scheduler = types.SimpleNamespace(step_index=step)
+            model(**inputs)
+            assert state.step_tensor.tolist() == [step] and state.step_tensor.device == inputs["hidden_states"].device
+    state.set_step(3)
+    assert state.step_tensor.tolist() == [3]
+    table = dfa.get_runtime(model).tables[dfa.get_runtime(model).plan.module_names[0]]
+    assert table.choice.device == state.step_tensor.device
