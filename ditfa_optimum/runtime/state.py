@@ -76,6 +76,8 @@ class StepState:
         self.table_memories: list[dict] = []  # the tables' memory (per branch), cleared by `reset`
         self.memory_steps: frozenset[int] = frozenset()  # steps where some head reads memory (cache, residual)
         self._ran_branches: set[int] = set()
+        #: the transformer hook advanced the state when the pipeline opened the call's cache context (before the call)
+        self.advanced = False
 
     # ---------------------------------------------------------------- step tracking
     def reset(self) -> None:
@@ -84,6 +86,7 @@ class StepState:
             note(__name__, logging.INFO, "ditfa: a generation ended after step %d of the plan's %d", self.step,
                 self.num_steps)
         self.step, self.branch, self.calls_in_step, self.last_position = -1, 0, 0, None
+        self.advanced = False
         self._branches.clear()
         self._ran_branches.clear()
         self._memory.clear()

@@ -2,7 +2,8 @@
 
 At every transformer call it
 
-1. advances the step state (`StepState.on_transformer_call`) from the pipeline's cache context (the name of the call,
+1. advances the step state (where the pipeline opens a cache context before the call, already when the context opens:
+   `before_call`, eagerly, so that a compiled transformer reads no Python step) (`StepState.on_transformer_call`) from the pipeline's cache context (the name of the call,
    and its ``step_index`` where the pipeline gives one), the scheduler's ``step_index`` when `apply` got the
    pipeline, else the call's timestep;
 2. runs the guards `apply` gives it (no other step cache, no replaced processor, the pipeline's step count); a call
@@ -56,14 +57,17 @@ def _classes():
 
     class ContextProbe(StateManager):
         """Where ``transformer.cache_context(...)`` lands: diffusers calls ``set_context`` on every `StateManager`
-        of a stateful hook."""
+        of a stateful hook; ``on_context`` runs then (eagerly, before the call the context wraps)."""
 
-        def __init__(self):
+        def __init__(self, on_context: Callable[[Any], None] | None = None):
             super().__init__(_Nothing)
             self.current = None
+            self.on_context = on_context
 
         def set_context(self, context) -> None:
             self.current = context
+            if context is not None and self.on_context is not None:
+                self.on_context(context)
 
         def reset(self, *args, **kwargs) -> None:
             self.current = None
@@ -76,8 +80,31 @@ def _classes():
             super().__init__()
             self.owner = weakref.ref(owner)  # a weak reference survives copy.deepcopy unchanged
             self.state, self.read_call, self.guard, self.scheduler = state, read_call, guard, scheduler
-            self.context = ContextProbe()
+            self.context = ContextProbe(self.before_call)
             self.step_handler: StepHandler | None = None
+
+        def before_call(self, context) -> None:
+            """Advance the step state when the pipeline opens the call's cache context (FLUX's pipelines do, before
+            each transformer call), from the context's or the scheduler's ``step_index``: eagerly, outside any
+            compiled graph, so that a compiled transformer reads no Python step (`ditfa_optimum.runtime.tables`).
+            Without a step index the call advances the state itself, as before."""
+            if torch.compiler.is_compiling():
+                return
+            name, step_index = context_name_and_step(context)
+            if step_index is None and self.scheduler is not None:
+                step_index = self.scheduler.step_index
+                step_index = -1 if step_index is None else step_index
+            if step_index is None:
+                return
+            state = self.state
+            try:
+                state.on_transformer_call(None, state.text_tokens, step_index=step_index, context=name)
+                self.guard()
+                state.place(_device_of_module(self.owner(), state))
+            except BaseException:
+                state.reset()
+                raise
+            state.advanced = True  # the call this context wraps takes it (new_forward)
 
         def pre_forward(self, module, *args, **kwargs):
             # a copy.deepcopy of the transformer calls this (the original's) hook with the copy: diffusers' forward
@@ -90,13 +117,21 @@ def _classes():
             state = self.state
             try:
                 timestep, text_tokens = self.read_call(module, args, kwargs)
-                name, step_index = context_name_and_step(self.context.current)
-                if step_index is None and self.scheduler is not None:  # (it has a step_index)
-                    step_index = self.scheduler.step_index
-                    step_index = -1 if step_index is None else step_index  # None: it has not stepped yet
-                state.on_transformer_call(timestep, text_tokens, step_index=step_index, context=name)
-                self.guard()
-                state.place(_device_of(timestep, args, kwargs))
+                if state.advanced:  # `before_call` advanced, guarded and placed this call already, eagerly
+                    state.advanced = False
+                    state.text_tokens = text_tokens
+                    device = _device_of(timestep, args, kwargs)
+                    if not torch.compiler.is_compiling() and state.step_tensor is not None and device is not None \
+                            and state.step_tensor.device != device:
+                        state.place(device)  # the model moved after its context opened (an offloading hook)
+                else:
+                    name, step_index = context_name_and_step(self.context.current)
+                    if step_index is None and self.scheduler is not None:  # (it has a step_index)
+                        step_index = self.scheduler.step_index
+                        step_index = -1 if step_index is None else step_index  # None: it has not stepped yet
+                    state.on_transformer_call(timestep, text_tokens, step_index=step_index, context=name)
+                    self.guard()
+                    state.place(_device_of(timestep, args, kwargs))
                 forward = self.fn_ref.original_forward
                 if self.step_handler is not None:
                     return self.step_handler(module, forward, args, kwargs)
@@ -119,6 +154,16 @@ def _device_of(timestep, args: tuple, kwargs: dict) -> torch.device | None:
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             return value.device
+    return None
+
+
+def _device_of_module(module: torch.nn.Module | None, state: StepState) -> torch.device | None:
+    """Where a call of ``module`` will compute, known before the call: where the step tensor is, else the device of
+    its first parameter."""
+    if state.step_tensor is not None:
+        return state.step_tensor.device
+    for parameter in (module.parameters() if module is not None else ()):
+        return parameter.device
     return None
 
 

@@ -30,13 +30,14 @@ def generate(pipe, encode, family: str):
                 output_type="latent", generator=torch.Generator().manual_seed(0), **extra).images
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])  # on the CPU "auto" is `blocked`: no tables
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_fullgraph_compile_of_a_planned_transformer(family):
+def test_fullgraph_compile_of_a_planned_transformer(family, backend):
     torch._dynamo.reset()
     pipe = tiny_pipeline(family)  # compiled from its first call (nothing cached by an eager run before)
     pipe.set_progress_bar_config(disable=True)
     encode = TinyPromptEncoder(pipe.transformer)
-    dfa.apply(pipe, mixed_plan(pipe, family))
+    dfa.apply(pipe, mixed_plan(pipe, family), backend=backend)
     graphs = []
 
     def counting_backend(gm, example_inputs):
@@ -56,14 +57,20 @@ def test_fullgraph_compile_of_a_planned_transformer(family):
 
     reference = tiny_pipeline(family)  # the same weights, eager
     reference.set_progress_bar_config(disable=True)
-    dfa.apply(reference, mixed_plan(reference, family))
+    dfa.apply(reference, mixed_plan(reference, family), backend=backend)
     with torch.no_grad():
         eager = generate(reference, encode, family)
     assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-5)
     assert torch.equal(again, compiled)
-    # about one graph per step (the step and the per-head memory are Python state the traced code branches on); the
-    # second generation may add one (memory left by the first), after that nothing compiles again
-    assert 1 <= first <= STEPS + 1 and second <= first + 1
+    if family == "flux" and backend == "reference":
+        # FLUX's pipeline opens a cache context before each call: the hook advances the step there, eagerly, and the
+        # compiled transformer runs the plan's tables: two graphs (the first call finds no kept output yet)
+        assert first <= 2 and second == first
+    else:
+        # SD3's pipeline opens none (and `blocked` takes no widths tensor): the traced hook reads the step, a Python
+        # value, so about one graph per step; the second generation may add one (memory left by the first), after
+        # that nothing compiles again
+        assert 1 <= first <= STEPS + 1 and second <= first + 1
     assert len(graphs) == second
 
 
