@@ -393,3 +393,32 @@ def test_the_step_tensor_follows_every_way_the_step_is_set():
     assert state.step_tensor.tolist() == [3]
     table = dfa.get_runtime(model).tables[dfa.get_runtime(model).plan.module_names[0]]
     assert table.choice.device == state.step_tensor.device
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_compile_blocks_without_a_plan_compiles_every_block_of_the_stock_model(family):
+    """`compile_blocks` is regional compilation for any family the adapters know (SD3's class names no repeated
+    blocks for diffusers' `compile_repeated_blocks`): every block compiled, the output the stock model's."""
+    from ditfa_optimum.tiny import tiny_inputs, tiny_transformer
+
+    torch._dynamo.reset()
+    model = tiny_transformer(family)
+    inputs = tiny_inputs(model, batch=1, height=8, width=8)
+    with torch.no_grad():
+        stock = model(**inputs).sample
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    try:
+        count = dfa.compile_blocks(model, fullgraph=True, backend=counting_backend)
+        with torch.no_grad():
+            compiled = model(**inputs).sample
+    finally:
+        torch._dynamo.reset()
+    blocks = dfa.get_adapter(model).blocks(model)
+    assert count == len(blocks) and all(block._compiled_call_impl is not None for _, block in blocks)
+    assert graphs and len(graphs) <= block_kinds(model)
+    assert torch.allclose(compiled, stock, atol=1e-6)
