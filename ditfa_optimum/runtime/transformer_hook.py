@@ -117,8 +117,9 @@ def _classes():
             state = self.state
             try:
                 timestep, text_tokens = self.read_call(module, args, kwargs)
-                if state.advanced:  # `before_call` advanced, guarded and placed this call already, eagerly
-                    state.advanced = False
+                advanced = state.advanced and self.context.current is not None  # (a context left unused: stale)
+                state.advanced = False
+                if advanced:  # `before_call` advanced, guarded and placed this call already, eagerly
                     state.text_tokens = text_tokens
                     device = _device_of(timestep, args, kwargs)
                     if not torch.compiler.is_compiling() and state.step_tensor is not None and device is not None \
