@@ -1,5 +1,6 @@
-"""A plan in step-independent form, for compiled blocks (regional compilation: diffusers'
-``transformer.compile_repeated_blocks``, or ``torch.compile`` of single blocks).
+"""A plan in step-independent form, for compiled blocks (regional compilation: `ditfa_optimum.compile_blocks`,
+diffusers' ``transformer.compile_repeated_blocks``, ``torch.compile`` of single blocks) and for a whole compiled
+transformer whose pipeline opens a cache context before each call (FLUX's).
 
 Eager calls run the step program of the current step (`ditfa_optimum.runtime.headwise`): the step is a Python int,
 and each module reads its own program. Traced, that makes Dynamo compile one graph per block and step (it specializes
@@ -11,7 +12,8 @@ plan is data instead:
 * per module, a ``choice`` table ``[steps, heads]`` of vocabulary indices (and one of recorded arrows when the module
   has `arrow_residual` heads), on the device;
 * the **step** as a one-element device tensor, set before each transformer call by the plan's transformer hook, which
-  runs eagerly when only the blocks are compiled (`StepState.place`).
+  runs eagerly when only the blocks are compiled, or advances when the pipeline opens the call's cache context
+  (`StepState.place`, `ditfa_optimum.runtime.transformer_hook`).
 
 A call gathers its step's row of ``choice``, turns it into ``[B, H]`` band widths through the vocabulary's width
 table (Python ints of the layout, the same for every block), makes one backend call with those widths as a tensor
@@ -25,9 +27,9 @@ keeps outputs or records residuals), so the blocks of one kind share one graph, 
 generation compiles a handful of graphs (the first call of each branch, which finds no memory yet, is one more).
 
 Not covered (those calls run the step programs, with a graph per step): plans with 8-bit heads, backends without
-`attend_widths` (``flex``, ``blocked``), calls that need gradients, one rank's heads under context parallelism, a
-methods registered without `finish_masked`, and whole-transformer compilation, which traces the hook too (the step
-is a constant of each graph there).
+`attend_widths` (``flex``, ``blocked``), calls that need gradients, one rank's heads under context parallelism,
+methods registered without `finish_masked`, and a whole compiled transformer whose pipeline opens no cache context
+(SD3's): the hook is traced with it and reads the step, a constant of each graph there.
 """
 
 from __future__ import annotations
