@@ -36,6 +36,23 @@ def test_tiny_generation_run_skips_whole_steps(e2e, tmp_path):
     assert rows[3]["ideal"] == 2.0 and rows[3]["whole_cut"] == 0.5
 
 
+def test_tiny_run_with_compiled_blocks_writes_every_row(e2e, tmp_path):
+    """``--compile blocks``: each row compiles the blocks (inductor) and a plan row runs the plan's tables after its
+    trajectory through them (the step the runtime ran is the one reported)."""
+    out = tmp_path / "blocks.json"
+    try:
+        assert e2e.main(["--tiny", "--arch", "flux", "--compile", "blocks", "--backends", "reference", "--out",
+                         str(out)]) == 0
+    finally:
+        torch._dynamo.reset()
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["row"] for r in rows] == ["stock", "all-full plan", "plan 50%", "plan 68%"]
+    for r in rows:
+        assert r["compiled"] == "blocks" and r["output_finite"] and r["ms"] > 0
+        if r["row"].startswith("plan"):
+            assert r["runtime_step"] == r["timed_step"] and r["cache_mib"] > 0  # the tables kept outputs
+
+
 def test_spread_skips_are_valid_plans(e2e):
     for cut in (0.1, 0.3, 0.5, 0.8):
         skipped = e2e.spread_skips(28, cut)
