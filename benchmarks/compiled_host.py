@@ -36,14 +36,20 @@ import e2e  # noqa: E402
 from ditfa_optimum import apply, compile_blocks, remove  # noqa: E402
 from ditfa_optimum.runtime.transformer_hook import TRANSFORMER_HOOK  # noqa: E402
 
-def issue(model, inputs: dict, step: int, cuda: bool, rewind=None) -> float:
-    """Seconds until one call returns, the GPU idle before it."""
-    registry = getattr(model, "_diffusers_hook", None)
-    hook = registry.get_hook(TRANSFORMER_HOOK) if registry is not None else None
+def position(model, step: int, rewind=None) -> None:
+    """Put the plan back where ``rewind`` leaves it and tell its hook the call's step, as a pipeline's scheduler
+    would (no plan: nothing to do)."""
     if rewind is not None:
         rewind()
+    registry = getattr(model, "_diffusers_hook", None)
+    hook = registry.get_hook(TRANSFORMER_HOOK) if registry is not None else None
     if hook is not None:
         hook.scheduler = types.SimpleNamespace(step_index=step)
+
+
+def issue(model, inputs: dict, step: int, cuda: bool, rewind=None) -> float:
+    """Seconds until one call returns, the GPU idle before it."""
+    position(model, step, rewind)
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -56,11 +62,7 @@ def issue(model, inputs: dict, step: int, cuda: bool, rewind=None) -> float:
 
 def profile(model, inputs: dict, step: int, cuda: bool, rewind, top: int) -> str:
     profiler = cProfile.Profile()
-    if rewind is not None:
-        rewind()
-    registry = getattr(model, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(TRANSFORMER_HOOK) is not None:
-        registry.get_hook(TRANSFORMER_HOOK).scheduler = types.SimpleNamespace(step_index=step)
+    position(model, step, rewind)
     if cuda:
         torch.cuda.synchronize()
     profiler.enable()

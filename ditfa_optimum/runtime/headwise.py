@@ -28,8 +28,7 @@ from ..plan import CompressionPlan, ModuleSpec
 from .backends import Widths, check_backend_name, get_backend, needs_grad, remember
 from .log import note
 from .state import StepState
-from .tables import ModuleTable, Vocabulary, table_problem
-from . import tables
+from .tables import ModuleTable, Vocabulary, run_table, table_problem
 
 
 @dataclass(frozen=True, eq=False)  # one object per distinct program of a module (`PlanRuntime.module_programs`)
@@ -251,5 +250,5 @@ class ModuleRuntime:
         backend = get_backend(rt.backend_name, q.device)
         if not hasattr(backend, "attend_widths"):
             return None
-        return tables.run(self.table, rt.vocabulary, backend, q, k, v, self.layout(num_image_tokens, num_text_tokens),
+        return run_table(self.table, rt.vocabulary, backend, q, k, v, self.layout(num_image_tokens, num_text_tokens),
                           state.step_tensor, state.branch, state.cfg(needed=self.table.uses_cfg))

@@ -24,7 +24,6 @@ class ReferenceBackend:
                widths: torch.Tensor) -> torch.Tensor:
         return attend_by_width(q, k, v, layout, widths, masked_arrow)
 
-
     def attend_widths(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                       widths: torch.Tensor, key: int = 0) -> torch.Tensor:
         """The step-independent call (`ditfa_optimum.runtime.tables`): one SDPA call whose ``[B, H, S, S]`` mask is

@@ -153,11 +153,11 @@ class StepState:
         if self.step in self.memory_steps and not self._has_memory(self.branch):
             step = self.step
             self.reset()
-            raise RuntimeError("the plan reads cached head outputs at this call (step "
-                               f"{step}), but its branch ran no earlier step of this generation to cache them: "
-                               "the step state is out of sync (call ditfa_optimum.reset_state(transformer) before a new "
-                               "generation), or a second call per step (SD3 skip-layer guidance) starts at a step the "
-                               "plan caches; search the plan with the pipeline's settings")
+            raise RuntimeError(f"the plan reads cached head outputs at this call (step {step}), but its branch ran "
+                               "no earlier step of this generation to cache them: the step state is out of sync (call "
+                               "ditfa_optimum.reset_state(transformer) before a new generation), or a second call per "
+                               "step (SD3 skip-layer guidance) starts at a step the plan caches; search the plan with "
+                               "the pipeline's settings")
         self._ran_branches.add(self.branch)
 
     def _has_memory(self, branch: int) -> bool:

@@ -39,7 +39,7 @@ import math
 import torch
 
 from ..masks import TokenLayout
-from ..methods import AttentionMethod, CfgShare, make_method
+from ..methods import AttentionMethod, CfgShare, Full, make_method
 from ..plan import CompressionPlan
 from .backends import sdpa
 
@@ -105,7 +105,7 @@ class ModuleTable:
         self.finishers = tuple((vocabulary.index[m], m) for m in vocabulary.methods if m in used and _finishes(m))
         self.keeps = any(m.needs_previous_output for m in used)
         self.uses_cfg = any(isinstance(m, CfgShare) for m in used)
-        self.all_full = all(m.name == "full" for m in used)
+        self.all_full = all(isinstance(m, Full) for m in used)
         records = list(plan.residual_records(name))  # (a generator: always true)
         self.records = None
         if records:
@@ -130,7 +130,7 @@ def launch_table(widths: torch.Tensor) -> torch.Tensor:
     return torch.stack([order.to(torch.int32), flat.index_select(0, order)], dim=1).contiguous()
 
 
-def run(table: ModuleTable, vocabulary: Vocabulary, backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def run_table(table: ModuleTable, vocabulary: Vocabulary, backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         layout: TokenLayout, step: torch.Tensor, branch: int, cfg: bool) -> torch.Tensor:
     """One call of ``table``'s module at the step held by ``step`` (a one-element device tensor)."""
     B, H = q.shape[:2]

@@ -2,10 +2,10 @@
 
 At every transformer call it
 
-1. advances the step state (where the pipeline opens a cache context before the call, already when the context opens:
-   `before_call`, eagerly, so that a compiled transformer reads no Python step) (`StepState.on_transformer_call`) from the pipeline's cache context (the name of the call,
+1. advances the step state (`StepState.on_transformer_call`) from the pipeline's cache context (the name of the call,
    and its ``step_index`` where the pipeline gives one), the scheduler's ``step_index`` when `apply` got the
-   pipeline, else the call's timestep;
+   pipeline, else the call's timestep; where the pipeline opens a cache context before the call, it does so already
+   when the context opens (`before_call`, eagerly, so that a compiled transformer reads no Python step);
 2. runs the guards `apply` gives it (no other step cache, no replaced processor, the pipeline's step count); a call
    of a ``copy.deepcopy`` of the transformer is refused before anything moves (`COPIED`);
 3. runs the transformer, or the step handler when the plan skips whole steps (`ditfa_optimum.runtime.steps`);
@@ -90,10 +90,7 @@ def _classes():
             Without a step index the call advances the state itself, as before."""
             if torch.compiler.is_compiling():
                 return
-            name, step_index = context_name_and_step(context)
-            if step_index is None and self.scheduler is not None:
-                step_index = self.scheduler.step_index
-                step_index = -1 if step_index is None else step_index
+            name, step_index = self.position(context)
             if step_index is None:
                 return
             state = self.state
@@ -105,6 +102,15 @@ def _classes():
                 state.reset()
                 raise
             state.advanced = True  # the call this context wraps takes it (new_forward)
+
+        def position(self, context) -> tuple[str | None, int | None]:
+            """(name, step_index) of a call in ``context``: the context's step index, else the scheduler's (-1 before
+            its first step), else None."""
+            name, step_index = context_name_and_step(context)
+            if step_index is None and self.scheduler is not None:  # (it has a step_index)
+                step_index = self.scheduler.step_index
+                step_index = -1 if step_index is None else step_index  # None: it has not stepped yet
+            return name, step_index
 
         def pre_forward(self, module, *args, **kwargs):
             # a copy.deepcopy of the transformer calls this (the original's) hook with the copy: diffusers' forward
@@ -126,10 +132,7 @@ def _classes():
                             and state.step_tensor.device != device:
                         state.place(device)  # the model moved after its context opened (an offloading hook)
                 else:
-                    name, step_index = context_name_and_step(self.context.current)
-                    if step_index is None and self.scheduler is not None:  # (it has a step_index)
-                        step_index = self.scheduler.step_index
-                        step_index = -1 if step_index is None else step_index  # None: it has not stepped yet
+                    name, step_index = self.position(self.context.current)
                     state.on_transformer_call(timestep, text_tokens, step_index=step_index, context=name)
                     self.guard()
                     state.place(_device_of(timestep, args, kwargs))

@@ -137,7 +137,8 @@ class TritonBackend:
 
         if _kernel().check_inputs(q, k, v, layout.block_size):
             return get_backend("reference", q.device).attend_widths(q, k, v, layout, widths, key)
-        out, _ = _launch(q, k, v, widths.to(torch.int32), launch_table(widths.to(torch.int32)), key,
+        widths = widths.to(torch.int32)
+        out, _ = _launch(q, k, v, widths, launch_table(widths), key,
                          layout.num_image_tokens, layout.num_text_tokens, layout.image_first, layout.block_size)
         return out
 
