@@ -3,7 +3,7 @@
 __version__ = "0.1.0.dev0"
 
 from .adapters import get_adapter, register_adapter
-from .apply import apply, compile_blocks, get_runtime, remove, reset_state, uniform_plan
+from .apply import apply, compile_blocks, get_runtime, remove, reset_state, uniform_plan, use_cuda_graphs
 from .calibrate import CalibrationStats, calibrate
 from .config import DiTFastAttnConfig
 from .masks import TokenLayout, arrow_mask, window_blocks
@@ -18,6 +18,7 @@ from .verify import VerifyReport, verify_artifact
 
 __all__ = [
     "__version__", "get_adapter", "register_adapter", "apply", "compile_blocks", "get_runtime", "remove", "reset_state", "uniform_plan",
+    "use_cuda_graphs",
     "TokenLayout", "arrow_mask", "window_blocks", "AttentionMethod", "make_method", "register_method",
     "CompressionPlan", "FlopReport", "ModuleSpec", "PlanReport", "BlockSpec", "TransformerFlopReport",
     "backend_names", "register_backend",

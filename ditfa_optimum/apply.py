@@ -266,6 +266,7 @@ def remove(model) -> CompressionPlan | None:
             module.set_processor(original)
         # else: replaced after apply (set_attn_processor, an IP-adapter loader): keep what the user set
     installed.hook.remove()
+    installed.runtime.state.graphing = False  # (CUDA graphs, if any, go with the hook)
     installed.runtime.state.reset()
     delattr(transformer, _ATTR)
     return getattr(installed.runtime, "plan", None)
@@ -297,6 +298,43 @@ def compile_blocks(model, **options) -> int:
     for block in blocks:
         block.compile(**options)
     return len(blocks)
+
+
+def use_cuda_graphs(model, enabled: bool = True):
+    """Replay each call of ``model``'s planned transformer (a pipeline or the transformer) from a CUDA graph: the
+    first call of each branch runs eagerly, the second is captured, later ones replay it with one launch
+    (`ditfa_optimum.runtime.graphs`). The plan's hook stays eager around the graph: it moves the step, guards the
+    plan, skips steps. Every planned call then runs the plan's step-independent tables, eagerly too.
+
+    Returns the `StepGraphs` (its ``captures`` / ``replays`` / ``eager_calls`` count what happened), or None with
+    ``enabled=False``, which goes back to plain calls. Refused for plans the tables cannot express (8-bit heads,
+    block methods) and for the ``flex`` and ``blocked`` backends. Works with `compile_blocks` (the compiled blocks
+    are captured). Memory: one graph's activations per branch, and what the plan keeps between steps stays allocated
+    until `remove`."""
+    from .runtime.graphs import StepGraphs
+
+    installed = _installed(model)
+    runtime, hook = installed.runtime, installed.transformer_hook
+    if not isinstance(runtime, PlanRuntime):
+        raise ValueError("use_cuda_graphs replays a plan's calls; this transformer is being calibrated")
+    state = runtime.state
+    if not enabled:
+        hook.graphs, state.graphing = None, False
+        state.reset()  # (now drops the tables' memory too)
+        return None
+    problem = runtime.table_problem
+    if problem is None and runtime.plan.skips_blocks:
+        problem = "it has block methods, which each block decides on the host at every step"
+    if problem is None and runtime.backend_name in ("flex", "blocked"):
+        problem = (f"its backend {runtime.backend_name!r} takes no widths tensor (apply it with backend='triton', "
+                   "'reference' or the default)")
+    if problem is not None:
+        raise ValueError(f"this plan cannot run from CUDA graphs: {problem}. A graph replays what it captured, so "
+                         "every call must run the plan's step-independent tables (docs/runtime.md, \"CUDA graphs\")")
+    state.reset()
+    state.graphing = True
+    hook.graphs = StepGraphs(state)
+    return hook.graphs
 
 
 def uniform_plan(model, num_steps: int, method: AttentionMethod | str = "full", *, full_steps: int = 1,

@@ -200,8 +200,8 @@ class ModuleRuntime:
         text = num_text_tokens if self.spec.joint else 0
         if not 0 <= text < S:
             raise ValueError(f"module {self.spec.name!r}: {text} text tokens do not fit a joint sequence of {S}")
-        if self.table is not None and heads is None and torch.compiler.is_compiling():
-            out = self._traced_call(q, k, v, S - text, text)
+        if state.graphing or (self.table is not None and heads is None and torch.compiler.is_compiling()):
+            out = self._traced_call(q, k, v, S - text, text, heads)
             if out is not None:
                 return out
         step = state.current_step()
@@ -239,16 +239,30 @@ class ModuleRuntime:
         return out
 
     def _traced_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_image_tokens: int,
-                     num_text_tokens: int) -> torch.Tensor | None:
+                     num_text_tokens: int, heads: tuple[int, int] | None = None) -> torch.Tensor | None:
         """The call in step-independent form (`ditfa_optimum.runtime.tables`), when it applies: the blocks are
         compiled but the transformer hook ran eagerly and placed the step on q's device, no gradients, a backend with
-        `attend_widths`. None otherwise (the step program runs)."""
+        `attend_widths`. None otherwise (the step program runs). Under CUDA graphs (``state.graphing``) it always
+        applies, or raises: a step program captured in a graph would replay its step's methods at every step."""
         rt, state = self.runtime, self.runtime.state
-        if (state.traced or state.export_step is not None or state.step_tensor is None
-                or self.table.choice.device != q.device or needs_grad(q, k, v)):
-            return None
-        backend = get_backend(rt.backend_name, q.device)
-        if not hasattr(backend, "attend_widths"):
-            return None
-        return run_table(self.table, rt.vocabulary, backend, q, k, v, self.layout(num_image_tokens, num_text_tokens),
-                          state.step_tensor, state.branch, state.cfg(needed=self.table.uses_cfg))
+        problem = None
+        if self.table is None or heads is not None:
+            problem = rt.table_problem or "one rank's heads under context parallelism have no tables"
+        elif state.traced or state.export_step is not None:
+            problem = "the transformer hook itself is traced"
+        elif state.step_tensor is None or self.table.choice.device != q.device:
+            problem = "the step was not placed on the call's device"
+        elif needs_grad(q, k, v):
+            problem = "the call needs gradients"
+        backend = None if problem else get_backend(rt.backend_name, q.device)
+        if backend is not None and not hasattr(backend, "attend_widths"):
+            problem = f"the {backend.name!r} backend takes no widths tensor (use 'triton' or 'reference')"
+        if problem is None:
+            return run_table(self.table, rt.vocabulary, backend, q, k, v,
+                             self.layout(num_image_tokens, num_text_tokens), state.step_tensor, state.branch,
+                             state.cfg(needed=self.table.uses_cfg), in_place=state.graphing)
+        if state.graphing:
+            raise RuntimeError(f"module {self.spec.name!r} cannot run under CUDA graphs: {problem}. A graph replays "
+                               "what it captured, so a step program would run its step's methods at every step; "
+                               "call ditfa_optimum.use_cuda_graphs(pipe, False)")
+        return None

@@ -78,6 +78,9 @@ class StepState:
         self._ran_branches: set[int] = set()
         #: the transformer hook advanced the state when the pipeline opened the call's cache context (before the call)
         self.advanced = False
+        #: calls run the tables eagerly too, and keep their memory in place (`ditfa_optimum.runtime.graphs`: a CUDA
+        #: graph replays the writes of its capture into the same tensors); `reset` then keeps those tensors
+        self.graphing = False
 
     # ---------------------------------------------------------------- step tracking
     def reset(self) -> None:
@@ -90,8 +93,9 @@ class StepState:
         self._branches.clear()
         self._ran_branches.clear()
         self._memory.clear()
-        for memory in self.table_memories:
-            memory.clear()
+        if not self.graphing:  # (captured graphs write into these tensors; a generation never reads the last one's:
+            for memory in self.table_memories:  # the branch check in `place` refuses a read before a write)
+                memory.clear()
         self._block_memory.clear()
         self._step_memory.clear()
 
@@ -162,8 +166,7 @@ class StepState:
 
     def _has_memory(self, branch: int) -> bool:
         """Whether ``branch`` ran an earlier step of this generation, or was handed memory (`set_head_memories`)."""
-        return (branch in self._ran_branches or any(b == branch for _, b in self._memory)
-                or any(branch in memory for memory in self.table_memories))
+        return branch in self._ran_branches or any(b == branch for _, b in self._memory)
 
     def _advance(self) -> None:
         self.step += 1

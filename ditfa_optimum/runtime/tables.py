@@ -77,11 +77,20 @@ class Vocabulary:
         self.index = seen
         self.counts = tuple(counts.get(m, 0) for m in self.methods)
         self.none = len(self.methods)
+        self._widths: dict[tuple, torch.Tensor] = {}
 
     def widths(self, layout: TokenLayout, batch: int, cfg: bool, device: torch.device) -> torch.Tensor:
-        """``[entries + 1, B]`` int32: each entry's band width per sample (the last entry's all 0)."""
+        """``[entries + 1, B]`` int32: each entry's band width per sample (the last entry's all 0). Eager calls get
+        one tensor per (layout, batch, cfg, device), made once: no host-to-device copy per call, which a CUDA graph
+        capture would refuse (traced, it is a constant of the graph)."""
+        key = (layout, batch, cfg, str(device))
+        if not torch.compiler.is_compiling() and key in self._widths:
+            return self._widths[key]
         rows = [m.kernel_widths(layout, batch, cfg) for m in self.methods] + [[0] * batch]
-        return torch.tensor(rows, dtype=torch.int32, device=device)
+        tensor = torch.tensor(rows, dtype=torch.int32, device=device)
+        if not torch.compiler.is_compiling():
+            self._widths[key] = tensor
+        return tensor
 
     def tune_key(self, layout: TokenLayout, batch: int, cfg: bool) -> int:
         """The kernel's autotuning key for every step of the plan (log2 of its mean computed band width, weighted by
@@ -130,9 +139,20 @@ def launch_table(widths: torch.Tensor) -> torch.Tensor:
     return torch.stack([order.to(torch.int32), flat.index_select(0, order)], dim=1).contiguous()
 
 
+def _keep(memory: dict[str, torch.Tensor], name: str, value: torch.Tensor, in_place: bool) -> None:
+    """``memory[name] = value``; ``in_place``: written into the tensor already there (a CUDA graph's capture records
+    the write to that tensor, which its replays then update)."""
+    held = memory.get(name)
+    if in_place and held is not None and (held.shape, held.dtype, held.device) == (value.shape, value.dtype, value.device):
+        held.copy_(value)
+    else:
+        memory[name] = value.detach().clone() if in_place else value.detach()
+
+
 def run_table(table: ModuleTable, vocabulary: Vocabulary, backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        layout: TokenLayout, step: torch.Tensor, branch: int, cfg: bool) -> torch.Tensor:
-    """One call of ``table``'s module at the step held by ``step`` (a one-element device tensor)."""
+        layout: TokenLayout, step: torch.Tensor, branch: int, cfg: bool, in_place: bool = False) -> torch.Tensor:
+    """One call of ``table``'s module at the step held by ``step`` (a one-element device tensor); ``in_place``: what
+    it keeps is written into the tensors kept before (`ditfa_optimum.runtime.graphs`)."""
     B, H = q.shape[:2]
     if table.all_full:
         return sdpa(q, k, v)
@@ -141,6 +161,9 @@ def run_table(table: ModuleTable, vocabulary: Vocabulary, backend, q: torch.Tens
     row = table.choice.index_select(0, step)[0]  # [H]: this step's method of each head
     out = backend.attend_widths(q, k, v, layout, by_entry.index_select(0, row).t(), key)
     memory = table.memory.setdefault(branch, {})
+    if in_place:  # kept by an earlier generation of other shapes (a graph with them was dropped): not this one's
+        for name in [n for n, held in memory.items() if (held.shape, held.device) != (q.shape, q.device)]:
+            del memory[name]
     for index, method in table.finishers:
         out = method.finish_masked(out, (row == index).view(1, H, 1, 1), memory, cfg)
     if table.records is not None:
@@ -148,8 +171,8 @@ def run_table(table: ModuleTable, vocabulary: Vocabulary, backend, q: torch.Tens
         arrow = backend.attend_widths(q, k, v, layout, by_entry.index_select(0, recorded).t(), key)
         residual = memory.get("residual")
         residual = torch.zeros_like(out) if residual is None else residual
-        memory["residual"] = torch.where((recorded != vocabulary.none).view(1, H, 1, 1), out - arrow,
-                                         residual).detach()
+        _keep(memory, "residual", torch.where((recorded != vocabulary.none).view(1, H, 1, 1), out - arrow, residual),
+              in_place)
     if table.keeps:
-        memory["previous"] = out.detach()
+        _keep(memory, "previous", out, in_place)
     return out

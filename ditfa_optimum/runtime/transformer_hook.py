@@ -8,7 +8,8 @@ At every transformer call it
    when the context opens (`before_call`, eagerly, so that a compiled transformer reads no Python step);
 2. runs the guards `apply` gives it (no other step cache, no replaced processor, the pipeline's step count); a call
    of a ``copy.deepcopy`` of the transformer is refused before anything moves (`COPIED`);
-3. runs the transformer, or the step handler when the plan skips whole steps (`ditfa_optimum.runtime.steps`);
+3. runs the transformer, or the step handler when the plan skips whole steps (`ditfa_optimum.runtime.steps`), each
+   call replayed from a CUDA graph after `ditfa_optimum.use_cuda_graphs` (`ditfa_optimum.runtime.graphs`);
 4. resets the step state when the call raised, so the next generation starts clean.
 
 The hook is *stateful* in diffusers' sense: ``transformer.cache_context(name)`` hands it the context through a
@@ -82,6 +83,7 @@ def _classes():
             self.state, self.read_call, self.guard, self.scheduler = state, read_call, guard, scheduler
             self.context = ContextProbe(self.before_call)
             self.step_handler: StepHandler | None = None
+            self.graphs = None  # `ditfa_optimum.runtime.graphs.StepGraphs` (`ditfa_optimum.use_cuda_graphs`)
 
         def before_call(self, context) -> None:
             """Advance the step state when the pipeline opens the call's cache context (FLUX's pipelines do, before
@@ -137,6 +139,8 @@ def _classes():
                     self.guard()
                     state.place(_device_of(timestep, args, kwargs))
                 forward = self.fn_ref.original_forward
+                if self.graphs is not None:  # replayed from CUDA graphs; this hook stays eager around them
+                    forward = self.graphs.wrap(forward)
                 if self.step_handler is not None:
                     return self.step_handler(module, forward, args, kwargs)
                 return forward(*args, **kwargs)

@@ -1,0 +1,181 @@
+"""`ditfa_optimum.use_cuda_graphs`: planned transformer calls replayed from CUDA graphs (`runtime/graphs.py`).
+
+On the CPU a recording stand-in replaces the CUDA graph (a replay runs the captured call again on the graph's fixed
+inputs, nothing runs at capture, as with a graph): the tests check the slots, the fixed inputs, the eager first call,
+that what the plan keeps between steps stays in the same tensors (what a graph's replays write), and the refusals.
+The GPU test captures real graphs with the fused kernel."""
+
+import logging
+
+import pytest
+import torch
+
+import ditfa_optimum as dfa
+from ditfa_optimum.tiny import TinyPromptEncoder, tiny_pipeline
+
+STEPS = 4
+
+
+def residual_plan(pipe, family: str):
+    """Arrow, cache, CFG sharing (SD3) and an `arrow_residual` head (recorded at step 1, added at steps 2 and 3)."""
+    plan = dfa.uniform_plan(pipe, num_steps=STEPS, method="full", block_size=4)
+    for name in plan.module_names:
+        for step in range(1, STEPS):
+            plan.set(name, step, 1, "cache" if step % 2 else "arrow:1/2")
+        plan.set(name, 2, 0, "arrow_residual:1/2")
+        plan.set(name, 3, 0, "arrow_residual:1/2")
+        if family == "sd3":
+            plan.set(name, 2, 2, "cfg_share")
+            plan.set(name, 3, 3, "cfg_share")
+    return plan
+
+
+def generate(pipe, encode, family: str, size: int | None = None):
+    size = size or (64 if family == "sd3" else 128)
+    extra = {"guidance_scale": 5.0} if family == "sd3" else {}
+    return pipe(**encode(["a red cube on a blue floor"]), num_inference_steps=STEPS, height=size, width=size,
+                output_type="latent", generator=torch.Generator().manual_seed(0), **extra).images
+
+
+def recording(fn):
+    """A CPU stand-in for a CUDA graph capture: nothing runs now; each replay runs ``fn`` (on the fixed inputs)."""
+    return fn
+
+
+def graphed(pipe, plan, device_type="cpu", backend="reference"):
+    from ditfa_optimum.runtime.graphs import StepGraphs
+
+    dfa.apply(pipe, plan, backend=backend)
+    graphs = dfa.use_cuda_graphs(pipe)
+    assert isinstance(graphs, StepGraphs)
+    graphs._capture, graphs.device_type = recording if device_type == "cpu" else None, device_type
+    return graphs
+
+
+def kept_tensors(pipe) -> dict:
+    runtime = dfa.get_runtime(pipe)
+    return {(name, branch, what): t for name, table in runtime.tables.items()
+            for branch, memory in table.memory.items() for what, t in memory.items()}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_graphed_generations_equal_eager_and_keep_memory_in_place(family):
+    pipe = tiny_pipeline(family)
+    pipe.set_progress_bar_config(disable=True)
+    encode = TinyPromptEncoder(pipe.transformer)
+    graphs = graphed(pipe, residual_plan(pipe, family))
+    with torch.no_grad():
+        first = generate(pipe, encode, family)
+        assert (graphs.eager_calls, graphs.captures, graphs.replays) == (1, 1, STEPS - 1)
+        kept = {key: (t, t.data_ptr()) for key, t in kept_tensors(pipe).items()}
+        second = generate(pipe, encode, family)
+    assert (graphs.eager_calls, graphs.captures, graphs.replays) == (1, 1, 2 * STEPS - 1)
+    # a graph's replays write what the plan keeps into the tensors its capture saw: the same tensors, every step
+    assert kept and {key: (t, t.data_ptr()) for key, t in kept_tensors(pipe).items()} == kept
+    assert any("previous" in key for key in kept) and any("residual" in key for key in kept)
+
+    reference = tiny_pipeline(family)  # the same weights, eager, the step programs
+    reference.set_progress_bar_config(disable=True)
+    dfa.apply(reference, residual_plan(reference, family), backend="reference")
+    with torch.no_grad():
+        eager = generate(reference, encode, family)
+    assert torch.allclose(first, eager, atol=1e-5, rtol=1e-5)
+    assert torch.equal(second, first)
+
+    assert dfa.use_cuda_graphs(pipe, False) is None  # plain calls again, the same images
+    with torch.no_grad():
+        assert torch.allclose(generate(pipe, encode, family), eager, atol=1e-5, rtol=1e-5)
+    assert graphs.replays == 2 * STEPS - 1 and not kept_tensors(pipe)
+
+
+def test_a_changed_call_runs_eagerly_once_then_is_captured_again():
+    pipe = tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    encode = TinyPromptEncoder(pipe.transformer)
+    graphs = graphed(pipe, residual_plan(pipe, "flux"))
+    reference = tiny_pipeline("flux")
+    reference.set_progress_bar_config(disable=True)
+    dfa.apply(reference, residual_plan(reference, "flux"), backend="reference")
+    with torch.no_grad():
+        generate(pipe, encode, "flux")
+        bigger = generate(pipe, encode, "flux", size=160)
+        eager = generate(reference, encode, "flux", size=160)
+    assert (graphs.eager_calls, graphs.captures) == (2, 2)
+    assert torch.allclose(bigger, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_uncapturable_calls_run_eagerly_and_say_why(caplog):
+    pipe = tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    encode = TinyPromptEncoder(pipe.transformer)
+    dfa.apply(pipe, residual_plan(pipe, "flux"), backend="reference")
+    graphs = dfa.use_cuda_graphs(pipe)  # CUDA graphs, CPU inputs
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        out = generate(pipe, encode, "flux")
+    assert graphs.eager_calls == STEPS and graphs.captures == 0 and out.isfinite().all()
+    assert sum("not all on a cuda device" in r.getMessage() for r in caplog.records) == 1  # said once
+
+    graphs.device_type = "cpu"
+    transformer = pipe.transformer
+    inputs = dict(hidden_states=torch.randn(1, 64, transformer.config.in_channels),
+                  encoder_hidden_states=torch.randn(1, 8, transformer.config.joint_attention_dim),
+                  pooled_projections=torch.randn(1, transformer.config.pooled_projection_dim),
+                  timestep=torch.tensor([1.0]), img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(8, 3))
+    dfa.reset_state(pipe)
+    with caplog.at_level(logging.WARNING):  # gradients enabled: eagerly, tables; they refuse gradient tracking
+        with pytest.raises(RuntimeError, match="cannot run under CUDA graphs: the call needs gradients"):
+            transformer(**inputs)
+    assert any("gradients are enabled" in r.getMessage() for r in caplog.records)
+
+
+def test_plans_the_tables_cannot_express_are_refused():
+    pipe = tiny_pipeline("flux")
+    plan = residual_plan(pipe, "flux")
+    dfa.apply(pipe, plan, backend="blocked")
+    with pytest.raises(ValueError, match="backend 'blocked' takes no widths tensor"):
+        dfa.use_cuda_graphs(pipe)
+    dfa.remove(pipe)
+
+    eight = dfa.uniform_plan(pipe, num_steps=STEPS, method="full", block_size=4)
+    eight.set(eight.module_names[0], 1, 0, "full_int8")
+    dfa.apply(pipe, eight, backend="reference")
+    with pytest.raises(ValueError, match="cannot run from CUDA graphs: it computes heads in 8 bits"):
+        dfa.use_cuda_graphs(pipe)
+    dfa.remove(pipe)
+
+    blocks = dfa.uniform_plan(pipe, num_steps=STEPS, method="full", block_size=4)
+    blocks.set_block(blocks.block_names[1], 2, "block_cache")
+    dfa.apply(pipe, blocks, backend="reference")
+    with pytest.raises(ValueError, match="block methods"):
+        dfa.use_cuda_graphs(pipe)
+    dfa.remove(pipe)
+    with pytest.raises(ValueError, match="runs no ditfa plan"):
+        dfa.use_cuda_graphs(pipe)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: a GPU test")
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_cuda_graphs_replay_planned_generations(family, backend):
+    dtype = torch.float16  # (the fused kernel: fp16 / bf16)
+    pipe = tiny_pipeline(family, dtype=dtype).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    encode = TinyPromptEncoder(pipe.transformer)
+    plan = residual_plan(pipe, family)
+    graphs = graphed(pipe, plan, device_type="cuda", backend=backend)
+
+    def run():
+        embeds = {k: v.to("cuda") for k, v in encode(["a red cube on a blue floor"]).items()}
+        size = 64 if family == "sd3" else 128
+        extra = {"guidance_scale": 5.0} if family == "sd3" else {}
+        return pipe(**embeds, num_inference_steps=STEPS, height=size, width=size, output_type="latent",
+                    generator=torch.Generator("cuda").manual_seed(0), **extra).images
+
+    with torch.no_grad():
+        first, second = run(), run()
+    assert (graphs.eager_calls, graphs.captures, graphs.replays) == (1, 1, 2 * STEPS - 1)
+    dfa.use_cuda_graphs(pipe, False)
+    with torch.no_grad():
+        eager = run()
+    assert torch.allclose(first.float(), eager.float(), atol=2e-3, rtol=1e-2)
+    assert torch.equal(first, second)
