@@ -25,14 +25,18 @@ class ReferenceBackend:
         return attend_by_width(q, k, v, layout, widths, masked_arrow)
 
     def attend_widths(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
-                      widths: torch.Tensor, key: int = 0) -> torch.Tensor:
+                      widths: torch.Tensor, key: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
         """The step-independent call (`ditfa_optimum.runtime.tables`): one SDPA call whose ``[B, H, S, S]`` mask is
         made on the device from the ``[B, H]`` widths tensor (skipped pairs compute a band of one block, which the
-        runtime overwrites)."""
+        runtime overwrites). ``out``: written for the computed pairs only (skipped ones keep its values) and
+        returned."""
         pos = torch.arange(layout.seq_len, device=q.device)
         width = widths.clamp(min=1).to(torch.long)[:, :, None, None]
         keep = arrow_keep(pos[:, None], pos[None, :], layout, width)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        result = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        if out is None:
+            return result
+        return out.copy_(torch.where((widths > 0)[:, :, None, None], result, out))
 
 
 def masked_arrow(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, width: int) -> torch.Tensor:

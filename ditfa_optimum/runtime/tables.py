@@ -39,7 +39,7 @@ import math
 import torch
 
 from ..masks import TokenLayout
-from ..methods import AttentionMethod, CfgShare, Full, make_method
+from ..methods import AttentionMethod, Cache, CfgShare, Full, make_method
 from ..plan import CompressionPlan
 from .backends import sdpa
 
@@ -143,6 +143,8 @@ def _keep(memory: dict[str, torch.Tensor], name: str, value: torch.Tensor, in_pl
     """``memory[name] = value``; ``in_place``: written into the tensor already there (a CUDA graph's capture records
     the write to that tensor, which its replays then update)."""
     held = memory.get(name)
+    if held is value:  # (written in place already: the kernel's output was the kept tensor)
+        return
     if in_place and held is not None and (held.shape, held.dtype, held.device) == (value.shape, value.dtype, value.device):
         held.copy_(value)
     else:
@@ -159,12 +161,21 @@ def run_table(table: ModuleTable, vocabulary: Vocabulary, backend, q: torch.Tens
     by_entry = vocabulary.widths(layout, B, cfg, q.device)
     key = vocabulary.tune_key(layout, B, cfg)
     row = table.choice.index_select(0, step)[0]  # [H]: this step's method of each head
-    out = backend.attend_widths(q, k, v, layout, by_entry.index_select(0, row).t(), key)
     memory = table.memory.setdefault(branch, {})
     if in_place:  # kept by an earlier generation of other shapes (a graph with them was dropped): not this one's
         for name in [n for n, held in memory.items() if (held.shape, held.device) != (q.shape, q.device)]:
             del memory[name]
+    # in place and eager (CUDA graphs), the backend writes the computed heads into the kept output itself: its cached
+    # heads then hold the last step's output already (no copy in, none out), and only other finishers copy
+    previous = memory.get("previous") if in_place and table.keeps and not torch.compiler.is_compiling() else None
+    if previous is not None and (previous.dtype != q.dtype or not previous.is_contiguous()):
+        previous = None
+    widths = by_entry.index_select(0, row).t()
+    out = backend.attend_widths(q, k, v, layout, widths, key, out=previous) if previous is not None else \
+        backend.attend_widths(q, k, v, layout, widths, key)
     for index, method in table.finishers:
+        if out is previous and isinstance(method, Cache):
+            continue  # its heads were not written: they hold the last step's output
         out = method.finish_masked(out, (row == index).view(1, H, 1, 1), memory, cfg)
     if table.records is not None:
         recorded = table.records.index_select(0, step)[0]

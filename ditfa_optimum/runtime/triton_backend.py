@@ -129,17 +129,23 @@ class TritonBackend:
         return out
 
     def attend_widths(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
-                      widths: torch.Tensor, key: int) -> torch.Tensor:
+                      widths: torch.Tensor, key: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """The step-independent call (`ditfa_optimum.runtime.tables`): ``widths`` a ``[B, H]`` tensor on q's device
         (no 8-bit heads), ``key`` the autotuning key; the launch table is made on the device, every (sample, head)
-        row launched (a skipped one returns at once), so the graph does not depend on the step."""
+        row launched (a skipped one returns at once), so the graph does not depend on the step. ``out`` (eager calls
+        only): the kernel writes the computed pairs into it, skipped ones keep its values; returned."""
         from .tables import launch_table
 
         if _kernel().check_inputs(q, k, v, layout.block_size):
-            return get_backend("reference", q.device).attend_widths(q, k, v, layout, widths, key)
+            return get_backend("reference", q.device).attend_widths(q, k, v, layout, widths, key, out=out)
         widths = widths.to(torch.int32)
-        out, _ = _launch(q, k, v, widths, launch_table(widths), key,
-                         layout.num_image_tokens, layout.num_text_tokens, layout.image_first, layout.block_size)
+        common = (layout.num_image_tokens, layout.num_text_tokens, layout.image_first, layout.block_size)
+        if out is not None:
+            if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+                raise ValueError("attend_widths(out=...) writes into a tensor: eager calls only")
+            return _kernel().headwise_attention(q, k, v, widths, *common, out=out, store_lse=False,
+                                                table=launch_table(widths), key=key)[0]
+        out, _ = _launch(q, k, v, widths, launch_table(widths), key, *common)
         return out
 
     def _attend_8bit(self, q, k, v, layout: TokenLayout, widths: Widths) -> torch.Tensor:

@@ -173,6 +173,13 @@ def test_the_fused_kernel_runs_the_tables_as_the_step_programs(family):
         expected = get_backend("reference", device).attend_widths(q, k, v, layout, widths, 0)
         computed = (widths > 0)[:, :, None, None].expand_as(q)
         assert computed.any() and torch.allclose(fused[computed], expected[computed], atol=2e-5), step
+        # into a given output (CUDA graphs: the kept output): computed pairs written, skipped ones left as they were
+        for backend in ("triton", "reference"):
+            given = torch.randn(q.shape, generator=gen).to(device)
+            before = given.clone()
+            written = get_backend(backend, device).attend_widths(q, k, v, layout, widths, 0, out=given)
+            assert written is given and torch.equal(given[~computed], before[~computed]), (backend, step)
+            assert torch.allclose(given[computed], expected[computed], atol=2e-5), (backend, step)
 
 
 def _diffusers_version() -> tuple[int, ...]:
