@@ -104,6 +104,40 @@ def test_a_changed_call_runs_eagerly_once_then_is_captured_again():
     assert torch.allclose(bigger, eager, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_skipped_steps_stay_in_the_hook_around_the_graphs(family):
+    """A plan that skips a whole step (`step_taylor`): the hook extrapolates it from the graph's returned outputs
+    (copies, which the next replay does not overwrite) and calls nothing, the graph replays the computed steps."""
+    steps = 6
+
+    def plan_of(pipe):
+        plan = dfa.uniform_plan(pipe, num_steps=steps, method="full", block_size=4)
+        for name in plan.module_names:
+            plan.set(name, 1, 1, "arrow:1/2")
+            plan.set(name, 2, 1, "cache")
+        plan.set_skipped_steps([4])
+        return plan
+
+    def run(pipe):
+        size = 64 if family == "sd3" else 128
+        extra = {"guidance_scale": 5.0} if family == "sd3" else {}
+        with torch.no_grad():
+            return pipe(**encode(["a red cube on a blue floor"]), num_inference_steps=steps, height=size, width=size,
+                        output_type="latent", generator=torch.Generator().manual_seed(0), **extra).images
+
+    pipe = tiny_pipeline(family)
+    pipe.set_progress_bar_config(disable=True)
+    encode = TinyPromptEncoder(pipe.transformer)
+    graphs = graphed(pipe, plan_of(pipe))
+    first, second = run(pipe), run(pipe)
+    assert (graphs.eager_calls, graphs.captures, graphs.replays) == (1, 1, 2 * (steps - 1) - 1)
+    reference = tiny_pipeline(family)
+    reference.set_progress_bar_config(disable=True)
+    dfa.apply(reference, plan_of(reference), backend="reference")
+    eager = run(reference)
+    assert torch.allclose(first, eager, atol=1e-5, rtol=1e-5) and torch.equal(second, first)
+
+
 def test_uncapturable_calls_run_eagerly_and_say_why(caplog):
     pipe = tiny_pipeline("flux")
     pipe.set_progress_bar_config(disable=True)
