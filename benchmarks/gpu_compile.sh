@@ -27,7 +27,7 @@ if [ "${TESTS:-1}" != 0 ]; then
   echo "compile tests exit $? at $SECONDS s"
   grep -E "^(FAILED|ERROR)|^E .{0,200}|passed|failed" "$out/compile-tests.log" | head -12
 fi
-left=$((560 - SECONDS))
+left=$((${BUDGET:-560} - SECONDS))  # BUDGET: seconds this script may take (default 560)
 # shellcheck disable=SC2086  # sizes is a list
 timeout "$left" python3 benchmarks/e2e.py --compile "$mode" --overlap --arch "$arch" --sizes $sizes --backends triton \
   --warmup 3 --reps 5 --share-reps 1 --budget $((left - 90)) --out "$out/e2e-compiled-$mode-$arch.json" >"$out/e2e.log" 2>&1
