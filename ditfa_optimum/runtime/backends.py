@@ -54,7 +54,8 @@ def remember(memo, key, value):
 
 class HostCache:
     """A bounded LRU of what a backend derives on the host from a call's widths (launch tables, BlockMasks), keyed by
-    value, so that equal widths of different modules and steps share one entry."""
+    value, so that equal widths of different modules and steps share one entry (behind `Widths.derive`, which keeps
+    what a reused `Widths` needs on itself)."""
 
     def __init__(self, size: int):
         self.size = size
@@ -82,6 +83,8 @@ class Widths:
     any: bool = field(init=False, compare=False, repr=False)  # whether any (sample, head) is computed
     all_full: bool = field(init=False, compare=False, repr=False)
     quantized: bool = field(init=False, compare=False, repr=False)  # any (sample, head) in 8 bits (negative width)
+    #: what backends derived from these widths (device tensors, masks), by backend and device (`derive`)
+    derived: dict = field(init=False, compare=False, repr=False, default_factory=dict)
 
     def __post_init__(self):
         flat = [w for row in self.rows for w in row]
@@ -96,6 +99,13 @@ class Widths:
             return widths
         rows = widths.tolist() if isinstance(widths, torch.Tensor) else widths
         return cls(tuple(tuple(int(w) for w in row) for row in rows), full)
+
+    def derive(self, key, make: Callable[[], object]):
+        """What a backend derives from these widths (``make()``), kept on them under ``key``: the runtime builds one
+        `Widths` per (module program, shape) and reuses it, so a generation derives each once, however many distinct
+        width tables the plan has (a bounded cache shared by all of them would miss on every call of a long plan)."""
+        found = self.derived.get(key)
+        return found if found is not None else remember(self.derived, key, make())
 
     def split(self) -> tuple["Widths", "Widths"]:
         """``(plain, eight)``: the pairs computed in the inputs' dtype, and the 8-bit ones as positive widths (the

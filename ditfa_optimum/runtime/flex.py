@@ -90,8 +90,9 @@ class FlexBackend:
 
     def block_mask(self, layout: TokenLayout, widths: Widths, device: torch.device):
         """The BlockMask of ``widths`` on ``device``, cached by value (`HostCache`: no device read per call)."""
-        return self._masks.get((layout, widths.rows, str(device)),
-                               lambda: arrow_block_mask(layout, widths.tensor(device, torch.int64)))
+        key = (layout, widths.rows, str(device))
+        return widths.derive(("flex", layout, str(device)), lambda: self._masks.get(
+            key, lambda: arrow_block_mask(layout, widths.tensor(device, torch.int64))))
 
     def _flex(self, device: torch.device):
         from torch.nn.attention.flex_attention import flex_attention

@@ -95,8 +95,8 @@ class TritonBackend:
     def device_widths(self, widths, device: torch.device, drop_skipped: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``widths`` as int32 on ``device``, its launch table (``drop_skipped``: only the computed pairs' rows) and
-        its autotuning key, made on the host from the rows and cached by value (`HostCache`: no copy, sort or device
-        sync per call)."""
+        its autotuning key, made on the host from the rows once per `Widths` (`Widths.derive`; equal rows share one
+        by value, `HostCache`): no copy, sort or device sync per call."""
         widths = Widths.of(widths, 0)  # (full attention plays no part here)
 
         def make():
@@ -104,7 +104,8 @@ class TritonBackend:
                     _kernel().launch_table(widths.rows, drop_skipped=drop_skipped).to(device),
                     _kernel().tune_key(widths.rows))
 
-        return self._widths.get((widths.rows, str(device), drop_skipped), make)
+        key = (widths.rows, str(device), drop_skipped)
+        return widths.derive(("triton", str(device), drop_skipped), lambda: self._widths.get(key, make))
 
     def _fallback(self, reason: str, q: torch.Tensor):
         if reason not in self._warned:

@@ -153,6 +153,42 @@ def test_host_cache_shares_equal_keys_and_keeps_at_most_its_size():
     assert made == ["a", "c", "d", "c again"]
 
 
+def test_a_plan_with_more_width_tables_than_the_cache_derives_each_once(monkeypatch):
+    """The triton backend's launch tables live on the runtime's `Widths` (one per module program and shape): a plan
+    with more distinct width tables than the shared cache holds derived every table again at every call of every
+    generation (an LRU read in order always misses), a host-to-device copy per call that made eager 1K trajectories
+    host-bound on an H200."""
+    pytest.importorskip("triton")
+    import ditfa_optimum as dfa
+    from ditfa_optimum.kernels import headwise_attention as kernel
+    from ditfa_optimum.runtime import backends
+    from ditfa_optimum.tiny import tiny_inputs, tiny_transformer
+
+    model = tiny_transformer("flux")
+    steps = 3
+    plan = dfa.uniform_plan(model, num_steps=steps, block_size=16)
+    for i, name in enumerate(plan.module_names):  # a distinct width table per (module, step)
+        for step in range(1, steps):
+            plan.set(name, step, (i + step) % 2, "arrow:1/2")
+    dfa.apply(model, plan, backend="triton")
+    backends._BACKENDS["triton"]._widths.size = 1  # the shared cache holds one table
+    made = []
+    original = kernel.launch_table
+    monkeypatch.setattr(kernel, "launch_table", lambda *a, **k: made.append(1) or original(*a, **k))
+    inputs = tiny_inputs(model, batch=1, height=8, width=8, text_tokens=16)
+    try:
+        with torch.no_grad():
+            for generation in range(2):
+                for step in range(steps):
+                    model(**{**inputs, "timestep": inputs["timestep"] * 0 + 1 - step / steps})
+                if generation == 0:
+                    first = len(made)
+    finally:
+        backends._BACKENDS["triton"]._widths.size = 256
+    distinct = sum(len({id(p) for p in dfa.get_runtime(model).programs[n][1:]}) for n in plan.module_names)
+    assert 0 < first <= distinct and len(made) == first  # the second generation derives nothing
+
+
 def test_calls_that_need_gradients_get_a_differentiable_backend(monkeypatch, caplog):
     """Training through a plan on CUDA failed in diffusers' own training tests: "auto" chose the fused kernel (no
     backward) or FlexAttention (its BlockMask lacks the backward's query blocks). With gradients needed, "auto" skips
