@@ -22,9 +22,9 @@ if [ "${TESTS:-1}" != 0 ]; then
   echo "graph tests exit $? at $SECONDS s"
   grep -E "^(FAILED|ERROR)|^E .{0,200}|passed|failed" "$out/graph-tests.log" | head -12
 fi
-left=$((570 - SECONDS))
+left=$((${BUDGET:-570} - SECONDS))  # BUDGET: seconds this script may take; REPS: timed trajectories per row
 # shellcheck disable=SC2086  # sizes is a list
-timeout "$left" python3 benchmarks/cuda_graphs.py --arch "$arch" --sizes $sizes --budget $((left - 100)) \
+timeout "$left" python3 benchmarks/cuda_graphs.py --arch "$arch" --sizes $sizes --budget $((left - 100)) --reps "${REPS:-3}" \
   --out "$out/cuda-graphs.json" >"$out/graphs.log" 2>&1
 echo "graphs exit $? at $SECONDS s"
 grep -E "^\||stopped|Error" "$out/graphs.log" | head -24
