@@ -139,7 +139,7 @@ def rows_of(arch: str, size: int, args, device, emit) -> None:
                     stock_ms, stock_graph_ms = (stock_ms, ms) if graphed else (ms, stock_graph_ms)
                 emit(dict(common, row=name, graphs=graphed, **row,
                           speedup_vs_stock_eager=stock_ms / ms,
-                          speedup_vs_stock_graphs=None if stock_graph_ms is None or not graphed else stock_graph_ms / ms,
+                          speedup_vs_stock_graphs=stock_graph_ms / ms if graphed and stock_graph_ms else None,
                           idle_host_us_per_attention_call=row["idle_host_ms_per_step"] * 1e3 / modules,
                           captures=None if graphs is None else graphs.captures,
                           replays=None if graphs is None else graphs.replays,

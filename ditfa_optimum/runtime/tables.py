@@ -145,7 +145,8 @@ def _keep(memory: dict[str, torch.Tensor], name: str, value: torch.Tensor, in_pl
     held = memory.get(name)
     if held is value:  # (written in place already: the kernel's output was the kept tensor)
         return
-    if in_place and held is not None and (held.shape, held.dtype, held.device) == (value.shape, value.dtype, value.device):
+    same = held is not None and (held.shape, held.dtype, held.device) == (value.shape, value.dtype, value.device)
+    if in_place and same:
         held.copy_(value)
     else:
         memory[name] = value.detach().clone() if in_place else value.detach()
