@@ -309,8 +309,8 @@ def use_cuda_graphs(model, enabled: bool = True):
     Returns the `StepGraphs` (its ``captures`` / ``replays`` / ``eager_calls`` count what happened), or None with
     ``enabled=False``, which goes back to plain calls. Refused for plans the tables cannot express (8-bit heads,
     block methods) and for the ``flex`` and ``blocked`` backends. Works with `compile_blocks` (the compiled blocks
-    are captured). Memory: one graph's activations per branch, and what the plan keeps between steps stays allocated
-    until `remove`."""
+    are captured; not yet timed on a GPU). Memory: one graph's activations per branch, and what the plan keeps
+    between steps stays allocated until ``use_cuda_graphs(model, False)`` or `remove`."""
     from .runtime.graphs import StepGraphs
 
     installed = _installed(model)
