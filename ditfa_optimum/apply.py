@@ -333,7 +333,7 @@ def use_cuda_graphs(model, enabled: bool = True):
                          "every call must run the plan's step-independent tables (docs/runtime.md, \"CUDA graphs\")")
     state.reset()
     state.graphing = True
-    hook.graphs = StepGraphs(state)
+    hook.graphs = StepGraphs(state, model=_split(model)[0])
     return hook.graphs
 
 

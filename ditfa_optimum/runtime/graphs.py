@@ -82,12 +82,18 @@ class StepGraphs:
         state: the plan's step state (its ``branch`` and ``calls_in_step`` name a call's slot; None: one slot).
         capture: how a call is recorded (default: CUDA graphs sharing one memory pool).
         device_type: where the inputs of a captured call live (tests record CPU calls with another ``capture``).
+        model: the module whose calls are replayed: a few of its parameters' addresses join each graph's signature,
+            so weights moved since the capture (CPU offloading) make the call run eagerly and be captured anew,
+            never replay a graph that reads memory the weights left.
     """
 
-    def __init__(self, state: StepState | None = None, capture: Capture | None = None, device_type: str = "cuda"):
+    def __init__(self, state: StepState | None = None, capture: Capture | None = None, device_type: str = "cuda",
+                 model: torch.nn.Module | None = None):
         self.state = state
         self._capture = capture
         self.device_type = device_type
+        params = [] if model is None else list(model.parameters())
+        self._watched = [params[i] for i in sorted({0, len(params) // 2, len(params) - 1})] if params else []
         self.graphs: dict[tuple, _Graph] = {}
         self._warmed: dict[tuple, tuple] = {}  # slot -> signature of its eager first call
         self._warned: set[str] = set()
@@ -116,7 +122,8 @@ class StepGraphs:
         odd = [type(x).__name__ for x in leaves if not isinstance(x, (torch.Tensor, *plain))]
         if odd:
             return self._eager(forward, args, kwargs, f"it passes {odd[0]} values, which a graph cannot tell apart")
-        signature = (spec, [x for x in leaves if not isinstance(x, torch.Tensor)], [_meta(x) for x in tensors])
+        signature = (spec, [x for x in leaves if not isinstance(x, torch.Tensor)], [_meta(x) for x in tensors],
+                     [p.data_ptr() for p in self._watched])
         state = self.state
         slot = (0, False) if state is None else (state.branch, state.calls_in_step > 0)
         step_tensor = None if state is None else state.step_tensor

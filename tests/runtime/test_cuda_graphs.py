@@ -163,6 +163,21 @@ def test_skipped_steps_stay_in_the_hook_around_the_graphs(family):
     assert torch.allclose(first, eager, atol=1e-5, rtol=1e-5) and torch.equal(second, first)
 
 
+def test_moved_weights_are_captured_again_never_replayed_stale():
+    """A graph reads the weights where its capture found them: weights moved since (CPU offloading puts them back
+    elsewhere) make the next call run eagerly and the one after capture anew."""
+    pipe = tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    encode = TinyPromptEncoder(pipe.transformer)
+    graphs = graphed(pipe, residual_plan(pipe, "flux"))
+    first = generate(pipe, encode, "flux")
+    for p in pipe.transformer.parameters():  # every weight to a new address, the same values
+        p.data = p.data.clone()
+    again = generate(pipe, encode, "flux")
+    assert (graphs.eager_calls, graphs.captures) == (2, 2)
+    assert torch.allclose(again, first, atol=1e-6)
+
+
 def test_uncapturable_calls_run_eagerly_and_say_why(caplog):
     pipe = tiny_pipeline("flux")
     pipe.set_progress_bar_config(disable=True)
