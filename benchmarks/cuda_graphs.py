@@ -25,7 +25,6 @@ import json
 import statistics
 import sys
 import time
-import types
 from datetime import date
 from pathlib import Path
 
@@ -35,18 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "benchmarks")) if p not in sys.path]
 
 import e2e  # noqa: E402
+from compiled_host import position as tell_step  # noqa: E402  (tells the plan's hook the step, as a scheduler)
 
 from ditfa_optimum import apply, get_adapter, remove, uniform_plan, use_cuda_graphs  # noqa: E402
 from ditfa_optimum.runtime.graphs import StepGraphs  # noqa: E402
-from ditfa_optimum.runtime.transformer_hook import TRANSFORMER_HOOK  # noqa: E402
-
-
-def tell_step(model, step: int) -> None:
-    """Tell the plan's hook the call's step as a pipeline's scheduler would (no plan: nothing to do)."""
-    registry = getattr(model, "_diffusers_hook", None)
-    hook = registry.get_hook(TRANSFORMER_HOOK) if registry is not None else None
-    if hook is not None:
-        hook.scheduler = types.SimpleNamespace(step_index=step)
 
 
 def trajectory(model, call, steps: list[dict], cuda: bool) -> tuple[float, float, torch.Tensor]:
