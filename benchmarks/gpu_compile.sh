@@ -2,8 +2,6 @@
 # Issue 18 on a GPU machine, one device call: the GPU compile tests (inductor with the fused kernel, SD3 and FLUX),
 # then the compiled step rows (stock, all-full plan, 50% and 68% plans) timed per call and back to back
 # (`e2e.py --compile --overlap`). Logs and JSON go to $OUT (or /tmp/compile-out), written as they come.
-#   bash ../shared/gpu/prepare-wheels.sh cache-dit==1.5.3 pytest-xdist execnet pytest-timeout hypothesis \
-#       sortedcontainers attrs jsonschema jsonschema-specifications referencing rpds-py torchao==0.18.0
 #   bash benchmarks/gpu_compile.sh [whole|blocks] [sd3|flux] [SIZE ...]   # on the GPU machine, .whl/ carried; ~9 min
 # whole: torch.compile of the transformer; blocks: each block compiled (ditfa_optimum.compile_blocks, regional).
 # A whole FLUX.1-dev row compiles the 57-block model from scratch (about a minute): one size per call for FLUX.
@@ -16,11 +14,7 @@ arch=${1:-sd3}
 shift || true
 sizes=${*:-1024}
 mkdir -p "$out"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >"$out/pip.log" 2>&1 || { tail -5 "$out/pip.log"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+source benchmarks/gpu_prelude.sh "$out/pip.log"
 if [ "${TESTS:-1}" != 0 ]; then
   timeout 330 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider tests/runtime/test_compile.py \
     -k "inductor or tables" >"$out/compile-tests.log" 2>&1

@@ -3,8 +3,6 @@
 # kernels (fbgemm-gpu-genai: one fused per-row quantization per activation in eager mode, where torchao's own path runs
 # about six kernels per layer), and the step table at 2048², eager, and compiled for stock, FP8 linears and plan + FP8
 # linears (what FP8 and the plan each add when compiled). Logs and JSON go to $OUT (or /tmp/fp8-out), written as they come.
-#   bash ../shared/gpu/prepare-wheels.sh cache-dit==1.5.3 pytest-xdist execnet pytest-timeout hypothesis \
-#       sortedcontainers attrs jsonschema jsonschema-specifications referencing rpds-py torchao==0.18.0
 #   pip download fbgemm-gpu-genai==1.6.0 --no-deps --python-version 3.12 --only-binary=:all: \
 #       --platform manylinux_2_28_x86_64 -d .whl      # optional: the fused eager path (35 MB; the carry takes 64 MiB)
 #   bash benchmarks/gpu_fp8.sh [sd3|flux] [compiled]  # on the GPU machine, .whl/ carried; about 9 minutes
@@ -15,11 +13,7 @@ arch=${1:-sd3}
 rows=(--compiled-rows stock "fp8 linears" "plan + fp8 linears")
 [ "${2:-}" = compiled ] && rows=(--compiled-rows stock plan "fp8 linears" "plan + fp8 linears" --eager-rows)
 mkdir -p "$out"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >"$out/pip.log" 2>&1 || { tail -5 "$out/pip.log"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+source benchmarks/gpu_prelude.sh "$out/pip.log"
 timeout 120 python3 -m pytest -q -rfEs --tb=short -n 4 -p no:cacheprovider tests/test_fp8_linears.py \
   tests/test_artifact_weights.py >"$out/tests.log" 2>&1
 echo "tests exit $? at $SECONDS s"

@@ -2,8 +2,6 @@
 # Issue 18 on a GPU machine, one device call: the CUDA-graph GPU tests (tiny SD3 and FLUX pipelines, fused kernel and
 # reference, real captures), then `cuda_graphs.py` (whole 28-step trajectories, stock and plans, eager and from
 # graphs). Logs and JSON go to $OUT (or /tmp/graphs-out), written as they come.
-#   bash ../shared/gpu/prepare-wheels.sh cache-dit==1.5.3 pytest-xdist execnet pytest-timeout hypothesis \
-#       sortedcontainers attrs jsonschema jsonschema-specifications referencing rpds-py torchao==0.18.0
 #   bash benchmarks/gpu_graphs.sh [sd3|flux|both] [SIZE ...]     # on the GPU machine, .whl/ carried; ~6 min at 1024
 set -uo pipefail
 out=${OUT:-/tmp/graphs-out}
@@ -11,11 +9,7 @@ arch=${1:-both}
 shift || true
 sizes=${*:-1024}
 mkdir -p "$out"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >"$out/pip.log" 2>&1 || { tail -5 "$out/pip.log"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+source benchmarks/gpu_prelude.sh "$out/pip.log"
 if [ "${TESTS:-1}" != 0 ]; then
   timeout 200 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider tests/runtime/test_cuda_graphs.py \
     >"$out/graph-tests.log" 2>&1

@@ -3,17 +3,11 @@
 # included), the host time per attention call (`host_time.py`, with a profile of where it goes), then the eager
 # step rows at 1024² (`e2e.py`, triton backend), where host time decides the speed-up. Logs and JSON go to $OUT
 # (or /tmp/host-out), written as they come.
-#   bash ../shared/gpu/prepare-wheels.sh cache-dit==1.5.3 pytest-xdist execnet pytest-timeout hypothesis \
-#       sortedcontainers attrs jsonschema jsonschema-specifications referencing rpds-py torchao==0.18.0
 #   bash benchmarks/gpu_host.sh          # on the GPU machine, .whl/ carried; about 9 minutes
 set -uo pipefail
 out=${OUT:-/tmp/host-out}
 mkdir -p "$out"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >"$out/pip.log" 2>&1 || { tail -5 "$out/pip.log"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+source benchmarks/gpu_prelude.sh "$out/pip.log"
 # (the inductor compile tests, minutes on a GPU, are benchmarks/gpu_compile.sh's)
 timeout 260 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider -k "not inductor" tests/kernels tests/runtime \
   tests/test_fp8_attention.py "tests/test_parallel.py::test_a_rank_runs_its_share_of_the_heads_as_the_whole_plan_does" \

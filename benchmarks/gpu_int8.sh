@@ -3,8 +3,6 @@
 # table (`fp8_kernel.py --quick`: 8-bit heads against bf16 heads at 2K, with the pre-pass) and the eager step rows of
 # the 50% and 68% plans with and without their full heads in 8 bits (`e2e.py --int8`). Logs and JSON go to $OUT (or
 # /tmp/int8-out), written as they come.
-#   bash ../shared/gpu/prepare-wheels.sh cache-dit==1.5.3 pytest-xdist execnet pytest-timeout hypothesis \
-#       sortedcontainers attrs jsonschema jsonschema-specifications referencing rpds-py torchao==0.18.0
 #   bash benchmarks/gpu_int8.sh [sd3|flux|both] [SIZE ...]   # on the GPU machine, .whl/ carried; about 8 minutes
 set -uo pipefail
 out=${OUT:-/tmp/int8-out}
@@ -12,11 +10,7 @@ arch=${1:-both}
 shift || true
 sizes=${*:-2048}
 mkdir -p "$out"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >"$out/pip.log" 2>&1 || { tail -5 "$out/pip.log"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+source benchmarks/gpu_prelude.sh "$out/pip.log"
 timeout 150 python3 -m pytest -q -rfEs --tb=short -n 4 -p no:cacheprovider tests/kernels/test_quantized_heads.py \
   tests/runtime/test_int8_heads.py tests/test_fp8_attention.py >"$out/tests.log" 2>&1
 echo "tests exit $? at $SECONDS s"

@@ -1,15 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite on a CUDA machine: every device-dependent test runs on the CPU and on CUDA (tests/conftest.py
 # `device`), the fused kernel compiles for the GPU. Run from the repository root:
-#   bash ../shared/gpu/prepare-wheels.sh cache-dit==1.5.3 pytest-xdist execnet pytest-timeout hypothesis \
-#       sortedcontainers attrs jsonschema jsonschema-specifications referencing rpds-py  # wheels the GPU image lacks
 #   bash benchmarks/gpu_tests.sh [pytest arguments]                  # on the GPU machine, .whl/ carried along
 set -uo pipefail
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+source benchmarks/gpu_prelude.sh
 python3 - <<'EOF'
 import diffusers, torch, triton
 print(f"torch {torch.__version__}, triton {triton.__version__}, diffusers {diffusers.__version__}, "
