@@ -2,6 +2,7 @@
 
     python benchmarks/cuda_graphs.py --arch both --sizes 1024      # GPU: full-size architectures, random weights
     python benchmarks/cuda_graphs.py --tiny                        # CPU smoke run (tiny models, a stand-in capture)
+    python benchmarks/cuda_graphs.py --arch sd3 --rows "plan 50%" --no-graphs --diagnose DIR   # where host time goes
 
 Per architecture and size the rows are stock, the all-full plan and `benchmarks/e2e.py`'s 50% and 68% mixed plans,
 each run eagerly and from CUDA graphs. Stock's graphs are the same `StepGraphs` around the bare transformer. Each row
@@ -20,7 +21,12 @@ script's plumbing is checked there.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
+import pstats
+import traceback
+import warnings
 import json
 import statistics
 import sys
@@ -76,6 +82,41 @@ def idle_host(model, call, steps: list[dict], cuda: bool) -> list[float]:
     return times
 
 
+def diagnose(model, call, steps: list[dict], cuda: bool, path: Path) -> None:
+    """One more trajectory with the GPU idle before each call, under cProfile and (CUDA) torch's sync debug mode:
+    writes where the host's time goes and every place a call waited for the GPU (a synchronising CUDA call: a host
+    read of a device value, a copy from pageable memory), with its stack, to ``path``."""
+    waits: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            stack = "".join(traceback.format_stack(limit=9)[:-1])
+            waits[stack] = waits.get(stack, 0) + 1
+
+    profiler = cProfile.Profile()
+    previous = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            profiler.enable()
+            idle_host(model, call, steps, cuda)
+            profiler.disable()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = previous
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    text.write(f"\n{sum(waits.values())} synchronising calls in {len(steps)} transformer calls\n")
+    for stack, count in sorted(waits.items(), key=lambda kv: -kv[1]):
+        text.write(f"\n--- {count} x\n{stack}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue())
+
+
 def run_row(model, call, steps, args, cuda: bool) -> dict:
     for _ in range(args.warmup):
         trajectory(model, call, steps, cuda)
@@ -100,11 +141,16 @@ def rows_of(arch: str, size: int, args, device, emit) -> None:
     plans = [("stock", None), ("all-full plan", uniform_plan(model, e2e.NUM_STEPS, block_size=block_size))]
     plans += [(f"plan {t:.0%}", e2e.mixed_plan(model, t, image_tokens, text_tokens, block_size, cfg))
               for t in e2e.TARGET_CUTS]
+    if args.rows:
+        unknown = set(args.rows) - {name for name, _ in plans}
+        if unknown:
+            raise SystemExit(f"--rows: no row named {sorted(unknown)}; rows: {[name for name, _ in plans]}")
+        plans = [(name, plan) for name, plan in plans if name in args.rows or name == "stock"]
     stock_ms = stock_graph_ms = None
     try:
         for name, plan in plans:
             eager_out = None
-            for graphed in (False, True):
+            for graphed in (False, True) if args.graphs else (False,):
                 if time.perf_counter() > args.deadline:
                     raise e2e.OutOfBudget(f"time budget spent before {arch} {size} {name}")
                 graphs = None
@@ -119,6 +165,9 @@ def rows_of(arch: str, size: int, args, device, emit) -> None:
                 call = graphs.wrap(model) if plan is None and graphed else model
                 try:
                     row = run_row(model, call, steps, args, cuda)
+                    if args.diagnose and not graphed:
+                        slug = name.replace(" ", "-").replace("%", "")
+                        diagnose(model, call, steps, cuda, Path(args.diagnose) / f"{arch}-{size}-{slug}.txt")
                 finally:
                     if plan is not None:
                         remove(model)
@@ -171,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=480.0, help="start no row after this many seconds")
     parser.add_argument("--tiny", action="store_true", help="CPU run on the tiny models")
     parser.add_argument("--out", help="JSON path (default docs/benchmarks/cuda-graphs-<date>-<card>.json)")
+    parser.add_argument("--rows", nargs="+", help="only these rows (stock always runs: the baseline)")
+    parser.add_argument("--no-graphs", dest="graphs", action="store_false", help="eager rows only")
+    parser.add_argument("--diagnose", metavar="DIR", help="per eager row, a profile of one more trajectory and every "
+                        "call that waited for the GPU, with its stack, in DIR/<arch>-<size>-<row>.txt")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         parser.error("the full-size runs need a CUDA GPU; use --tiny on the CPU")

@@ -10,6 +10,7 @@ import torch
 
 import ditfa_optimum as dfa
 from ditfa_optimum.tiny import TinyPromptEncoder, tiny_pipeline
+from plan_helpers import residual_plan
 
 STEPS = 4
 
@@ -72,20 +73,6 @@ def test_fullgraph_compile_of_a_planned_transformer(family, backend):
         # that nothing compiles again
         assert 1 <= first <= STEPS + 1 and second <= first + 1
     assert len(graphs) == second
-
-
-def residual_plan(pipe, family: str, block_size: int = 4):
-    """Arrow, cache, CFG sharing (SD3) and an `arrow_residual` head (recorded at step 1, added at steps 2 and 3)."""
-    plan = dfa.uniform_plan(pipe, num_steps=STEPS, method="full", block_size=block_size)
-    for name in plan.module_names:
-        for step in range(1, STEPS):
-            plan.set(name, step, 1, "cache" if step % 2 else "arrow:1/2")
-        plan.set(name, 2, 0, "arrow_residual:1/2")
-        plan.set(name, 3, 0, "arrow_residual:1/2")
-        if family == "sd3":
-            plan.set(name, 2, 2, "cfg_share")
-            plan.set(name, 3, 3, "cfg_share")
-    return plan
 
 
 def block_kinds(transformer) -> int:

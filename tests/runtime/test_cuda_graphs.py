@@ -12,22 +12,9 @@ import torch
 
 import ditfa_optimum as dfa
 from ditfa_optimum.tiny import TinyPromptEncoder, tiny_pipeline
+from plan_helpers import residual_plan
 
 STEPS = 4
-
-
-def residual_plan(pipe, family: str):
-    """Arrow, cache, CFG sharing (SD3) and an `arrow_residual` head (recorded at step 1, added at steps 2 and 3)."""
-    plan = dfa.uniform_plan(pipe, num_steps=STEPS, method="full", block_size=4)
-    for name in plan.module_names:
-        for step in range(1, STEPS):
-            plan.set(name, step, 1, "cache" if step % 2 else "arrow:1/2")
-        plan.set(name, 2, 0, "arrow_residual:1/2")
-        plan.set(name, 3, 0, "arrow_residual:1/2")
-        if family == "sd3":
-            plan.set(name, 2, 2, "cfg_share")
-            plan.set(name, 3, 3, "cfg_share")
-    return plan
 
 
 def generate(pipe, encode, family: str, size: int | None = None):
