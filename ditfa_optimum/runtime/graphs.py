@@ -18,6 +18,14 @@ memory. The hook itself (step, branch, guards, skipped steps) runs eagerly aroun
 Calls that cannot be captured run eagerly, with one warning each why: inputs not on a CUDA device, calls that track
 gradients, inputs that are neither tensors nor plain values. A call whose shapes or non-tensor inputs differ from the
 branch's graph runs eagerly once and is captured again at the next call.
+
+A graph replays the kernels its capture launched, with the Python state of that moment baked in. So is anything that
+would change what a call computes without changing its inputs: weights moved since (CPU offloading: a few
+parameters' addresses), any module, parameter or buffer registered anywhere since (a LoRA loaded or unloaded,
+weights swapped: torch's global registration hooks count them), and the state of the model's adapter layers (PEFT's
+LoRA: active adapters, their scales from ``set_adapters``, enabled or not, merged or not). Any change makes the next
+call run eagerly and be captured again, never replay a stale graph. Python the call runs that none of these see (a
+forward hook added to a block after the capture) runs at the captures only.
 """
 
 from __future__ import annotations
@@ -54,6 +62,39 @@ def cuda_capture(pool) -> Capture:
     return capture
 
 
+#: how many modules, parameters and buffers have been registered on any module since the first `StepGraphs`
+#: (torch's global registration hooks, installed then): a LoRA loaded into a captured model changes it
+_REGISTRATIONS = [0]
+_COUNTING: list = []
+
+
+def _count_registration(*_args) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+def _count_registrations() -> None:
+    if not _COUNTING:
+        from torch.nn.modules import module
+
+        _COUNTING.extend(hook(_count_registration) for hook in (module.register_module_module_registration_hook,
+                                                                module.register_module_parameter_registration_hook,
+                                                                module.register_module_buffer_registration_hook))
+
+
+def _adapter_layers(model: torch.nn.Module | None) -> list:
+    """The model's adapter layers (PEFT's tuner layers: LoRA and its kin), whose Python state a graph bakes in."""
+    if model is None:
+        return []
+    return [m for m in model.modules() if hasattr(m, "merged_adapters") and hasattr(m, "_disable_adapters")]
+
+
+def _adapter_state(layer) -> tuple:
+    active = getattr(layer, "_active_adapter", None)
+    scaling = getattr(layer, "scaling", None)
+    return (tuple(active) if isinstance(active, list) else active, layer._disable_adapters,
+            tuple(layer.merged_adapters), tuple(scaling.items()) if isinstance(scaling, dict) else None)
+
+
 def _meta(x: torch.Tensor) -> tuple:
     return tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x.requires_grad
 
@@ -82,9 +123,10 @@ class StepGraphs:
         state: the plan's step state (its ``branch`` and ``calls_in_step`` name a call's slot; None: one slot).
         capture: how a call is recorded (default: CUDA graphs sharing one memory pool).
         device_type: where the inputs of a captured call live (tests record CPU calls with another ``capture``).
-        model: the module whose calls are replayed: a few of its parameters' addresses join each graph's signature,
-            so weights moved since the capture (CPU offloading) make the call run eagerly and be captured anew,
-            never replay a graph that reads memory the weights left.
+        model: the module whose calls are replayed: a few of its parameters' addresses and its adapter layers'
+            state join each graph's signature, so weights moved since the capture (CPU offloading) or adapters
+            changed (``set_adapters``, ``disable_lora``) make the call run eagerly and be captured anew, never replay
+            a graph that reads memory the weights left or the adapters' old scales.
     """
 
     def __init__(self, state: StepState | None = None, capture: Capture | None = None, device_type: str = "cuda",
@@ -92,12 +134,26 @@ class StepGraphs:
         self.state = state
         self._capture = capture
         self.device_type = device_type
-        params = [] if model is None else list(model.parameters())
-        self._watched = [params[i] for i in sorted({0, len(params) // 2, len(params) - 1})] if params else []
+        self.model = model
+        _count_registrations()
+        self._structure = None  # the registration count `_adapters` was found at
+        self._adapters: list = []
+        self._watched: list = []
         self.graphs: dict[tuple, _Graph] = {}
         self._warmed: dict[tuple, tuple] = {}  # slot -> signature of its eager first call
         self._warned: set[str] = set()
         self.captures = self.replays = self.eager_calls = 0
+
+    def _model_state(self) -> tuple:
+        """What of the model a graph bakes in besides its inputs: the registration count, a few parameters' addresses,
+        the adapter layers' state (found again after any registration: a LoRA loaded or unloaded)."""
+        structure = _REGISTRATIONS[0]
+        if structure != self._structure:
+            self._structure = structure
+            self._adapters = _adapter_layers(self.model)
+            params = [] if self.model is None else list(self.model.parameters())
+            self._watched = [params[i] for i in sorted({0, len(params) // 2, len(params) - 1})] if params else []
+        return (structure, [p.data_ptr() for p in self._watched], [_adapter_state(m) for m in self._adapters])
 
     def wrap(self, forward: Callable[..., Any]) -> Callable[..., Any]:
         """``forward`` with its calls replayed from graphs."""
@@ -123,7 +179,7 @@ class StepGraphs:
         if odd:
             return self._eager(forward, args, kwargs, f"it passes {odd[0]} values, which a graph cannot tell apart")
         signature = (spec, [x for x in leaves if not isinstance(x, torch.Tensor)], [_meta(x) for x in tensors],
-                     [p.data_ptr() for p in self._watched])
+                     *self._model_state())
         state = self.state
         slot = (0, False) if state is None else (state.branch, state.calls_in_step > 0)
         step_tensor = None if state is None else state.step_tensor

@@ -165,6 +165,49 @@ def test_moved_weights_are_captured_again_never_replayed_stale():
     assert torch.allclose(again, first, atol=1e-6)
 
 
+def test_adapter_changes_are_captured_again_never_replayed_stale():
+    """A graph bakes in the Python state of its capture, a LoRA's scales and switches among it: loading an adapter,
+    `set_adapters` weights, `disable_lora` each make the next generation run its first call eagerly and capture again
+    (a real graph would otherwise replay the old adapters' kernels and scales, silently wrong)."""
+    peft = pytest.importorskip("peft")
+    pipe = tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    encode = TinyPromptEncoder(pipe.transformer)
+    graphs = graphed(pipe, residual_plan(pipe, "flux"))
+    transformer = pipe.transformer
+
+    def counts():
+        return graphs.eager_calls, graphs.captures
+
+    def eager_reference():  # the same generation without graphs, same adapters
+        hook = transformer._diffusers_hook.get_hook("ditfa_transformer")
+        kept, hook.graphs = hook.graphs, None
+        try:
+            return generate(pipe, encode, "flux")
+        finally:
+            hook.graphs = kept
+            dfa.reset_state(pipe)
+
+    with torch.no_grad():
+        plain = generate(pipe, encode, "flux")
+        assert counts() == (1, 1)
+        transformer.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
+                                                init_lora_weights=False), adapter_name="style")
+        with_lora = generate(pipe, encode, "flux")
+        assert counts() == (2, 2)  # the loaded adapter: first call eager, second captured
+        assert not torch.allclose(with_lora, plain) and torch.allclose(with_lora, eager_reference(), atol=1e-6)
+        transformer.set_adapters(["style"], weights=[0.25])
+        weaker = generate(pipe, encode, "flux")
+        assert counts() == (3, 3)  # a new scale
+        assert torch.allclose(weaker, eager_reference(), atol=1e-6) and not torch.allclose(weaker, with_lora)
+        transformer.disable_lora()
+        off = generate(pipe, encode, "flux")
+        assert counts() == (4, 4) and torch.allclose(off, plain, atol=1e-6)
+        replays = graphs.replays
+        generate(pipe, encode, "flux")  # nothing changed: replayed
+        assert counts() == (4, 4) and graphs.replays == replays + STEPS
+
+
 def test_uncapturable_calls_run_eagerly_and_say_why(caplog):
     pipe = tiny_pipeline("flux")
     pipe.set_progress_bar_config(disable=True)
