@@ -1,6 +1,6 @@
 # Sourced by the benchmarks/gpu_*.sh scripts on the GPU machine: installs the carried wheels (.whl/, made by
 #   bash ../shared/gpu/prepare-wheels.sh cache-dit==1.5.3 pytest-xdist execnet pytest-timeout hypothesis \
-#       sortedcontainers attrs jsonschema jsonschema-specifications referencing rpds-py torchao==0.18.0
+#       sortedcontainers attrs jsonschema jsonschema-specifications referencing rpds-py torchao==0.18.0 peft accelerate
 # on this machine) into /tmp/site and puts them and the checkout on PYTHONPATH. The pip log goes to $1 when given.
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -293,3 +293,40 @@ def test_cuda_graphs_replay_planned_generations(family, backend):
     dfa.use_cuda_graphs(pipe, False)  # the step programs (another order of operations in fp16)
     eager = run(pipe)
     assert float((first - eager).norm() / eager.norm()) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: a GPU test")
+def test_real_graphs_follow_adapter_changes():
+    """Real graphs bake in a LoRA's kernels and scales: after loading, re-weighting and disabling one, each graphed
+    generation equals the same generation run eagerly (a stale replay would return the old adapters' images)."""
+    peft = pytest.importorskip("peft")
+    dtype = torch.float16
+    pipe = tiny_pipeline("flux", dtype=dtype).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    encode = TinyPromptEncoder(pipe.transformer)
+    embeds = {k: v.to("cuda", dtype) for k, v in encode(["a red cube on a blue floor"]).items()}
+
+    def run():
+        with torch.no_grad():
+            return pipe(**embeds, num_inference_steps=STEPS, height=128, width=128, output_type="latent",
+                        generator=torch.Generator("cuda").manual_seed(0)).images.float()
+
+    def eager():
+        dfa.use_cuda_graphs(pipe, False)
+        try:
+            return run()
+        finally:
+            dfa.use_cuda_graphs(pipe)
+
+    dfa.apply(pipe, residual_plan(pipe, "flux"), backend="reference")
+    dfa.use_cuda_graphs(pipe)
+    run(), run()  # captured, then replayed
+    pipe.transformer.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
+                                                 init_lora_weights=False), adapter_name="style")
+    for change in (lambda: None, lambda: pipe.transformer.set_adapters(["style"], weights=[0.25]),
+                   pipe.transformer.disable_lora):
+        change()
+        graphed_images = (run(), run())  # captured again, then replayed
+        want = eager()
+        for got in graphed_images:
+            assert float((got - want).norm() / want.norm()) < 1e-3
