@@ -24,13 +24,13 @@ import argparse
 import cProfile
 import gc
 import io
-import pstats
-import traceback
-import warnings
 import json
+import pstats
 import statistics
 import sys
 import time
+import traceback
+import warnings
 from datetime import date
 from pathlib import Path
 
@@ -94,8 +94,7 @@ def diagnose(model, call, steps: list[dict], cuda: bool, path: Path) -> None:
             waits[stack] = waits.get(stack, 0) + 1
 
     profiler = cProfile.Profile()
-    previous = warnings.showwarning
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # (restores warnings.showwarning on leaving)
         warnings.simplefilter("always")
         warnings.showwarning = record
         if cuda:
@@ -107,7 +106,6 @@ def diagnose(model, call, steps: list[dict], cuda: bool, path: Path) -> None:
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode("default")
-            warnings.showwarning = previous
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
     text.write(f"\n{sum(waits.values())} synchronising calls in {len(steps)} transformer calls\n")

@@ -104,7 +104,8 @@ def relative_error(out: torch.Tensor, q, k, v) -> float:
 def ours(case: str, sdpa_ms: float) -> list[dict]:
     """The same run's baseline: our fused kernel, every head full, bf16 and with its 8-bit Q.K^T (inputs quantized
     before), on the real (unpadded) 2K layout of ``case`` (`benchmarks/backends.py`)."""
-    sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [p for p in (str(here.parent), str(here)) if p not in sys.path]  # (called once per case)
     from backends import case_inputs, head_methods, widths_for
 
     from ditfa_optimum.fp8_attention import quantize_qkv

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ditfa_optimum as dfa
+from ditfa_optimum.runtime.transformer_hook import TRANSFORMER_HOOK
 from ditfa_optimum.tiny import TinyPromptEncoder, tiny_pipeline
 from plan_helpers import residual_plan
 
@@ -180,7 +181,7 @@ def test_adapter_changes_are_captured_again_never_replayed_stale():
         return graphs.eager_calls, graphs.captures
 
     def eager_reference():  # the same generation without graphs, same adapters
-        hook = transformer._diffusers_hook.get_hook("ditfa_transformer")
+        hook = transformer._diffusers_hook.get_hook(TRANSFORMER_HOOK)
         kept, hook.graphs = hook.graphs, None
         try:
             return generate(pipe, encode, "flux")
